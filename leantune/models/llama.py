@@ -1,0 +1,235 @@
+"""The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), SmolLM2.
+
+Module and parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
+checkpoints load without renaming and adapters save under PEFT's keys. RMSNorm, rotate-half RoPE, GQA
+and SwiGLU are computed the way `transformers` computes them, which is what the parity tests hold us to.
+
+Every forward takes explicit metadata (`ForwardMeta`): RoPE positions, packed-sample segment ids,
+per-sequence lengths, per-row/per-token adapter slots and a KV cache. Nothing is kept in module globals,
+so one model tree can serve a mixed batch and train in the same process.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward accepts (and ignores) adapter slots; adapter wrappers use them."""
+
+    accepts_adapter_ids = True
+
+    def forward(self, x, adapter_ids=None):  # noqa: ARG002 - same signature as adapter layers
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class ForwardMeta:
+    positions: torch.Tensor | None = None  # (B, T) RoPE positions; default 0..T-1 (after the cache)
+    segment_ids: torch.Tensor | None = None  # (B, T) packed samples: attend only within equal ids
+    seq_lens: torch.Tensor | None = None  # (B,) valid (right-padded) lengths; keys past them are masked
+    adapter_ids: torch.Tensor | None = None  # (B,) or (B, T) adapter slots, -1 = base model
+    cache: KVCache | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalize in fp32 and cast back before the weight, as transformers does (parity in bf16 too).
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dt)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", "default")
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, T, D). Rotate-half layout (HF), not interleaved pairs.
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.q_proj = Linear(cfg.hidden_size, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, meta: ForwardMeta):
+        B, T, _ = x.shape
+        hd, a = self.cfg.head_dim, meta.adapter_ids
+        q = self.q_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x, a).view(B, T, -1, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if meta.cache is not None:
+            k, v = meta.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        gqa = self.cfg.num_heads != self.cfg.num_kv_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), a)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = Linear(h, f, bias=b), Linear(h, f, bias=b), Linear(f, h, bias=b)
+
+    def forward(self, x, adapter_ids=None):
+        return self.down_proj(F.silu(self.gate_proj(x, adapter_ids)) * self.up_proj(x, adapter_ids), adapter_ids)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, meta: ForwardMeta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, meta)
+        return x + self.mlp(self.post_attention_layernorm(x), meta.adapter_ids)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def build_mask(meta: ForwardMeta, T: int, past: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean attention mask (B or 1, 1, T, past+T), True = attend; None when plain causal suffices."""
+    needs = meta.segment_ids is not None or meta.seq_lens is not None or window is not None
+    if meta.cache is not None:
+        needs = needs or past > 0 or meta.cache.has_key_mask
+    if not needs:
+        return None
+    S = past + T
+    qi = torch.arange(past, S, device=device)[:, None]
+    ki = torch.arange(S, device=device)[None, :]
+    m = (ki <= qi)[None, None]  # (1, 1, T, S) causal
+    if window is not None:
+        m = m & (qi - ki < window)[None, None]
+    if meta.segment_ids is not None:
+        if past:
+            raise ValueError("segment_ids (packed samples) cannot be combined with a KV cache")
+        s = meta.segment_ids
+        m = m & (s[:, None, :, None] == s[:, None, None, :])
+    if meta.seq_lens is not None:
+        m = m & (ki[None] < (past + meta.seq_lens.to(device))[:, None, None])[:, None]
+    if meta.cache is not None and meta.cache.has_key_mask:
+        m = m & meta.cache.key_mask(S)[:, None, None, :]
+    # A query whose every key is masked (a pad row) would give NaN in SDPA; let it see itself.
+    m = m | (ki == qi)[None, None]
+    return m
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM. `forward(input_ids, meta) -> logits (B, T, V)`; `hidden(...)` -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def hidden(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
+        meta = meta or ForwardMeta()
+        B, T = input_ids.shape
+        past = meta.cache.length if meta.cache is not None else 0
+        pos = meta.positions
+        if pos is None:
+            pos = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        mask = build_mask(meta, T, past, self.config.sliding_window, x.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, meta, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, meta)
+        if meta.cache is not None:
+            meta.cache.advance(T)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids, meta))
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named weights; the tied lm_head is left out as transformers leaves it out."""
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load HF-named tensors; a missing or unexpected key is an error naming the source."""
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        expected = set(self.base_state_dict())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: weights do not fit the {self.config.model_type} config: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for k, v in sd.items():
+            p = self.get_parameter(k) if not k.endswith("inv_freq") else None
+            if p.shape != v.shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the config expects {tuple(p.shape)}")
+        self.load_state_dict(sd, strict=False, assign=False)

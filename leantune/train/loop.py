@@ -1,0 +1,213 @@
+"""The training loop shared by every recipe: token-weighted gradient accumulation, clipping, AdamW,
+warmup + decay, periodic eval and checkpoints, exact resume, progress bar, metrics.jsonl and loss.png.
+
+Exact resume: batches are a pure function of (seed, epoch); a checkpoint stores trainable weights,
+optimizer state, the RNG and the position in the epoch, so a resumed run computes the same losses as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..optim.schedules import SCHEDULES, lr_factor
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .loss import lm_loss_sum, shifted_targets
+from .plot import plot_losses
+from .progress import Progress
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    pack: bool = False
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.epochs >= 1 or self.max_steps > 0, "set --epochs >= 1 or --max-steps > 0"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+def count_loss_tokens(batch) -> int:
+    return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
+
+
+class Trainer:
+    """Holds the explicit state of one run; `fit()` drives it."""
+
+    def __init__(self, model, train_examples, eval_examples, cfg: TrainConfig, out_dir: str | Path,
+                 save_artifacts: Callable[[Path], None] | None = None):
+        self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        self.train_ex, self.eval_ex = train_examples, eval_examples
+        self.save_artifacts = save_artifacts
+        self._epoch_cache: tuple[int, list] | None = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.999), eps=1e-8)
+        n_batches = len(self._batches(0))
+        self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+        self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        self.step, self.epoch, self.batch_idx, self.tokens = 0, 0, 0, 0
+        self.history: list[tuple[int, float]] = []
+        self.eval_history: list[tuple[int, float]] = []
+
+    def _batches(self, epoch: int) -> list:
+        from ..data import batches_for_epoch
+
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, batches_for_epoch(self.train_ex, self.cfg.batch_size, epoch, self.cfg.seed,
+                                                          pack=self.cfg.pack, max_length=self.cfg.max_length))
+        return self._epoch_cache[1]
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        cks = list_checkpoints(self.out)
+        if not cks:
+            return False
+        st = load_checkpoint(cks[-1], self.model, self.opt)
+        self.step, self.epoch, self.batch_idx, self.tokens = st["step"], st["epoch"], st["batch_idx"], st["tokens"]
+        self.history = [tuple(x) for x in st["history"]]
+        self.eval_history = [tuple(x) for x in st["eval_history"]]
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self):
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    # ---- the step -------------------------------------------------------------------------------
+    def _window(self):
+        """The next grad_accum batches, moving through epochs; None when training data is exhausted."""
+        out = []
+        while len(out) < self.cfg.grad_accum:
+            batches = self._batches(self.epoch)
+            if self.batch_idx >= len(batches):
+                if self.cfg.max_steps <= 0 and self.epoch + 1 >= self.cfg.epochs:
+                    break
+                self.epoch, self.batch_idx = self.epoch + 1, 0
+                continue
+            out.append(batches[self.batch_idx])
+            self.batch_idx += 1
+        return out or None
+
+    def train_step(self, window) -> dict:
+        self.model.train()
+        n_tok = sum(count_loss_tokens(b) for b in window)
+        total = 0.0
+        for b in window:
+            loss_sum, _ = lm_loss_sum(self.model, b)
+            # Token-weighted normalization: every loss token of the window weighs the same.
+            (loss_sum / max(n_tok, 1)).backward()
+            total += float(loss_sum.detach())
+        loss = total / max(n_tok, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
+        gnorm = float("nan")
+        if self.cfg.max_grad_norm > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += sum(int(b.input_ids.numel()) for b in window)
+        return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                "loss_tokens": n_tok, "tokens": self.tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        from ..data import batches_for_epoch
+
+        if not self.eval_ex:
+            return None
+        self.model.eval()
+        tot, n = 0.0, 0
+        for b in batches_for_epoch(self.eval_ex, self.cfg.batch_size, 0, self.cfg.seed, pack=False,
+                                   max_length=self.cfg.max_length, shuffle=False):
+            s, k = lm_loss_sum(self.model, b)
+            tot, n = tot + float(s), n + k
+        return tot / max(n, 1)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def save(self):
+        progress = {"epoch": self.epoch, "batch_idx": self.batch_idx, "tokens": self.tokens,
+                    "history": self.history, "eval_history": self.eval_history}
+        return save_checkpoint(self.out, self.step, self.model, self.opt, progress, self.save_artifacts,
+                               self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "gradient_checkpointing"):
+            self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
+        bar = Progress(self.total_steps, enabled=self.cfg.progress, start=self.step)
+        metrics = (self.out / "metrics.jsonl").open("a")
+        t0, tok0 = time.perf_counter(), self.tokens
+        try:
+            while self.step < self.total_steps:
+                window = self._window()
+                if window is None:
+                    break
+                rec = self.train_step(window)
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = (self.tokens - tok0) / max(dt, 1e-9)
+                self.history.append((self.step, rec["loss"]))
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                    rec["eval_loss"] = self.evaluate()
+                    self.eval_history.append((self.step, rec["eval_loss"]))
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                bar.update(self.step, rec["loss"], rec["tokens_per_s"])
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+            final_eval = self.evaluate()
+            if final_eval is not None:
+                self.eval_history.append((self.step, final_eval))
+                metrics.write(json.dumps({"step": self.step, "eval_loss": final_eval}) + "\n")
+            self.save()
+        finally:
+            metrics.close()
+            bar.close()
+            if self.history:
+                plot_losses(self.history, self.eval_history, self.out / "loss.png")
+        return {"steps": self.step, "train_loss": self.history[-1][1] if self.history else None,
+                "eval_loss": self.eval_history[-1][1] if self.eval_history else None,
+                "first_loss": self.history[0][1] if self.history else None}

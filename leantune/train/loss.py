@@ -1,0 +1,55 @@
+"""Causal-LM loss, computed once for every recipe.
+
+Labels are aligned with input ids (HF convention, -100 = no loss) and shifted here. Only positions that
+carry a label go through the LM head, in chunks recomputed during backward, so full (B, T, V) fp32 logits
+are never materialized. Losses are returned as a *sum* with the token count: the trainer divides by the
+number of loss tokens of the whole accumulation window, which makes gradient accumulation exact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets where position t predicts token t+1 (-100 where none)."""
+    tgt = torch.full_like(labels, -100)
+    tgt[:, :-1] = labels[:, 1:]
+    if segment_ids is not None:
+        # In a packed row the last token of one sample must not be scored on the next sample's first.
+        cross = segment_ids[:, 1:] != segment_ids[:, :-1]
+        tgt[:, :-1] = tgt[:, :-1].masked_fill(cross, -100)
+    return tgt
+
+
+def _ce_chunk(h: torch.Tensor, head, tgt: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (n, V); head may carry an adapter
+    return F.cross_entropy(logits, tgt, reduction="sum")
+
+
+def chunked_ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum of token cross-entropies. hidden (N, C), targets (N,) all valid; head is the LM head module."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
+            total = total + checkpoint(_ce_chunk, h, head, t, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(h, head, t)
+    return total
+
+
+def lm_loss_sum(model, batch, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of loss tokens) for one batch (a `leantune.data.Batch`)."""
+    from ..models.llama import ForwardMeta
+
+    meta = ForwardMeta(positions=batch.positions, segment_ids=batch.segment_ids,
+                       adapter_ids=getattr(batch, "adapter_ids", None))
+    hidden = model.hidden(batch.input_ids, meta)  # (B, T, C)
+    tgt = shifted_targets(batch.labels, batch.segment_ids)
+    sel = tgt != -100
+    n = int(sel.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    return chunked_ce_sum(hidden[sel], model.lm_head, tgt[sel], chunk), n

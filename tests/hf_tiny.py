@@ -1,0 +1,35 @@
+"""Tiny random `transformers` checkpoints of each supported family, shared by the parity tests."""
+import torch
+
+FAMILIES = {
+    "llama": dict(model_type="llama"),
+    "llama3": dict(model_type="llama", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                           high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "llama-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+    "mistral": dict(model_type="mistral", sliding_window=8),
+    "qwen2": dict(model_type="qwen2"),
+    "smollm2-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers as tf
+
+    spec = dict(FAMILIES[family])
+    mt = spec.pop("model_type")
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(spec)
+    base.update(overrides)
+    cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[mt]
+    cfg = cfg_cls(**base)
+    torch.manual_seed(seed)
+    m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[mt](cfg)
+    with torch.no_grad():  # random non-trivial norms and biases so parity covers them
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.02)
+    return m.eval()
