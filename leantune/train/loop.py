@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..fields import opt
 from ..optim.schedules import SCHEDULES, lr_factor
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import lm_loss_sum, shifted_targets
@@ -25,25 +26,25 @@ from .progress import Progress
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4
-    epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    pack: bool = False
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    progress: bool = True
+    lr: float = opt(2e-4, "peak learning rate")
+    epochs: int = opt(1, "passes over the training data")
+    max_steps: int = opt(0, "optimizer steps; > 0 overrides --epochs")
+    batch_size: int = opt(4, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (loss is token-weighted over them)")
+    max_length: int = opt(512, "longest example in tokens (longer ones: error, or see --truncate)")
+    pack: bool = opt(False, "pack several examples per row (no attention across them)")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    warmup_ratio: float = opt(0.0, "warmup as a fraction of all steps (if --warmup-steps is 0)")
+    schedule: str = opt("cosine", "lr decay after warmup: cosine, linear or constant")
+    min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    seed: int = opt(0, "seed for init, shuffling and dropout")
+    gradient_checkpointing: bool = opt(False, "recompute each layer in backward to save memory")
+    eval_every: int = opt(0, "evaluate every N steps (0 = at the end only)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = at the end only)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self):
         checks = [
@@ -162,7 +163,7 @@ class Trainer:
         self.model.eval()
         tot, n = 0.0, 0
         for b in batches_for_epoch(self.eval_ex, self.cfg.batch_size, 0, self.cfg.seed, pack=False,
-                                   max_length=self.cfg.max_length, shuffle=False):
+                                   max_length=self.cfg.max_length):
             s, k = lm_loss_sum(self.model, b)
             tot, n = tot + float(s), n + k
         return tot / max(n, 1)
