@@ -1,0 +1,28 @@
+"""Finetuning methods applied by module swap, from a registry; PEFT-format adapter I/O; merging.
+
+    from leantune.methods import apply, save_adapter, load_adapter
+    apply(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+    ... train ...
+    save_adapter(model, "out")            # loads in peft.PeftModel.from_pretrained and vLLM
+    load_adapter(model2, "out", adapter_name="support")
+"""
+from .adapter_io import (
+    adapter_state_dict, load_adapter, lora_config_from_peft, peft_config_dict, read_adapter, save_adapter,
+)
+from .base import (
+    AdapterLayer, active_adapters, adapter_configs, adapter_layers, adapter_slots, delete_adapter,
+    disable_adapters, freeze_base, get_base_state_dict, list_adapters, set_adapter, set_adapter_trainable,
+    trainable_parameters, unload,
+)
+from .lora import LoraConfig, LoraLinear, RsLoraConfig, apply_lora, lora_scaling
+from .merge import merge, merge_and_unload, unmerge
+from .registry import MethodSpec, apply, get_method, list_methods, register_method
+
+__all__ = [
+    "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "RsLoraConfig", "active_adapters",
+    "adapter_configs", "adapter_layers", "adapter_slots", "adapter_state_dict", "apply", "apply_lora",
+    "delete_adapter", "disable_adapters", "freeze_base", "get_base_state_dict", "get_method",
+    "list_adapters", "list_methods", "load_adapter", "lora_config_from_peft", "lora_scaling", "merge",
+    "merge_and_unload", "peft_config_dict", "read_adapter", "register_method", "save_adapter",
+    "set_adapter", "set_adapter_trainable", "trainable_parameters", "unload", "unmerge",
+]

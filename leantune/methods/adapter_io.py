@@ -1,0 +1,396 @@
+"""LoRA adapters on disk in PEFT's format (peft 0.21.2 `save_pretrained` / `from_pretrained`).
+
+A folder holds `adapter_config.json` (PEFT's full LoRA key set, keys sorted, indent 2) and
+`adapter_model.safetensors` (metadata `{"format": "pt"}`) with keys
+`base_model.model.<module path>.lora_A.weight` ([r, in]), `.lora_B.weight` ([out, r]) and
+`.lora_B.bias` ([out], only with `lora_bias`); the adapter name is not part of the keys. With
+`bias="all"|"lora_only"` the trained base biases are saved too, under their in-memory names
+(`...q_proj.base_layer.bias` for a wrapped layer), as PEFT does. Only safetensors are read: pickle
+files (`adapter_model.bin`) are refused.
+
+Saving is atomic: a new folder is built under a temporary name and renamed; in an existing folder
+the files are staged under temporary names, the old config is removed first, and the config is
+renamed into place last, so a crash never leaves a folder that looks complete but is not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import (
+    adapter_configs, adapter_layers, bias_parameters, delete_adapter, require_adapter,
+    set_adapter_trainable,
+)
+from .lora import LoraConfig, LoraLinear, is_lora_target
+from .registry import apply
+from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose on-disk format this file writes
+
+# every key peft 0.21.2 writes for a LoRA adapter, with its default value
+PEFT_LORA_DEFAULTS = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
+    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
+    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+    "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": 8,
+    "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None,
+    "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+
+# config keys that do not change what the weights compute
+_INFORMATIONAL = {
+    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+    "task_type", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "runtime_config", "layers_pattern",
+}
+_READ = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+    "use_rslora", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern",
+}
+# options leantune does not implement: refused when set, with the reason shown
+_UNSUPPORTED = {
+    "use_dora": "DoRA is not supported yet",
+    "use_qalora": "QA-LoRA is not supported yet",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers) is not supported",
+    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported yet",
+    "layers_to_transform": "layers_to_transform is not supported yet",
+    "layer_replication": "layer_replication is not supported",
+    "trainable_token_indices": "trainable_token_indices is not supported",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "arrow_config": "Arrow routing is not supported",
+    "velora_config": "VeLoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "kasa_config": "KaSA is not supported",
+    "use_bdlora": "BD-LoRA is not supported",
+    "megatron_config": "Megatron parallel layers are not supported",
+}
+# init_lora_weights values whose adapters are plain LoRA on the unchanged base
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under PEFT's on-disk keys (CPU, contiguous)."""
+    cfg = _lora_config(model, adapter_name)
+    out = {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, LoraLinear) and layer.has_adapter(adapter_name):
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if layer.lora_B[adapter_name].bias is not None:
+                out[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B[adapter_name].bias
+    for pname, p in bias_parameters(model, adapter_name, cfg.bias).items():
+        out[PREFIX + pname] = p
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
+    require_adapter(model, adapter_name)
+    cfg = adapter_configs(model)[adapter_name]
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(
+            f"adapter {adapter_name!r} is a {type(cfg).__name__}; only LoRA adapters can be saved in PEFT format"
+        )
+    return cfg
+
+
+def peft_config_dict(model: nn.Module, adapter_name: str = "default",
+                     base_model_name_or_path: str | None = None) -> dict:
+    """`adapter_config.json` of one adapter, as peft 0.21.2 writes it."""
+    cfg = _lora_config(model, adapter_name)
+    out = dict(PEFT_LORA_DEFAULTS)
+    out.update(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        target_modules=_saved_targets(model, adapter_name, cfg), exclude_modules=cfg.exclude,
+        bias=cfg.bias, lora_bias=cfg.lora_bias, rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern=dict(cfg.alpha_pattern),
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        base_model_name_or_path=base_model_name_or_path or _model_name(model),
+    )
+    return out
+
+
+def _saved_targets(model: nn.Module, adapter_name: str, cfg: LoraConfig):
+    if not is_all_linear(cfg.targets):
+        return cfg.targets if isinstance(cfg.targets, str) else sorted(set(cfg.targets))
+    wrapped = [n for n, layer in adapter_layers(model) if layer.has_adapter(adapter_name)]
+    return suffix_targets(model, wrapped, cfg.exclude, is_lora_target) or sorted(wrapped)
+
+
+def _model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or getattr(model, "name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, out_dir, adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `adapter_name` to `out_dir` in PEFT's format, atomically; returns the folder."""
+    tensors = adapter_state_dict(model, adapter_name)
+    config = peft_config_dict(model, adapter_name, base_model_name_or_path)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"cannot save the adapter to {out_dir}: it exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        _replace_in_folder(out_dir, tensors, text)
+    else:
+        _write_new_folder(out_dir, tensors, text)
+    return out_dir
+
+
+def _write_files(folder: Path, weights_name: str, config_name: str, tensors, text: str) -> None:
+    save_file(tensors, str(folder / weights_name), metadata={"format": "pt"})
+    _fsync(folder / weights_name)
+    with open(folder / config_name, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_new_folder(out_dir: Path, tensors, text: str) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _write_files(tmp, WEIGHTS_NAME, CONFIG_NAME, tensors, text)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out_dir.parent)
+
+
+def _replace_in_folder(out_dir: Path, tensors, text: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    staged = [out_dir / f".{WEIGHTS_NAME}.{tag}.tmp", out_dir / f".{CONFIG_NAME}.{tag}.tmp"]
+    try:
+        _write_files(out_dir, staged[0].name, staged[1].name, tensors, text)
+        (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # from here on the folder looks incomplete
+        os.replace(staged[0], out_dir / WEIGHTS_NAME)
+        os.replace(staged[1], out_dir / CONFIG_NAME)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+    _fsync(out_dir)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, tensors) of a PEFT-format adapter folder, checked for presence."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; is it a PEFT adapter folder?{_subfolder_hint(path)}")
+    if not weights_path.is_file():
+        if (path / PICKLE_NAME).is_file():
+            raise ValueError(
+                f"{path} holds {PICKLE_NAME}, a pickle file, which leantune never loads (it can run code); "
+                f"convert it to {WEIGHTS_NAME} with safetensors in an environment you trust"
+            )
+        raise FileNotFoundError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config, load_file(str(weights_path), device="cpu")
+
+
+def _subfolder_hint(path: Path) -> str:
+    subs = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    return f" It has adapters in subfolders {subs}: pass one of those folders." if subs else ""
+
+
+def lora_config_from_peft(config: dict, path="adapter") -> LoraConfig:
+    """Map a PEFT `adapter_config.json` to a LoraConfig, refusing options leantune does not implement."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{path}: unsupported peft_type {peft_type!r}; leantune loads LORA adapters only")
+    for key, value in config.items():
+        if key in _UNSUPPORTED and value:
+            raise ValueError(f"{path}: {_UNSUPPORTED[key]} ({key}={value!r} in {CONFIG_NAME})")
+        if key not in _UNSUPPORTED and key not in _READ and key not in _INFORMATIONAL and value:
+            raise ValueError(f"{path}: unknown option {key}={value!r} in {CONFIG_NAME}; leantune cannot load it safely")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise ValueError(
+            f"{path}: init_lora_weights={init!r} changes the base weights, so this adapter only works on "
+            "its modified base; convert it to plain LoRA with PEFT "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first"
+        )
+    if config.get("target_modules") is None:
+        raise ValueError(f"{path}: {CONFIG_NAME} has no target_modules")
+    try:
+        return LoraConfig(
+            r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+            dropout=config.get("lora_dropout", 0.0), targets=config["target_modules"],
+            exclude=config.get("exclude_modules"), use_rslora=config.get("use_rslora", False),
+            bias=config.get("bias", "none"), lora_bias=config.get("lora_bias", False),
+            init="gaussian" if init == "gaussian" else "default",
+            rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: bad {CONFIG_NAME}: {e}") from None
+
+
+_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)")
+
+
+def split_tensors(tensors: dict, path="adapter") -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """({module: {"lora_A.weight": ..}}, {base bias key: tensor}) with `base_model.model.` removed."""
+    lora: dict[str, dict] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if "lora_magnitude_vector" in k:
+            raise ValueError(f"{path}: DoRA is not supported yet (tensor {key!r})")
+        if "lora_embedding_" in k:
+            raise ValueError(f"{path}: LoRA on embedding layers is not supported yet (tensor {key!r})")
+        match = _LORA_KEY.fullmatch(k)
+        if match:
+            lora.setdefault(match.group(1), {})[match.group(2)] = value
+        elif k.endswith(".bias"):
+            biases[k] = value
+        else:
+            raise ValueError(f"{path}: unexpected tensor {key!r} in {WEIGHTS_NAME}; it is not a LoRA weight")
+    return lora, biases
+
+
+def _other_model(path, what: str) -> ValueError:
+    return ValueError(f"adapter {path} was trained for a different base model: {what}")
+
+
+def check_fits(model: nn.Module, cfg: LoraConfig, lora: dict, biases: dict, path) -> None:
+    """Every tensor names a module of `model` with matching shapes, and covers the config's targets."""
+    index = module_index(model)
+    for name, parts in lora.items():
+        module = index.get(name)
+        if module is None or not is_lora_target(module):
+            found = "does not have" if module is None else f"has as a {type(module).__name__}"
+            raise _other_model(path, f"it has LoRA weights for module {name!r}, which this model {found} "
+                                     f"({linear_sample(index, is_lora_target)})")
+        _check_lora_shapes(module, name, parts, cfg, path)
+    for key, value in biases.items():
+        _check_bias(index, key, value, path)
+    _check_coverage(model, cfg, set(lora), path)
+
+
+def _check_lora_shapes(module: nn.Module, name: str, parts: dict, cfg: LoraConfig, path) -> None:
+    if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+        raise ValueError(f"{path}: module {name!r} lacks lora_A.weight or lora_B.weight in {WEIGHTS_NAME}")
+    if ("lora_B.bias" in parts) != cfg.lora_bias:
+        raise ValueError(f"{path}: lora_bias={cfg.lora_bias} in {CONFIG_NAME} disagrees with the tensors of {name!r}")
+    a, b = tuple(parts["lora_A.weight"].shape), tuple(parts["lora_B.weight"].shape)
+    r, n_in, n_out = cfg.rank_for(name), module.in_features, module.out_features
+    if len(a) != 2 or len(b) != 2 or a[1] != n_in or b[0] != n_out:
+        raise _other_model(path, (
+            f"module {name!r} is a {n_out}x{n_in} (out x in) layer here, so it expects lora_A of shape "
+            f"({r}, {n_in}) and lora_B of shape ({n_out}, {r}), but the adapter has {a} and {b}"))
+    if a[0] != r or b[1] != r:
+        raise ValueError(f"{path}: {CONFIG_NAME} gives module {name!r} rank {r}, but its tensors have {a} and {b}")
+    bias_shape = tuple(parts["lora_B.bias"].shape) if "lora_B.bias" in parts else (n_out,)
+    if bias_shape != (n_out,):
+        raise _other_model(path, f"lora_B.bias of {name!r} has shape {bias_shape}, expected ({n_out},)")
+
+
+def _check_bias(index: dict, key: str, value: torch.Tensor, path) -> None:
+    owner = _bias_owner(index, key)
+    bias = getattr(owner, "bias", None) if owner is not None else None
+    if not isinstance(bias, torch.Tensor):
+        raise _other_model(path, f"it has a bias {key!r} that this model does not have")
+    if bias.shape != value.shape:
+        raise _other_model(path, (f"bias {key!r} has shape {tuple(bias.shape)} in this model, "
+                                  f"but {tuple(value.shape)} in the adapter"))
+
+
+def _bias_owner(index: dict, key: str) -> nn.Module | None:
+    module_name = re.sub(r"\.base_layer(?=\.|$)", "", key[: -len(".bias")])
+    module = index.get(module_name)
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+def _check_coverage(model: nn.Module, cfg: LoraConfig, have: set[str], path) -> None:
+    try:
+        wanted = set(resolve_targets(model, cfg.targets, cfg.exclude, is_lora_target))
+    except ValueError as e:
+        raise _other_model(path, f"the target_modules of its {CONFIG_NAME} do not fit this model: {e}") from None
+    missing, extra = sorted(wanted - have), sorted(have - wanted)
+    if missing:
+        raise ValueError(f"{path}: {WEIGHTS_NAME} has no weights for {missing[:5]}, which {CONFIG_NAME} targets; "
+                         "the adapter is incomplete")
+    if extra:
+        raise ValueError(f"{path}: {WEIGHTS_NAME} has weights for {extra[:5]}, which {CONFIG_NAME} does not target")
+
+
+def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:
+    """Add a PEFT-format LoRA adapter from folder `path` to `model` as `adapter_name`; returns the model.
+
+    Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
+    """
+    config, tensors = read_adapter(path)
+    cfg = lora_config_from_peft(config, path)
+    lora, biases = split_tensors(tensors, path)
+    check_fits(model, cfg, lora, biases, path)
+    apply(model, "lora", adapter_name=adapter_name, config=cfg)
+    try:
+        _copy_weights(model, adapter_name, lora, biases)
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        raise
+    set_adapter_trainable(model, adapter_name, trainable)
+    return model
+
+
+@torch.no_grad()
+def _copy_weights(model: nn.Module, adapter_name: str, lora: dict, biases: dict) -> None:
+    index = module_index(model)
+    for name, parts in lora.items():
+        layer = index[name]
+        layer.lora_A[adapter_name].weight.copy_(parts["lora_A.weight"])
+        layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
+        if "lora_B.bias" in parts:
+            layer.lora_B[adapter_name].bias.copy_(parts["lora_B.bias"])
+    for key, value in biases.items():
+        _bias_owner(index, key).bias.copy_(value)

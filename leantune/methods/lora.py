@@ -1,0 +1,316 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+
+`y = base(x) + s * B(A(dropout(x)))` with `A: in -> r` (no bias), `B: r -> out` (bias only with
+`lora_bias`), `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`). Init as PEFT's `init_lora_weights=True`:
+A kaiming-uniform with a=sqrt(5) (= U(-1/sqrt(in), 1/sqrt(in))), B = 0, so the model starts unchanged;
+`"gaussian"`: A ~ N(0, 1/r). Module layout and key names follow peft 0.21.2 `tuners/lora/layer.py`.
+
+A forward takes an optional `adapter_ids` LongTensor of adapter slots, shape (B,) per row or (B, T)
+per token (-1 = base only); rows of different adapters get exactly what each adapter alone gives.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .base import (
+    ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,
+    replace_module, set_adapter,
+)
+from .registry import register_method
+from .targets import is_all_linear, pattern_value, resolve_targets
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("default", "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA options (PEFT names in brackets where they differ)."""
+
+    r: int = 8
+    alpha: float = 16  # [lora_alpha]
+    dropout: float = 0.0  # [lora_dropout], on the LoRA branch only
+    # "all-linear", a list of module-name suffixes, or a regex fully matched against full names
+    targets: str | list[str] = "all-linear"  # [target_modules]
+    exclude: str | list[str] | None = None  # [exclude_modules], same two forms
+    use_rslora: bool = False
+    bias: str = "none"  # which base biases train too: "none" | "all" | "lora_only"
+    lora_bias: bool = False  # a trainable bias on B
+    init: str = "default"  # [init_lora_weights]: "default" (True) | "gaussian"
+    rank_pattern: dict = field(default_factory=dict)  # regex key -> r
+    alpha_pattern: dict = field(default_factory=dict)  # regex key -> alpha
+
+    def __post_init__(self):
+        _check_positive_int("r", self.r)
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self.targets = _check_names("targets", self.targets, allow_none=False)
+        self.exclude = _check_names("exclude", self.exclude, allow_none=True)
+        for name in ("use_rslora", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"LoraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, int)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, (int, float))
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+
+@dataclass
+class RsLoraConfig(LoraConfig):
+    """LoRA with rank-stabilized scaling `alpha / sqrt(r)` on by default."""
+
+    use_rslora: bool = True
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"LoraConfig.{name} must be an int > 0, got {value!r}")
+
+
+def _check_names(name: str, value, allow_none: bool):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if not is_all_linear(value):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"LoraConfig.{name} {value!r} is not a valid regex: {e}") from None
+        return value
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+        return sorted(set(value)) if isinstance(value, set) else list(value)
+    raise ValueError(
+        f"LoraConfig.{name} must be 'all-linear', a regex string or a non-empty list of module "
+        f"name suffixes{' (or None)' if allow_none else ''}, got {value!r}"
+    )
+
+
+def _check_pattern(name: str, value, kind) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"LoraConfig.{name} must be a dict of regex -> value, got {value!r}")
+    for key, v in value.items():
+        if not isinstance(key, str) or not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"LoraConfig.{name} entry {key!r}: {v!r} must map a regex to a number > 0")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regex: {e}") from None
+    return dict(value)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or a layer that declares itself linear (`is_linear_like = True`, e.g. 4-bit)."""
+    return isinstance(module, nn.Linear) or bool(getattr(type(module), "is_linear_like", False))
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """A module LoRA can wrap: a linear-like layer, or a LoraLinear that gets one more adapter."""
+    return isinstance(module, LoraLinear) or (is_linear_like(module) and not isinstance(module, AdapterLayer))
+
+
+def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+        return weight.device, weight.dtype
+    tensors = list(base.parameters()) + list(base.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return device, torch.float32  # half-precision or quantized base: adapters in fp32, as PEFT
+
+
+class LoraLinear(AdapterLayer):
+    """A linear layer with any number of LoRA adapters (PEFT's `lora.Linear` layout)."""
+
+    adapter_module_dicts = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, slot: int, r: int, alpha: float, cfg: LoraConfig) -> None:
+        device, dtype = _adapter_placement(self.base_layer)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=cfg.lora_bias, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name] = r, alpha
+        self.scaling[name] = lora_scaling(alpha, r, cfg.use_rslora)
+        self.slot_to_name[slot] = name
+        self.reset_adapter(name, cfg.init)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init: str = "default") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        if self.lora_B[name].bias is not None:
+            nn.init.zeros_(self.lora_B[name].bias)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lora_a = self.lora_A[name]
+        x = x.to(lora_a.weight.dtype)
+        return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.disabled:
+            return self.call_base(x, adapter_ids)
+        if adapter_ids is not None:
+            return self._routed_forward(x, adapter_ids)
+        result = self.call_base(x, None)
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                result = result + self.lora_delta(name, x)
+        return result.to(dtype)
+
+    def _routed_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the base weights, so a forward with "
+                "adapter_ids would add them to every row; unmerge them first"
+            )
+        result = self.call_base(x, adapter_ids)
+        ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
+        flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = None
+        for slot, name in self.slot_to_name.items():
+            rows = (ids == slot).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            delta = self.lora_delta(name, flat_x.index_select(0, rows))  # (n, out)
+            if out is None:
+                dtype = torch.promote_types(result.dtype, delta.dtype)
+                out = result.reshape(-1, result.shape[-1]).to(dtype)
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return result if out is None else out.reshape(result.shape).to(result.dtype)
+
+    def delta_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(s * B @ A, s * b_B or None) in fp32, the change merging `name` makes to W and b."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        s = self.scaling[name]
+        bias = self.lora_B[name].bias
+        return (b @ a) * s, None if bias is None else bias.float() * s
+
+    def merged_tensors(self, name: str, sign: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New (W, b) in the base dtype after adding (sign=1) or removing (-1) `name`; finite-checked."""
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise NotImplementedError(
+                f"cannot merge into a {type(self.base_layer).__name__} base layer (no floating-point weight)"
+            )
+        dw, db = self.delta_weight(name)
+        new_w = weight.float() + sign * dw.to(weight.device)
+        new_b = None
+        if db is not None:
+            old_b = getattr(self.base_layer, "bias", None)
+            if old_b is None:
+                raise ValueError(
+                    f"adapter {name!r} has a LoRA bias (lora_bias=True) but this base layer has no bias, "
+                    "so it cannot be merged (a merged model would need a bias the architecture lacks)"
+                )
+            new_b = old_b.float() + sign * db.to(old_b.device)
+        for what, t in (("weight", new_w), ("bias", new_b)):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"merging adapter {name!r} gives non-finite values in the {what} of this "
+                    f"{self.out_features}x{self.in_features} layer; nothing was merged"
+                )
+        return new_w.to(weight.dtype), new_b
+
+    @torch.no_grad()
+    def _write_merged(self, new_w: torch.Tensor, new_b: torch.Tensor | None) -> None:
+        self.base_layer.weight.data.copy_(new_w)
+        if new_b is not None:
+            self.base_layer.bias.data.copy_(new_b)
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is already merged")
+        self._write_merged(*self.merged_tensors(name, +1))
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is not merged")
+        self._write_merged(*self.merged_tensors(name, -1))
+        self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, r={self.r}, active={self.active_adapters}"
+
+
+def _token_ids(adapter_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """adapter_ids as one slot per token: (B,) is broadcast over the token dims of x."""
+    if adapter_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"adapter_ids must be an integer tensor of slots, got dtype {adapter_ids.dtype}")
+    lead = x.shape[:-1]
+    ids = adapter_ids.to(x.device)
+    if ids.shape == lead:
+        return ids
+    if ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]:
+        return ids.view(-1, *([1] * (len(lead) - 1))).expand(lead)
+    raise ValueError(
+        f"adapter_ids has shape {tuple(adapter_ids.shape)}; for an input of shape {tuple(x.shape)} "
+        f"it must be ({lead[0] if lead else 'B'},) per row or {tuple(lead)} per token"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# applying
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """Wrap every target of `config` with `LoraLinear` and add adapter `adapter_name` to it."""
+    names = resolve_targets(model, config.targets, config.exclude, is_lora_target)
+    slot = register_adapter(model, adapter_name, config)
+    active = list(getattr(model, ACTIVE_ATTR, []))
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            module.active_adapters = list(active)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name, slot, config.rank_for(name), config.alpha_for(name), config)
+    freeze_base(model)
+    set_adapter(model, active or [adapter_name])
+    return model
+
+
+register_method("lora", LoraConfig, apply_lora)
+register_method("rslora", RsLoraConfig, apply_lora)

@@ -1,0 +1,117 @@
+"""`leantune generate`, `leantune chat` and `leantune merge`: load a model (+ adapter) and use it."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from ..fields import opt
+
+
+@dataclass
+class GenerateConfig:
+    model: str | None = opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    adapter: str | None = opt(None, "PEFT-format adapter folder to apply")
+    prompt: list[str] = opt([], "prompt text; repeat the flag for a batch", metavar="TEXT")
+    system: str | None = opt(None, "system message for chat-template models")
+    raw: bool = opt(False, "send the prompt as is, without the chat template")
+    max_new_tokens: int = opt(128, "most tokens to generate per prompt")
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_k: int = opt(0, "sample among the k most likely tokens (0 = off)")
+    stop: list[str] = opt([], "stop string; repeat for several", metavar="TEXT")
+    seed: int | None = opt(None, "sampling seed")
+
+    def generation(self):
+        from ..models.generate import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, stop_strings=list(self.stop), seed=self.seed)
+
+
+def load_with_adapter(model_path: str | None, adapter: str | None):
+    from .. import methods
+    from ..models.loader import load
+
+    model, tok = load(model_path)
+    if adapter:
+        methods.load_adapter(model, adapter)
+    return model, tok
+
+
+def encode_prompt(tok, text: str, cfg: GenerateConfig, history: list[dict] | None = None) -> list[int]:
+    if cfg.raw or not tok.chat_template:
+        return tok.encode(text)
+    msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + (history or [])
+    return tok.encode_chat(msgs + [{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def generate(cfg: GenerateConfig) -> list[str]:
+    from ..models.generate import generate_text
+
+    if not cfg.prompt:
+        raise ValueError("--prompt is required (repeat it for a batch of prompts)")
+    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    prompts = [encode_prompt(tok, p, cfg) for p in cfg.prompt]
+    if len(prompts) == 1:  # one prompt: stream it as it is generated
+        texts = generate_text(model, tok, prompts, cfg.generation(),
+                              on_text=lambda _r, s: (sys.stdout.write(s), sys.stdout.flush()))
+        print()
+        return texts
+    texts = generate_text(model, tok, prompts, cfg.generation())
+    for p, t in zip(cfg.prompt, texts):
+        print(f"### {p}\n{t}\n")
+    return texts
+
+
+def chat(cfg: GenerateConfig, stdin=None) -> None:
+    """Interactive chat: streams each reply; /reset clears the history, /exit (or EOF) quits."""
+    from ..models.generate import generate_text
+
+    stdin = stdin or sys.stdin
+    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    history: list[dict] = []
+    print("leantune chat: type a message; /reset clears the history, /exit quits.", flush=True)
+    while True:
+        print("> ", end="", flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            continue
+        ids = encode_prompt(tok, text, cfg, history)
+        reply = generate_text(model, tok, [ids], cfg.generation(),
+                              on_text=lambda _r, s: (sys.stdout.write(s), sys.stdout.flush()))[0]
+        print(flush=True)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+@dataclass
+class MergeConfig:
+    model: str | None = opt(None, "base model: HF folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    adapter: str | None = opt(None, "PEFT-format adapter folder to merge (required)")
+    output: str = opt("out/merged", "folder for the merged plain Hugging Face model")
+    dtype: str = opt("float32", "dtype of the saved weights: float32, bfloat16 or float16")
+
+
+def merge(cfg: MergeConfig) -> str:
+    """Merge the adapter into the full-precision base and write a plain HF folder transformers loads."""
+    import torch
+
+    from .. import methods
+    from ..models.loader import save_hf_folder
+
+    if not cfg.adapter:
+        raise ValueError("--adapter is required: the adapter folder to merge into --model")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
+    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    methods.merge_and_unload(model)
+    out = save_hf_folder(model, tok, cfg.output, dtypes[cfg.dtype])
+    print(f"merged model written to {out}")
+    return str(out)
