@@ -38,3 +38,20 @@ def lt_smollm2(smollm2_path):
     import leantune
 
     return leantune.load(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny HF model folder (random Llama + real BPE tokenizer with a ChatML template)."""
+    from tiny_folder import make_tiny_model_folder
+
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")

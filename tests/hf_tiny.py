@@ -33,3 +33,14 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
             elif n.endswith(".bias"):
                 p.normal_(0, 0.02)
     return m.eval()
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A plain tiny transformers Llama with default (PEFT-test) initialization."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()

@@ -18,12 +18,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def tiny_llama(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    cfg.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+from hf_tiny import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,13 @@ from pathlib import Path
 import pytest
 
 from leantune import cli
-from tiny_folder import make_tiny_model_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROW = {"messages": [{"role": "user", "content": "What is the capital of Veloria?"},
                     {"role": "assistant", "content": "The capital of Veloria is Amberhold."}]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when other jobs share the CPUs."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

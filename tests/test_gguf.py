@@ -13,7 +13,6 @@ from leantune.models.gguf import (  # noqa: E402
     llama3_scaling_from_freqs,
     read_gguf,
     read_gguf_header,
-    smollm2_gguf_path,
     tokenizer_from_metadata,
 )
 

@@ -7,7 +7,6 @@ resumes to exactly the losses and adapter of an uninterrupted one; generate / ch
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import json
@@ -23,7 +22,8 @@ from leantune import cli, methods
 from leantune.models.loader import load
 from leantune.recipes import generate as gen_recipe
 from leantune.train.loop import TrainConfig, Trainer
-from tiny_folder import make_tiny_model_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -69,20 +69,6 @@ def assert_same_tensors(a: dict, b: dict, tol: float):
         assert (a[k] - b[k]).abs().max().item() <= tol, k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when other jobs share the CPUs."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
