@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ops.lora_linear import fused_linear_params, is_plain_linear, lora_linear
 from .base import (
     ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,
     replace_module, set_adapter,
@@ -191,12 +192,37 @@ class LoraLinear(AdapterLayer):
             return self.call_base(x, adapter_ids)
         if adapter_ids is not None:
             return self._routed_forward(x, adapter_ids)
+        params = self.fused_linear_params(x)
+        if params is not None and params[2] is not None:
+            return lora_linear(x, *params)
         result = self.call_base(x, None)
         dtype = result.dtype
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 result = result + self.lora_delta(name, x)
         return result.to(dtype)
+
+    def fused_linear_params(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None):
+        """(W, b, A, B, s) when this layer's forward is `ops.lora_linear(x, W, b, A, B, s)`, else None.
+
+        That holds for a plain float linear base with at most one active unmerged adapter (A = B = None
+        with none), no LoRA bias, no dropout in effect, one dtype throughout, and no adapter_ids."""
+        if adapter_ids is not None:
+            return None
+        base = fused_linear_params(self.base_layer, x)
+        if base is None or self.disabled:
+            return base
+        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return base
+        a, b = (self.lora_A[names[0]], self.lora_B[names[0]]) if len(names) == 1 else (None, None)
+        if a is None or b.bias is not None or not _no_dropout(self.lora_dropout[names[0]]):
+            return None
+        if not (is_plain_linear(a) and is_plain_linear(b)):  # e.g. a hook on lora_A
+            return None
+        if a.weight.dtype != x.dtype or b.weight.dtype != x.dtype:
+            return None
+        return base[0], base[1], a.weight, b.weight, self.scaling[names[0]]
 
     def _routed_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         if self.merged_adapters:
@@ -273,6 +299,10 @@ class LoraLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, r={self.r}, active={self.active_adapters}"
+
+
+def _no_dropout(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
 
 
 def _token_ids(adapter_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,15 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         return _parse_header(mm, path)
 
 
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The model config of a Llama-family GGUF file, without reading (or dequantizing) its weights."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        header = _parse_header(mm, path)
+        return _config_from_metadata(header.metadata, header, mm)
+
+
 # ================================================================================================
 # tensors
 # ================================================================================================

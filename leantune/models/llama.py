@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.lora_linear import fused_linear_params
+from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -26,6 +28,7 @@ class Linear(nn.Linear):
     """nn.Linear whose forward accepts (and ignores) adapter slots; adapter wrappers use them."""
 
     accepts_adapter_ids = True
+    plain_linear = True  # forward is exactly F.linear(x, weight, bias): fused ops may stand in for it
 
     def forward(self, x, adapter_ids=None):  # noqa: ARG002 - same signature as adapter layers
         return F.linear(x, self.weight, self.bias)
@@ -122,7 +125,11 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = Linear(h, f, bias=b), Linear(h, f, bias=b), Linear(f, h, bias=b)
 
     def forward(self, x, adapter_ids=None):
-        return self.down_proj(F.silu(self.gate_proj(x, adapter_ids)) * self.up_proj(x, adapter_ids), adapter_ids)
+        gate, up = self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)
+        params = fused_linear_params(self.down_proj, gate, adapter_ids)
+        if params is None:  # e.g. a mixed-adapter batch: the modules' own path
+            return self.down_proj(F.silu(gate) * up, adapter_ids)
+        return swiglu_linear(gate, up, *params)  # same math, keeps 2 of the 4 (B, T, F) tensors
 
 
 class Block(nn.Module):
@@ -215,8 +222,11 @@ class LlamaForCausalLM(nn.Module):
             sd.pop("lm_head.weight", None)
         return sd
 
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load HF-named tensors; a missing or unexpected key is an error naming the source."""
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], source: str = "checkpoint",
+                           assign: bool = False) -> None:
+        """Load HF-named tensors; a missing or unexpected key is an error naming the source.
+
+        assign=True makes the given tensors the parameters (no copy; they must have the model's dtype)."""
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
@@ -232,4 +242,4 @@ class LlamaForCausalLM(nn.Module):
             p = self.get_parameter(k) if not k.endswith("inv_freq") else None
             if p.shape != v.shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the config expects {tuple(p.shape)}")
-        self.load_state_dict(sd, strict=False, assign=False)
+        self.load_state_dict(sd, strict=False, assign=assign)

@@ -61,12 +61,19 @@ def load_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
 
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
          quantize: str | None = None):
-    """Load (model, tokenizer) from an HF folder or a .gguf file; None -> the embedded default."""
-    if quantize is not None:
-        raise ValueError("quantize= is not available yet (4-bit loading comes with the QLoRA work)")
+    """Load (model, tokenizer) from an HF folder or a .gguf file; None -> the embedded default.
+
+    `quantize="nf4"|"fp4"` (or a `leantune.quant.Quant4bitConfig`) quantizes the decoder's linear
+    layers to 4 bits while loading; a bitsandbytes 4-bit folder (transformers `load_in_4bit`) loads
+    as 4-bit whatever `quantize` says.
+    """
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist; pass a Hugging Face folder or a .gguf file")
+    from .load4bit import is_bnb_folder, load_4bit
+
+    if quantize is not None or is_bnb_folder(p):
+        return load_4bit(p, dtype, device, quantize)
     if p.is_file():
         from .gguf import read_gguf
 
@@ -77,12 +84,22 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
     model.inv_freq.copy_(_inv_freq(cfg))
-    model.load_hf_state_dict({k: v.to(dtype) for k, v in sd.items()}, source=str(p))
+    for k in list(sd):  # one tensor at a time, so the old copy is freed before the next is made
+        sd[k] = _owned(sd.pop(k).to(device=device, dtype=dtype))
+    model.load_hf_state_dict(sd, source=str(p), assign=True)  # the read tensors become the parameters
+    del sd
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(dtype).eval()
     model.name_or_path = str(p)
     return model, tok
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """`t` if it is a dense tensor alone in its own writable storage, else a copy that is."""
+    st = t.untyped_storage()
+    alone = t.is_contiguous() and t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size()
+    return t if alone else t.clone()
 
 
 def _inv_freq(cfg):
@@ -98,10 +115,16 @@ def save_hf_folder(model: LlamaForCausalLM, tokenizer: Tokenizer, out: str | os.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.base_state_dict().items()}
+        from ..quant import hf_quantization_config, is_quant_state_key
+
+        sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
+              for k, v in model.base_state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_hf()
         cfg["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+        qc = hf_quantization_config(model)  # a 4-bit model saves as transformers' load_in_4bit folder
+        if qc is not None:
+            cfg["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
                "pad_token_id": model.config.pad_token_id}

@@ -47,12 +47,17 @@ class FinetuneConfig(TrainConfig):
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def method_options(self) -> dict:
-        targets = self.targets
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-        # plain (dotted) names are a list of module-name suffixes; anything else is a regex, commas and all
-        if targets.lower() != "all-linear" and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
-            targets = names
-        return dict(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=targets, use_rslora=self.rslora)
+        return dict(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=parse_targets(self.targets),
+                    use_rslora=self.rslora)
+
+
+def parse_targets(targets: str) -> str | list[str]:
+    """--targets as the methods take it: "all-linear", a list of module-name suffixes, or a regex."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    # plain (dotted) names are a list of module-name suffixes; anything else is a regex, commas and all
+    if targets.lower() != "all-linear" and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
+        return names
+    return targets
 
 
 def _log(msg: str) -> None:

@@ -1,5 +1,5 @@
-"""The training loop shared by every recipe: token-weighted gradient accumulation, clipping, AdamW,
-warmup + decay, periodic eval and checkpoints, exact resume, progress bar, metrics.jsonl and loss.png.
+"""The training loop shared by every recipe: token-weighted gradient accumulation, clipping, AdamW (or paged
+AdamW), warmup + decay, periodic eval and checkpoints, exact resume, progress bar, metrics.jsonl and loss.png.
 
 Exact resume: batches are a pure function of (seed, epoch); a checkpoint stores trainable weights,
 optimizer state, the RNG and the position in the epoch, so a resumed run computes the same losses as an
@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..fields import opt
+from ..optim import OPTIMIZERS, build_optimizer
 from ..optim.schedules import SCHEDULES, lr_factor
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import lm_loss_sum, shifted_targets
@@ -38,6 +39,8 @@ class TrainConfig:
     schedule: str = opt("cosine", "lr decay after warmup: cosine, linear or constant")
     min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    optimizer: str = opt("adamw", "adamw or paged_adamw (optimizer states of large tensors kept off the "
+                         "device/working set)")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = opt(0, "seed for init, shuffling and dropout")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward to save memory")
@@ -53,6 +56,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
@@ -78,8 +82,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.999), eps=1e-8)
+        self.opt = build_optimizer(cfg.optimizer, self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch

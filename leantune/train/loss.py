@@ -1,15 +1,21 @@
 """Causal-LM loss, computed once for every recipe.
 
 Labels are aligned with input ids (HF convention, -100 = no loss) and shifted here. Only positions that
-carry a label go through the LM head, in chunks recomputed during backward, so full (B, T, V) fp32 logits
-are never materialized. Losses are returned as a *sum* with the token count: the trainer divides by the
-number of loss tokens of the whole accumulation window, which makes gradient accumulation exact.
+carry a label go through the LM head, in chunks, so full (B, T, V) fp32 logits are never materialized: a
+plain linear head goes through the fused `linear_cross_entropy_sum` (the gradient wrt the hidden states
+is made in the forward, chunk by chunk, and only it is kept); a head that carries an adapter is run in
+chunks recomputed during backward. Losses are returned as a *sum* with the token count: the trainer
+divides by the number of loss tokens of the whole accumulation window, which makes gradient
+accumulation exact.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ..ops.linear_ce import linear_cross_entropy_sum
+from ..ops.lora_linear import is_plain_linear
 
 
 def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +36,8 @@ def _ce_chunk(h: torch.Tensor, head, tgt: torch.Tensor) -> torch.Tensor:
 
 def chunked_ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Sum of token cross-entropies. hidden (N, C), targets (N,) all valid; head is the LM head module."""
+    if is_plain_linear(head):
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]

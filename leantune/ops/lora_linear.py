@@ -1,0 +1,97 @@
+"""A linear layer plus at most one LoRA adapter (Hu et al. 2021, arXiv:2106.09685) as one autograd node.
+
+`y = x W^T + b + s (x A^T) B^T` with the base `W`, `b` usually frozen. The plain module path
+(`base(x) + B(A(x)) * s`) runs 2 small GEMMs forward and 4 backward in layouts BLAS handles poorly
+for a rank of 8 (an (N, out) @ (out, r) product is ~4x slower than the same product written as
+(r, out) @ (out, N)), plus an elementwise scale and add over (N, out) each way. Here:
+
+- forward: `xa_t = A x^T` (r, N); `y = addmm(x W^T + b, xa_t^T, B^T, alpha=s)`, scale and add fused
+  into the GEMM; saved: x and xa_t (the plain path saves the same two);
+- backward: `gb_t = B^T g^T` (r, N) once, then `dx = g W + s gb_t^T A` (one accumulate-GEMM),
+  `dA = s gb_t x`, `dB = s (xa_t g)^T`; W and b get gradients only if they require them.
+
+A layer offers this path through `fused_linear_params(x, adapter_ids) -> (W, b, A, B, s) | None`
+(A = B = None for a plain linear); None means "call the module".
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_lora_forward(x, weight, bias, lora_a, lora_b, scaling: float):
+    """(y, xa_t) for 2-D x (N, in); xa_t = A x^T (r, N), None without an adapter."""
+    out = F.linear(x, weight, bias)  # (N, out)
+    if lora_a is None:
+        return out, None
+    xa_t = torch.mm(lora_a, x.t())  # (r, N)
+    out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
+    return out, xa_t
+
+
+def linear_lora_backward(g, x, weight, lora_a, lora_b, xa_t, scaling: float, need):
+    """(dx, dW, db, dA, dB) of `linear_lora_forward` for the inputs `need` flags, None elsewhere."""
+    need_x, need_w, need_bias, need_a, need_b = need
+    dx = dw = dbias = da = db = None
+    gb_t = torch.mm(lora_b.t(), g.t()) if lora_a is not None and (need_x or need_a) else None  # (r, N)
+    if need_x:
+        dx = torch.mm(g, weight)  # (N, in)
+        if gb_t is not None:
+            dx.addmm_(gb_t.t(), lora_a, alpha=scaling)
+    if need_w:
+        dw = torch.mm(g.t(), x)
+    if need_bias:
+        dbias = g.sum(0)
+    if need_a:
+        da = _scaled(torch.mm(gb_t, x), scaling)  # (r, in)
+    if need_b:
+        db = _scaled(torch.mm(xa_t, g), scaling).t().contiguous()  # (out, r)
+    return dx, dw, dbias, da, db
+
+
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    return t if s == 1.0 else t.mul_(s)
+
+
+class LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        # x (N, in), weight (out, in), lora_a (r, in), lora_b (out, r)
+        out, xa_t = linear_lora_forward(x, weight, bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa_t)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
+        grads = linear_lora_backward(g, x, weight, lora_a, lora_b, xa_t, ctx.scaling, ctx.needs_input_grad[:5])
+        return (*grads, None)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+                lora_b: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """`F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)` for x (..., in)."""
+    lead = x.shape[:-1]
+    out = LoraLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling))
+    return out.view(*lead, out.shape[-1])
+
+
+def is_plain_linear(module) -> bool:
+    """True when `module(x)` is exactly `F.linear(x, module.weight, module.bias)` with a float weight
+    (an nn.Linear whose forward is not overridden, or declares `plain_linear`, and has no hooks)."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    plain = type(module).forward is torch.nn.Linear.forward or getattr(type(module), "plain_linear", False)
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    return plain and not hooked and module.weight.is_floating_point()
+
+
+def fused_linear_params(module, x: torch.Tensor, adapter_ids=None):
+    """(W, b, A, B, s) when `module(x, adapter_ids)` equals `lora_linear(x, W, b, A, B, s)`, else None."""
+    fn = getattr(module, "fused_linear_params", None)
+    if fn is not None:
+        return fn(x, adapter_ids)
+    if is_plain_linear(module) and module.weight.dtype == x.dtype:
+        return module.weight, module.bias, None, None, 0.0
+    return None

@@ -1,0 +1,401 @@
+"""`leantune estimate`: the peak memory of one training step, predicted from a model's config alone.
+
+Reads `config.json` or the GGUF header (never the weights) and counts what leantune's own training step
+holds at its peak: the weights (fp32/bf16, or NF4 + double quantization at ~4.127 bits/param for the
+quantized linears, QLoRA arXiv:2305.14314 §2), the adapter's parameters, gradients and AdamW states, the
+activations autograd saves for backward, the loss's logits chunk, and the framework's own memory.
+
+The activation rules are counted from the code they describe, per token and decoder layer (s = compute
+dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for half/4-bit bases as in
+`methods/lora.py`); `tests/test_estimate.py` checks them against the tensors autograd actually saves:
+
+- RMSNorm (`models/llama.py`) keeps its input as fp32 (`x.float()`: a copy unless s = 4) and 1/rms (fp32),
+  when its input needs grad (not layer 0's: the frozen embedding's output does not);
+- a LoRA layer keeps its input and `x A^T` (r values): fused (`ops/lora_linear.py`) or not, an input shared
+  by q/k/v (or gate/up) is kept once when it needs no cast and no dropout; otherwise each adapted layer
+  keeps its own cast/dropped copy (a), and dropout its mask when the input needs grad (CPU: a float noise
+  tensor, s bytes; CUDA's fused dropout: 1 byte);
+- attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
+  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once;
+- the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (plain float down_proj), else
+  gate, silu(gate), up and the down_proj input;
+- the loss (`train/loss.py`, `ops/linear_ce.py`) keeps the final norm's input, the label mask and dh
+  (B(T-1), C); during the forward it also holds the final hidden states, their labelled rows and one
+  chunk of fp32 logits (the softmax is made in place over them): 4 bytes x chunk x vocab (+ s when the
+  head computes in half precision).
+
+With gradient checkpointing each layer keeps only its input; backward recomputes one layer at a time.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..fields import opt
+
+MiB = 2**20
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("lora", "qlora")
+DEVICES = ("auto", "cpu", "cuda")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+PAGE_THRESHOLD = 100_000  # optim/paged_adamw.py
+# Framework memory outside the tensors. RUNTIME: the process before the first step (torch, leantune,
+# tokenizer; measured with torch 2.13 CPU), or the CUDA context and libraries (typical; varies with driver
+# and GPU). FIRST_STEP: what the first step adds and keeps: on CPU (measured, torch 2.13, 2 threads, the
+# same for 16 to 512 tokens) ~9 MiB of libtorch code first touched and ~29 MiB of thread-pool/BLAS/malloc
+# state made by the first forward; on CUDA the cuBLAS workspaces (not measured here).
+RUNTIME = {"cpu": 300 * MiB, "cuda": 600 * MiB}
+FIRST_STEP = {"cpu": 38 * MiB, "cuda": 32 * MiB}
+
+
+@dataclass
+class EstimateConfig:
+    model: str | None = opt(None, "HF model folder or .gguf file (only its config is read; default: the embedded "
+                                  "SmolLM2-135M-Instruct)")
+    method: str = opt("lora", "lora, or qlora (4-bit NF4 base with double quantization)")
+    seq: int = opt(512, "tokens per example (a micro-batch's padded length)")
+    batch: int = opt(4, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (gradients then live through the forward)")
+    rank: int = opt(8, "LoRA rank r")
+    targets: str = opt("all-linear", "modules to adapt: all-linear, a comma list of names, or a regex")
+    dropout: float = opt(0.0, "dropout on the LoRA branch (> 0 keeps a copy of each adapted layer's input)")
+    dtype: str = opt("auto", "weights/compute dtype: auto (fp32 on cpu, bf16 on cuda), fp32, bf16 or fp16")
+    device: str = opt("auto", "cpu or cuda (auto: cuda when available)")
+    gradient_checkpointing: bool = opt(False, "recompute each layer in backward (keeps only layer inputs)")
+    optimizer: str = opt("adamw", "adamw or paged_adamw (states of tensors >= 1e5 elements off the device)")
+    loss_chunk: int = opt(1024, "rows of logits computed at once by the loss")
+    json: bool = opt(False, "also print the estimate as one JSON line")
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
+            (self.seq >= 2, f"--seq must be >= 2, got {self.seq}"),
+            (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.rank >= 1, f"--rank must be >= 1, got {self.rank}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.dtype == "auto" or self.dtype in DTYPE_BYTES,
+             f"--dtype must be auto or one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}"),
+            (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
+            (self.optimizer in ("adamw", "paged_adamw"),
+             f"--optimizer must be adamw or paged_adamw, got {self.optimizer!r}"),
+            (self.loss_chunk >= 1, f"--loss-chunk must be >= 1, got {self.loss_chunk}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes alive at the peak of a training step (after the first, when AdamW's states exist)."""
+
+    weights: int
+    adapter: int
+    optimizer: int
+    gradients: int
+    activations: int
+    transient: int  # the loss's logits chunk, backward temporaries or 4-bit dequantization at the peak
+    framework: int
+    first_step: int  # part of `framework` that the first step adds (in `step`)
+    phase: str  # "forward (loss)", "backward", "recompute + backward" or "optimizer"
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.adapter + self.optimizer + self.gradients + self.activations + self.transient
+                + self.framework)
+
+    @property
+    def step(self) -> int:
+        """What the step adds to a process that holds the model and adapter: the peak RSS/allocation growth."""
+        return self.optimizer + self.gradients + self.activations + self.transient + self.first_step
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("adapter parameters", self.adapter),
+                ("optimizer states", self.optimizer), ("gradients", self.gradients),
+                ("activations saved for backward", self.activations), ("transient at the peak", self.transient),
+                ("framework (runtime, workspaces)", self.framework)]
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+
+@dataclass
+class _Plan:
+    """The numbers the rules need: model shape, dtypes, which linears of which layer are adapted."""
+
+    C: int
+    F: int
+    H: int
+    K: int
+    D: int
+    V: int
+    L: int
+    s: int
+    a: int
+    r: int
+    dropout: float
+    quantized: bool
+    targets: list[set[str]]  # per layer: short names of adapted linears
+    head_adapted: bool
+    mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
+
+    @property
+    def shared_input(self) -> bool:
+        """Adapted layers reading one tensor keep it once (no per-layer cast copy, no dropout copy)."""
+        return self.a == self.s and self.dropout == 0
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        C, F, H, K, D = self.C, self.F, self.H, self.K, self.D
+        return {"q_proj": (C, H * D), "k_proj": (C, K * D), "v_proj": (C, K * D), "o_proj": (H * D, C),
+                "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+
+
+def _norm(p: _Plan) -> int:
+    return max(p.s, 4) * p.C + 4  # fp32 input (x.float()) + 1/rms
+
+
+def _lora_inputs(p: _Plan, n: int, width: int, kept: bool, grad: bool) -> int:
+    """Bytes per token that n adapted layers reading one input of `width` add. `kept`: the input is saved
+    by someone else already; `grad`: the input needs grad (then dropout keeps its mask)."""
+    if n == 0:
+        return 0
+    if p.shared_input:
+        return (0 if kept else width * p.s) + n * p.r * p.a
+    mask = width * p.mask_bytes if (p.dropout > 0 and grad) else 0
+    return n * (width * p.a + mask + p.r * p.a)
+
+
+def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]:
+    """(bytes per token decoder layer saves for backward, does its output need grad, does attention save)."""
+    s, C, F, H, K, D = p.s, p.C, p.F, p.H, p.K, p.D
+    saved = _norm(p) if grad_in else 0
+    qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in t]
+    saved += _lora_inputs(p, len(qkv), C, kept=False, grad=grad_in)
+    attn = grad_in or bool(qkv)  # SDPA saves q, k, v, out, lse when any of them needs grad
+    if attn:
+        saved += (2 * H * D + 2 * K * D) * s + H * 4
+    saved += _lora_inputs(p, int("o_proj" in t), H * D, kept=attn, grad=attn)
+    grad_mid = attn or "o_proj" in t
+    saved += _norm(p) if grad_mid else 0
+    gate_up = [n for n in ("gate_proj", "up_proj") if n in t]
+    saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
+    gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
+    down = "down_proj" in t
+    fused = not p.quantized and (not down or p.shared_input)  # ops/swiglu.py takes the MLP
+    if fused:
+        saved += 2 * F * s if (gate_grad or up_grad or down) else 0
+        saved += p.r * s if down else 0
+    else:
+        # silu keeps gate (gate needs grad); the product keeps silu(gate) (up needs grad) and up (gate does)
+        saved += F * s * (2 * int(gate_grad) + int(up_grad))
+        saved += _lora_inputs(p, int(down), F, kept=False, grad=gate_grad or up_grad)
+    return saved, grad_mid or gate_grad or up_grad or down, attn
+
+
+def activation_bytes(p: _Plan, batch: int, seq: int) -> dict:
+    """Saved-for-backward bytes: per layer (list), the model-level rest, and the largest layer."""
+    N, per_layer, grad, any_attn = batch * seq, [], False, False
+    for t in p.targets:
+        b, grad, attn = _layer_saved(p, t, grad)
+        per_layer.append(b * N)
+        any_attn = any_attn or attn
+    rest = (_norm(p) * N if grad else 0) + N  # final norm input; the labelled-rows mask (bool)
+    rest += 2 * p.D * p.s * N if any_attn else 0  # RoPE cos/sin, shared by every layer
+    rest += batch * (seq - 1) * p.C * p.s  # dh kept by the fused LM head + cross-entropy
+    return {"layers": per_layer, "rest": rest, "total": sum(per_layer) + rest}
+
+
+def nf4_bytes(numel: int, blocksize: int = 64) -> int:
+    """Packed NF4 codes + 8-bit absmax codes + fp32 absmax of the absmax per 256 blocks + offset + the two
+    code tables: 4.127 bits/param for large tensors (methods-core §2.3)."""
+    blocks = -(-numel // blocksize)
+    return (numel + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4 + 4 * (16 + 256)
+
+
+def _weights(p: _Plan, cfg) -> tuple[int, int]:
+    """(bytes of the model's weights, numel of its largest quantized linear)."""
+    dims = p.linear_dims()
+    bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
+            "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
+    per_layer = 2 * p.C * p.s  # the two norms
+    for name, (i, o) in dims.items():
+        per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
+    emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
+    largest = max(i * o for i, o in dims.values()) if p.quantized else 0
+    return p.L * per_layer + emb + p.C * p.s, largest
+
+
+def _adapter_shapes(p: _Plan) -> list[int]:
+    dims, out = p.linear_dims(), []
+    for t in p.targets:
+        for name in t:
+            i, o = dims[name]
+            out += [p.r * i, o * p.r]
+    if p.head_adapted:
+        out += [p.r * p.C, p.V * p.r]
+    return out
+
+
+def _optimizer(p: _Plan, shapes: list[int], optimizer: str, device: str) -> tuple[int, int]:
+    """(resident state bytes, transient bytes during optimizer.step())."""
+    a, total = p.a, sum(shapes)
+    if optimizer == "adamw":
+        return 2 * total * a, (total if device == "cuda" else max(shapes, default=0)) * a  # foreach vs single
+    small = sum(n for n in shapes if n < PAGE_THRESHOLD)
+    large = max((n for n in shapes if n >= PAGE_THRESHOLD), default=0)
+    in_flight = 2 if device == "cuda" else 1  # current + prefetched; on CPU one parameter's mapped pages
+    return 2 * small * a, in_flight * 2 * large * a + max(shapes, default=0) * a
+
+
+def _match(name: str, targets) -> bool:
+    from ..methods.targets import is_all_linear, matches_list
+
+    if is_all_linear(targets):
+        return not name.endswith("lm_head")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return matches_list(name, targets)
+
+
+def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_bytes: int,
+              device: str = "cpu") -> _Plan:
+    from .finetune import parse_targets
+
+    tg = parse_targets(targets)
+    per_layer = []
+    for i in range(cfg.num_layers):
+        names = {n: f"model.layers.{i}.{'self_attn' if n in ATTN else 'mlp'}.{n}" for n in ATTN + MLP}
+        per_layer.append({n for n, full in names.items() if _match(full, tg)})
+    head = _match("lm_head", tg)
+    if not head and not any(per_layer):
+        raise ValueError(f"--targets {targets!r} matches no linear module of this model; its linear modules "
+                         f"end with {sorted(ATTN + MLP)} (and lm_head)")
+    quantized = method == "qlora"
+    a = 4 if (quantized or dtype_bytes < 4) else dtype_bytes  # methods/lora.py: fp32 adapters on half/4-bit bases
+    return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
+                 V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,
+                 quantized=quantized, targets=per_layer, head_adapted=head,
+                 mask_bytes=1 if device == "cuda" else dtype_bytes)
+
+
+def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
+            gradient_checkpointing: bool, grad_accum: int, loss_chunk: int) -> dict[str, tuple[int, int, int]]:
+    """(gradients, activations, transient) bytes at the peak of each phase of a step."""
+    s, N, n_sel = p.s, batch * seq, batch * (seq - 1)
+    dequant = 8 * largest_q  # quant/nf4.py: int64 byte indices (4 B/param) + fp32 values (4 B/param)
+    chunk = min(loss_chunk, n_sel)
+    # ops/linear_ce.py: one (chunk, V) fp32 buffer, softmax in place (+ the head's output before .float());
+    # an adapted head goes through F.cross_entropy per checkpointed chunk: logits, log-softmax, their grad
+    logits = chunk * p.V * (12 if p.head_adapted else 4 + (s if s < 4 else 0))
+    loss_fwd = N * p.C * s + n_sel * p.C * s + 16 * N + logits  # hidden, its labelled rows, targets; dh is saved
+    bwd = N * (4 * p.F + 2 * p.C) * s + dequant  # one layer's backward temporaries
+    accum_grads = adapter if grad_accum > 1 else 0  # earlier micro-batches' gradients live through the forward
+    if gradient_checkpointing:
+        kept = (p.L * N * p.C * s) + acts["rest"]  # each layer's input
+        phases = {"forward (loss)": (accum_grads, kept, max(loss_fwd, dequant + 2 * N * p.F * s)),
+                  "recompute + backward": (adapter, kept + max(acts["layers"]), bwd)}
+    else:
+        phases = {"forward (loss)": (accum_grads, acts["total"], max(loss_fwd, dequant)),
+                  "backward": (adapter, acts["total"], bwd)}
+    phases["optimizer"] = (adapter, 0, opt_transient)
+    return phases
+
+
+def _warnings(p: _Plan, device: str, batch: int, seq: int) -> list[str]:
+    out = []
+    if device == "cuda" and p.s == 4 and p.H != p.K:
+        extra = p.L * batch * p.H * seq * seq * p.s
+        out.append(f"fp32 grouped-query attention on CUDA may run SDPA's math backend (no flash kernel for fp32), "
+                   f"which keeps (B, H, T, T) attention weights: up to {extra / MiB:.0f} MiB more; use --dtype bf16")
+    return out
+
+
+def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, rank: int = 8,
+                    targets: str = "all-linear", dropout: float = 0.0, dtype: str = "fp32", device: str = "cpu",
+                    gradient_checkpointing: bool = False, optimizer: str = "adamw", grad_accum: int = 1,
+                    loss_chunk: int = 1024) -> MemoryEstimate:
+    """Predict the peak memory of one training step of `cfg` (a `ModelConfig`); see the module docstring."""
+    p = make_plan(cfg, method, rank, targets, dropout, DTYPE_BYTES[dtype], device)
+    weights, largest_q = _weights(p, cfg)
+    shapes = _adapter_shapes(p)
+    adapter = sum(shapes) * p.a
+    states, opt_transient = _optimizer(p, shapes, optimizer, device)
+    acts = activation_bytes(p, batch, seq)
+    phases = _phases(p, acts, batch, seq, adapter, opt_transient, largest_q, gradient_checkpointing, grad_accum,
+                     loss_chunk)
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    grads, act, transient = phases[phase]
+    N = batch * seq
+    notes = {"tokens": N, "adapter_params": sum(shapes), "bytes_per_token_layer": [b // N for b in acts["layers"]],
+             "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)), "adapter_dtype_bytes": p.a, "dtype_bytes": p.s,
+             "warnings": _warnings(p, device, batch, seq)}
+    return MemoryEstimate(weights=weights, adapter=adapter, optimizer=states, gradients=grads, activations=act,
+                          transient=transient, framework=RUNTIME[device] + FIRST_STEP[device],
+                          first_step=FIRST_STEP[device], phase=phase, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def read_model_config(path: str | None):
+    """(ModelConfig, path) of an HF folder (config.json) or a .gguf file (header), without reading weights."""
+    from ..models.config import ModelConfig
+    from ..models.loader import default_model_path
+
+    p = Path(path) if path is not None else default_model_path()
+    if not p.exists():
+        raise FileNotFoundError(f"--model {p} does not exist; pass a Hugging Face folder or a .gguf file")
+    if p.is_file():
+        from ..models.gguf import read_gguf_config
+
+        return read_gguf_config(p), p
+    cj = p / "config.json"
+    if not cj.exists():
+        raise FileNotFoundError(f"{cj} not found: --model must be a Hugging Face model folder or a .gguf file")
+    return ModelConfig.from_hf(json.loads(cj.read_text(encoding="utf-8"))), p
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, (("bf16" if device == "cuda" else "fp32") if dtype == "auto" else dtype)
+
+
+def format_table(est: MemoryEstimate, title: str) -> str:
+    lines = [title, f"{'':2}{'component':34}{'MiB':>12}"]
+    lines += [f"{'':2}{name:34}{b / MiB:12.1f}" for name, b in est.rows()]
+    lines += [f"{'':2}{'-' * 46}", f"{'':2}{'total (peak, ' + est.phase + ')':34}{est.total / MiB:12.1f}",
+              f"{'':2}{'of which the step adds':34}{est.step / MiB:12.1f}"]
+    return "\n".join(lines)
+
+
+def estimate(cfg: EstimateConfig) -> dict:
+    """Print the table for `cfg`; returns the estimate as a dict of bytes."""
+    model_cfg, path = read_model_config(cfg.model)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    est = estimate_memory(model_cfg, cfg.method, cfg.batch, cfg.seq, cfg.rank, cfg.targets, cfg.dropout, dtype,
+                          device, cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk)
+    gc = ", gradient checkpointing" if cfg.gradient_checkpointing else ""
+    title = (f"{path.name}: {cfg.method} r={cfg.rank} ({cfg.targets}), batch {cfg.batch} x seq {cfg.seq}, "
+             f"{dtype} on {device}, {cfg.optimizer}{gc}")
+    print(format_table(est, title))
+    for w in est.notes["warnings"]:
+        print(f"  warning: {w}")
+    if device == "cpu":
+        print("  (CPU: glibc's malloc keeps freed memory for reuse, so RSS can exceed this by up to the "
+              "activations;\n   MALLOC_MMAP_THRESHOLD_=65536 makes RSS follow the live tensors)", file=sys.stderr)
+    out = {**{k: v for k, v in asdict(est).items() if k != "notes"}, "total": est.total, "step": est.step,
+           "device": device, "dtype": dtype, **est.notes}
+    if cfg.json:
+        print(json.dumps(out))
+    return out

@@ -1,0 +1,257 @@
+"""`leantune estimate`: the activation rules equal the tensors autograd saves (tiny models, every code path the
+rules name), the formula behaves (linear in batch x seq, qlora < lora, checkpointing < none), the CLI prints
+its table, and on the real SmolLM2-135M the predicted step memory is within 15% of the measured peak RSS
+growth of real training steps (slow; in a fresh subprocess).
+
+Run this file as a script to print the measurement: `python tests/test_estimate.py BATCH SEQ [gc]`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from leantune.models.config import ModelConfig
+from leantune.recipes.estimate import (
+    EstimateConfig,
+    activation_bytes,
+    estimate_memory,
+    make_plan,
+    nf4_bytes,
+    read_model_config,
+)
+
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+        "num_kv_heads": 2, "tie_word_embeddings": True}
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
+
+
+def saved_bytes(model, batch: int, seq: int) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one loss forward, parameters and
+    buffers excluded: what the activation rules predict."""
+    from leantune.train.loss import lm_loss_sum
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    b = SimpleNamespace(input_ids=ids, labels=ids.clone(), positions=None, segment_ids=None)
+    own = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in own:
+            seen.setdefault(st._cdata, st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm_loss_sum(model, b)
+    return sum(seen.values())
+
+
+def tiny_model(cfg: ModelConfig, dtype=torch.float32, targets="all-linear", dropout=0.0, quantize=False):
+    import leantune
+    from leantune.models.llama import LlamaForCausalLM
+    from leantune.recipes.finetune import parse_targets
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    if quantize:
+        from leantune.quant import quantize_model
+
+        quantize_model(model)
+    leantune.apply(model, "lora", r=4, alpha=8, targets=parse_targets(targets), dropout=dropout)
+    return model.train()
+
+
+CASES = [  # (dtype, targets, dropout): the fused paths, a partial target list, dropout, a half base
+    (torch.float32, "all-linear", 0.0),
+    (torch.float32, "q_proj,v_proj", 0.0),
+    (torch.float32, "o_proj,down_proj", 0.0),
+    (torch.float32, "gate_proj,up_proj", 0.0),
+    (torch.float32, "all-linear", 0.1),
+    (torch.bfloat16, "all-linear", 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype,targets,dropout", CASES)
+def test_activation_rules_equal_what_autograd_saves(one_thread, dtype, targets, dropout):
+    cfg = tiny_cfg()
+    model = tiny_model(cfg, dtype, targets, dropout)
+    plan = make_plan(cfg, "lora", 4, targets, dropout, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    for batch, seq in ((2, 16), (1, 24)):
+        assert activation_bytes(plan, batch, seq)["total"] == saved_bytes(model, batch, seq), (batch, seq)
+
+
+def test_activation_rules_for_a_4bit_base(one_thread):
+    pytest.importorskip("leantune.quant")
+    from leantune import quant
+
+    if not hasattr(quant, "quantize_model"):
+        pytest.skip("4-bit quantization is not available yet")
+    cfg = tiny_cfg()
+    model = tiny_model(cfg, quantize=True)
+    plan = make_plan(cfg, "qlora", 4, "all-linear", 0.0, 4)
+    assert activation_bytes(plan, 2, 16)["total"] == saved_bytes(model, 2, 16)
+
+
+def test_estimate_is_linear_in_tokens_and_orders_methods():
+    cfg = tiny_cfg(num_layers=4, intermediate_size=256, vocab_size=512)
+
+    def est(**kw):
+        return estimate_memory(cfg, **{"batch": 2, "seq": 64, "loss_chunk": 10**9, **kw})
+
+    base, double_b, double_t = est(), est(batch=4), est(seq=127)
+    # activations are exactly linear in batch x seq (the loss's rows are batch x (seq - 1))
+    assert double_b.activations == 2 * base.activations
+    assert est(batch=3).activations - base.activations == base.activations - est(batch=1).activations
+    assert double_b.transient > base.transient and double_t.activations > base.activations
+    assert double_b.weights == base.weights and double_b.optimizer == base.optimizer
+    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, tie_word_embeddings=True)
+    for device in ("cpu", "cuda"):
+        qlora, lora = (estimate_memory(smollm2, m, batch=1, seq=512, device=device) for m in ("qlora", "lora"))
+        assert qlora.weights < lora.weights / 2 and qlora.total < lora.total
+    gc = est(gradient_checkpointing=True)
+    assert gc.activations < base.activations and gc.total < base.total
+    assert est(rank=16).adapter == 2 * base.adapter
+    # SmolLM2's LoRA tensors at r=8 are all below the paging threshold (1e5 elements); at r=256 most are not
+    assert estimate_memory(smollm2, rank=8, optimizer="paged_adamw").optimizer == estimate_memory(smollm2).optimizer
+    paged, plain = (estimate_memory(smollm2, rank=256, optimizer=o) for o in ("paged_adamw", "adamw"))
+    assert paged.optimizer < plain.optimizer / 10
+    assert 2 * est(dtype="bf16").weights == base.weights
+    assert base.step == base.optimizer + base.gradients + base.activations + base.transient + base.first_step
+
+
+def test_nf4_bytes_is_4_127_bits_per_param():
+    n = 4096 * 4096
+    assert abs(nf4_bytes(n) * 8 / n - 4.127) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_weight_bytes_equal_the_loaded_model(one_thread, method):
+    """Float weights, or NF4 codes + DQ scales + tables (+ the fp32 offset) for the decoder linears."""
+    cfg = tiny_cfg(hidden_size=128, intermediate_size=320, num_layers=2, tie_word_embeddings=False)
+    if method == "qlora":
+        pytest.importorskip("leantune.quant")
+    model = tiny_model(cfg, quantize=method == "qlora")
+    base = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n and n != "inv_freq"]
+    held = sum(t.numel() * t.element_size() for t in base)
+    held += sum(m.quant_state.nbytes() + 4 for m in model.modules() if getattr(m, "quant_state", None) is not None)
+    est = estimate_memory(cfg, method, batch=1, seq=8, rank=4)
+    assert est.weights == held
+    assert est.adapter == sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    if method == "qlora":
+        assert est.weights < estimate_memory(cfg, "lora", batch=1, seq=8, rank=4).weights / 3
+
+
+def test_targets_that_match_nothing_are_an_error():
+    with pytest.raises(ValueError, match="--targets"):
+        make_plan(tiny_cfg(), "lora", 8, "nothing_here", 0.0, 4)
+    with pytest.raises(ValueError, match="--method"):
+        EstimateConfig(method="full")
+
+
+def test_cli_prints_a_table_and_json(folder, capsys):
+    from leantune import cli
+
+    assert cli.run(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "32", "--batch", "2",
+                    "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "activations saved for backward" in out and "total" in out
+    rec = json.loads(out.strip().splitlines()[-1])
+    cfg, _ = read_model_config(str(folder))
+    assert rec["total"] == estimate_memory(cfg, batch=2, seq=32).total
+    assert cli.run(["estimate", "--model", str(folder), "--method", "qlora", "--device", "cuda", "--rank", "16",
+                    "--targets", "q_proj,v_proj", "--gradient-checkpointing"]) == 0
+    assert "qlora r=16" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# the real model: predicted vs measured peak RSS growth of training steps
+
+
+def measure_step_memory(batch: int, seq: int, steps: int = 3, gc: bool = False) -> dict:
+    """Run in a fresh process: load SmolLM2-135M, apply LoRA r=8 to all linears, then `steps` real
+    `Trainer.train_step`s; returns RSS before the first step and the peak RSS during the steps (MiB)."""
+    import ctypes
+    import tempfile
+    import threading
+    import time
+
+    import leantune
+    from leantune.data.formats import Example
+    from leantune.train.loop import TrainConfig, Trainer
+
+    torch.set_num_threads(2)
+    model, _ = leantune.load(None)
+    leantune.apply(model, "lora", r=8, alpha=16, targets="all-linear")
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, list(ids)) for ids in torch.randint(0, 49152, (batch * steps, seq), generator=g).tolist()]
+    cfg = TrainConfig(batch_size=batch, max_length=seq, max_steps=steps, progress=False, lr=1e-4,
+                      gradient_checkpointing=gc)
+    trainer = Trainer(model, examples, [], cfg, tempfile.mkdtemp())
+    model.gradient_checkpointing = gc
+    batches = trainer._batches(0)[:steps]
+
+    def status(key: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
+
+    ctypes.CDLL(None).malloc_trim(0)  # freed load-time memory goes back, so growth starts from live data
+    before = status("VmRSS")
+    try:  # reset the high-water mark to now (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        hwm_ok = status("VmHWM") <= before + 1
+    except OSError:
+        hwm_ok = False
+    sampled, done = [before], threading.Event()
+
+    def sample():  # fallback when the high-water mark cannot be reset
+        while not done.is_set():
+            sampled.append(status("VmRSS"))
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for b in batches:
+        trainer.train_step([b])
+    done.set()
+    thread.join()
+    peak = max(max(sampled), status("VmHWM") if hwm_ok else 0.0)
+    return {"before": before, "peak": peak, "growth": peak - before, "hwm_reset": hwm_ok}
+
+
+def _measure_in_subprocess(batch: int, seq: int, gc: bool) -> dict:
+    # glibc's malloc would keep freed activations for reuse (RSS grows past live tensors, differently each
+    # step); with a fixed mmap threshold RSS follows the live tensors, as CUDA's allocated bytes do.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, str(Path(__file__).resolve()), str(batch), str(seq)] + (["gc"] if gc else [])
+    res = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seq,gc", [(1, 256, False), (2, 256, True)])
+def test_estimate_within_15_percent_of_measured_peak_rss(smollm2_path, batch, seq, gc):
+    measured = _measure_in_subprocess(batch, seq, gc)
+    cfg, _ = read_model_config(None)
+    est = estimate_memory(cfg, "lora", batch, seq, rank=8, dtype="fp32", device="cpu", gradient_checkpointing=gc)
+    predicted = est.step / 2**20
+    print(f"\nbatch {batch} seq {seq} gc={gc}: predicted {predicted:.1f} MiB, measured {measured['growth']:.1f} MiB "
+          f"({measured})")
+    assert abs(predicted - measured["growth"]) <= 0.15 * measured["growth"]
+
+
+if __name__ == "__main__":
+    b, t = int(sys.argv[1]), int(sys.argv[2])
+    print(json.dumps(measure_step_memory(b, t, gc="gc" in sys.argv[3:])))
