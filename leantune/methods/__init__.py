@@ -16,10 +16,12 @@ from .base import (
 )
 from .lora import LoraConfig, LoraLinear, RsLoraConfig, apply_lora, lora_scaling
 from .merge import merge, merge_and_unload, unmerge
+from .qlora import QLoraConfig, apply_qlora, base_quantization, read_sidecar, write_sidecar
 from .registry import MethodSpec, apply, get_method, list_methods, register_method
 
 __all__ = [
-    "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "RsLoraConfig", "active_adapters",
+    "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
+    "read_sidecar", "write_sidecar", "RsLoraConfig", "active_adapters",
     "adapter_configs", "adapter_layers", "adapter_slots", "adapter_state_dict", "apply", "apply_lora",
     "delete_adapter", "disable_adapters", "freeze_base", "get_base_state_dict", "get_method",
     "list_adapters", "list_methods", "load_adapter", "lora_config_from_peft", "lora_scaling", "merge",

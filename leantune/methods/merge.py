@@ -53,6 +53,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     The result has the original module types and state-dict keys, e.g. for saving a merged model.
     """
     names = active_adapters(model) if adapter_names is None else list(adapter_names)
+    _dequantize_bases(model)
     for name in names:
         already = [layer for _, layer in _layers_with(model, name) if name in layer.merged_adapters]
         if not already:
@@ -61,3 +62,15 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
         layer.merged_adapters.clear()  # the base keeps the merged weights from here on
         replace_module(model, layer_name, layer.base_layer)
     return unload(model)  # forget the adapters (no wrappers are left to unmerge)
+
+
+def _dequantize_bases(model: nn.Module) -> None:
+    """QLoRA: merge onto the dequantized 4-bit base (what the adapter was trained against), in float.
+
+    Re-quantizing W + dW would round the adapter's change away (PEFT warns about exactly this); the
+    merged model is a plain float model instead.
+    """
+    for _, layer in adapter_layers(model):
+        to_float = getattr(layer.base_layer, "to_float_linear", None)
+        if to_float is not None:
+            layer.base_layer = to_float()

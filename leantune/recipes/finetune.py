@@ -29,7 +29,7 @@ class FinetuneConfig(TrainConfig):
     eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")
     output: str = opt("out/finetune", "output folder: adapter, checkpoints/, metrics.jsonl, loss.png")
-    method: str = opt("lora", "finetuning method (see `leantune finetune --help` for the list)")
+    method: str = opt("lora", "finetuning method: lora, rslora, or qlora (LoRA on a 4-bit NF4 base)")
     rank: int = opt(8, "LoRA rank r")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --rslora)")
     dropout: float = opt(0.0, "dropout on the LoRA branch")
@@ -89,7 +89,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     t0 = time.perf_counter()
-    model, tok = load(cfg.model)
+    # QLoRA quantizes while loading, so the fp32 model is never resident in full.
+    model, tok = load(cfg.model, quantize="nf4" if cfg.method == "qlora" else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
     train, evals = prepare_data(cfg, tok)
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
@@ -104,12 +105,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     def save_artifacts(d: Path) -> None:
         methods.save_adapter(model, d, base_model_name_or_path=model.name_or_path)
+        methods.write_sidecar(model, d)  # a 4-bit base: generate/merge rebuild the same one
 
     trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts)
     if cfg.resume and trainer.resume():
         _log(f"resumed at step {trainer.step}")
     result = trainer.fit()
-    methods.save_adapter(model, out, base_model_name_or_path=model.name_or_path)
+    save_artifacts(out)
     summary = {**result, "trainable_parameters": n_train, "seconds": round(time.perf_counter() - t0, 1),
                "adapter": str(out)}
     if is_facts:

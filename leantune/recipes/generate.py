@@ -32,7 +32,11 @@ def load_with_adapter(model_path: str | None, adapter: str | None):
     from .. import methods
     from ..models.loader import load
 
-    model, tok = load(model_path)
+    # A QLoRA adapter runs on (and merges onto) the same 4-bit base it was trained against.
+    from ..quant import Quant4bitConfig
+
+    quant = methods.read_sidecar(adapter) if adapter else None
+    model, tok = load(model_path, quantize=Quant4bitConfig(**quant) if quant else None)
     if adapter:
         methods.load_adapter(model, adapter)
     return model, tok
