@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (DESIGN.md, Performance protocol): install, GPU tests, training-step benchmark.
+#
+#   bash bench/gpu.sh OUTDIR        (on the device machine: bash bench/gpu.sh "$OUT", with `.whl` carried)
+#
+# Needs no network. Wheels to carry in .whl/ (the machine's image has torch, triton, transformers, peft,
+# pytest, tokenizers, jinja2, safetensors, but not bitsandbytes):
+#   bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl (43 MB; has libbitsandbytes_cuda130.so)
+# fetched with the device README's command:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl bitsandbytes==0.50.2
+# BENCH_ARGS (env) is passed on to gpu_train.py (e.g. "--dry" to try this script on a CPU).
+# Writes OUTDIR/{env.txt,nvidia-smi.txt,install.log,tests.log,bench.log,bench.json,summary.txt}.
+# Ends within ~7.5 minutes (TOTAL_S) and always exits 0 after writing summary.txt; each part's status is in it.
+set -o pipefail
+OUT=${1:?usage: bench/gpu.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TOTAL_S=${TOTAL_S:-450}      # whole script, seconds
+TESTS_S=${TESTS_S:-150}      # pytest -m gpu cap
+START=$(date +%s)
+left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
+PY=python3
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+# 1. install: carried wheels into /tmp/site, leantune from this tree (PYTHONPATH works even if pip can't)
+{
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  else
+    echo "no .whl/ carried: bitsandbytes missing, the peer's QLoRA runs will fail"
+  fi
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "editable install failed; using PYTHONPATH"
+} > "$OUT/install.log" 2>&1
+summary "install: rc=$? ($(( $(date +%s) - START )) s)"
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u; uname -a; $PY --version
+  $PY - <<'EOF'
+import importlib
+for m in ("torch", "triton", "transformers", "peft", "bitsandbytes", "leantune"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+    except Exception as e:  # noqa: BLE001
+        print(m, "IMPORT FAILED:", repr(e))
+import torch
+print("cuda", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
+  --format=csv >> "$OUT/nvidia-smi.txt" 2>&1
+
+# 2. GPU tests (bounded)
+t=$(left); t=$(( t < TESTS_S ? t : TESTS_S ))
+timeout -k 10 "$t" $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+  tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -n 25
+summary "tests: rc=$? ($(( $(date +%s) - START )) s) $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+
+# 3. benchmark with what is left (keep ~15 s for the end)
+b=$(( $(left) - 15 ))
+if [ "$b" -gt 40 ]; then
+  timeout -k 10 $(( b + 20 )) $PY bench/gpu_train.py --budget-s "$b" --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench.log" | grep -v '^{"bench"'
+  summary "bench: rc=$? ($(( $(date +%s) - START )) s, budget $b s)"
+else
+  summary "bench: skipped, only $b s left"
+fi
+summary "total: $(( $(date +%s) - START )) s"
+exit 0
