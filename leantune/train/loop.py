@@ -7,6 +7,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -44,6 +45,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = opt(0, "seed for init, shuffling and dropout")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward to save memory")
+    offload_activations: bool = opt(False, "keep tensors saved for backward in (pinned) CPU memory (CUDA)")
     eval_every: int = opt(0, "evaluate every N steps (0 = at the end only)")
     save_every: int = opt(0, "checkpoint every N steps (0 = at the end only)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
@@ -132,12 +134,20 @@ class Trainer:
             self.batch_idx += 1
         return out or None
 
+    def _saved_tensors_place(self, like: torch.Tensor):
+        """Activation offload: with checkpointing only each layer's input is saved, so moving the saved
+        tensors to host memory leaves the device holding one layer's recompute at a time."""
+        if self.cfg.offload_activations and like.is_cuda:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
+
     def train_step(self, window) -> dict:
         self.model.train()
         n_tok = sum(count_loss_tokens(b) for b in window)
         total = 0.0
         for b in window:
-            loss_sum, _ = lm_loss_sum(self.model, b)
+            with self._saved_tensors_place(b.input_ids):
+                loss_sum, _ = lm_loss_sum(self.model, b)
             # Token-weighted normalization: every loss token of the window weighs the same.
             (loss_sum / max(n_tok, 1)).backward()
             total += float(loss_sum.detach())
