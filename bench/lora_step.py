@@ -46,6 +46,10 @@ def run_leantune(folder: str, args) -> dict:
 
     model, _ = leantune.load(folder)
     leantune.apply(model, "lora", r=args.rank, alpha=2 * args.rank, targets="all-linear")
+    if args.compile:
+        from leantune.train import compile_blocks
+
+        compile_blocks(model)  # compiles during the warm-up steps
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -111,6 +115,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile leantune's decoder blocks (opt-in; ~1 min compile in the warm-up)")
     ap.add_argument("--worker", choices=["leantune", "peer"])
     ap.add_argument("--folder")
     args = ap.parse_args()
@@ -128,12 +134,14 @@ def main() -> None:
         res = {}
         for who in ("leantune", "peer"):
             cmd = [sys.executable, __file__, "--worker", who, "--folder", str(folder)] + [
-                f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "seq", "rank")]
+                f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "seq", "rank")] + (
+                ["--compile"] if args.compile and who == "leantune" else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[who] = json.loads(out.strip().splitlines()[-1])
     lt, pr = res["leantune"], res["peer"]
     print(f"LoRA step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, r={args.rank} all-linear, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up")
+          f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up"
+          + (", leantune blocks compiled" if args.compile else ""))
     print(f"{'':<22}{'leantune':>12}{'transformers+PEFT':>20}{'ratio':>8}")
     for key, label in (("median_step_s", "step time (s)"), ("tokens_per_s", "tokens/s"),
                        ("peak_rss_mib", "peak RSS (MiB)"), ("step_peak_growth_mib", "step RSS growth (MiB)"),
@@ -141,7 +149,7 @@ def main() -> None:
         print(f"{label:<22}{lt[key]:>12.3f}{pr[key]:>20.3f}{lt[key] / pr[key]:>8.2f}")
     print(json.dumps({"bench": "lora_step", "leantune": lt, "peer": pr,
                       "time_ratio": lt["median_step_s"] / pr["median_step_s"],
-                      "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"]}))
+                      "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"], "compile": args.compile}))
 
 
 if __name__ == "__main__":

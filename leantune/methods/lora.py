@@ -212,17 +212,19 @@ class LoraLinear(AdapterLayer):
         base = fused_linear_params(self.base_layer, x)
         if base is None or self.disabled:
             return base
-        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
-        if not names:
-            return base
-        a, b = (self.lora_A[names[0]], self.lora_B[names[0]]) if len(names) == 1 else (None, None)
-        if a is None or b.bias is not None or not _no_dropout(self.lora_dropout[names[0]]):
+        lora_a, merged = self.lora_A, self.merged_adapters  # called per layer per step: few lookups
+        names = [n for n in self.active_adapters if n in lora_a and n not in merged]
+        if len(names) != 1:
+            return base if not names else None
+        name = names[0]
+        a, b = lora_a[name], self.lora_B[name]
+        if b.bias is not None or not _no_dropout(self.lora_dropout[name]):
             return None
         if not (is_plain_linear(a) and is_plain_linear(b)):  # e.g. a hook on lora_A
             return None
         if a.weight.dtype != x.dtype or b.weight.dtype != x.dtype:
             return None
-        return base[0], base[1], a.weight, b.weight, self.scaling[names[0]]
+        return base[0], base[1], a.weight, b.weight, self.scaling[name]
 
     def _routed_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         if self.merged_adapters:

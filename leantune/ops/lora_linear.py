@@ -89,9 +89,8 @@ def is_plain_linear(module) -> bool:
 
 def fused_linear_params(module, x: torch.Tensor, adapter_ids=None):
     """(W, b, A, B, s) when `module(x, adapter_ids)` equals `lora_linear(x, W, b, A, B, s)`, else None."""
-    fn = getattr(module, "fused_linear_params", None)
-    if fn is not None:
-        return fn(x, adapter_ids)
+    if hasattr(type(module), "fused_linear_params"):  # on the class: no nn.Module __getattr__ miss
+        return module.fused_linear_params(x, adapter_ids)
     if is_plain_linear(module) and module.weight.dtype == x.dtype:
         return module.weight, module.bias, None, None, 0.0
     return None

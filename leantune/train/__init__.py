@@ -1,0 +1,3 @@
+from .compile import compile_blocks
+
+__all__ = ["compile_blocks"]

@@ -1,0 +1,23 @@
+"""Opt-in `torch.compile` of a model's decoder blocks, one block at a time.
+
+Compiling each block (rather than the whole model) keeps the graphs small and shared between the
+identical blocks, leaves the loss, the optimizer and the Python loop eager, and works with the fused
+ops of `leantune.ops` (dynamo traces their autograd Functions). The price is a one-off compile of
+roughly a minute on a CPU at the first step (and again for new shapes), so it is not a default.
+Measured on SmolLM2-135M, CPU fp32, batch 2x128, LoRA r=8 all-linear, one thread: ~93 s of compile
+and no faster steps than the fused eager path; try it where steps are long and many.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """`torch.compile` every block of `model.model.layers` in place (kwargs go to torch.compile)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"compile_blocks needs a model with decoder blocks at model.model.layers; "
+                         f"{type(model).__name__} has none")
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return model
