@@ -2,10 +2,12 @@
 
 Compiling each block (rather than the whole model) keeps the graphs small and shared between the
 identical blocks, leaves the loss, the optimizer and the Python loop eager, and works with the fused
-ops of `leantune.ops` (dynamo traces their autograd Functions). The price is a one-off compile of
-roughly a minute on a CPU at the first step (and again for new shapes), so it is not a default.
-Measured on SmolLM2-135M, CPU fp32, batch 2x128, LoRA r=8 all-linear, one thread: ~93 s of compile
-and no faster steps than the fused eager path; try it where steps are long and many.
+ops of `leantune.ops` (dynamo traces their autograd Functions). The price is a one-off compile at
+the first step (about 50-90 s on a 2-core CPU; much less once inductor's on-disk cache is warm) and
+again for new shapes, so it is not a default. Measured (bench/lora_step.py --compile: SmolLM2-135M,
+fp32, batch 2x128, LoRA r=8 all-linear): 2 threads ~1.75 s/step vs ~1.81 s eager, a few percent at
+most and within run-to-run noise; 1 thread no gain. The fused eager path already removed most of
+what compiling used to win.
 """
 from __future__ import annotations
 
