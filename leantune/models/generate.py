@@ -133,23 +133,18 @@ def generate_text(model, tokenizer, prompts: list[str] | list[list[int]], gen: G
         def stop_fn(row, toks):
             tail = tokenizer.decode(toks[-16:])
             return any(s in tail for s in gen.stop_strings)
+    streamed: list[list[int]] = [[] for _ in ids]
     sent = [0] * len(ids)
 
-    def on_token(row, _tok):
+    def on_tok(row, tok):
         # Stream decoded text deltas; re-decoding keeps multi-byte characters whole.
         if on_text is None:
             return
-        text = tokenizer.decode(out_tokens[row])
-        if text.endswith("\ufffd"):
-            return
-        on_text(row, text[sent[row]:])
-        sent[row] = len(text)
-
-    out_tokens: list[list[int]] = [[] for _ in ids]
-
-    def on_tok(row, tok):
-        out_tokens[row].append(tok)
-        on_token(row, tok)
+        streamed[row].append(tok)
+        text = tokenizer.decode(streamed[row])
+        if not text.endswith("\ufffd"):
+            on_text(row, text[sent[row]:])
+            sent[row] = len(text)
 
     toks = generate(model, ids, gen, adapter_ids, tokenizer.pad_id, stop_fn, on_tok)
     texts = [tokenizer.decode([t for t in row if t not in tokenizer.eos_ids]) for row in toks]
