@@ -40,7 +40,7 @@ class ForwardMeta:
     segment_ids: torch.Tensor | None = None  # (B, T) packed samples: attend only within equal ids
     seq_lens: torch.Tensor | None = None  # (B,) valid (right-padded) lengths; keys past them are masked
     adapter_ids: torch.Tensor | None = None  # (B,) or (B, T) adapter slots, -1 = base model
-    cache: KVCache | None = None
+    cache: KVCache | None = None  # or a paged cache (`paged = True`) that attends itself
 
 
 class RMSNorm(nn.Module):
@@ -108,6 +108,11 @@ class Attention(nn.Module):
         k = self.k_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x, a).view(B, T, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if getattr(meta.cache, "paged", False):
+            # The serving engine's paged cache packs many sequences into one row and attends per
+            # sequence itself (leantune.serve.paged_cache).
+            y = meta.cache.attend(self.layer_idx, q, k, v)  # (1, H, N, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), a)
         if meta.cache is not None:
             k, v = meta.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         gqa = self.cfg.num_heads != self.cfg.num_kv_heads

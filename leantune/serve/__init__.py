@@ -1,0 +1,1 @@
+"""Serving: engine loop, scheduler + paged-KV block manager (pure Python), model runner, HTTP API, store."""

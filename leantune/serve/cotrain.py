@@ -1,0 +1,178 @@
+"""Fine-tuning inside the serving loop: FlexLLM's co-serving (arXiv 2402.18789; `anchors.md` §5.2).
+
+A fine-tuning job trains one LoRA adapter of the served model, a little in every iteration of the
+serving loop, with whatever token budget inference leaves over:
+
+- **forward in token chunks.** The current training sequence is fed through the same packed forward as
+  the inference tokens (no grad), like a chunked prefill: its K/V go into the paged cache so the next
+  chunk attends to the earlier ones, and every layer's input is kept for the training tokens only.
+- **backward in layer slices.** Once the sequence is forwarded, the loss and dL/dh of the last layer are
+  computed from the kept output; then each iteration recomputes `k` layers, top-down, from their kept
+  inputs with full causal attention and back-propagates through them. Frozen weights keep nothing; the
+  adapter's gradients accumulate across the slices.
+- **optimizer step** after `batch_size` sequences, with the loss normalized by the loss tokens of the
+  whole batch (token-weighted, as `train.loop` does), so the update equals a plain training step on that
+  batch (tested).
+
+The trainer holds only explicit state: where it is in the data, the phase, the kept activations and the
+gradient flowing down. The engine decides how many tokens and layers it gets per iteration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data import epoch_order
+from ..methods.base import adapter_slots, trainable_parameters
+from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
+from ..optim.schedules import lr_factor
+from ..train.loss import chunked_ce_sum, shifted_targets
+
+
+@dataclass
+class CoTrainConfig:
+    n_epochs: int = 3
+    batch_size: int = 1  # sequences per optimizer step
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "linear"  # as OpenAI's fine-tuning decays the lr
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        for name in ("n_epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+
+
+class CoTrainer:
+    """The phase machine of one job: FWD (chunks) -> LOSS -> BWD (layer slices) -> next sequence."""
+
+    def __init__(self, model, adapter: str, examples: list, cfg: CoTrainConfig, step: int = 0):
+        if not examples:
+            raise ValueError("a fine-tuning job needs at least one example")
+        self.model, self.adapter, self.examples, self.cfg = model, adapter, examples, cfg
+        self.slot = adapter_slots(model)[adapter]
+        self.params = list(trainable_parameters(model, adapter).values())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
+        self.steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.n_epochs
+        self.step = step  # optimizer steps done
+        self.trained_tokens = 0
+        self._start_batch()
+
+    # -- where we are in the data ------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def _start_batch(self) -> None:
+        self.phase, self.pos, self.batch_i, self.loss_sum = "fwd", 0, 0, 0.0
+        self.caps: list[list[torch.Tensor]] = []
+        self.grad = None
+        if self.done:
+            self.batch = []
+            return
+        order = epoch_order(len(self.examples), self.epoch, self.cfg.seed)
+        b = self.step % self.steps_per_epoch
+        self.batch = [self.examples[i] for i in order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]]
+        self.batch_tokens = sum(ex.num_loss_tokens for ex in self.batch)
+
+    @property
+    def seq(self):
+        return self.batch[self.batch_i]
+
+    # -- forward chunks ------------------------------------------------------------------------------
+    def fwd_wanted(self) -> int:
+        """Tokens of the current sequence still to forward (0 outside the forward phase)."""
+        return len(self.seq) - self.pos if self.phase == "fwd" and not self.done else 0
+
+    def fwd_chunk(self, n: int) -> tuple[list[int], int]:
+        """(token ids, start position) of the next n tokens to put in the packed step."""
+        return self.seq.input_ids[self.pos:self.pos + n], self.pos
+
+    def fwd_done(self, captures: list[torch.Tensor]) -> bool:
+        """Keep the chunk's layer inputs; True when the whole sequence has been forwarded."""
+        n = captures[0].shape[0]
+        if not self.caps:
+            self.caps = [[] for _ in captures]
+        for kept, c in zip(self.caps, captures):
+            kept.append(c)
+        self.pos += n
+        if self.pos == len(self.seq):
+            self.caps = [torch.cat(c) for c in self.caps]  # (T, C) per layer boundary
+            self.phase = "loss"
+            return True
+        return False
+
+    # -- backward slices ----------------------------------------------------------------------------
+    def bwd_wanted(self) -> bool:
+        return self.phase in ("loss", "bwd")
+
+    def _loss(self) -> None:
+        m = self.model
+        x = self.caps[-1][None].requires_grad_()  # (1, T, C): last layer's output
+        tgt = shifted_targets(torch.tensor([self.seq.labels], device=x.device))[0]
+        sel = tgt != -100
+        h = m.model.norm(x)[0]
+        loss = chunked_ce_sum(h[sel], m.lm_head, tgt[sel]) / self.batch_tokens
+        loss.backward()
+        self.loss_sum += float(loss.detach())
+        self.grad, self.layer, self.phase = x.grad, len(m.model.layers) - 1, "bwd"
+
+    def _layer_backward(self, i: int) -> None:
+        m, x0 = self.model, self.caps[i]
+        T = x0.shape[0]
+        x = x0[None].requires_grad_()  # (1, T, C)
+        pos = torch.arange(T, device=x.device)[None]
+        cos, sin = rope_cos_sin(m.inv_freq, pos, x.dtype)
+        meta = ForwardMeta(positions=pos, adapter_ids=torch.tensor([self.slot], device=x.device))
+        mask = build_mask(meta, T, 0, m.config.sliding_window, x.device)
+        y = m.model.layers[i](x, cos, sin, mask, meta)
+        y.backward(self.grad)
+        self.grad = x.grad
+        self.caps[i + 1] = None  # its last use was as this layer's output; free it
+
+    def backward_layers(self, k: int) -> bool:
+        """Run the loss (if due) and up to k layers of backward; True when the batch's grads are complete."""
+        with torch.enable_grad():
+            if self.phase == "loss":
+                self._loss()
+            for _ in range(k):
+                if self.layer < 0:
+                    break
+                self._layer_backward(self.layer)
+                self.layer -= 1
+        if self.layer >= 0:
+            return False
+        self.trained_tokens += len(self.seq)
+        self.batch_i, self.pos, self.caps, self.grad, self.phase = self.batch_i + 1, 0, [], None, "fwd"
+        return self.batch_i == len(self.batch)
+
+    def apply_step(self) -> dict:
+        """Clip, step the optimizer with the scheduled lr, and move to the next batch; returns metrics."""
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        lr = self.cfg.learning_rate * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps,
+                                                self.cfg.schedule)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = {"step": self.step, "train_loss": self.loss_sum, "lr": lr, "grad_norm": gnorm,
+                   "epoch": self.epoch, "total_steps": self.total_steps}
+        if not math.isfinite(self.loss_sum):
+            raise FloatingPointError(f"training loss became {self.loss_sum} at step {self.step}; "
+                                     "lower learning_rate_multiplier or check the training file")
+        self._start_batch()
+        return metrics

@@ -1,0 +1,135 @@
+"""The serving engine's paged KV cache: K/V for every running sequence in one pool of fixed-size blocks.
+
+Each layer owns two flat tensors of `num_blocks * block_size` slots, `(slots, Hkv, D)`. The block
+manager (pure Python, `block_manager.py`) decides which slots a sequence owns; this module only moves
+tensors. A step packs the new tokens of many sequences into one row (`(1, N)`): decode tokens of many
+requests, chunks of long prompts (chunked prefill) and chunks of a fine-tuning sequence. `attend` writes
+the step's K/V into their slots, then attends each sequence to its own context:
+
+- all one-token chunks (decodes) at once: their contexts are gathered into a padded `(n, S_max)` block
+  with a key mask, one SDPA call per layer;
+- each longer chunk on its own, causal with an offset (`past` tokens already cached).
+
+Attention metadata is explicit: the runner builds a `StepPlan` per step and hands it over with `begin`;
+the model sees the cache through `ForwardMeta.cache` (`paged = True`), never through a global.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Span:
+    """One sequence's part of a packed step."""
+
+    q0: int  # first row of the packed batch
+    q1: int  # one past the last row
+    past: int  # tokens of this sequence already in the cache before the step
+    context: torch.Tensor  # (past + q1 - q0,) slots of the whole context, in position order
+
+
+@dataclass
+class StepPlan:
+    slot_mapping: torch.Tensor  # (N,) where each new token's K/V go
+    spans: list[Span]  # chunks longer than one token
+    dec_rows: torch.Tensor | None = None  # (n,) rows of one-token chunks
+    dec_gather: torch.Tensor | None = None  # (n, S_max) context slots, padded with slot 0
+    dec_mask: torch.Tensor | None = None  # (n, 1, 1, S_max) True = attend
+
+
+def build_plan(contexts: list[list[int]], lengths: list[int], window: int | None, device) -> StepPlan:
+    """contexts[i]: slots of sequence i's positions 0..past+len-1; lengths[i]: its new tokens this step."""
+    mapping, spans, dec_rows, dec_ctx = [], [], [], []
+    row = 0
+    for ctx, n in zip(contexts, lengths):
+        mapping.extend(ctx[len(ctx) - n:])
+        if n == 1:
+            dec_rows.append(row)
+            dec_ctx.append(ctx)
+        else:
+            spans.append(Span(row, row + n, len(ctx) - n, torch.tensor(ctx, dtype=torch.long, device=device)))
+        row += n
+    plan = StepPlan(torch.tensor(mapping, dtype=torch.long, device=device), spans)
+    if dec_rows:
+        s_max = max(len(c) for c in dec_ctx)
+        gather = torch.zeros(len(dec_ctx), s_max, dtype=torch.long)
+        mask = torch.zeros(len(dec_ctx), s_max, dtype=torch.bool)
+        for i, ctx in enumerate(dec_ctx):
+            gather[i, : len(ctx)] = torch.tensor(ctx, dtype=torch.long)
+            lo = max(0, len(ctx) - window) if window else 0
+            mask[i, lo: len(ctx)] = True
+        plan.dec_rows = torch.tensor(dec_rows, dtype=torch.long, device=device)
+        plan.dec_gather, plan.dec_mask = gather.to(device), mask[:, None, None, :].to(device)
+    return plan
+
+
+def _span_mask(past: int, T: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, past+T) causal mask with an offset; None when plain `is_causal` gives the same."""
+    if past == 0 and window is None:
+        return None
+    qi = torch.arange(past, past + T, device=device)[:, None]
+    ki = torch.arange(past + T, device=device)[None, :]
+    m = ki <= qi
+    if window is not None:
+        m = m & (qi - ki < window)
+    return m
+
+
+class PagedKVCache:
+    paged = True  # read by Attention.forward
+    length = 0  # positions come from ForwardMeta, never from the cache
+    has_key_mask = False
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype=torch.float32, device="cpu", window: int | None = None, gqa: bool = False):
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.window, self.gqa, self.device = window, gqa, device
+        self.plan: StepPlan | None = None
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int) -> PagedKVCache:
+        c, p = model.config, next(model.parameters())
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, p.device,
+                   c.sliding_window, c.num_heads != c.num_kv_heads)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def begin(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+    def advance(self, T: int) -> None:  # the model's contiguous-cache protocol; positions are explicit here
+        pass
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed step -> attention output (1, H, N, D)."""
+        p = self.plan
+        kc, vc = self.k[layer], self.v[layer]
+        kc[p.slot_mapping] = k[0].transpose(0, 1).to(kc.dtype)  # (N, Hkv, D)
+        vc[p.slot_mapping] = v[0].transpose(0, 1).to(vc.dtype)
+        y = torch.empty_like(q)
+        if p.dec_rows is not None:
+            keys = kc[p.dec_gather].permute(0, 2, 1, 3)  # (n, Hkv, S, D)
+            vals = vc[p.dec_gather].permute(0, 2, 1, 3)
+            qd = q[0][:, p.dec_rows].transpose(0, 1).unsqueeze(2)  # (n, H, 1, D)
+            out = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=p.dec_mask, enable_gqa=self.gqa)
+            y[0][:, p.dec_rows] = out.squeeze(2).transpose(0, 1)
+        for s in p.spans:
+            keys = kc[s.context].transpose(0, 1).unsqueeze(0)  # (1, Hkv, S, D)
+            vals = vc[s.context].transpose(0, 1).unsqueeze(0)
+            T = s.q1 - s.q0
+            mask = _span_mask(s.past, T, self.window, q.device)
+            qs = q[:, :, s.q0:s.q1]
+            if mask is None:
+                out = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, enable_gqa=self.gqa)
+            else:
+                out = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, enable_gqa=self.gqa)
+            y[:, :, s.q0:s.q1] = out
+        return y
