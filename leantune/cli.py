@@ -13,6 +13,8 @@ COMMANDS = {
     "chat": ("leantune.recipes.generate", "GenerateConfig", "chat", "interactive chat that streams tokens"),
     "merge": ("leantune.recipes.generate", "MergeConfig", "merge",
               "merge an adapter into its base and write a plain Hugging Face folder"),
+    "serve": ("leantune.recipes.serve", "ServeConfig", "serve",
+              "serve the model and adapters over an OpenAI-compatible API; fine-tune inside the serving loop"),
     "estimate": ("leantune.recipes.estimate", "EstimateConfig", "estimate",
                  "predict the peak memory of a training step from the model's config (no weights read)"),
 }

@@ -1,0 +1,100 @@
+"""`leantune serve`: the base model and its adapters behind an OpenAI-compatible HTTP API, with
+fine-tuning jobs trained inside the serving loop (setup -> engine thread -> uvicorn)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fields import opt
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    adapter: list[str] = opt([], "serve a PEFT adapter folder as NAME=DIR; repeat for several", metavar="NAME=DIR")
+    host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
+    port: int = opt(8000, "TCP port")
+    api_key: list[str] = opt([], "API key clients must send as a Bearer token; repeat for several "
+                                 "(also read from LEANTUNE_API_KEYS, comma-separated)", metavar="KEY")
+    data_dir: str = opt("leantune-data", "where uploaded files, jobs, checkpoints and adapters are kept")
+    served_model_name: str | None = opt(None, "the base model's name in the API (default: the folder or file name)")
+    max_upload_mb: int = opt(64, "largest accepted upload, in MiB")
+    num_blocks: int = opt(1024, "KV-cache blocks")
+    block_size: int = opt(16, "tokens per KV-cache block")
+    max_tokens_per_step: int = opt(256, "token budget of one engine iteration (inference first, the rest fine-tunes)")
+    max_seqs: int = opt(64, "most requests running at once")
+    max_model_len: int = opt(2048, "longest prompt + completion")
+    ft_max_chunk: int = opt(128, "most fine-tuning forward tokens per iteration")
+    ft_bwd_layers: int = opt(1, "fine-tuning backward layers per iteration while requests run")
+    checkpoint_every: int = opt(10, "fine-tuning steps between job checkpoints")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
+        for spec in self.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--adapter must be NAME=DIR, got {spec!r}")
+
+    def engine_config(self):
+        from ..serve.engine import EngineConfig
+
+        return EngineConfig(num_blocks=self.num_blocks, block_size=self.block_size,
+                            max_tokens_per_step=self.max_tokens_per_step, max_seqs=self.max_seqs,
+                            max_model_len=self.max_model_len, ft_max_chunk=self.ft_max_chunk,
+                            ft_bwd_layers=self.ft_bwd_layers, checkpoint_every=self.checkpoint_every)
+
+    def keys(self) -> list[str]:
+        env = [k.strip() for k in os.environ.get("LEANTUNE_API_KEYS", "").split(",") if k.strip()]
+        return list(self.api_key) + env
+
+
+def base_name(model_path: str | None, override: str | None) -> str:
+    if override:
+        return override
+    if model_path is None:
+        return "SmolLM2-135M-Instruct"
+    p = Path(model_path)
+    return p.stem if p.suffix == ".gguf" else p.resolve().name
+
+
+def build_server(cfg: ServeConfig):
+    """(FastAPI app, Engine) ready to run; adapters from the command line and the data dir are loaded."""
+    import torch
+
+    from ..models.loader import load
+    from ..serve.api import build_app
+    from ..serve.engine import Engine
+    from ..serve.store import Store
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load(cfg.model)
+    model.eval()
+    store = Store(Path(cfg.data_dir))
+    engine = Engine(model, tok, base_name(cfg.model, cfg.served_model_name), store, cfg.engine_config())
+    for spec in cfg.adapter:
+        name, _, path = spec.partition("=")
+        engine.load_adapter(name, path, owner=None)
+    for rec in store.list_adapters():
+        if rec["name"] not in engine.adapters and Path(rec["path"]).is_dir():
+            engine.load_adapter(rec["name"], rec["path"], rec["owner"])
+    app = build_app(engine, cfg.keys(), cfg.max_upload_mb << 20, str(cfg.model or "embedded"))
+    return app, engine
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    app, engine = build_server(cfg)
+    engine.start()
+    print(f"leantune: serving {engine.base_name} (+{len(engine.adapters)} adapters) on http://{cfg.host}:{cfg.port}/v1"
+          f"{' (API keys required)' if cfg.keys() else ''}", flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        engine.stop()

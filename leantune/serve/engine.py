@@ -1,0 +1,284 @@
+"""The serving engine: one loop that batches every running request and trains fine-tuning jobs in it.
+
+Each iteration (FlexLLM's order, inference first):
+
+1. run queued commands (new requests, aborts, adapter loads/unloads, job changes) — the only place the
+   model tree changes, so no forward ever sees a half-loaded adapter;
+2. the scheduler plans the step's inference tokens (decodes, prefill chunks) within the token budget;
+3. the active fine-tuning job gets a forward chunk from the leftover budget;
+4. one packed forward (`runner.step`) over all of it, rows routed to their adapters by slot;
+5. sampling, detokenization, stop checks, events to the clients;
+6. the job's backward for `k` layers (all layers when no inference is running), and an optimizer
+   step, checkpoint or publication when due (`jobs.py`).
+
+Thread model: the loop runs in its own thread; the HTTP layer talks to it only through `call`
+(a function run between iterations, with a Future for its result) and the per-request sinks.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods.adapter_io import load_adapter
+from ..methods.base import adapter_slots, delete_adapter
+from .block_manager import BlockManager
+from .jobs import JobRunner
+from .requests import GenRequest, RequestState
+from .runner import ModelRunner, Work
+from .scheduler import Scheduler, Sequence
+from .store import Store
+
+
+@dataclass
+class EngineConfig:
+    num_blocks: int = 1024
+    block_size: int = 16
+    max_tokens_per_step: int = 256
+    max_seqs: int = 64
+    max_model_len: int = 2048
+    ft_max_chunk: int = 128  # most fine-tuning forward tokens per iteration
+    ft_bwd_layers: int = 1  # backward layers per iteration while inference runs (all when idle)
+    ft_max_length: int = 1024  # training examples are truncated to this many tokens
+    ft_base_lr: float = 1e-3  # learning_rate_multiplier scales this
+    ft_rank: int = 8
+    ft_alpha: float = 16.0
+    checkpoint_every: int = 10  # optimizer steps between job checkpoints (and at each epoch end)
+
+    def __post_init__(self):
+        for name in ("num_blocks", "block_size", "max_tokens_per_step", "max_seqs", "max_model_len",
+                     "ft_max_chunk", "ft_bwd_layers", "ft_max_length", "ft_rank", "checkpoint_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+@dataclass
+class AdapterEntry:
+    name: str  # public name (the request's "model")
+    internal: str  # name inside the model tree; a reload gets a new one (no stale weights)
+    owner: str | None  # None = visible to every key
+    path: str
+    created: int
+    refs: int = 0  # live requests using it
+    retired: bool = False  # unloaded or replaced: deleted once refs drop to 0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ft_tokens: int = 0
+    ft_steps: int = 0
+    iterations: int = 0
+    preemptions: int = 0
+    tpot: list = field(default_factory=list)  # recent per-iteration decode times (s)
+    completed: dict = field(default_factory=dict)  # finished HTTP requests by kind
+
+    def complete(self, kind: str) -> None:
+        self.completed[kind] = self.completed.get(kind, 0) + 1
+
+
+class Engine:
+    def __init__(self, model, tokenizer, base_name: str, store: Store, cfg: EngineConfig | None = None):
+        self.model, self.tk, self.base_name, self.store = model, tokenizer, base_name, store
+        self.cfg = cfg or EngineConfig()
+        self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
+        self.sched = Scheduler(self.blocks, self.cfg.max_tokens_per_step, self.cfg.max_seqs, self.cfg.max_model_len)
+        self.runner = ModelRunner(model, self.cfg.num_blocks, self.cfg.block_size)
+        self.adapters: dict[str, AdapterEntry] = {}
+        self.reqs: dict[str, RequestState] = {}
+        self.jobs = JobRunner(self)
+        self.stats = Stats()
+        self.created = int(time.time())
+        self._ids = itertools.count()
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    # -- thread plumbing ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) in the engine thread between iterations; the Future carries its result."""
+        fut: Future = Future()
+        self._inbox.put((fn, args, fut))
+        self._wake.set()
+        return fut
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn(*args))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._run_commands()
+                busy = self.iteration()
+            except Exception:  # noqa: BLE001 - keep serving; the failing job or requests are told
+                self.error = traceback.format_exc()
+                self._fail_all(self.error)
+                busy = False
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _fail_all(self, message: str) -> None:
+        for sid in list(self.reqs):
+            self.reqs[sid].fail("internal error in the engine; see the server log")
+            self._drop(sid, "abort")
+        self.jobs.fail_active(message)
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def resolve(self, model: str, owner: str | None) -> AdapterEntry | None:
+        """The adapter a request's `model` names (None = the base model); KeyError if unknown to owner."""
+        if model == self.base_name:
+            return None
+        e = self.adapters.get(model)
+        if e is None or e.retired or (e.owner is not None and e.owner != owner):
+            raise KeyError(model)
+        return e
+
+    def load_adapter(self, name: str, path: str, owner: str | None, replace: bool = False) -> AdapterEntry:
+        """Engine thread. Load a PEFT adapter folder under a fresh internal name and publish it as `name`."""
+        if name == self.base_name:
+            raise ValueError(f"{name!r} is the base model's name; pick another adapter name")
+        old = self.adapters.get(name)
+        if old is not None and not old.retired:
+            if not replace:
+                raise FileExistsError(f"an adapter named {name!r} is already loaded; unload it first "
+                                      "or pass load_inplace=true")
+            if old.owner is not None and old.owner != owner:
+                raise PermissionError(name)
+        internal = f"a{next(self._ids)}"
+        load_adapter(self.model, path, adapter_name=internal)
+        entry = AdapterEntry(name, internal, owner, str(path), int(time.time()))
+        if old is not None:
+            self._retire(old)
+        self.adapters[name] = entry
+        return entry
+
+    def unload_adapter(self, name: str, owner: str | None) -> None:
+        e = self.adapters.get(name)
+        if e is None or e.retired or (e.owner is not None and e.owner != owner):
+            raise KeyError(name)
+        self._retire(e)
+        del self.adapters[name]
+
+    def _retire(self, e: AdapterEntry) -> None:
+        e.retired = True
+        if e.refs == 0:
+            delete_adapter(self.model, e.internal)
+
+    def _release(self, e: AdapterEntry | None) -> None:
+        if e is None:
+            return
+        e.refs -= 1
+        if e.retired and e.refs == 0:
+            delete_adapter(self.model, e.internal)
+
+    def visible_adapters(self, owner: str | None) -> list[AdapterEntry]:
+        return [e for e in self.adapters.values() if not e.retired and (e.owner is None or e.owner == owner)]
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, req: GenRequest, sink: Callable[[dict], None]) -> str:
+        """Engine thread. Validate and queue a request; returns its id. KeyError: unknown model."""
+        entry = self.resolve(req.model, req.owner)
+        sid = f"req-{next(self._ids)}"
+        slot = -1 if entry is None else adapter_slots(self.model)[entry.internal]
+        self.sched.add(Sequence(sid, list(req.prompt_ids), req.max_tokens, slot))  # ValueError: too long
+        if entry is not None:
+            entry.refs += 1
+        self.reqs[sid] = RequestState(req, entry, sink, self.tk)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(req.prompt_ids)
+        return sid
+
+    def abort(self, sid: str) -> None:
+        """Engine thread. The client went away: free everything the request holds."""
+        if sid in self.reqs:
+            self.sched.abort(sid)
+            self._drop(sid, "abort")
+
+    def _drop(self, sid: str, reason: str) -> None:
+        st = self.reqs.pop(sid)
+        self.sched.finish(sid, reason)
+        st.finish(reason)
+        self._release(st.adapter)
+
+    # -- one iteration -----------------------------------------------------------------------------
+    def iteration(self) -> bool:
+        """Plan, run and post-process one packed step; False when there was nothing to do."""
+        self.jobs.poll()
+        plan = self.sched.schedule()
+        self.stats.preemptions += len(plan.preempted)
+        works = [self._work(c) for c in plan.chunks]
+        inference = bool(works)
+        ft_work = self.jobs.forward_work(plan.leftover, inference)
+        if ft_work is not None:
+            works.append(ft_work)
+        if not works and not self.jobs.wants_backward():
+            return False
+        t0 = time.perf_counter()
+        res = self.runner.step(works)
+        if inference:
+            self._after_inference(plan, res.logits)
+        if ft_work is not None:
+            self.jobs.forward_done(res.captures)
+        self.jobs.backward(inference)
+        self.stats.iterations += 1
+        if inference:
+            self.stats.tpot = (self.stats.tpot + [time.perf_counter() - t0])[-1000:]
+        return True
+
+    def _work(self, c) -> Work:
+        s = c.seq
+        return Work(s.tokens[c.start:c.start + c.length], c.start, self.blocks.slots(s.seq_id, 0, c.start + c.length),
+                    adapter=s.adapter_slot, sample=c.sample)
+
+    def _after_inference(self, plan, logits: torch.Tensor) -> None:
+        sampled, i = {}, 0
+        for c in plan.chunks:
+            if c.sample:
+                sampled[c.seq.seq_id] = self.reqs[c.seq.seq_id].sample(logits[i])
+                i += 1
+        self.sched.update(plan, sampled)
+        self.stats.generated_tokens += len(sampled)
+        for sid, tok in sampled.items():
+            st = self.reqs[sid]
+            reason = st.on_token(tok)
+            seq = plan_seq(plan, sid)
+            if reason is None and seq.is_finished:
+                reason = seq.finish_reason
+            if reason is not None:
+                self._drop(sid, reason)
+
+
+def plan_seq(plan, sid: str) -> Sequence:
+    return next(c.seq for c in plan.chunks if c.seq.seq_id == sid)

@@ -1,0 +1,225 @@
+"""Fine-tuning jobs inside the serving engine: start or resume, feed the co-trainer, checkpoint, publish.
+
+One job trains at a time (FlexLLM's single fine-tuning slot); the others wait in the store as
+`queued`, first come first served. A job's adapter lives in the model tree under its own internal name
+(`job_<id>`), separate from every served adapter. When the job succeeds its weights are saved in PEFT's
+format under the data dir, loaded as a new served adapter (a copy, so nothing a request is using
+changes under it) and the training copy is deleted. Checkpoints (adapter + optimizer state + progress,
+`train.checkpoint`) are written every `checkpoint_every` steps and at each epoch's end; after a crash
+the engine resumes a `running` job from its latest one.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..data import DataError, load_dataset
+from ..methods.adapter_io import save_adapter
+from ..methods.base import delete_adapter, list_adapters
+from ..methods.lora import LoraConfig
+from ..methods.registry import apply
+from ..models.llama import ForwardMeta
+from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..train.loss import shifted_targets
+from .cotrain import CoTrainConfig, CoTrainer
+from .runner import Work
+
+DEFAULT_EPOCHS = 3
+
+
+def hyperparameters(job: dict, base_lr: float) -> CoTrainConfig:
+    """OpenAI's hyperparameters ("auto" or a value) -> CoTrainConfig; ValueError names the bad one."""
+    hp = dict(job.get("hyperparameters") or {})
+    method = job.get("method") or {}
+    hp.update(((method.get("supervised") or {}).get("hyperparameters")) or {})
+    known = {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    unknown = set(hp) - known
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)}; supported: {sorted(known)}")
+
+    def pick(key, default):
+        v = hp.get(key, "auto")
+        return default if v == "auto" or v is None else v
+
+    mult = pick("learning_rate_multiplier", 1.0)
+    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult <= 100:
+        raise ValueError(f"hyperparameters.learning_rate_multiplier must be a number in (0, 100], got {mult!r}")
+    for key, top in (("n_epochs", 100), ("batch_size", 256)):
+        v = pick(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise ValueError(f"hyperparameters.{key} must be an integer in [1, {top}] or \"auto\", got {v!r}")
+    seed = job.get("seed")
+    return CoTrainConfig(n_epochs=pick("n_epochs", DEFAULT_EPOCHS), batch_size=pick("batch_size", 1),
+                         learning_rate=base_lr * mult, seed=0 if seed is None else seed)
+
+
+class ActiveJob:
+    def __init__(self, job: dict, owner: str, adapter: str, trainer: CoTrainer, valid: list):
+        self.job, self.owner, self.adapter, self.trainer, self.valid = job, owner, adapter, trainer, valid
+        self.id = job["id"]
+        self.kv_id = f"ft:{self.id}"
+
+
+class JobRunner:
+    def __init__(self, engine):
+        self.e = engine
+        self.active: ActiveJob | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Start (or resume) the oldest running/queued job when none is active."""
+        if self.active is not None:
+            return
+        for status in ("running", "queued"):
+            for job in self.e.store.jobs_with_status(status):
+                self._start(job)
+                if self.active is not None:
+                    return
+
+    def _start(self, job: dict) -> None:
+        store, jid = self.e.store, job["id"]
+        owner = store.job_owner(jid)
+        try:
+            cfg = hyperparameters(job, self.e.cfg.ft_base_lr)
+            examples = self._examples(owner, job["training_file"], "training_file")
+            valid = self._examples(owner, job["validation_file"], "validation_file") if job.get("validation_file") else []
+        except (ValueError, FileNotFoundError) as e:
+            self._finish(jid, "failed", error={"code": "invalid_training_file", "message": str(e), "param": None})
+            return
+        adapter = f"job_{jid.replace('-', '_')}"
+        if adapter in list_adapters(self.e.model):
+            delete_adapter(self.e.model, adapter)
+        apply(self.e.model, "lora", adapter_name=adapter,
+              config=LoraConfig(r=self.e.cfg.ft_rank, alpha=self.e.cfg.ft_alpha, targets="all-linear", dropout=0.0))
+        trainer = CoTrainer(self.e.model, adapter, examples, cfg)
+        self.active = ActiveJob(job, owner, adapter, trainer, valid)
+        self._resume_or_begin(job)
+
+    def _examples(self, owner: str, file_id: str, what: str) -> list:
+        path = self.e.store.file_path(owner, file_id)
+        if path is None:
+            raise FileNotFoundError(f"{what} {file_id} no longer exists")
+        try:
+            return load_dataset(path, self.e.tk, self.e.cfg.ft_max_length, on_too_long="truncate")
+        except DataError as e:
+            raise ValueError(str(e).replace(str(path), file_id)) from None
+
+    def _resume_or_begin(self, job: dict) -> None:
+        a, store = self.active, self.e.store
+        done = list_checkpoints(store.job_dir(a.id))
+        if job["status"] == "running" and done:
+            state = load_checkpoint(done[-1], self.e.model, a.trainer.opt)
+            a.trainer.step, a.trainer.trained_tokens = state["step"], state.get("trained_tokens", 0)
+            a.trainer._start_batch()
+            store.add_event(a.id, f"Resumed from the checkpoint at step {state['step']}")
+        else:
+            store.add_event(a.id, f"Fine-tuning job started: {len(a.trainer.examples)} examples, "
+                                  f"{a.trainer.total_steps} steps")
+        store.update_job(a.id, status="running", hyperparameters={
+            "n_epochs": a.trainer.cfg.n_epochs, "batch_size": a.trainer.cfg.batch_size,
+            "learning_rate_multiplier": a.trainer.cfg.learning_rate / self.e.cfg.ft_base_lr})
+
+    def cancel(self, job_id: str) -> None:
+        """Engine thread. Stop the job if it is training; mark it cancelled."""
+        if self.active is not None and self.active.id == job_id:
+            self._teardown()
+        self._finish(job_id, "cancelled")
+
+    def fail_active(self, message: str) -> None:
+        if self.active is not None:
+            jid = self.active.id
+            self._teardown()
+            self._finish(jid, "failed", error={"code": "internal_error", "message": message.splitlines()[-1],
+                                               "param": None})
+
+    def _teardown(self) -> None:
+        a, self.active = self.active, None
+        self.e.blocks.free(a.kv_id)
+        if a.adapter in list_adapters(self.e.model):
+            delete_adapter(self.e.model, a.adapter)
+
+    def _finish(self, job_id: str, status: str, **fields) -> None:
+        self.e.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
+        msg = {"succeeded": "The job has successfully completed", "cancelled": "The job was cancelled",
+               "failed": f"The job failed: {(fields.get('error') or {}).get('message', '')}"}[status]
+        self.e.store.add_event(job_id, msg, level="error" if status == "failed" else "info")
+
+    # -- work in the serving loop --------------------------------------------------------------------
+    def forward_work(self, leftover: int, inference: bool) -> Work | None:
+        """The job's forward chunk for this step, from the budget inference left over."""
+        a = self.active
+        if a is None or not a.trainer.fwd_wanted():
+            return None
+        n = min(a.trainer.fwd_wanted(), self.e.cfg.ft_max_chunk, leftover if inference else self.e.cfg.max_tokens_per_step)
+        if n <= 0:
+            return None
+        toks, start = a.trainer.fwd_chunk(n)
+        if not self.e.blocks.ensure(a.kv_id, start + n):
+            return None  # the KV pool is full of inference requests: they go first
+        return Work(toks, start, self.e.blocks.slots(a.kv_id, 0, start + n), adapter=a.trainer.slot, capture=True)
+
+    def forward_done(self, captures) -> None:
+        a = self.active
+        if a.trainer.fwd_done(captures):
+            self.e.blocks.free(a.kv_id)  # the backward recomputes attention from the kept layer inputs
+        self.e.stats.ft_tokens += captures[0].shape[0]
+
+    def wants_backward(self) -> bool:
+        return self.active is not None and self.active.trainer.bwd_wanted()
+
+    def backward(self, inference: bool) -> None:
+        a = self.active
+        if a is None or not a.trainer.bwd_wanted():
+            return
+        k = self.e.cfg.ft_bwd_layers if inference else len(self.e.model.model.layers)
+        if not a.trainer.backward_layers(k):
+            return
+        m = a.trainer.apply_step()
+        self.e.stats.ft_steps += 1
+        self.e.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",
+                               data={k: m[k] for k in ("step", "train_loss", "lr", "total_steps")}, type="metrics")
+        end_of_epoch = m["step"] % a.trainer.steps_per_epoch == 0
+        if m["step"] % self.e.cfg.checkpoint_every == 0 or end_of_epoch:
+            self._checkpoint(m)
+        if a.trainer.done:
+            self._publish()
+
+    def _checkpoint(self, m: dict) -> None:
+        a, store = self.active, self.e.store
+        progress = {"trained_tokens": a.trainer.trained_tokens}
+        path = save_checkpoint(store.job_dir(a.id), m["step"], self.e.model, a.trainer.opt, progress, keep=2)
+        store.add_checkpoint(a.id, m["step"], {"train_loss": m["train_loss"]}, str(path),
+                             f"{self._model_name()}:ckpt-step-{m['step']}")
+
+    def _model_name(self) -> str:
+        j = self.active.job
+        return f"ft:{self.e.base_name}:{j.get('user_provided_suffix') or 'leantune'}:{j['id'][-8:]}"
+
+    def _publish(self) -> None:
+        a, store, name = self.active, self.e.store, self._model_name()
+        valid_loss = self._valid_loss()
+        out = store.adapter_dir(name)
+        save_adapter(self.e.model, out, adapter_name=a.adapter)
+        if store.get_adapter(name) is None:
+            store.add_adapter(a.owner, name, str(out), self.e.base_name, f"job:{a.id}")
+        self.e.load_adapter(name, str(out), a.owner, replace=True)
+        trained = a.trainer.trained_tokens
+        self._teardown()
+        if valid_loss is not None:
+            store.add_event(a.id, f"Validation loss={valid_loss:.4f}", data={"valid_loss": valid_loss}, type="metrics")
+        self._finish(a.id, "succeeded", fine_tuned_model=name, trained_tokens=trained)
+
+    def _valid_loss(self) -> float | None:
+        a = self.active
+        if not a.valid:
+            return None
+        total, n = 0.0, 0
+        slot = torch.tensor([a.trainer.slot])
+        for ex in a.valid:
+            logits = self.e.model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=slot))[0]
+            tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100))
+            n += ex.num_loss_tokens
+        return total / max(n, 1)
+

@@ -1,0 +1,99 @@
+"""One inference request's life outside the scheduler: sampling settings, incremental detokenization,
+stop strings and the events streamed back to the HTTP layer.
+
+The scheduler knows only token ids; this module turns sampled ids into text deltas, decides when a
+request stops (EOS, a stop string, max tokens) and reports usage. Events are plain dicts handed to a
+`sink` callable that the API supplies (it hops them onto its event loop).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.generate import GenerationConfig, sample_next
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    model: str  # base model name or an adapter name, as the client sent it
+    owner: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be up to 4 non-empty strings")
+
+
+class RequestState:
+    """Engine-side state of one running request."""
+
+    def __init__(self, req: GenRequest, adapter: str | None, sink: Callable[[dict], None], tokenizer):
+        self.req, self.adapter, self.sink, self.tk = req, adapter, sink, tokenizer
+        self.gen = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
+        self.rng = None
+        if req.seed is not None and req.temperature > 0:
+            self.rng = torch.Generator().manual_seed(req.seed)
+        self.ids: list[int] = []  # tokens that count as output text (EOS excluded)
+        self.sent = ""  # text already streamed
+        self.hold = max((len(s) for s in req.stop), default=1) - 1  # chars that may start a stop string
+        self.done = False
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits (V,) -> next token id, with this request's settings and generator."""
+        return int(sample_next(logits[None], self.gen, self.rng)[0])
+
+    def on_token(self, tok: int) -> str | None:
+        """Record a sampled token; returns a finish reason ("stop") when the request must end here."""
+        if tok in self.tk.eos_ids and not self.req.ignore_eos:
+            return "stop"
+        self.ids.append(tok)
+        text = self.tk.decode(self.ids)
+        for s in self.req.stop:
+            cut = text.find(s, max(0, len(self.sent) - len(s)))
+            if cut >= 0:
+                self._emit(text[:cut], None)
+                return "stop"
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe = min(safe, len(text) - 1)
+        self._emit(text[:max(safe, len(self.sent))], None)
+        return None
+
+    def _emit(self, upto: str, finish: str | None) -> None:
+        delta = upto[len(self.sent):]
+        self.sent = upto
+        if delta or finish:
+            self.sink({"text": delta, "finish_reason": finish, "prompt_tokens": len(self.req.prompt_ids),
+                       "completion_tokens": len(self.ids)})
+
+    def finish(self, reason: str) -> None:
+        """Flush held-back text (unless a stop string cut it) and send the final event."""
+        if self.done:
+            return
+        self.done = True
+        text = self.sent if reason == "stop" and self.req.stop and self._stopped() else self.tk.decode(self.ids)
+        self._emit(text, reason)
+
+    def _stopped(self) -> bool:
+        text = self.tk.decode(self.ids)
+        return any(s in text for s in self.req.stop)
+
+    def fail(self, message: str) -> None:
+        self.done = True
+        self.sink({"error": message, "finish_reason": "error"})
