@@ -29,13 +29,13 @@ def build_tokenizer(vocab_size: int = 400):
     return tk
 
 
-def make_tiny_model_folder(path: Path, family: str = "llama", seed: int = 0) -> Path:
+def make_tiny_model_folder(path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     from hf_tiny import tiny_hf_model
     from leantune.models.tokenizer import Tokenizer
 
     path = Path(path)
     tk = build_tokenizer()
-    hf = tiny_hf_model(family, seed=seed, vocab_size=512)
+    hf = tiny_hf_model(family, seed=seed, vocab_size=512, **overrides)
     assert tk.get_vocab_size() <= hf.config.vocab_size
     # ids of <|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2
     hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = None, 2, 0
