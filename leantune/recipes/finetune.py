@@ -47,8 +47,19 @@ class FinetuneConfig(TrainConfig):
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def method_options(self) -> dict:
-        return dict(r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=parse_targets(self.targets),
-                    use_rslora=self.rslora)
+        """The options of --method's config class, taken from this config (others are left out: --rank
+        means nothing to a method without a rank)."""
+        from ..methods.registry import config_fields, get_method
+
+        valid = set(config_fields(get_method(self.method).config_cls))
+        opts = {"r": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "targets": parse_targets(self.targets), "use_rslora": self.rslora}
+        opts.update({key: getattr(self, attr) for key, attr in METHOD_OPTION_FIELDS.items()})
+        return {k: v for k, v in opts.items() if k in valid}
+
+
+# method config field -> FinetuneConfig attribute, for options only some methods have
+METHOD_OPTION_FIELDS: dict[str, str] = {}
 
 
 def parse_targets(targets: str) -> str | list[str]:
