@@ -26,6 +26,9 @@ from .registry import register_method
 from .targets import is_all_linear, pattern_value, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
+# Below this many tokens (decode steps) a routed forward gathers each token's adapter weights; above it,
+# rows are grouped per adapter (long prefill chunks share one adapter's matmul).
+GATHER_MAX_TOKENS = 128
 INIT_MODES = ("default", "gaussian")
 
 
@@ -235,6 +238,11 @@ class LoraLinear(AdapterLayer):
         result = self.call_base(x, adapter_ids)
         ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
         flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
+        if ids.numel() <= GATHER_MAX_TOKENS and len(self.slot_to_name) > 2 and not torch.is_grad_enabled():
+            delta = self._gathered_delta(flat_x, ids)
+            if delta is not None:
+                out = result.reshape(-1, result.shape[-1])
+                return (out + delta.to(out.dtype)).reshape(result.shape)
         out = None
         for slot, name in self.slot_to_name.items():
             rows = (ids == slot).nonzero().squeeze(1)
@@ -246,6 +254,47 @@ class LoraLinear(AdapterLayer):
                 out = result.reshape(-1, result.shape[-1]).to(dtype)
             out = out.index_add(0, rows, delta.to(out.dtype))
         return result if out is None else out.reshape(result.shape).to(result.dtype)
+
+    def _stackable(self, name: str) -> bool:
+        """A plain additive adapter: no LoRA bias, no dropout in effect, no magnitude vector (DoRA)."""
+        return (self.lora_B[name].bias is None and _no_dropout(self.lora_dropout[name])
+                and name not in getattr(self, "lora_magnitude_vector", ()))
+
+    def _stacked(self):
+        """(A (S+1, r_max, in), sB (S+1, out, r_max), row of each slot): every adapter padded to the
+        largest rank, B pre-scaled, and a zero last row for base-only tokens. Cached until a weight
+        changes (keyed on each tensor's storage and version counter), so training one adapter while
+        serving others never reads stale weights."""
+        names = sorted(self.slot_to_name.items())
+        key = tuple((s, n, self.lora_A[n].weight._version, self.lora_A[n].weight.data_ptr(),
+                     self.lora_B[n].weight._version, self.lora_B[n].weight.data_ptr()) for s, n in names)
+        cache = getattr(self, "_stack_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        a0 = self.lora_A[names[0][1]].weight
+        r_max = max(self.r[n] for _, n in names)
+        A = a0.new_zeros(len(names) + 1, r_max, self.in_features)
+        B = a0.new_zeros(len(names) + 1, self.out_features, r_max)
+        row = torch.full((max(s for s, _ in names) + 2,), len(names), dtype=torch.long, device=a0.device)
+        for i, (slot, n) in enumerate(names):
+            A[i, : self.r[n]] = self.lora_A[n].weight
+            B[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+            row[slot] = i
+        self._stack_cache = (key, (A, B, row))
+        return A, B, row
+
+    def _gathered_delta(self, flat_x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-token LoRA deltas in two batched matmuls (a gather of each token's A and B, as Punica's
+        BGMV does): cost independent of how many adapters share the batch. None when not applicable."""
+        if not all(self._stackable(n) for n in self.slot_to_name.values()):
+            return None
+        A, B, row = self._stacked()
+        if A.dtype != flat_x.dtype:
+            return None
+        zero = row.numel() - 1  # base-only tokens, and slots of adapters that skip this layer
+        idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]
+        h = torch.bmm(A[idx], flat_x[:, :, None])  # (N, r, 1)
+        return torch.bmm(B[idx], h).squeeze(-1)  # (N, out)
 
     def delta_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(s * B @ A, s * b_B or None) in fp32, the change merging `name` makes to W and b."""
