@@ -235,7 +235,7 @@ class Engine:
     # -- one iteration -----------------------------------------------------------------------------
     def iteration(self) -> bool:
         """Plan, run and post-process one packed step; False when there was nothing to do."""
-        self.jobs.poll()
+        self._job_stage(self.jobs.poll)
         plan = self.sched.schedule()
         self.stats.preemptions += len(plan.preempted)
         works = [self._work(c) for c in plan.chunks]
@@ -250,12 +250,19 @@ class Engine:
         if inference:
             self._after_inference(plan, res.logits)
         if ft_work is not None:
-            self.jobs.forward_done(res.captures)
-        self.jobs.backward(inference)
+            self._job_stage(self.jobs.forward_done, res.captures)
+        self._job_stage(self.jobs.backward, inference)
         self.stats.iterations += 1
         if inference:
             self.stats.tpot = (self.stats.tpot + [time.perf_counter() - t0])[-1000:]
         return True
+
+    def _job_stage(self, fn, *args) -> None:
+        """Run a fine-tuning stage; its failure (bad data, a NaN loss) fails the job, not the requests."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - recorded on the job
+            self.jobs.fail_active(f"{type(e).__name__}: {e}")
 
     def _work(self, c) -> Work:
         s = c.seq

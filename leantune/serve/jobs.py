@@ -54,6 +54,11 @@ def hyperparameters(job: dict, base_lr: float) -> CoTrainConfig:
                          learning_rate=base_lr * mult, seed=0 if seed is None else seed)
 
 
+def _adapter_name(job_id: str) -> str:
+    """The training adapter's name inside the model tree (stable across restarts: checkpoints use it)."""
+    return f"job_{job_id.replace('-', '_')}"
+
+
 class ActiveJob:
     def __init__(self, job: dict, owner: str, adapter: str, trainer: CoTrainer, valid: list):
         self.job, self.owner, self.adapter, self.trainer, self.valid = job, owner, adapter, trainer, valid
@@ -65,6 +70,7 @@ class JobRunner:
     def __init__(self, engine):
         self.e = engine
         self.active: ActiveJob | None = None
+        self.starting: str | None = None  # id of the job being set up (so a failure there is pinned on it)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -79,15 +85,17 @@ class JobRunner:
 
     def _start(self, job: dict) -> None:
         store, jid = self.e.store, job["id"]
+        self.starting = jid
         owner = store.job_owner(jid)
         try:
             cfg = hyperparameters(job, self.e.cfg.ft_base_lr)
             examples = self._examples(owner, job["training_file"], "training_file")
             valid = self._examples(owner, job["validation_file"], "validation_file") if job.get("validation_file") else []
         except (ValueError, FileNotFoundError) as e:
+            self.starting = None
             self._finish(jid, "failed", error={"code": "invalid_training_file", "message": str(e), "param": None})
             return
-        adapter = f"job_{jid.replace('-', '_')}"
+        adapter = _adapter_name(jid)
         if adapter in list_adapters(self.e.model):
             delete_adapter(self.e.model, adapter)
         apply(self.e.model, "lora", adapter_name=adapter,
@@ -95,6 +103,7 @@ class JobRunner:
         trainer = CoTrainer(self.e.model, adapter, examples, cfg)
         self.active = ActiveJob(job, owner, adapter, trainer, valid)
         self._resume_or_begin(job)
+        self.starting = None
 
     def _examples(self, owner: str, file_id: str, what: str) -> list:
         path = self.e.store.file_path(owner, file_id)
@@ -127,6 +136,12 @@ class JobRunner:
         self._finish(job_id, "cancelled")
 
     def fail_active(self, message: str) -> None:
+        """Stop the active job (or the one being started) and record why it failed."""
+        if self.active is None and self.starting is not None:
+            if _adapter_name(self.starting) in list_adapters(self.e.model):
+                delete_adapter(self.e.model, _adapter_name(self.starting))
+            self._finish(self.starting, "failed", error={"code": "internal_error", "message": message, "param": None})
+            self.starting = None
         if self.active is not None:
             jid = self.active.id
             self._teardown()

@@ -1,0 +1,64 @@
+"""The serving engine in-process (unit tier, tiny model): outputs equal plain `generate`, preemption under
+a small KV pool changes nothing, and a failing job fails alone."""
+import json
+
+import pytest
+import torch
+
+import leantune
+from leantune.models.generate import GenerationConfig, generate
+from leantune.serve.engine import Engine, EngineConfig
+from leantune.serve.requests import GenRequest
+from leantune.serve.store import Store
+
+
+@pytest.fixture(scope="module")
+def model_tok(folder):
+    model, tok = leantune.load(folder)
+    return model.eval(), tok
+
+
+def _engine(model_tok, tmp_path, **cfg):
+    model, tok = model_tok
+    return Engine(model, tok, "model", Store(tmp_path / "data"), EngineConfig(**cfg))
+
+
+def _run(engine, prompts, max_tokens=8, model="model"):
+    out = {}
+    for i, p in enumerate(prompts):
+        events = out.setdefault(i, [])
+        engine.add_request(GenRequest(p, model, max_tokens=max_tokens, temperature=0, ignore_eos=True), events.append)
+    for _ in range(10_000):
+        if not engine.iteration():
+            break
+    return out
+
+
+def test_engine_equals_generate_and_survives_preemption(model_tok, tmp_path, one_thread):
+    model, tok = model_tok
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12)]
+    ref = [generate(model, [p], GenerationConfig(max_new_tokens=8))[0] for p in prompts]
+    text = [tok.decode(r) for r in ref]
+    for cfg in ({"num_blocks": 64, "block_size": 4}, {"num_blocks": 12, "block_size": 4, "max_tokens_per_step": 16}):
+        e = _engine(model_tok, tmp_path / str(cfg["num_blocks"]), **cfg)
+        out = _run(e, prompts)
+        for i in range(len(prompts)):
+            assert "".join(ev["text"] for ev in out[i]) == text[i]
+            assert out[i][-1]["finish_reason"] == "length" and out[i][-1]["completion_tokens"] == 8
+        assert e.blocks.num_free == e.blocks.num_blocks and not e.reqs
+        if cfg["num_blocks"] == 12:
+            assert e.stats.preemptions > 0  # the small pool really forced recomputation
+
+
+def test_a_failing_job_fails_alone(model_tok, tmp_path, one_thread):
+    e = _engine(model_tok, tmp_path, num_blocks=64, block_size=4)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    f = e.store.add_file("o", "t.jsonl", "fine-tune", "\n".join(json.dumps(r) for r in rows).encode())
+    job = e.store.add_job("o", "model", f["id"], hyperparameters={"n_epochs": 1})
+    e.store.delete_file("o", f["id"])  # gone before the job starts
+    out = _run(e, [[5, 6, 7]])
+    assert out[0][-1]["finish_reason"] == "length"
+    j = e.store.get_job("o", job["id"])
+    assert j["status"] == "failed" and "no longer exists" in j["error"]["message"]
+    assert not [n for n in leantune.methods.list_adapters(model_tok[0]) if n.startswith("job_")]
