@@ -29,6 +29,7 @@ class ServeConfig:
     ft_bwd_layers: int = opt(1, "fine-tuning backward layers per iteration while requests run")
     checkpoint_every: int = opt(10, "fine-tuning steps between job checkpoints")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -73,7 +74,9 @@ def build_server(cfg: ServeConfig):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load(cfg.model)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # bf16 on a GPU, fp32 on the CPU (bf16 matmuls are far slower there)
+    model, tok = load(cfg.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
     model.eval()
     store = Store(Path(cfg.data_dir))
     engine = Engine(model, tok, base_name(cfg.model, cfg.served_model_name), store, cfg.engine_config())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -43,7 +44,8 @@ def _owner(request: Request, keys: list[str]) -> str:
         return "local"
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    if key not in keys:
+    # compare_digest on every key: the time taken does not tell how much of a guess matched
+    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
         raise APIError(401, "Incorrect or missing API key; send `Authorization: Bearer <key>`",
                        code="invalid_api_key", type="authentication_error")
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]  # keys themselves are never stored
@@ -72,19 +74,43 @@ def _tuple(t):
     return t if isinstance(t, tuple) else (t,)
 
 
-def _sampling(body: dict, prompt_ids: list[int], model: str, owner: str, default_max: int) -> GenRequest:
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _sampling(body: dict, prompt_ids: list[int], model: str, owner: str, default_max: int,
+              max_len: int, prompt_param: str) -> GenRequest:
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if _field(body, "n", int, 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    max_tokens = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int, default_max)
+    seed = _field(body, "seed", int)
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise APIError(400, f"seed must be a 64-bit integer, got {seed}", param="seed")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, key, int)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens}", param=key)
+    room = max_len - len(prompt_ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = "" if max_tokens is None else f" + {key} {max_tokens}"
+        raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the request has "
+                            f"{len(prompt_ids)} prompt tokens{asked}; shorten the prompt or lower {key}",
+                       param=prompt_param if max_tokens is None or room < 1 else key, code="context_length_exceeded")
+    if max_tokens is None:  # as vLLM: the default never asks for more than the context has room for
+        max_tokens = min(default_max, room)
     try:
         return GenRequest(prompt_ids, model, owner, max_tokens=max_tokens,
                           temperature=float(_field(body, "temperature", (int, float), 1.0)),
                           top_p=float(_field(body, "top_p", (int, float), 1.0)), stop=stop,
-                          seed=_field(body, "seed", int), ignore_eos=bool(_field(body, "ignore_eos", bool, False)))
+                          seed=seed, ignore_eos=bool(_field(body, "ignore_eos", bool, False)))
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+
+def _param_of(message: str) -> str | None:
+    """The request parameter a GenRequest error names (its message starts with it)."""
+    first = message.split(" ", 1)[0]
+    return first if first in ("temperature", "top_p", "stop") else None
 
 
 def _messages(body: dict) -> list[dict]:
@@ -214,7 +240,7 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
         ids = engine.tk.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
             raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
-        greq = _sampling(body, ids, model_name, owner, 16)
+        greq = _sampling(body, ids, model_name, owner, 16, engine.cfg.max_model_len, "prompt")
         return await _generate(greq, "text", bool(body.get("stream")), _include_usage(body))
 
     @app.post("/v1/chat/completions")
@@ -227,7 +253,7 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
             raise
         except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        greq = _sampling(body, ids, model_name, owner, 256)
+        greq = _sampling(body, ids, model_name, owner, 256, engine.cfg.max_model_len, "messages")
         return await _generate(greq, "chat", bool(body.get("stream")), _include_usage(body))
 
     # -- runtime LoRA (vLLM) -------------------------------------------------------------------------
@@ -241,9 +267,18 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
         if keys and not resolved.is_relative_to(store.data_dir.resolve()):
             raise APIError(403, "with API keys, lora_path must be inside the server's data dir",
                            param="lora_path", code="forbidden_path", type="permission_error")
+        if keys and _foreign_path(store, resolved, owner):
+            raise APIError(403, "lora_path lies in a folder of another key's adapter or fine-tuning job",
+                           param="lora_path", code="forbidden_path", type="permission_error")
+        inplace = bool(body.get("load_inplace"))
+
+        def load():  # engine thread, so the shared-adapter check and the load see the same adapters
+            if keys and inplace:
+                _not_shared(engine, name, "replace")
+            engine.load_adapter(name, str(resolved), None if not keys else owner, inplace)
+
         try:
-            await run(engine.load_adapter, name, str(resolved), None if not keys else owner,
-                      bool(body.get("load_inplace")))
+            await run(load)
         except FileExistsError as e:
             raise APIError(400, str(e), param="lora_name") from None
         except PermissionError:
@@ -257,8 +292,13 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
     async def unload_lora(request: Request):
         owner, body = _owner(request, keys), await _json(request)
         name = _field(body, "lora_name", str, required=True)
+        def unload():
+            if keys:
+                _not_shared(engine, name, "unload")
+            engine.unload_adapter(name, None if not keys else owner)
+
         try:
-            await run(engine.unload_adapter, name, None if not keys else owner)
+            await run(unload)
         except KeyError:
             raise APIError(404, f"The adapter '{name}' is not loaded", param="lora_name",
                            code="model_not_found") from None
@@ -268,9 +308,7 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
     @app.post("/v1/files")
     async def upload(request: Request):
         owner = _owner(request, keys)
-        if int(request.headers.get("content-length") or 0) > max_upload_bytes + (64 << 10):
-            raise APIError(413, f"the upload is larger than the limit of {max_upload_bytes} bytes",
-                           param="file", code="file_too_large")
+        await _cap_body(request, max_upload_bytes + (64 << 10), max_upload_bytes)
         form = await request.form()
         purpose, file = form.get("purpose"), form.get("file")
         if purpose != "fine-tune":
@@ -278,7 +316,8 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
         if file is None or isinstance(file, str):
             raise APIError(400, "missing the 'file' part of the multipart upload", param="file")
         data = await file.read(max_upload_bytes + 1)
-        name = Path(file.filename or "upload.jsonl").name
+        name = Path(file.filename or "").name
+        name = name if name not in ("", ".", "..") else "upload.jsonl"  # "/" or ".." name no file
         try:
             data = normalize_finetune_jsonl(data, name, max_upload_bytes)
         except UploadError as e:
@@ -342,11 +381,16 @@ def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str, request: Request):
         owner = _owner(request, keys)
-        j = _job(owner, job_id)
-        if j["status"] not in ("validating_files", "queued", "running"):
-            raise APIError(400, f"the job is already {j['status']} and cannot be cancelled", param="fine_tuning_job_id")
-        await run(engine.jobs.cancel, job_id)
-        return store.get_job(owner, job_id)
+
+        def cancel():  # engine thread: the job cannot finish between the status check and the cancel
+            j = _job(owner, job_id)
+            if j["status"] not in ("validating_files", "queued", "running"):
+                raise APIError(400, f"the job is already {j['status']} and cannot be cancelled",
+                               param="fine_tuning_job_id")
+            engine.jobs.cancel(job_id)
+            return store.get_job(owner, job_id)
+
+        return await run(cancel)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
@@ -408,12 +452,53 @@ def _job_request(body: dict, owner: str, engine, store) -> dict:
     method = _field(body, "method", dict) or {"type": "supervised"}
     if method.get("type", "supervised") != "supervised":
         raise APIError(400, f"method.type '{method.get('type')}' is not supported; use 'supervised'", param="method")
+    sup = method.get("supervised")
+    if sup is not None and not (isinstance(sup, dict) and isinstance(sup.get("hyperparameters") or {}, dict)):
+        raise APIError(400, "method.supervised must be an object like {\"hyperparameters\": {...}}", param="method")
     hp = _field(body, "hyperparameters", dict) or {}
     try:
         hyperparameters({"hyperparameters": hp, "method": method, "seed": seed}, 1.0)
     except ValueError as e:
         raise APIError(400, str(e), param="hyperparameters") from None
     return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method}
+
+
+async def _cap_body(request: Request, cap: int, limit: int) -> None:
+    """413 when the body is over `cap` bytes. A body without Content-Length (chunked) is read here, at most
+    `cap` bytes, so the multipart parser never spools more than that to disk."""
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"the upload is larger than the limit of {limit} bytes", param="file",
+                       code="file_too_large")
+    if declared is not None:
+        if not declared.isdigit() or int(declared) > cap:
+            raise too_big
+        return
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise too_big
+    request._body = bytes(body)  # Starlette's cache of the body: request.form() parses these bytes
+
+
+def _foreign_path(store, path: Path, owner: str) -> bool:
+    """Whether `path` lies in the folder of another owner's published adapter or fine-tuning job."""
+    for rec in store.list_adapters():
+        if rec["owner"] != owner and path.is_relative_to(Path(rec["path"]).resolve()):
+            return True
+    jobs = store.data_dir / "jobs"
+    if path.is_relative_to(jobs) and path != jobs:
+        return store.job_owner(path.relative_to(jobs).parts[0]) != owner
+    return False
+
+
+def _not_shared(engine, name: str, what: str) -> None:
+    """With API keys, adapters from the command line are everyone's: no key may replace or unload them."""
+    e = engine.adapters.get(name)
+    if e is not None and not e.retired and e.owner is None:
+        raise APIError(403, f"adapter '{name}' is shared by every key (given on the server's command line); "
+                            f"an API key cannot {what} it", param="lora_name", code="forbidden_adapter",
+                       type="permission_error")
 
 
 def _check_name(name: str, param: str) -> None:

@@ -270,6 +270,7 @@ class Engine:
                     adapter=s.adapter_slot, sample=c.sample)
 
     def _after_inference(self, plan, logits: torch.Tensor) -> None:
+        logits = logits.cpu()  # per-request generators live on the CPU (seeded sampling is device-independent)
         sampled, i = {}, 0
         for c in plan.chunks:
             if c.sample:

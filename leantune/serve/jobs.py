@@ -230,10 +230,11 @@ class JobRunner:
         if not a.valid:
             return None
         total, n = 0.0, 0
-        slot = torch.tensor([a.trainer.slot])
+        dev = self.e.runner.device
+        slot = torch.tensor([a.trainer.slot], device=dev)
         for ex in a.valid:
-            logits = self.e.model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=slot))[0]
-            tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+            logits = self.e.model(torch.tensor([ex.input_ids], device=dev), ForwardMeta(adapter_ids=slot))[0]
+            tgt = shifted_targets(torch.tensor([ex.labels], device=dev))[0]
             total += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100))
             n += ex.num_loss_tokens
         return total / max(n, 1)
