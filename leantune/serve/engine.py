@@ -174,8 +174,7 @@ class Engine:
             if not replace:
                 raise FileExistsError(f"an adapter named {name!r} is already loaded; unload it first "
                                       "or pass load_inplace=true")
-            if old.owner is not None and old.owner != owner:
-                raise PermissionError(name)
+            _check_owner(old, owner)
         internal = f"a{next(self._ids)}"
         load_adapter(self.model, path, adapter_name=internal)
         entry = AdapterEntry(name, internal, owner, str(path), int(time.time()))
@@ -188,6 +187,7 @@ class Engine:
         e = self.adapters.get(name)
         if e is None or e.retired or (e.owner is not None and e.owner != owner):
             raise KeyError(name)
+        _check_owner(e, owner)
         self._retire(e)
         del self.adapters[name]
 
@@ -212,10 +212,11 @@ class Engine:
         entry = self.resolve(req.model, req.owner)
         sid = f"req-{next(self._ids)}"
         slot = -1 if entry is None else adapter_slots(self.model)[entry.internal]
+        state = RequestState(req, entry, sink, self.tk)  # may raise: before anything is registered
         self.sched.add(Sequence(sid, list(req.prompt_ids), req.max_tokens, slot))  # ValueError: too long
         if entry is not None:
             entry.refs += 1
-        self.reqs[sid] = RequestState(req, entry, sink, self.tk)
+        self.reqs[sid] = state
         self.stats.requests += 1
         self.stats.prompt_tokens += len(req.prompt_ids)
         return sid
@@ -286,6 +287,13 @@ class Engine:
                 reason = seq.finish_reason
             if reason is not None:
                 self._drop(sid, reason)
+
+
+def _check_owner(e: AdapterEntry, owner: str | None) -> None:
+    """owner None is the operator (no API keys, or the command line): it may change any adapter; a key
+    may change only its own, never a shared one."""
+    if owner is not None and e.owner != owner:
+        raise PermissionError(e.name)
 
 
 def plan_seq(plan, sid: str) -> Sequence:

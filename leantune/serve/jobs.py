@@ -130,7 +130,11 @@ class JobRunner:
             "learning_rate_multiplier": a.trainer.cfg.learning_rate / self.e.cfg.ft_base_lr})
 
     def cancel(self, job_id: str) -> None:
-        """Engine thread. Stop the job if it is training; mark it cancelled."""
+        """Engine thread. Stop the job if it is training; mark it cancelled. ValueError when finished."""
+        owner = self.e.store.job_owner(job_id)
+        job = self.e.store.get_job(owner, job_id) if owner is not None else None
+        if job is None or job["status"] not in ("validating_files", "queued", "running"):
+            raise ValueError(f"job {job_id} is {job['status'] if job else 'unknown'} and cannot be cancelled")
         if self.active is not None and self.active.id == job_id:
             self._teardown()
         self._finish(job_id, "cancelled")
