@@ -207,7 +207,7 @@ def test_pickle_weights_refused(base_model, saved):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(peft_type="IA3"), "unsupported peft_type 'IA3'"),
-    (dict(use_dora=True), "DoRA is not supported yet"),
+    (dict(use_dora=True), "use_dora=True in adapter_config.json, but module .* lacks a DoRA lora_magnitude_vector"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(init_lora_weights="pissa"), "changes the base weights"),
     (dict(use_future_trick=True), "unknown option use_future_trick"),
@@ -221,11 +221,11 @@ def test_unsupported_options(base_model, saved, changes, message):
     assert lm.list_adapters(model) == []
 
 
-def test_dora_tensor_refused(base_model, saved):
+def test_dora_tensor_without_use_dora_refused(base_model, saved):
     tensors = adapter_io.read_adapter(saved)[1]
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(64)
     save_file(tensors, str(saved / "adapter_model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="DoRA is not supported yet"):
+    with pytest.raises(ValueError, match="use_dora=False in adapter_config.json, but module .* has a DoRA"):
         lm.load_adapter(copy.deepcopy(base_model), saved)
 
 

@@ -356,8 +356,8 @@ def test_config_validation_and_unknown_options(model):
                 dict(rank_pattern={"q_proj": 0}), dict(targets="(")):
         with pytest.raises(ValueError):
             LoraConfig(**bad)
-    with pytest.raises(ValueError, match="unknown method 'dora'.*lora"):
-        lm.apply(model, "dora")
+    with pytest.raises(ValueError, match="unknown method 'no-such-method'.*lora"):
+        lm.apply(model, "no-such-method")
 
 
 def test_duplicate_adapter_name(model):

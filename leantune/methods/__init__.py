@@ -14,10 +14,18 @@ from .base import (
     disable_adapters, freeze_base, get_base_state_dict, list_adapters, set_adapter, set_adapter_trainable,
     trainable_parameters, unload,
 )
+from .corda import CordaConfig, apply_corda, collect_covariance, run_on
 from .lora import LoraConfig, LoraLinear, RsLoraConfig, apply_lora, lora_scaling
 from .merge import merge, merge_and_unload, unmerge
 from .qlora import QLoraConfig, apply_qlora, base_quantization, read_sidecar, write_sidecar
 from .registry import MethodSpec, apply, get_method, list_methods, register_method
+from .adalora import AdaLoraConfig, AdaLoraLinear, RankAllocator, apply_adalora, orthogonal_regularizer
+from .bottleneck import (
+    BottleneckConfig, BottleneckLayer, apply_bottleneck, load_bottleneck, read_bottleneck, save_bottleneck,
+)
+from .combine import add_weighted_adapter, load_adapter_states, merge_task_adapters, snapshot_adapters
+from .dora import DoraConfig, DoraMagnitude
+from .allora import AlloraConfig, allora_coefficient, apply_allora
 
 __all__ = [
     "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
@@ -28,3 +36,10 @@ __all__ = [
     "merge_and_unload", "peft_config_dict", "read_adapter", "register_method", "save_adapter",
     "set_adapter", "set_adapter_trainable", "trainable_parameters", "unload", "unmerge",
 ]
+__all__ += [
+    "BottleneckConfig", "BottleneckLayer", "add_weighted_adapter", "apply_bottleneck", "load_adapter_states",
+    "load_bottleneck", "merge_task_adapters", "read_bottleneck", "save_bottleneck", "snapshot_adapters",
+]
+__all__ += ["AdaLoraConfig", "AdaLoraLinear", "RankAllocator", "apply_adalora", "orthogonal_regularizer"]
+__all__ += ["AlloraConfig", "DoraConfig", "DoraMagnitude", "allora_coefficient", "apply_allora"]
+__all__ += ["CordaConfig", "apply_corda", "collect_covariance", "run_on"]

@@ -3,10 +3,15 @@
 A folder holds `adapter_config.json` (PEFT's full LoRA key set, keys sorted, indent 2) and
 `adapter_model.safetensors` (metadata `{"format": "pt"}`) with keys
 `base_model.model.<module path>.lora_A.weight` ([r, in]), `.lora_B.weight` ([out, r]) and
-`.lora_B.bias` ([out], only with `lora_bias`); the adapter name is not part of the keys. With
+`.lora_B.bias` ([out], only with `lora_bias`), and for DoRA (`use_dora: true`) `.lora_magnitude_vector`
+([out], no `.weight` suffix, as PEFT strips it); the adapter name is not part of the keys. With
 `bias="all"|"lora_only"` the trained base biases are saved too, under their in-memory names
 (`...q_proj.base_layer.bias` for a wrapped layer), as PEFT does. Only safetensors are read: pickle
 files (`adapter_model.bin`) are refused.
+
+An adapter whose init moved the base weights (CorDA) is saved as what training changed relative to
+its init, so the file applies to the ORIGINAL base, as PEFT's
+`save_pretrained(path_initial_model_for_weight_conversion=...)` does (`set_initial_lora`).
 
 Saving is atomic: a new folder is built under a temporary name and renamed; in an existing folder
 the files are staged under temporary names, the old config is removed first, and the config is
@@ -64,11 +69,10 @@ _INFORMATIONAL = {
 }
 _READ = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-    "use_rslora", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "use_rslora", "use_dora", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern",
 }
 # options leantune does not implement: refused when set, with the reason shown
 _UNSUPPORTED = {
-    "use_dora": "DoRA is not supported yet",
     "use_qalora": "QA-LoRA is not supported yet",
     "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D layers) is not supported",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported yet",
@@ -89,11 +93,57 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 # ---------------------------------------------------------------------------------------------
+# adapters whose init moved the base weights
+
+# model.leantune_initial_lora[adapter] = (config, {module: (A0, B0)}); the config identifies the adapter
+# it was recorded for, so a later adapter reusing the name is not converted by mistake
+INITIAL_LORA_ATTR = "leantune_initial_lora"
+
+
+def set_initial_lora(model: nn.Module, adapter_name: str, factors: dict) -> None:
+    """Record the initial (A0, B0) per module of an adapter whose init wrote W − s·B0 A0 into the base."""
+    require_adapter(model, adapter_name)
+    record = getattr(model, INITIAL_LORA_ATTR, None)
+    if record is None:
+        record = {}
+        setattr(model, INITIAL_LORA_ATTR, record)
+    record[adapter_name] = (adapter_configs(model)[adapter_name], dict(factors))
+
+
+def initial_lora(model: nn.Module, adapter_name: str) -> dict | None:
+    """{module: (A0, B0)} recorded for this adapter, or None (a plain LoRA on the unchanged base)."""
+    config, factors = getattr(model, INITIAL_LORA_ATTR, {}).get(adapter_name, (None, None))
+    return factors if config is not None and adapter_configs(model).get(adapter_name) is config else None
+
+
+def _subtract_initial(out: dict, initial: dict) -> dict:
+    """PEFT's `subtract_mutated_init`: s(B A − B0 A0) = s [B, −B0] [A; A0], a rank-2r LoRA on the
+    original base W = W_res + s B0 A0. A LoRA bias starts at 0, so it needs nothing."""
+    for name, (a0, b0) in initial.items():
+        ka, kb = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        out[ka] = torch.cat([out[ka].detach().cpu(), a0.to(out[ka].dtype)], dim=0)  # (2r, in)
+        out[kb] = torch.cat([out[kb].detach().cpu(), -b0.to(out[kb].dtype)], dim=1)  # (out, 2r)
+    return out
+
+
+def _doubled_ranks(cfg: LoraConfig) -> dict:
+    """r, alpha and patterns of the rank-2r conversion, chosen so every layer keeps its scaling."""
+    grow = 2 ** 0.5 if cfg.use_rslora else 2  # alpha / sqrt(2r) or alpha / 2r stays alpha / sqrt(r) or / r
+    return dict(r=2 * cfg.r, lora_alpha=cfg.alpha * grow,
+                rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+                alpha_pattern={k: v * grow for k, v in cfg.alpha_pattern.items()})
+
+
+# ---------------------------------------------------------------------------------------------
 # saving
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter under PEFT's on-disk keys (CPU, contiguous)."""
+    if _is_adalora(model, adapter_name):  # own keys: lora_A/lora_B/lora_E, only the rows rank_pattern keeps
+        from .adalora import adalora_state_dict
+
+        return adalora_state_dict(model, adapter_name)
     cfg = _lora_config(model, adapter_name)
     out = {}
     for name, layer in adapter_layers(model):
@@ -102,9 +152,20 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
             if layer.lora_B[adapter_name].bias is not None:
                 out[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B[adapter_name].bias
+            if adapter_name in layer.lora_magnitude_vector:  # DoRA
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     for pname, p in bias_parameters(model, adapter_name, cfg.bias).items():
         out[PREFIX + pname] = p
+    initial = initial_lora(model, adapter_name)
+    if initial is not None:
+        out = _subtract_initial(out, initial)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _is_adalora(model: nn.Module, adapter_name: str) -> bool:
+    from .adalora import AdaLoraConfig  # adalora imports this module
+
+    return isinstance(adapter_configs(model).get(adapter_name), AdaLoraConfig)
 
 
 def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -120,16 +181,23 @@ def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 def peft_config_dict(model: nn.Module, adapter_name: str = "default",
                      base_model_name_or_path: str | None = None) -> dict:
     """`adapter_config.json` of one adapter, as peft 0.21.2 writes it."""
+    if _is_adalora(model, adapter_name):
+        from .adalora import adalora_config_dict
+
+        return adalora_config_dict(model, adapter_name, base_model_name_or_path)
     cfg = _lora_config(model, adapter_name)
     out = dict(PEFT_LORA_DEFAULTS)
     out.update(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         target_modules=_saved_targets(model, adapter_name, cfg), exclude_modules=cfg.exclude,
         bias=cfg.bias, lora_bias=cfg.lora_bias, rank_pattern=dict(cfg.rank_pattern),
         alpha_pattern=dict(cfg.alpha_pattern),
         init_lora_weights=True if cfg.init == "default" else cfg.init,
         base_model_name_or_path=base_model_name_or_path or _model_name(model),
     )
+    if initial_lora(model, adapter_name) is not None:
+        out.update(_doubled_ranks(cfg))
     return out
 
 
@@ -267,6 +335,7 @@ def lora_config_from_peft(config: dict, path="adapter") -> LoraConfig:
             r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
             dropout=config.get("lora_dropout", 0.0), targets=config["target_modules"],
             exclude=config.get("exclude_modules"), use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora", False),
             bias=config.get("bias", "none"), lora_bias=config.get("lora_bias", False),
             init="gaussian" if init == "gaussian" else "default",
             rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
@@ -275,7 +344,7 @@ def lora_config_from_peft(config: dict, path="adapter") -> LoraConfig:
         raise ValueError(f"{path}: bad {CONFIG_NAME}: {e}") from None
 
 
-_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)")
+_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)")
 
 
 def split_tensors(tensors: dict, path="adapter") -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
@@ -284,8 +353,6 @@ def split_tensors(tensors: dict, path="adapter") -> tuple[dict[str, dict], dict[
     biases: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if "lora_magnitude_vector" in k:
-            raise ValueError(f"{path}: DoRA is not supported yet (tensor {key!r})")
         if "lora_embedding_" in k:
             raise ValueError(f"{path}: LoRA on embedding layers is not supported yet (tensor {key!r})")
         match = _LORA_KEY.fullmatch(k)
@@ -322,6 +389,9 @@ def _check_lora_shapes(module: nn.Module, name: str, parts: dict, cfg: LoraConfi
         raise ValueError(f"{path}: module {name!r} lacks lora_A.weight or lora_B.weight in {WEIGHTS_NAME}")
     if ("lora_B.bias" in parts) != cfg.lora_bias:
         raise ValueError(f"{path}: lora_bias={cfg.lora_bias} in {CONFIG_NAME} disagrees with the tensors of {name!r}")
+    if ("lora_magnitude_vector" in parts) != cfg.use_dora:
+        raise ValueError(f"{path}: use_dora={cfg.use_dora} in {CONFIG_NAME}, but module {name!r} "
+                         f"{'lacks' if cfg.use_dora else 'has'} a DoRA lora_magnitude_vector in {WEIGHTS_NAME}")
     a, b = tuple(parts["lora_A.weight"].shape), tuple(parts["lora_B.weight"].shape)
     r, n_in, n_out = cfg.rank_for(name), module.in_features, module.out_features
     if len(a) != 2 or len(b) != 2 or a[1] != n_in or b[0] != n_out:
@@ -330,9 +400,10 @@ def _check_lora_shapes(module: nn.Module, name: str, parts: dict, cfg: LoraConfi
             f"({r}, {n_in}) and lora_B of shape ({n_out}, {r}), but the adapter has {a} and {b}"))
     if a[0] != r or b[1] != r:
         raise ValueError(f"{path}: {CONFIG_NAME} gives module {name!r} rank {r}, but its tensors have {a} and {b}")
-    bias_shape = tuple(parts["lora_B.bias"].shape) if "lora_B.bias" in parts else (n_out,)
-    if bias_shape != (n_out,):
-        raise _other_model(path, f"lora_B.bias of {name!r} has shape {bias_shape}, expected ({n_out},)")
+    for key in ("lora_B.bias", "lora_magnitude_vector"):
+        shape = tuple(parts[key].shape) if key in parts else (n_out,)
+        if shape != (n_out,):
+            raise _other_model(path, f"{key} of {name!r} has shape {shape}, expected ({n_out},)")
 
 
 def _check_bias(index: dict, key: str, value: torch.Tensor, path) -> None:
@@ -370,6 +441,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainabl
     Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
     """
     config, tensors = read_adapter(path)
+    if config.get("peft_type") == "ADALORA":
+        from .adalora import load_adalora
+
+        return load_adalora(model, path, config, tensors, adapter_name, trainable)
     cfg = lora_config_from_peft(config, path)
     lora, biases = split_tensors(tensors, path)
     check_fits(model, cfg, lora, biases, path)
@@ -392,5 +467,7 @@ def _copy_weights(model: nn.Module, adapter_name: str, lora: dict, biases: dict)
         layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
         if "lora_B.bias" in parts:
             layer.lora_B[adapter_name].bias.copy_(parts["lora_B.bias"])
+        if "lora_magnitude_vector" in parts:
+            layer.lora_magnitude_vector[adapter_name].weight.copy_(parts["lora_magnitude_vector"])
     for key, value in biases.items():
         _bias_owner(index, key).bias.copy_(value)

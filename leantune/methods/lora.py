@@ -43,6 +43,7 @@ class LoraConfig:
     targets: str | list[str] = "all-linear"  # [target_modules]
     exclude: str | list[str] | None = None  # [exclude_modules], same two forms
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA's magnitude vector (dora.py)
     bias: str = "none"  # which base biases train too: "none" | "all" | "lora_only"
     lora_bias: bool = False  # a trainable bias on B
     init: str = "default"  # [init_lora_weights]: "default" (True) | "gaussian"
@@ -57,9 +58,12 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.targets = _check_names("targets", self.targets, allow_none=False)
         self.exclude = _check_names("exclude", self.exclude, allow_none=True)
-        for name in ("use_rslora", "lora_bias"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoraConfig.lora_bias=True does not work with use_dora=True (PEFT refuses it too); "
+                             "set one of them to False")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
@@ -147,7 +151,7 @@ def _adapter_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
 class LoraLinear(AdapterLayer):
     """A linear layer with any number of LoRA adapters (PEFT's `lora.Linear` layout)."""
 
-    adapter_module_dicts = ("lora_A", "lora_B", "lora_dropout")
+    adapter_module_dicts = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -156,6 +160,7 @@ class LoraLinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (dora.DoraMagnitude)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -169,6 +174,10 @@ class LoraLinear(AdapterLayer):
         self.scaling[name] = lora_scaling(alpha, r, cfg.use_rslora)
         self.slot_to_name[slot] = name
         self.reset_adapter(name, cfg.init)
+        if cfg.use_dora:
+            from .dora import DoraMagnitude  # dora.py builds on this module
+
+            self.lora_magnitude_vector[name] = DoraMagnitude.for_adapter(self, name)
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: str = "default") -> None:
@@ -179,13 +188,19 @@ class LoraLinear(AdapterLayer):
         nn.init.zeros_(self.lora_B[name].weight)
         if self.lora_B[name].bias is not None:
             nn.init.zeros_(self.lora_B[name].bias)
+        if name in self.lora_magnitude_vector:
+            self.lora_magnitude_vector[name].reset(self, name)
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
 
-    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """What adapter `name` adds to the base output for x; `base_out` (base(x), if at hand) spares DoRA,
+        whose change rescales the base output, a second product with W."""
+        if name in self.lora_magnitude_vector:
+            return self.lora_magnitude_vector[name].delta(self, name, x, base_out)
         lora_a = self.lora_A[name]
         x = x.to(lora_a.weight.dtype)
         return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
@@ -198,11 +213,11 @@ class LoraLinear(AdapterLayer):
         params = self.fused_linear_params(x)
         if params is not None and params[2] is not None:
             return lora_linear(x, *params)
-        result = self.call_base(x, None)
+        result = base_out = self.call_base(x, None)
         dtype = result.dtype
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                result = result + self.lora_delta(name, x)
+                result = result + self.lora_delta(name, x, base_out)
         return result.to(dtype)
 
     def fused_linear_params(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None):
@@ -221,8 +236,8 @@ class LoraLinear(AdapterLayer):
             return base if not names else None
         name = names[0]
         a, b = lora_a[name], self.lora_B[name]
-        if b.bias is not None or not _no_dropout(self.lora_dropout[name]):
-            return None
+        if b.bias is not None or not _no_dropout(self.lora_dropout[name]) or name in self.lora_magnitude_vector:
+            return None  # (DoRA: not a plain low-rank sum)
         if not (is_plain_linear(a) and is_plain_linear(b)):  # e.g. a hook on lora_A
             return None
         if a.weight.dtype != x.dtype or b.weight.dtype != x.dtype:
@@ -306,6 +321,10 @@ class LoraLinear(AdapterLayer):
 
     def merged_tensors(self, name: str, sign: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """New (W, b) in the base dtype after adding (sign=1) or removing (-1) `name`; finite-checked."""
+        if sign < 0:
+            self._check_unmerge_order(name)
+        if name in self.lora_magnitude_vector:
+            return self.lora_magnitude_vector[name].merged_tensors(self, name, sign)
         weight = getattr(self.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise NotImplementedError(
@@ -330,11 +349,25 @@ class LoraLinear(AdapterLayer):
                 )
         return new_w.to(weight.dtype), new_b
 
+    def _check_unmerge_order(self, name: str) -> None:
+        """A DoRA merge rescales W, so subtracting an adapter merged before it (or it, before a later one)
+        would not give the old W back: with a DoRA adapter involved, unmerge in reverse merge order."""
+        merged = self.merged_adapters
+        later = merged[merged.index(name) + 1:] if name in merged else []
+        dora = self.lora_magnitude_vector
+        if later and (name in dora or any(n in dora for n in later)):
+            raise ValueError(
+                f"adapter {name!r} was merged before {later}, and a DoRA merge rescales the weight, so it "
+                f"cannot be taken out first; unmerge {list(reversed(later))} before it"
+            )
+
     @torch.no_grad()
     def _write_merged(self, new_w: torch.Tensor, new_b: torch.Tensor | None) -> None:
-        self.base_layer.weight.data.copy_(new_w)
+        # in place on the parameters (not .data), so their version counters move and caches keyed on
+        # them (DoRA's ||W||^2, the stacked adapters) see the merge
+        self.base_layer.weight.copy_(new_w)
         if new_b is not None:
-            self.base_layer.bias.data.copy_(new_b)
+            self.base_layer.bias.copy_(new_b)
 
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:

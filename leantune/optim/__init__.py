@@ -13,11 +13,33 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, bet
     import torch
 
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    if name == "paged_adamw":
-        return PagedAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-                          page_threshold=paged_adamw.PAGE_THRESHOLD)
-    raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    elif name == "paged_adamw":
+        opt = PagedAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                         page_threshold=paged_adamw.PAGE_THRESHOLD)
+    else:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if any("lr_scale" in g for g in opt.param_groups):
+        apply_lr_scale(opt)
+    return opt
 
 
-__all__ = ["OPTIMIZERS", "PagedAdamW", "PagedStateStore", "build_optimizer"]
+def apply_lr_scale(opt) -> None:
+    """Groups with an `lr_scale` (e.g. layer-wise lr decay) step at `lr * lr_scale`.
+
+    The training loop sets one schedule lr on every group before each step, so the scale cannot live in
+    `lr` itself: it is applied for the duration of `step()` and `lr` holds the schedule's value again after."""
+    def scale(optimizer, args, kwargs):
+        for g in optimizer.param_groups:
+            g["unscaled_lr"] = g["lr"]
+            g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
+
+    def unscale(optimizer, args, kwargs):
+        for g in optimizer.param_groups:
+            g["lr"] = g.pop("unscaled_lr", g["lr"])
+
+    opt.register_step_pre_hook(scale)
+    opt.register_step_post_hook(unscale)
+
+
+__all__ = ["OPTIMIZERS", "PagedAdamW", "PagedStateStore", "apply_lr_scale", "build_optimizer"]

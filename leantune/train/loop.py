@@ -22,6 +22,7 @@ from ..optim import OPTIMIZERS, build_optimizer
 from ..optim.schedules import SCHEDULES, lr_factor
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import lm_loss_sum, shifted_targets
+from .options import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
 from .progress import Progress
 
@@ -50,6 +51,14 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N steps (0 = at the end only)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     progress: bool = opt(True, "show a progress bar")
+    llrd: float = opt(0.0, "layer-wise lr decay xi: block l of L trains at lr * xi^(L-l), embeddings at lr * xi^L "
+                      "(0 = off)")
+    freeze_lower: int = opt(0, "freeze the embeddings and everything (adapters too) in the lowest K blocks")
+    reinit_top: int = opt(0, "re-initialize the top K blocks' pretrained weights (N(0, 0.02), norms 1) and "
+                          "train them in full")
+    fpf_fraction: float = opt(0.0, "FPF: train only the modules that drift most in a short probe, up to this "
+                              "fraction of the trainable parameters (0 = off)")
+    fpf_probe_steps: int = opt(5, "FPF: SGD steps of the drift probe (undone before training)")
 
     def __post_init__(self):
         checks = [
@@ -63,13 +72,25 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
         ]
-        for ok, msg in checks:
+        for ok, msg in checks + option_checks(self):
             if not ok:
                 raise ValueError(msg)
 
 
 def count_loss_tokens(batch) -> int:
     return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
+
+
+def _train_hooks(model) -> list:
+    """The objects a method put in `model.leantune_train_hooks` (absent: none). Each may define
+    `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor | None` (added to the mean loss)
+    and `after_step(model, step)` (after optimizer.step(), before zero_grad); `step` counts from 0."""
+    return list(getattr(model, "leantune_train_hooks", None) or [])
+
+
+def _regularizer(model, hooks: list) -> torch.Tensor | None:
+    terms = [t for h in hooks if hasattr(h, "regularizer") and (t := h.regularizer(model)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 class Trainer:
@@ -81,10 +102,13 @@ class Trainer:
         self.train_ex, self.eval_ex = train_examples, eval_examples
         self.save_artifacts = save_artifacts
         self._epoch_cache: tuple[int, list] | None = None
+        # --reinit-top, --freeze-lower, FPF: they decide which parameters train, so they come first
+        self.options_report = prepare_model(model, train_examples, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
-        self.opt = build_optimizer(cfg.optimizer, self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = build_optimizer(cfg.optimizer, optimizer_params(model, self.params, cfg), lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay)
         n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
@@ -143,11 +167,21 @@ class Trainer:
 
     def train_step(self, window) -> dict:
         self.model.train()
+        hooks = _train_hooks(self.model)
+        for h in hooks:
+            if hasattr(h, "before_step"):
+                h.before_step(self.model, self.step, self.total_steps)
         n_tok = sum(count_loss_tokens(b) for b in window)
-        total = 0.0
+        total, reg_total = 0.0, None
         for b in window:
             with self._saved_tensors_place(b.input_ids):
-                loss_sum, _ = lm_loss_sum(self.model, b)
+                loss_sum, n_b = lm_loss_sum(self.model, b)
+            reg = _regularizer(self.model, hooks)
+            if reg is not None:
+                # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each micro-batch
+                # carries its token share of it, so the window's shares add up to one.
+                loss_sum = loss_sum + reg * n_b
+                reg_total = (reg_total or 0.0) + float(reg.detach()) * n_b
             # Token-weighted normalization: every loss token of the window weighs the same.
             (loss_sum / max(n_tok, 1)).backward()
             total += float(loss_sum.detach())
@@ -161,11 +195,17 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
+        for h in hooks:  # e.g. AdaLoRA's rank allocation: reads this step's gradients, so before zero_grad
+            if hasattr(h, "after_step"):
+                h.after_step(self.model, self.step)  # the 0-based index of the step just taken
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
-        return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                "loss_tokens": n_tok, "tokens": self.tokens}
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
+               "loss_tokens": n_tok, "tokens": self.tokens}
+        if reg_total is not None:
+            rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -1,0 +1,190 @@
+"""ALLoRA: LoRA with an adaptive learning rate (Huang & Balestriero 2024, arXiv:2410.09692).
+
+What the paper's abstract states, and this module follows:
+- ALLoRA is LoRA **without dropout** and **without the scaling factor** (s = 1). `AlloraConfig` has no
+  `alpha`, `dropout` or `use_rslora` options: alpha is tied to r (per module too, through `rank_pattern`),
+  so every layer computes exactly `W x + B A x` and the adapter is a plain PEFT LoRA adapter on disk
+  (`lora_alpha == r`); PEFT and vLLM load it as it is.
+- The standard init is kept (A random, B = 0): the method exists to make escaping B = 0 fast.
+- In their place the gradients are scaled "with a coefficient inversely proportional to parameters' l2 norm".
+
+The exact rule is NOT verified against the paper's method section (no copy of it was at hand; the reference,
+methods-core.md §4, marks it unverified too). Implemented, as the reference proposes:
+
+    c(theta) = 1 / sqrt(||theta||^2 + 1 / eta^2)
+
+with theta a row of A (r rows of length in) or of B (out rows of length r) (`coef_granularity="row"`, the
+default), or a whole A or B (`"matrix"`). c is largest (= eta) at theta = 0 and falls like 1/||theta||, so
+B's rows, which start at 0, move with learning rate lr * eta until they have grown. eta is the one new
+hyperparameter; its default 1.0 is a guess, not the paper's value.
+
+Where c applies (`coef_on`):
+- `"update"` (default): a per-row learning-rate multiplier, `theta <- theta_old + c(theta_old) * step`, where
+  `step` is whatever the optimizer did. This is the "adaptive learning rate" of the title and keeps its
+  effect under Adam, whose per-element normalisation would cancel a gradient scale almost entirely.
+- `"grad"`: the gradient is multiplied by c(theta) before the optimizer (and before clipping) sees it.
+  Under plain SGD both modes give the same trajectory; under Adam `"grad"` is close to plain LoRA.
+
+How `"update"` reaches the optimizer: the trainer builds its own optimizer, so the rescaling runs in torch's
+optimizer step hooks (`register_optimizer_step_pre_hook` / `..._post_hook`, process-wide, installed once
+when the first such adapter is applied). They act only on parameters that carry an `AlloraCoef` (set on the
+A and B weights of an ALLoRA adapter) and have a gradient, so other optimizers and parameters are untouched;
+the hooks keep a copy of those parameters from before the step on the optimizer object until after it.
+`"grad"` uses a tensor hook on each parameter instead. Both are pure functions of the current weights, so
+checkpoints and exact resume need nothing extra. An ALLoRA adapter loaded back from disk is a plain LoRA
+adapter (s = 1): the coefficient only shapes training.
+
+The layers are `LoraLinear` as they are: per-row adapter routing, merging and saving work unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .base import adapter_layers
+from .lora import LoraConfig, LoraLinear, apply_lora
+from .registry import register_method
+
+GRANULARITIES = ("row", "matrix")
+COEF_ON = ("update", "grad")
+COEF_ATTR = "leantune_allora"  # the attribute an ALLoRA parameter carries
+
+
+@dataclass
+class AlloraConfig(LoraConfig):
+    """LoRA options without alpha, dropout and rsLoRA (fixed: s = 1, no dropout), plus ALLoRA's own."""
+
+    eta: float = 1.0  # the coefficient at zero norm, its largest value
+    coef_granularity: str = "row"  # norm per "row" of A and B, or per whole "matrix"
+    coef_on: str = "update"  # rescale the optimizer's "update", or the "grad" before it
+    # fixed by the method, so not options: s = alpha / r = 1 in every layer, and no dropout
+    alpha: float = field(default=8, init=False)
+    dropout: float = field(default=0.0, init=False)
+    use_rslora: bool = field(default=False, init=False)
+    use_dora: bool = field(default=False, init=False)
+    alpha_pattern: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        # alpha follows r (and alpha_pattern follows rank_pattern), so alpha_for(m) / rank_for(m) == 1
+        self.alpha = self.r
+        self.alpha_pattern = dict(self.rank_pattern) if isinstance(self.rank_pattern, dict) else {}
+        super().__post_init__()
+        eta = self.eta
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not (eta > 0 and math.isfinite(eta)):
+            raise ValueError(f"AlloraConfig.eta must be a finite number > 0, got {eta!r}")
+        if self.coef_granularity not in GRANULARITIES:
+            raise ValueError(f"AlloraConfig.coef_granularity must be one of {GRANULARITIES}, "
+                             f"got {self.coef_granularity!r}")
+        if self.coef_on not in COEF_ON:
+            raise ValueError(f"AlloraConfig.coef_on must be one of {COEF_ON}, got {self.coef_on!r}")
+        if self.lora_bias:
+            raise ValueError("AlloraConfig.lora_bias must be False: ALLoRA adapts A and B only")
+
+
+@dataclass(frozen=True)
+class AlloraCoef:
+    """What an ALLoRA parameter carries: how to compute its coefficient, and where it applies."""
+
+    eta: float
+    granularity: str
+    on: str
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        return allora_coefficient(theta, self.eta, self.granularity)
+
+
+def allora_coefficient(theta: torch.Tensor, eta: float, granularity: str = "row") -> torch.Tensor:
+    """1 / sqrt(||theta||^2 + 1/eta^2) per row ((rows, 1), broadcasting over the row) or for the matrix."""
+    t = theta.detach().float()
+    sq = t.pow(2).sum(-1, keepdim=True) if granularity == "row" else t.pow(2).sum()
+    return (sq + 1.0 / (eta * eta)).rsqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# where the coefficient applies
+
+
+def _scale_grad(coef: AlloraCoef, param: nn.Parameter):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * coef(param).to(grad.dtype)
+
+    return hook
+
+
+_STEP_HOOKS: tuple | None = None  # torch's handles, once installed (they are process-wide in torch)
+_SAVED = "_leantune_allora_before_step"  # optimizer attribute: [(param, value before the step)]
+
+
+def _update_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            coef = getattr(p, COEF_ATTR, None)
+            if coef is not None and coef.on == "update" and p.grad is not None:
+                out.append(p)
+    return out
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    params = _update_params(optimizer)
+    if params:
+        setattr(optimizer, _SAVED, [(p, p.detach().clone()) for p in params])
+
+
+@torch.no_grad()
+def _after_step(optimizer, args, kwargs) -> None:
+    saved = optimizer.__dict__.pop(_SAVED, None)
+    for p, old in saved or ():
+        c = getattr(p, COEF_ATTR)(old).to(p.dtype)
+        p.sub_(old).mul_(c).add_(old)  # theta_old + c(theta_old) * (what the optimizer did)
+
+
+def install_step_hooks() -> None:
+    """Install (once per process) the optimizer step hooks that carry out `coef_on="update"`."""
+    global _STEP_HOOKS
+    if _STEP_HOOKS is None:
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        _STEP_HOOKS = (register_optimizer_step_pre_hook(_before_step),
+                       register_optimizer_step_post_hook(_after_step))
+
+
+# ---------------------------------------------------------------------------------------------
+# applying
+
+
+def allora_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The A and B weights of one adapter, by in-memory name (what the coefficient scales)."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, LoraLinear) and layer.has_adapter(adapter_name):
+            out[f"{name}.lora_A.{adapter_name}.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{name}.lora_B.{adapter_name}.weight"] = layer.lora_B[adapter_name].weight
+    return out
+
+
+def attach_coefficient(model: nn.Module, adapter_name: str, config: AlloraConfig) -> None:
+    """Make the A and B weights of `adapter_name` train with ALLoRA's coefficient (see the module doc)."""
+    coef = AlloraCoef(float(config.eta), config.coef_granularity, config.coef_on)
+    if coef.on == "update":
+        install_step_hooks()
+    for p in allora_parameters(model, adapter_name).values():
+        setattr(p, COEF_ATTR, coef)
+        if coef.on == "grad":
+            p.register_hook(_scale_grad(coef, p))
+
+
+def apply_allora(model: nn.Module, config: AlloraConfig, adapter_name: str) -> nn.Module:
+    """LoRA with s = 1 and no dropout on the targets of `config`, trained with ALLoRA's coefficient."""
+    apply_lora(model, config, adapter_name)
+    attach_coefficient(model, adapter_name, config)
+    return model
+
+
+register_method("allora", AlloraConfig, apply_allora)
