@@ -41,7 +41,19 @@ def one_layer(**opts):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 2))
     lm.apply(net, "allora", r=2, targets=["0"], **opts)
-    return net[0]
+    layer = net[0]
+    layer.owner = [net]  # a list: not registered as a submodule, so no module cycle
+    return layer
+
+
+def hooked_step(model, opt):
+    """opt.step() with the model's training hooks around it, as train.Trainer calls them."""
+    hooks = getattr(model, "leantune_train_hooks", [])
+    for h in hooks:
+        h.before_step(model, 0, 1)
+    opt.step()
+    for h in hooks:
+        h.after_step(model, 0)
 
 
 def sgd_steps(net, steps=4, lr=0.2, seed=1):
@@ -50,7 +62,7 @@ def sgd_steps(net, steps=4, lr=0.2, seed=1):
     for _ in range(steps):
         x, y = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
         (net(x) - y).pow(2).mean().backward()
-        opt.step()
+        hooked_step(net, opt)
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
@@ -91,7 +103,7 @@ def hand_step(layer, lr=0.1):
         b.copy_(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
     opt = torch.optim.SGD([b], lr=lr)
     (b * torch.tensor([[1.0, 2.0], [3.0, 4.0]])).sum().backward()
-    opt.step()
+    hooked_step(layer.owner[0], opt)
     return b.detach()
 
 
@@ -179,7 +191,7 @@ def test_update_mode_with_adamw_is_a_per_row_learning_rate():
         before = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
         (net(x) - y).pow(2).mean().backward()
-        opt.step()
+        hooked_step(net, opt)
         moved[key] = [(p.detach() - b, b) for p, b in zip(params, before)]
     for (d_update, old), (d_plain, _) in zip(moved["update"], moved["plain"]):
         assert torch.allclose(d_update, allora_coefficient(old, 2.0, "row") * d_plain, atol=1e-7, rtol=1e-5)
@@ -189,7 +201,7 @@ def test_update_mode_with_adamw_is_a_per_row_learning_rate():
 
 
 def test_optimizers_over_other_parameters_are_untouched():
-    net_with(coef_on="update")  # the step hooks are installed
+    net_with(coef_on="update")  # nothing process-wide: the hooks live on that model
     torch.manual_seed(3)
     lin = nn.Linear(4, 4)
     w0 = lin.weight.detach().clone()

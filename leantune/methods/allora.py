@@ -25,11 +25,9 @@ Where c applies (`coef_on`):
 - `"grad"`: the gradient is multiplied by c(theta) before the optimizer (and before clipping) sees it.
   Under plain SGD both modes give the same trajectory; under Adam `"grad"` is close to plain LoRA.
 
-How `"update"` reaches the optimizer: the trainer builds its own optimizer, so the rescaling runs in torch's
-optimizer step hooks (`register_optimizer_step_pre_hook` / `..._post_hook`, process-wide, installed once
-when the first such adapter is applied). They act only on parameters that carry an `AlloraCoef` (set on the
-A and B weights of an ALLoRA adapter) and have a gradient, so other optimizers and parameters are untouched;
-the hooks keep a copy of those parameters from before the step on the optimizer object until after it.
+How `"update"` reaches the optimizer: through a training hook on the model (`model.leantune_train_hooks`,
+which `train.Trainer` calls around each step; no process-wide state): it copies the adapter's A and B before
+the step and rescales the change after it.
 `"grad"` uses a tensor hook on each parameter instead. Both are pure functions of the current weights, so
 checkpoints and exact resume need nothing extra. An ALLoRA adapter loaded back from disk is a plain LoRA
 adapter (s = 1): the coefficient only shapes training.
@@ -114,45 +112,25 @@ def _scale_grad(coef: AlloraCoef, param: nn.Parameter):
     return hook
 
 
-_STEP_HOOKS: tuple | None = None  # torch's handles, once installed (they are process-wide in torch)
-_SAVED = "_leantune_allora_before_step"  # optimizer attribute: [(param, value before the step)]
+class AlloraUpdateHook:
+    """A training hook (`model.leantune_train_hooks`, called by `train.Trainer`): keeps the ALLoRA weights
+    from before the optimizer step and rescales what the step did by c(theta_old). A custom training loop
+    calls `before_step(model, step, total)` before the forward and `after_step(model, step)` after
+    `optimizer.step()`."""
 
+    def __init__(self, params: list[nn.Parameter]):
+        self.params, self.saved = params, None
 
-def _update_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            coef = getattr(p, COEF_ATTR, None)
-            if coef is not None and coef.on == "update" and p.grad is not None:
-                out.append(p)
-    return out
+    def before_step(self, model, step: int, total_steps: int) -> None:  # noqa: ARG002 - hook signature
+        self.saved = [(p, p.detach().clone()) for p in self.params if p.requires_grad]
 
-
-def _before_step(optimizer, args, kwargs) -> None:
-    params = _update_params(optimizer)
-    if params:
-        setattr(optimizer, _SAVED, [(p, p.detach().clone()) for p in params])
-
-
-@torch.no_grad()
-def _after_step(optimizer, args, kwargs) -> None:
-    saved = optimizer.__dict__.pop(_SAVED, None)
-    for p, old in saved or ():
-        c = getattr(p, COEF_ATTR)(old).to(p.dtype)
-        p.sub_(old).mul_(c).add_(old)  # theta_old + c(theta_old) * (what the optimizer did)
-
-
-def install_step_hooks() -> None:
-    """Install (once per process) the optimizer step hooks that carry out `coef_on="update"`."""
-    global _STEP_HOOKS
-    if _STEP_HOOKS is None:
-        from torch.optim.optimizer import (
-            register_optimizer_step_post_hook,
-            register_optimizer_step_pre_hook,
-        )
-
-        _STEP_HOOKS = (register_optimizer_step_pre_hook(_before_step),
-                       register_optimizer_step_post_hook(_after_step))
+    @torch.no_grad()
+    def after_step(self, model, step: int) -> None:  # noqa: ARG002 - hook signature
+        for p, old in self.saved or ():
+            if p.grad is not None:  # a parameter the optimizer did not touch keeps its value
+                c = getattr(p, COEF_ATTR)(old).to(p.dtype)
+                p.sub_(old).mul_(c).add_(old)  # theta_old + c(theta_old) * (what the optimizer did)
+        self.saved = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +150,17 @@ def allora_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Param
 def attach_coefficient(model: nn.Module, adapter_name: str, config: AlloraConfig) -> None:
     """Make the A and B weights of `adapter_name` train with ALLoRA's coefficient (see the module doc)."""
     coef = AlloraCoef(float(config.eta), config.coef_granularity, config.coef_on)
-    if coef.on == "update":
-        install_step_hooks()
-    for p in allora_parameters(model, adapter_name).values():
+    params = list(allora_parameters(model, adapter_name).values())
+    for p in params:
         setattr(p, COEF_ATTR, coef)
         if coef.on == "grad":
             p.register_hook(_scale_grad(coef, p))
+    if coef.on == "update":
+        hooks = getattr(model, "leantune_train_hooks", None)
+        if hooks is None:
+            hooks = []
+            model.leantune_train_hooks = hooks
+        hooks.append(AlloraUpdateHook(params))
 
 
 def apply_allora(model: nn.Module, config: AlloraConfig, adapter_name: str) -> nn.Module:
