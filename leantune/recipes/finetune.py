@@ -30,9 +30,10 @@ class FinetuneConfig(TrainConfig):
     eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")
     output: str = opt("out/finetune", "output folder: adapter, checkpoints/, metrics.jsonl, loss.png")
-    method: str = opt("lora", "finetuning method: lora, rslora, qlora (LoRA on a 4-bit NF4 base), or corda (LoRA "
-                              "initialized from a decomposition oriented by --calibration data); or bottleneck "
-                              "(Houlsby/Pfeiffer adapters, see --bottleneck-*; saved in leantune's own format)")
+    method: str = opt("lora", "finetuning method: lora, rslora, dora, allora, adalora (see --init-r ...), qlora "
+                              "(LoRA on a 4-bit NF4 base), corda (LoRA initialized from a decomposition oriented "
+                              "by --calibration data), or bottleneck (Houlsby/Pfeiffer adapters, see "
+                              "--bottleneck-*; saved in leantune's own format)")
     rank: int = opt(8, "LoRA rank r")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --rslora)")
     dropout: float = opt(0.0, "dropout on the LoRA branch")
@@ -73,6 +74,10 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        from ..methods.registry import list_methods
+
+        if self.method not in list_methods():  # before any model or data is read
+            raise ValueError(f"--method {self.method!r} is not a method; choose one of {list_methods()}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.calibration_samples < 1:
