@@ -31,7 +31,7 @@ from .base import (
     ACTIVE_ATTR, CONFIGS_ATTR, AdapterLayer, adapter_configs, adapter_layers, delete_adapter, freeze_base,
     register_adapter, replace_module, set_adapter, set_adapter_trainable,
 )
-from .lora import _adapter_placement, _token_ids, is_linear_like
+from .lora import _adapter_placement, _check_names, _token_ids, is_linear_like
 from .registry import apply, register_method
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
@@ -77,8 +77,8 @@ class AdaLoraConfig:
             raise ValueError(f"AdaLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.total_step is not None:
             _check_schedule(self.tinit, self.tfinal, self.total_step)
-        self.targets = _check_names("targets", self.targets, allow_none=False)
-        self.exclude = _check_names("exclude", self.exclude, allow_none=True)
+        self.targets = _check_names("targets", self.targets, allow_none=False, owner="AdaLoraConfig")
+        self.exclude = _check_names("exclude", self.exclude, allow_none=True, owner="AdaLoraConfig")
         self.rank_pattern = _check_rank_pattern(self.rank_pattern, self.init_r)
 
 
@@ -101,22 +101,6 @@ def _check_schedule(tinit: int, tfinal: int, total_step) -> None:
     if tinit >= total_step - tfinal:
         raise ValueError(f"AdaLoRA's schedule leaves no budgeting phase: tinit ({tinit}) must be < total_step "
                          f"({total_step}) - tfinal ({tfinal}); lower tinit or tfinal, or train for more steps")
-
-
-def _check_names(name: str, value, allow_none: bool):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        if not is_all_linear(value):
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"AdaLoraConfig.{name} {value!r} is not a valid regex: {e}") from None
-        return value
-    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
-        return sorted(set(value)) if isinstance(value, set) else list(value)
-    raise ValueError(f"AdaLoraConfig.{name} must be 'all-linear', a regex string or a non-empty list of module "
-                     f"name suffixes{' (or None)' if allow_none else ''}, got {value!r}")
 
 
 def _check_rank_pattern(value, init_r: int) -> dict:

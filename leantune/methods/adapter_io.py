@@ -251,14 +251,17 @@ def _write_new_folder(out_dir: Path, tensors, text: str) -> None:
     _fsync(out_dir.parent)
 
 
-def _replace_in_folder(out_dir: Path, tensors, text: str) -> None:
+def _replace_in_folder(out_dir: Path, tensors, text: str, weights_name: str = WEIGHTS_NAME,
+                       config_name: str = CONFIG_NAME) -> None:
+    """Write a weights + config pair into an existing folder: both staged under temp names, the old config
+    removed first (the folder looks incomplete from then on), the config renamed into place last."""
     tag = uuid.uuid4().hex[:8]
-    staged = [out_dir / f".{WEIGHTS_NAME}.{tag}.tmp", out_dir / f".{CONFIG_NAME}.{tag}.tmp"]
+    staged = [out_dir / f".{weights_name}.{tag}.tmp", out_dir / f".{config_name}.{tag}.tmp"]
     try:
         _write_files(out_dir, staged[0].name, staged[1].name, tensors, text)
-        (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # from here on the folder looks incomplete
-        os.replace(staged[0], out_dir / WEIGHTS_NAME)
-        os.replace(staged[1], out_dir / CONFIG_NAME)
+        (out_dir / config_name).unlink(missing_ok=True)
+        os.replace(staged[0], out_dir / weights_name)
+        os.replace(staged[1], out_dir / config_name)
     finally:
         for path in staged:
             path.unlink(missing_ok=True)

@@ -25,8 +25,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +317,7 @@ def bottleneck_state_dict(model: nn.Module, adapter_name: str = "default") -> di
 def save_bottleneck(model: nn.Module, out_dir, adapter_name: str = "default",
                     base_model_name_or_path: str | None = None) -> Path:
     """Write one bottleneck adapter to `out_dir` (config last, each file renamed into place)."""
-    from .adapter_io import _fsync, _write_files
+    from .adapter_io import _replace_in_folder
 
     cfg = bottleneck_config(model, adapter_name)
     tensors = bottleneck_state_dict(model, adapter_name)
@@ -329,17 +327,7 @@ def save_bottleneck(model: nn.Module, out_dir, adapter_name: str = "default",
             "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None)}
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staged = [out_dir / f".{WEIGHTS_NAME}.{tag}.tmp", out_dir / f".{CONFIG_NAME}.{tag}.tmp"]
-    try:
-        _write_files(out_dir, staged[0].name, staged[1].name, tensors, json.dumps(meta, indent=2, sort_keys=True))
-        (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # the folder looks incomplete until the config is back
-        os.replace(staged[0], out_dir / WEIGHTS_NAME)
-        os.replace(staged[1], out_dir / CONFIG_NAME)
-    finally:
-        for path in staged:
-            path.unlink(missing_ok=True)
-    _fsync(out_dir)
+    _replace_in_folder(out_dir, tensors, json.dumps(meta, indent=2, sort_keys=True), WEIGHTS_NAME, CONFIG_NAME)
     return out_dir
 
 

@@ -90,7 +90,8 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"LoraConfig.{name} must be an int > 0, got {value!r}")
 
 
-def _check_names(name: str, value, allow_none: bool):
+def _check_names(name: str, value, allow_none: bool, owner: str = "LoraConfig"):
+    """targets/exclude as every LoRA-family config takes them; `owner` names the config in the message."""
     if value is None and allow_none:
         return None
     if isinstance(value, str):
@@ -98,12 +99,12 @@ def _check_names(name: str, value, allow_none: bool):
             try:
                 re.compile(value)
             except re.error as e:
-                raise ValueError(f"LoraConfig.{name} {value!r} is not a valid regex: {e}") from None
+                raise ValueError(f"{owner}.{name} {value!r} is not a valid regex: {e}") from None
         return value
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
         return sorted(set(value)) if isinstance(value, set) else list(value)
     raise ValueError(
-        f"LoraConfig.{name} must be 'all-linear', a regex string or a non-empty list of module "
+        f"{owner}.{name} must be 'all-linear', a regex string or a non-empty list of module "
         f"name suffixes{' (or None)' if allow_none else ''}, got {value!r}"
     )
 
