@@ -252,13 +252,18 @@ class LoraLinear(AdapterLayer):
                 "adapter_ids would add them to every row; unmerge them first"
             )
         result = self.call_base(x, adapter_ids)
+        if adapter_ids.numel() == 1:  # one slot for the whole input (e.g. a training sequence): no routing
+            name = self.slot_to_name.get(int(adapter_ids.reshape(-1)[0]))
+            return result if name is None else (result + self.lora_delta(name, x, result)).to(result.dtype)
         ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
         flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
         if ids.numel() <= GATHER_MAX_TOKENS and len(self.slot_to_name) > 2 and not torch.is_grad_enabled():
             delta = self._gathered_delta(flat_x, ids)
-            if delta is not None:
+            if isinstance(delta, torch.Tensor):
                 out = result.reshape(-1, result.shape[-1])
                 return (out + delta.to(out.dtype)).reshape(result.shape)
+            if delta == "base":
+                return result
         out = None
         for slot, name in self.slot_to_name.items():
             rows = (ids == slot).nonzero().squeeze(1)
@@ -277,10 +282,10 @@ class LoraLinear(AdapterLayer):
                 and name not in getattr(self, "lora_magnitude_vector", ()))
 
     def _stacked(self):
-        """(A (S+1, r_max, in), sB (S+1, out, r_max), row of each slot): every adapter padded to the
-        largest rank, B pre-scaled, and a zero last row for base-only tokens. Cached until a weight
-        changes (keyed on each tensor's storage and version counter), so training one adapter while
-        serving others never reads stale weights."""
+        """(A_cat (S*r_max, in), sB_cat (out, S*r_max), row of each slot, S, r_max): every adapter padded to
+        the largest rank and concatenated, B pre-scaled. Cached until a weight changes (keyed on each
+        tensor's storage and version counter), so training one adapter while serving others never reads
+        stale weights."""
         names = sorted(self.slot_to_name.items())
         key = tuple((s, n, self.lora_A[n].weight._version, self.lora_A[n].weight.data_ptr(),
                      self.lora_B[n].weight._version, self.lora_B[n].weight.data_ptr()) for s, n in names)
@@ -288,29 +293,37 @@ class LoraLinear(AdapterLayer):
         if cache is not None and cache[0] == key:
             return cache[1]
         a0 = self.lora_A[names[0][1]].weight
-        r_max = max(self.r[n] for _, n in names)
-        A = a0.new_zeros(len(names) + 1, r_max, self.in_features)
-        B = a0.new_zeros(len(names) + 1, self.out_features, r_max)
-        row = torch.full((max(s for s, _ in names) + 2,), len(names), dtype=torch.long, device=a0.device)
-        for i, (slot, n) in enumerate(names):
-            A[i, : self.r[n]] = self.lora_A[n].weight
-            B[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-            row[slot] = i
-        self._stack_cache = (key, (A, B, row))
-        return A, B, row
+        S, r_max = len(names), max(self.r[n] for _, n in names)
+        A = a0.new_zeros(S, r_max, self.in_features)
+        B = a0.new_zeros(self.out_features, S, r_max)
+        row = torch.full((max(s for s, _ in names) + 2,), S, dtype=torch.long, device=a0.device)
+        with torch.no_grad():
+            for i, (slot, n) in enumerate(names):
+                A[i, : self.r[n]] = self.lora_A[n].weight
+                B[:, i, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+                row[slot] = i
+        value = (A.reshape(S * r_max, -1), B.reshape(self.out_features, S * r_max), row, S, r_max)
+        self._stack_cache = (key, value)
+        return value
 
-    def _gathered_delta(self, flat_x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """Per-token LoRA deltas in two batched matmuls (a gather of each token's A and B, as Punica's
-        BGMV does): cost independent of how many adapters share the batch. None when not applicable."""
+    def _gathered_delta(self, flat_x: torch.Tensor, ids: torch.Tensor):
+        """Per-token LoRA deltas for a batch that mixes many adapters, in two dense matmuls: every token's
+        x goes through all adapters' A at once (a rank S*r projection), a one-hot mask keeps its own
+        adapter's r columns, and the concatenated B maps back. Cost does not grow with the number of
+        distinct adapters in the batch beyond that projection. "base" when no token uses an adapter;
+        None when not applicable (DoRA, LoRA bias, dropout, mixed dtypes)."""
         if not all(self._stackable(n) for n in self.slot_to_name.values()):
             return None
-        A, B, row = self._stacked()
+        A, B, row, S, r = self._stacked()
         if A.dtype != flat_x.dtype:
             return None
         zero = row.numel() - 1  # base-only tokens, and slots of adapters that skip this layer
-        idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]
-        h = torch.bmm(A[idx], flat_x[:, :, None])  # (N, r, 1)
-        return torch.bmm(B[idx], h).squeeze(-1)  # (N, out)
+        idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]  # (N,) in [0, S]; S = none
+        if bool((idx == S).all()):
+            return "base"
+        mask = (idx[:, None] == torch.arange(S, device=idx.device)).to(flat_x.dtype)  # (N, S)
+        h = (flat_x @ A.T).view(-1, S, r) * mask[:, :, None]  # (N, S, r): only the token's own adapter
+        return h.view(-1, S * r) @ B.T  # (N, out)
 
     def delta_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(s * B @ A, s * b_B or None) in fp32, the change merging `name` makes to W and b."""

@@ -25,7 +25,7 @@ class ServeConfig:
     max_tokens_per_step: int = opt(256, "token budget of one engine iteration (inference first, the rest fine-tunes)")
     max_seqs: int = opt(64, "most requests running at once")
     max_model_len: int = opt(2048, "longest prompt + completion")
-    ft_max_chunk: int = opt(128, "most fine-tuning forward tokens per iteration")
+    ft_max_chunk: int = opt(32, "most fine-tuning forward tokens per iteration")
     ft_bwd_layers: int = opt(1, "fine-tuning backward layers per iteration while requests run")
     checkpoint_every: int = opt(10, "fine-tuning steps between job checkpoints")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")

@@ -144,10 +144,12 @@ class CoTrainer:
         self.caps[i + 1] = None  # its last use was as this layer's output; free it
 
     def backward_layers(self, k: int) -> bool:
-        """Run the loss (if due) and up to k layers of backward; True when the batch's grads are complete."""
+        """Run up to k units of backward, the loss being the first unit (its LM head is as costly as a
+        layer), then layers top-down; True when the batch's grads are complete."""
         with torch.enable_grad():
             if self.phase == "loss":
                 self._loss()
+                k -= 1
             for _ in range(k):
                 if self.layer < 0:
                     break

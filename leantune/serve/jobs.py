@@ -71,6 +71,7 @@ class JobRunner:
         self.e = engine
         self.active: ActiveJob | None = None
         self.starting: str | None = None  # id of the job being set up (so a failure there is pinned on it)
+        self.just_forwarded = False  # this iteration finished a training sequence's forward
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -180,7 +181,8 @@ class JobRunner:
 
     def forward_done(self, captures) -> None:
         a = self.active
-        if a.trainer.fwd_done(captures):
+        self.just_forwarded = a.trainer.fwd_done(captures)
+        if self.just_forwarded:
             self.e.blocks.free(a.kv_id)  # the backward recomputes attention from the kept layer inputs
         self.e.stats.ft_tokens += captures[0].shape[0]
 
@@ -191,7 +193,11 @@ class JobRunner:
         a = self.active
         if a is None or not a.trainer.bwd_wanted():
             return
-        k = self.e.cfg.ft_bwd_layers if inference else len(self.e.model.model.layers)
+        if inference and self.just_forwarded:
+            self.just_forwarded = False  # that iteration already carried the sequence's last chunk
+            return
+        # units of backward: the loss, then layers; all of them when no request is waiting on us
+        k = self.e.cfg.ft_bwd_layers if inference else len(self.e.model.model.layers) + 1
         if not a.trainer.backward_layers(k):
             return
         m = a.trainer.apply_step()
