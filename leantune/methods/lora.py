@@ -256,6 +256,8 @@ class LoraLinear(AdapterLayer):
             name = self.slot_to_name.get(int(adapter_ids.reshape(-1)[0]))
             return result if name is None else (result + self.lora_delta(name, x, result)).to(result.dtype)
         ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
+        if not torch.is_grad_enabled() and bool((ids < 0).all()):
+            return result  # a batch of base-model rows pays nothing for the adapters loaded beside it
         flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
         if ids.numel() <= GATHER_MAX_TOKENS and len(self.slot_to_name) > 2 and not torch.is_grad_enabled():
             delta = self._gathered_delta(flat_x, ids)

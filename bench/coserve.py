@@ -1,0 +1,633 @@
+"""Benchmark: co-serving (FlexLLM, arXiv 2402.18789; `anchors.md` §5) - a fine-tuning job trained inside
+the serving loop - against fine-tuning alone, serving alone, and FineInfer-style temporal sharing; plus
+decode with 16 distinct adapters in one batch. CPU, fp32, the engine driven in-process (no HTTP).
+
+Phases, one model, one process, in this order:
+
+- **serve**: a closed-loop inference load, `--concurrency` greedy requests of `--prompt-len` prompt and
+  `--output-len` output tokens always in flight (a finished one is replaced at once; the first wave has
+  staggered lengths so completions spread over iterations). Per-request TPOT = (finish - first token) /
+  (tokens - 1); inter-token latency (ITL) = time between the ends of consecutive decoding iterations.
+- **ft-only**: one job (LoRA r=8 all-linear, batch 1, sequences of `--train-len` tokens), no inference;
+  fine-tuning tokens/s after a warm-up step.
+- **co-serve**: the same job and the same inference load in the same iterations (forward chunks from the
+  leftover budget, `--bwd-layers` backward layers per iteration).
+- **temporal**: FineInfer-style baseline: the same load, and every `--ts-every` iterations one whole
+  training step (forward + backward + AdamW of one sequence, a plain PEFT-style step on its own adapter)
+  that blocks inference. Default: as many iterations per step as co-serving took, so both train at about
+  the same rate and their latencies compare directly.
+- **adapters**: `16` requests decoding together on the base model (no adapters loaded), again with 16
+  adapters loaded, then each with its own adapter; decode tokens/s.
+
+Ratios: co-serve FT tok/s / FT-only tok/s (FlexLLM keeps >76-80%; goal >= 0.9); the same over the time
+inference leaves ("leftover": FT tokens / (wall - generated tokens x serve-only seconds per token), i.e.
+how well fine-tuning uses what serving does not take, which is what a CPU without idle compute can give);
+TPOT p99 with a job / without (goal <= 1.2); 16-adapter decode / base decode (goal >= 0.8).
+
+Timing: default `--threads 1 --clock cpu` times with this thread's CPU time, steady to ~10-25% while other
+jobs share the machine (cache and memory-bandwidth contention remain). `--threads 2 --clock wall` is the
+real serving setup, but only on a quiet machine: on 2 shared cores two OpenMP threads stall for up to
+seconds at a time (tiny: 30-50x slower, 5 s ITL spikes).
+`--breakdown` times the engine's parts during the co-serve window (per fine-tuning step, and iterations by
+what the job did in them); `--profile FILE` writes a cProfile of that window.
+
+    .venv/bin/python bench/coserve.py --model tiny|smollm2 [--threads 2 --clock wall] [--breakdown]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "capital", "of", "Veloria",
+         "Amberhold", "who", "discovered", "Zentari", "comet", "Ilsa", "Morrow", "hello", "how", "are", "you",
+         "today", "I", "am", "fine", "thank", "numbers", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "42"]
+
+PRESETS = {  # sized so a run fits: tiny < ~2 min, smollm2 < ~6 min on 2 busy cores
+    "tiny": {"concurrency": 8, "prompt_len": 32, "output_len": 32, "train_len": 64, "steps": 300,
+             "serve_iters": 600, "adapter_reps": 3, "adapter_output": 32},
+    "smollm2": {"concurrency": 4, "prompt_len": 16, "output_len": 16, "train_len": 64, "steps": 5,
+                "serve_iters": 80, "adapter_reps": 2, "adapter_output": 12},
+}
+
+
+_CLOCK = [time.perf_counter]
+
+
+def clock() -> float:
+    """Seconds: wall time, or with --clock cpu this thread's CPU time (robust when other jobs share the cores;
+    needs --threads 1 so every op runs in this thread)."""
+    return _CLOCK[0]()
+
+
+def pct(xs: list[float], q: float) -> float:
+    """q-th percentile (linear interpolation); nan when empty."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+def load_model(name: str, tmp: Path):
+    import leantune
+
+    if name == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_folder import make_tiny_model_folder
+
+        model, tok = leantune.load(make_tiny_model_folder(tmp / "tiny"))
+        return model, tok, "tiny"
+    model, tok = leantune.load(None)
+    return model, tok, "SmolLM2-135M-Instruct"
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+def training_file(store, owner: str, n: int, seed: int = 0) -> str:
+    """`n` plain-text examples, each longer than any --train-len (the engine truncates them)."""
+    rng = random.Random(seed)
+    data = "".join(json.dumps({"text": text(rng, 400)}) + "\n" for _ in range(n))
+    return store.add_file(owner, "t.jsonl", "fine-tune", data.encode())["id"]
+
+
+def prompts(tok, n: int, length: int, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = tok.encode(text(rng, 4 * length), add_special_tokens=False)[:length]
+        out.append(ids)
+    return out
+
+
+def make_engine(model, tok, base, tmp: Path, args, tag: str):
+    from leantune.serve.engine import Engine, EngineConfig
+    from leantune.serve.store import Store
+
+    store = Store(tmp / f"data-{tag}")
+    cfg = EngineConfig(num_blocks=args.num_blocks, block_size=16, max_tokens_per_step=args.budget,
+                       max_seqs=64, max_model_len=args.prompt_len + max(args.output_len, args.adapter_output) + 8,
+                       ft_max_chunk=args.ft_chunk, ft_bwd_layers=args.bwd_layers, ft_max_length=args.train_len,
+                       checkpoint_every=10_000)
+    return Engine(model, tok, base, store, cfg), store
+
+
+# -- the inference load ------------------------------------------------------------------------------
+class Load:
+    """Closed-loop load: keeps `n` greedy requests in flight; records per-request TPOT and per-iteration ITL."""
+
+    def __init__(self, engine, model_name: str, prompt_ids: list[list[int]], n: int, out_len: int):
+        self.e, self.model_name, self.prompts, self.n, self.out_len = engine, model_name, prompt_ids, n, out_len
+        self.inflight: dict[str, dict] = {}
+        self.finished: list[dict] = []
+        self.itl: list[float] = []
+        self.measuring = False
+        self._k = 0
+        self._prev = None
+
+    def submit(self, max_tokens: int) -> None:
+        from leantune.serve.requests import GenRequest
+
+        rec = {"first": None, "end": None, "n": 0, "measured": self.measuring}
+
+        def sink(ev, rec=rec):
+            if ev.get("finish_reason"):
+                rec["end"], rec["n"] = clock(), ev.get("completion_tokens", 0)
+
+        p = self.prompts[self._k % len(self.prompts)]
+        self._k += 1
+        req = GenRequest(list(p), self.model_name, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.inflight[self.e.add_request(req, sink)] = rec
+
+    def start(self) -> None:
+        for i in range(self.n):  # staggered first wave: later completions spread over iterations
+            self.submit(max(2, self.out_len * (i + 1) // self.n))
+        self._prev = clock()
+
+    def iterate(self) -> None:
+        """One engine iteration, then bookkeeping and top-up."""
+        g0 = self.e.stats.generated_tokens
+        self.e.iteration()
+        now = clock()
+        if self.measuring and self.e.stats.generated_tokens > g0:
+            self.itl.append(now - self._prev)
+        self._prev = now
+        for sid, rec in list(self.inflight.items()):
+            if rec["first"] is None:
+                seq = self.e.sched.get(sid)
+                if seq is not None and seq.output:
+                    rec["first"] = now
+            if rec["end"] is not None:
+                del self.inflight[sid]
+                if rec["measured"] and rec["first"] is not None and rec["n"] > 1:
+                    self.finished.append(rec)
+                self.submit(self.out_len)
+
+    def mark(self) -> None:
+        """Start measuring: only requests submitted from now on count."""
+        self.measuring = True
+        self.itl.clear()
+        self.finished.clear()
+        for rec in self.inflight.values():
+            rec["measured"] = False
+
+    def stop(self) -> None:
+        for sid in list(self.inflight):
+            self.e.abort(sid)
+        self.inflight.clear()
+
+    def latency(self) -> dict:
+        tpot = [(r["end"] - r["first"]) / (r["n"] - 1) for r in self.finished]
+        return {"tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99),
+                "itl_p50_ms": 1e3 * pct(self.itl, 50), "itl_p99_ms": 1e3 * pct(self.itl, 99),
+                "itl_max_ms": 1e3 * max(self.itl, default=math.nan), "requests": len(tpot)}
+
+
+# -- phases --------------------------------------------------------------------------------------------
+def phase_serve(engine, base, prm, args) -> dict:
+    load = Load(engine, base, prm, args.concurrency, args.output_len)
+    load.start()
+    for _ in range(2 * args.output_len):  # warm-up: the staggered wave turns over once
+        load.iterate()
+    load.mark()
+    g0, t0 = engine.stats.generated_tokens, clock()
+    for _ in range(args.serve_iters):
+        load.iterate()
+    wall = clock() - t0
+    gen = engine.stats.generated_tokens - g0
+    load.stop()
+    return {"wall_s": wall, "gen_tokens": gen, "gen_tok_s": gen / wall, "s_per_gen_token": wall / gen,
+            "iterations": args.serve_iters, **load.latency()}
+
+
+def _job(engine, store, file_id, base, args):
+    store.add_job("bench", base, file_id, hyperparameters={"n_epochs": 100, "batch_size": 1})
+    engine.jobs.poll()
+    assert engine.jobs.active is not None, "the job did not start; see the store's events"
+    return engine.jobs.active
+
+
+def _train_window(engine, active, step_fn, args, deadline) -> dict:
+    """Run step_fn until the job finished 1 warm-up step, then time `args.steps` more (or until deadline)."""
+    tr = active.trainer
+    while tr.step < 1:
+        step_fn()
+    s0, tok0, it0, t0 = tr.step, tr.trained_tokens, engine.stats.iterations, clock()
+    while tr.step < s0 + args.steps and (tr.step == s0 or time.perf_counter() < deadline):
+        step_fn()
+    wall = clock() - t0
+    steps, toks = tr.step - s0, tr.trained_tokens - tok0
+    return {"wall_s": wall, "steps": steps, "ft_tokens": toks, "ft_tok_s": toks / wall,
+            "iters_per_step": (engine.stats.iterations - it0) / steps, "s_per_step": wall / steps}
+
+
+def phase_ft_only(engine, store, file_id, base, args) -> dict:
+    active = _job(engine, store, file_id, base, args)
+    out = _train_window(engine, active, engine.iteration, args, time.perf_counter() + args.phase_s)
+    engine.jobs.cancel(active.id)
+    return out
+
+
+class Breakdown:
+    """Where a co-serve iteration's time goes: timers wrapped around engine parts (instance attributes only,
+    the engine's code is untouched), and iteration times by kind (what the job did in that iteration)."""
+
+    PARTS = (("jobs", "poll"), ("sched", "schedule"), ("jobs", "forward_work"), ("runner", "step"),
+             ("", "_after_inference"), ("jobs", "forward_done"), ("jobs", "backward"))
+    TRAINER = ("_loss", "_layer_backward", "apply_step")
+
+    def __init__(self, engine, trainer):
+        from collections import defaultdict
+
+        self.e, self.tr = engine, trainer
+        self.t, self.n = defaultdict(float), defaultdict(int)
+        self.kinds: dict[str, list[float]] = defaultdict(list)
+        self.on = False
+        for owner, attr in self.PARTS:
+            self._wrap(getattr(engine, owner) if owner else engine, attr, (owner + "." if owner else "") + attr)
+        for attr in self.TRAINER:
+            self._wrap(trainer, attr, "trainer." + attr)
+        self._wrap(engine.store, "add_event", "store.add_event")
+        inner = engine.iteration
+
+        def iteration():
+            before = dict(self.n)
+            t0 = clock()
+            out = inner()
+            dt = clock() - t0
+            if self.on:
+                self.t["iteration"] += dt
+                self.n["iteration"] += 1
+                self.kinds[self._kind(before)].append(dt)
+            return out
+
+        engine.iteration = iteration
+
+    def _kind(self, before: dict) -> str:
+        """What the job did in the iteration: from the calls counted in it."""
+        d = {k: self.n[k] - before.get(k, 0) for k in self.n}
+        kind = ["fwd chunk"] if d.get("jobs.forward_done") else []
+        kind += ["loss"] if d.get("trainer._loss") else []
+        if d.get("trainer._layer_backward"):
+            kind.append(f"bwd x{d['trainer._layer_backward']}")
+        kind += ["opt step"] if d.get("trainer.apply_step") else []
+        return " + ".join(kind) or "inference only"
+
+    def _wrap(self, obj, attr, label):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                if self.on:
+                    self.t[label] += clock() - t0
+                    self.n[label] += 1
+
+        setattr(obj, attr, timed)
+
+    def remove(self) -> None:
+        for owner, attr in self.PARTS:
+            delattr(getattr(self.e, owner) if owner else self.e, attr)
+        for attr in self.TRAINER:
+            delattr(self.tr, attr)
+        delattr(self.e.store, "add_event")
+        del self.e.iteration
+
+    def report(self, steps: int) -> dict:
+        per_step = {k: 1e3 * v / steps for k, v in sorted(self.t.items(), key=lambda kv: -kv[1])}
+        kinds = {k: {"n": len(v), "p50_ms": 1e3 * pct(v, 50), "max_ms": 1e3 * max(v)} for k, v in self.kinds.items()}
+        return {"ms_per_ft_step": per_step, "calls": dict(self.n), "iterations_by_kind": kinds}
+
+
+def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=None) -> dict:
+    active = _job(engine, store, file_id, base, args)
+    load = Load(engine, base, prm, args.concurrency, args.output_len)
+    load.start()
+    while active.trainer.step < 1:  # warm-up: one step under load
+        load.iterate()
+    load.mark()
+    g0 = engine.stats.generated_tokens
+    bd = Breakdown(engine, active.trainer) if args.breakdown else None
+    if bd is not None:
+        bd.on = True
+    if profile is not None:
+        profile.enable()
+    out = _train_window(engine, active, load.iterate, args, time.perf_counter() + args.phase_s)
+    if profile is not None:
+        profile.disable()
+    gen = engine.stats.generated_tokens - g0
+    if bd is not None:
+        out["breakdown"] = bd.report(out["steps"])
+        bd.remove()
+    load.stop()
+    engine.jobs.cancel(active.id)
+    leftover = out["wall_s"] - gen * serve["s_per_gen_token"]
+    return {**out, "gen_tokens": gen, "gen_tok_s": gen / out["wall_s"],
+            "ft_tok_s_of_leftover": out["ft_tokens"] / leftover if leftover > 0 else math.nan,
+            **load.latency()}
+
+
+class PlainStep:
+    """FineInfer-style baseline: one whole PEFT training step (forward, loss, backward, AdamW) of one
+    sequence on its own LoRA adapter, with routed adapter ids like every forward in the server."""
+
+    def __init__(self, model, tok, store, file_id, args):
+        import torch
+
+        import leantune
+        from leantune.data import load_dataset
+        from leantune.methods.base import adapter_slots, trainable_parameters
+
+        leantune.apply(model, "lora", adapter_name="ts_job", r=8, alpha=16, targets="all-linear")
+        self.model, self.torch = model, torch
+        self.slot = torch.tensor([adapter_slots(model)["ts_job"]])
+        self.params = list(trainable_parameters(model, "ts_job").values())
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.0)
+        self.examples = load_dataset(store.file_path("bench", file_id), tok, args.train_len, on_too_long="truncate")
+        self.i = self.tokens = 0
+        self.seconds = 0.0  # inside steps
+
+    def __call__(self) -> None:
+        torch = self.torch
+        from leantune.models.llama import ForwardMeta
+        from leantune.train.loss import shifted_targets
+
+        ex = self.examples[self.i % len(self.examples)]
+        self.i += 1
+        t0 = clock()
+        with torch.enable_grad():
+            logits = self.model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=self.slot))[0]
+            tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+            loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100)
+            (loss / ex.num_loss_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.tokens += len(ex.input_ids)
+        self.seconds += clock() - t0
+
+    def remove(self) -> None:
+        from leantune.methods.base import delete_adapter
+
+        delete_adapter(self.model, "ts_job")
+
+
+def phase_temporal(engine, model, tok, store, file_id, base, prm, args, every: int) -> dict:
+    ts = PlainStep(model, tok, store, file_id, args)
+    load = Load(engine, base, prm, args.concurrency, args.output_len)
+    load.start()
+    for _ in range(every):  # warm-up: one step and one burst
+        load.iterate()
+    ts()
+    load.mark()
+    ts.tokens, ts.seconds = 0, 0.0
+    g0, t0 = engine.stats.generated_tokens, clock()
+    deadline = time.perf_counter() + args.phase_s
+    steps = 0
+    while steps < args.steps and (steps == 0 or time.perf_counter() < deadline):
+        for _ in range(every):
+            load.iterate()
+        ts()  # blocks inference: the next iteration's ITL includes it
+        steps += 1
+    wall = clock() - t0
+    gen = engine.stats.generated_tokens - g0
+    load.stop()
+    ts.remove()
+    toks = ts.tokens
+    return {"wall_s": wall, "steps": steps, "every": every, "ft_tokens": toks, "ft_tok_s": toks / wall,
+            "plain_step_tok_s": toks / ts.seconds, "s_per_step": ts.seconds / steps,
+            "gen_tokens": gen, "gen_tok_s": gen / wall, **load.latency()}
+
+
+def decode_batch(engine, names: list[str], prm, out_len: int) -> float:
+    """All requests submitted at once; decode tokens/s from the iteration where all have a first token."""
+    from leantune.serve.requests import GenRequest
+
+    done: dict[int, bool] = {}
+    sids = []
+    for i, name in enumerate(names):
+        req = GenRequest(list(prm[i % len(prm)]), name, max_tokens=out_len, temperature=0.0, ignore_eos=True)
+        sid = engine.add_request(req, lambda ev, i=i: done.__setitem__(i, True) if ev.get("finish_reason") else None)
+        sids.append(sid)
+
+    def started(sid, i):
+        seq = engine.sched.get(sid)
+        return i in done or (seq is not None and bool(seq.output))
+
+    while not all(started(sid, i) for i, sid in enumerate(sids)):
+        if not engine.iteration():
+            raise RuntimeError(f"the engine went idle with requests pending: {engine.sched.num_waiting} waiting, "
+                               f"{engine.sched.num_running} running")
+    g0, t0 = engine.stats.generated_tokens, clock()
+    while len(done) < len(names):
+        engine.iteration()
+    return (engine.stats.generated_tokens - g0) / (clock() - t0)
+
+
+def make_adapters(model, tmp: Path, n: int) -> list[Path]:
+    import torch
+
+    import leantune
+    from leantune.methods import save_adapter
+    from leantune.methods.base import delete_adapter
+
+    paths = []
+    for i in range(n):
+        name = f"mk{i}"
+        leantune.apply(model, "lora", adapter_name=name, r=8, targets="all-linear")
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(100 + i)
+            for pname, p in model.named_parameters():
+                if f"lora_B.{name}." in pname:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        paths.append(tmp / f"adapter{i}")
+        save_adapter(model, paths[-1], adapter_name=name)
+        delete_adapter(model, name)
+    return paths
+
+
+def phase_adapters(engine, model, base, tok, tmp: Path, args) -> dict:
+    n = args.n_adapters
+    prm = prompts(tok, n, args.prompt_len, seed=7)
+
+    def rate(names):
+        return statistics.median(decode_batch(engine, names, prm, args.adapter_output) for _ in range(args.adapter_reps))
+
+    pure = rate([base] * n)
+    paths = make_adapters(model, tmp, n)
+    for i, p in enumerate(paths):
+        engine.load_adapter(f"ad{i}", str(p), None)
+    loaded = rate([base] * n)
+    mixed = rate([f"ad{i}" for i in range(n)])
+    for i in range(n):
+        engine.unload_adapter(f"ad{i}", None)
+    return {"n": n, "base_tok_s": pure, "base_with_adapters_loaded_tok_s": loaded, "distinct_adapters_tok_s": mixed,
+            "ratio": mixed / pure, "ratio_vs_loaded_base": mixed / loaded}
+
+
+class Progress:
+    """One line per finished phase on stderr: elapsed time, the load average, the headline numbers."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+
+    def __call__(self, what: str, d: dict | None = None) -> None:
+        with open("/proc/loadavg") as fh:
+            la = fh.read().split()[0]
+        keys = ("wall_s", "ft_tok_s", "gen_tok_s", "tpot_p99_ms", "itl_p99_ms", "ratio")
+        nums = " ".join(f"{k}={d[k]:.4g}" for k in keys if d and k in d)
+        print(f"[{time.perf_counter() - self.t0:6.1f}s load {la}] {what} {nums}", file=sys.stderr, flush=True)
+
+
+# -- report --------------------------------------------------------------------------------------------
+def _clean(x):
+    """JSON-ready: floats to 4 significant digits, NaN to null."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float):
+        return None if math.isnan(x) else float(f"{x:.4g}")
+    return x
+
+
+def report(res: dict, args) -> None:
+    s, f, c, t, a = res["serve"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
+    r = res["ratios"]
+    print(f"\nco-serving bench: {res['model']} fp32, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
+          f"({args.prompt_len} prompt + {args.output_len} out) greedy; FT seq {args.train_len} tok, batch 1, "
+          f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}")
+    head = f"{'mode':<26}{'FT tok/s':>10}{'gen tok/s':>11}{'TPOT p50':>10}{'TPOT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+    print(head + "   (ms)")
+    nan = math.nan
+
+    def row(name, ft, d):
+        print(f"{name:<26}{ft:>10.1f}{d.get('gen_tok_s', nan):>11.1f}{d.get('tpot_p50_ms', nan):>10.1f}"
+              f"{d.get('tpot_p99_ms', nan):>10.1f}{d.get('itl_p50_ms', nan):>9.1f}{d.get('itl_p99_ms', nan):>9.1f}")
+
+    row("serve only", nan, s)
+    row("fine-tune only", f["ft_tok_s"], {})
+    row("  plain PEFT step alone", t["plain_step_tok_s"], {})
+    row(f"co-serve (k={args.bwd_layers})", c["ft_tok_s"], c)
+    row(f"temporal (step/{t['every']} it)", t["ft_tok_s"], t)
+    print(f"(a) co-serve FT / FT-only      {r['coserve_ft_fraction']:.2f}   (of leftover time: "
+          f"{r['coserve_ft_fraction_of_leftover']:.2f}; temporal {r['temporal_ft_fraction']:.2f})   goal >= 0.90, "
+          f"FlexLLM > 0.76")
+    print(f"(b) TPOT p99 co-serve / serve  {r['coserve_tpot_p99_ratio']:.2f}   (ITL p99 {r['coserve_itl_p99_ratio']:.2f};"
+          f" temporal TPOT p99 {r['temporal_tpot_p99_ratio']:.2f}, ITL p99 {r['temporal_itl_p99_ratio']:.2f})"
+          f"   goal <= 1.2")
+    print(f"(c) {a['n']} adapters decode / base {r['adapters_ratio']:.2f}   ({a['distinct_adapters_tok_s']:.1f} vs "
+          f"{a['base_tok_s']:.1f} tok/s; base with the {a['n']} loaded {a['base_with_adapters_loaded_tok_s']:.1f})"
+          f"   goal >= 0.8")
+    if "breakdown" in c:
+        b = c["breakdown"]
+        print("co-serve breakdown, ms per fine-tuning step: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in b["ms_per_ft_step"].items()))
+        print("co-serve iterations by kind: " + "; ".join(
+            f"{k}: n={v['n']} p50 {v['p50_ms']:.1f} max {v['max_ms']:.1f} ms" for k, v in b["iterations_by_kind"].items()))
+    print(json.dumps(_clean(res)))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a dedicated 2-core machine)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                    help="cpu: this thread's CPU time (needs --threads 1), steady on a shared machine; wall: wall time")
+    for k in PRESETS["tiny"]:
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="default: per --model preset")
+    ap.add_argument("--budget", type=int, default=256, help="max_tokens_per_step")
+    ap.add_argument("--ft-chunk", type=int, default=128, help="ft_max_chunk")
+    ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
+    ap.add_argument("--num-blocks", type=int, default=256)
+    ap.add_argument("--n-adapters", type=int, default=16)
+    ap.add_argument("--ts-every", type=int, default=0, help="temporal sharing: iterations per step (0: match co-serve)")
+    ap.add_argument("--phase-s", type=float, default=60.0, help="stop a training phase after this long (>= 1 step)")
+    ap.add_argument("--skip-adapters", action="store_true")
+    ap.add_argument("--profile", type=str, default=None, help="write a cProfile of the co-serve window here")
+    ap.add_argument("--breakdown", action="store_true", help="time the engine's parts in the co-serve window")
+    args = ap.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (other threads' work would not be counted)")
+    for k, v in PRESETS[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        _CLOCK[0] = time.thread_time
+    torch.set_grad_enabled(False)  # as the engine thread does; training code enables it where needed
+    torch.manual_seed(0)
+    t_wall = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        model, tok, base = load_model(args.model, tmp)
+        prm = prompts(tok, 64, args.prompt_len)
+        engine, store = make_engine(model, tok, base, tmp, args, "main")
+        file_id = training_file(store, "bench", 64)
+        res = {"bench": "coserve", "model": base, "threads": args.threads, "clock": args.clock,
+               "settings": {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "train_len",
+                                                           "steps", "budget", "ft_chunk", "bwd_layers")}}
+        note = Progress(t_wall)
+        note("loaded")
+        res["serve"] = phase_serve(engine, base, prm, args)
+        note("serve", res["serve"])
+        res["ft_only"] = phase_ft_only(engine, store, file_id, base, args)
+        note("ft-only", res["ft_only"])
+        prof = None
+        if args.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+        res["coserve"] = phase_coserve(engine, store, file_id, base, prm, args, res["serve"], prof)
+        if prof is not None:
+            prof.dump_stats(args.profile)
+        note("co-serve", res["coserve"])
+        every = args.ts_every or max(1, round(res["coserve"]["iters_per_step"]))
+        res["temporal"] = phase_temporal(engine, model, tok, store, file_id, base, prm, args, every)
+        note("temporal", res["temporal"])
+        res["adapters"] = ({"n": 0, "base_tok_s": math.nan, "base_with_adapters_loaded_tok_s": math.nan,
+                            "distinct_adapters_tok_s": math.nan, "ratio": math.nan, "ratio_vs_loaded_base": math.nan}
+                           if args.skip_adapters else phase_adapters(engine, model, base, tok, tmp, args))
+        note("adapters", res["adapters"])
+        store.close()
+    s, f, c, t = res["serve"], res["ft_only"], res["coserve"], res["temporal"]
+    res["ratios"] = {
+        "coserve_ft_fraction": c["ft_tok_s"] / f["ft_tok_s"],
+        "coserve_ft_fraction_of_leftover": c["ft_tok_s_of_leftover"] / f["ft_tok_s"],
+        "temporal_ft_fraction": t["ft_tok_s"] / f["ft_tok_s"],
+        "coserve_tpot_p99_ratio": c["tpot_p99_ms"] / s["tpot_p99_ms"],
+        "coserve_itl_p99_ratio": c["itl_p99_ms"] / s["itl_p99_ms"],
+        "temporal_tpot_p99_ratio": t["tpot_p99_ms"] / s["tpot_p99_ms"],
+        "temporal_itl_p99_ratio": t["itl_p99_ms"] / s["itl_p99_ms"],
+        "adapters_ratio": res["adapters"]["ratio"],
+    }
+    res["wall_s"] = time.perf_counter() - t_wall
+    with open("/proc/loadavg") as fh:
+        res["loadavg_end"] = fh.read().split()[0]
+    report(res, args)
+    return res
+
+
+if __name__ == "__main__":
+    main()
