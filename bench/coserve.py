@@ -551,7 +551,7 @@ def parse(argv=None):
     for k in PRESETS["tiny"]:
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="default: per --model preset")
     ap.add_argument("--budget", type=int, default=256, help="max_tokens_per_step")
-    ap.add_argument("--ft-chunk", type=int, default=128, help="ft_max_chunk")
+    ap.add_argument("--ft-chunk", type=int, default=32, help="ft_max_chunk")
     ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
     ap.add_argument("--num-blocks", type=int, default=256)
     ap.add_argument("--n-adapters", type=int, default=16)
