@@ -1,17 +1,21 @@
-"""Benchmark: one LoRA training step, leantune vs transformers + PEFT, on SmolLM2-135M-Instruct (CPU, fp32).
+"""Benchmark: one LoRA or QLoRA training step, leantune vs transformers + PEFT (+ bitsandbytes), on
+SmolLM2-135M-Instruct (CPU, fp32).
 
 Same work on both sides: batch 2 x 128 random tokens, loss on every token, LoRA r=8 alpha=16 on all
-linear layers, AdamW. Each side runs in its own subprocess (clean peak-RSS accounting); the driver
-prints a table, the ratio and one JSON line.
+linear layers, AdamW. `--method qlora` loads the base with its decoder linears in NF4 + double
+quantization (fp32 compute): leantune `load(path, quantize="nf4")` vs transformers'
+`BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, compute fp32)` on bitsandbytes' CPU backend;
+both quantize the same fp32 weights to the same codes, so the first losses agree. Each side runs in its
+own subprocess (clean peak-RSS accounting, load included); the driver prints a table, the ratios and
+one JSON line.
 
-    .venv/bin/python bench/lora_step.py [--steps 6] [--batch 2] [--seq 128]
+    .venv/bin/python bench/lora_step.py [--method lora|qlora] [--steps 6] [--batch 2] [--seq 128]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +30,10 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's peak into a child across fork + exec, which would credit the driver's model load to both sides."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def make_folder(path: Path) -> None:
@@ -44,8 +51,10 @@ def run_leantune(folder: str, args) -> dict:
     from leantune.data import Batch
     from leantune.train.loss import lm_loss_sum
 
-    model, _ = leantune.load(folder)
-    leantune.apply(model, "lora", r=args.rank, alpha=2 * args.rank, targets="all-linear")
+    t0 = time.perf_counter()
+    model, _ = leantune.load(folder, quantize="nf4" if args.method == "qlora" else None)
+    load = {"load_s": time.perf_counter() - t0, "load_peak_rss_mib": peak_rss_mib()}
+    leantune.apply(model, args.method, r=args.rank, alpha=2 * args.rank, targets="all-linear")
     if args.compile:
         from leantune.train import compile_blocks
 
@@ -64,7 +73,7 @@ def run_leantune(folder: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss) / n
 
-    return timed(step, args, sum(p.numel() for p in params))
+    return {**timed(step, args, sum(p.numel() for p in params)), **load}
 
 
 def run_peer(folder: str, args) -> dict:
@@ -72,7 +81,16 @@ def run_peer(folder: str, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    t0 = time.perf_counter()
+    kw = {}
+    if args.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kw = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    load = {"load_s": time.perf_counter() - t0, "load_peak_rss_mib": peak_rss_mib()}
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -88,7 +106,7 @@ def run_peer(folder: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    return timed(step, args, sum(p.numel() for p in params))
+    return {**timed(step, args, sum(p.numel() for p in params)), **load}
 
 
 def timed(step, args, n_trainable: int) -> dict:
@@ -110,6 +128,8 @@ def timed(step, args, n_trainable: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["lora", "qlora"], default="lora",
+                    help="qlora: NF4 + double-quant base (bitsandbytes on the peer side), fp32 compute")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
@@ -134,20 +154,27 @@ def main() -> None:
         res = {}
         for who in ("leantune", "peer"):
             cmd = [sys.executable, __file__, "--worker", who, "--folder", str(folder)] + [
-                f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "seq", "rank")] + (
+                f"--{k}={getattr(args, k)}" for k in ("method", "steps", "warmup", "batch", "seq", "rank")] + (
                 ["--compile"] if args.compile and who == "leantune" else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[who] = json.loads(out.strip().splitlines()[-1])
     lt, pr = res["leantune"], res["peer"]
-    print(f"LoRA step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, r={args.rank} all-linear, "
+    loss_gap = abs(lt["first_loss"] - pr["first_loss"])
+    if loss_gap > 1e-3 * abs(pr["first_loss"]):  # same weights, codes and data: the work must be the same
+        raise SystemExit(f"first losses differ ({lt['first_loss']:.5f} vs {pr['first_loss']:.5f}): "
+                         "the two sides are not doing the same work")
+    qlora = args.method == "qlora"
+    peer_name = "transformers+PEFT+bnb" if qlora else "transformers+PEFT"
+    print(f"{'QLoRA (NF4+DQ base)' if qlora else 'LoRA'} step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, r={args.rank} all-linear, "
           f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up"
           + (", leantune blocks compiled" if args.compile else ""))
-    print(f"{'':<22}{'leantune':>12}{'transformers+PEFT':>20}{'ratio':>8}")
+    print(f"{'':<22}{'leantune':>12}{peer_name:>24}{'ratio':>8}")
     for key, label in (("median_step_s", "step time (s)"), ("tokens_per_s", "tokens/s"),
                        ("peak_rss_mib", "peak RSS (MiB)"), ("step_peak_growth_mib", "step RSS growth (MiB)"),
+                       ("load_s", "load time (s)"), ("load_peak_rss_mib", "load peak RSS (MiB)"),
                        ("first_loss", "first loss")):
-        print(f"{label:<22}{lt[key]:>12.3f}{pr[key]:>20.3f}{lt[key] / pr[key]:>8.2f}")
-    print(json.dumps({"bench": "lora_step", "leantune": lt, "peer": pr,
+        print(f"{label:<22}{lt[key]:>12.3f}{pr[key]:>24.3f}{lt[key] / pr[key]:>8.2f}")
+    print(json.dumps({"bench": "qlora_step" if qlora else "lora_step", "leantune": lt, "peer": pr,
                       "time_ratio": lt["median_step_s"] / pr["median_step_s"],
                       "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"], "compile": args.compile}))
 

