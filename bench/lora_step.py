@@ -1,5 +1,6 @@
-"""Benchmark: one LoRA or QLoRA training step, leantune vs transformers + PEFT (+ bitsandbytes), on
-SmolLM2-135M-Instruct (CPU, fp32).
+"""Benchmark: one LoRA or QLoRA training step on SmolLM2-135M, leantune vs transformers + PEFT (+ bnb).
+
+CPU, fp32, SmolLM2-135M-Instruct (the embedded default, written out as an HF folder both sides load).
 
 Same work on both sides: batch 2 x 128 random tokens, loss on every token, LoRA r=8 alpha=16 on all
 linear layers, AdamW. `--method qlora` loads the base with its decoder linears in NF4 + double
@@ -9,7 +10,7 @@ both quantize the same fp32 weights to the same codes, so the first losses agree
 own subprocess (clean peak-RSS accounting, load included); the driver prints a table, the ratios and
 one JSON line.
 
-    .venv/bin/python bench/lora_step.py [--method lora|qlora] [--steps 6] [--batch 2] [--seq 128]
+    .venv/bin/python bench/lora_step.py [--method lora|qlora] [--steps 6] [--batch 2] [--seq 128] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -114,12 +115,13 @@ def timed(step, args, n_trainable: int) -> dict:
 
     torch.manual_seed(0)
     base = rss_mib()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times, losses = [], []
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t = clock()
         losses.append(step())
         if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     med = statistics.median(times)
     return {"median_step_s": med, "tokens_per_s": args.batch * args.seq / med, "peak_rss_mib": peak_rss_mib(),
             "rss_before_steps_mib": base, "step_peak_growth_mib": peak_rss_mib() - base,
@@ -135,6 +137,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time steps by this process's CPU time, which other jobs on a shared machine disturb "
+                         "far less than wall time (use with BENCH_THREADS=1: idle-spinning threads count as CPU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile leantune's decoder blocks (opt-in; ~1 min compile in the warm-up)")
     ap.add_argument("--worker", choices=["leantune", "peer"])
@@ -154,7 +159,7 @@ def main() -> None:
         res = {}
         for who in ("leantune", "peer"):
             cmd = [sys.executable, __file__, "--worker", who, "--folder", str(folder)] + [
-                f"--{k}={getattr(args, k)}" for k in ("method", "steps", "warmup", "batch", "seq", "rank")] + (
+                f"--{k}={getattr(args, k)}" for k in ("method", "steps", "warmup", "batch", "seq", "rank", "clock")] + (
                 ["--compile"] if args.compile and who == "leantune" else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[who] = json.loads(out.strip().splitlines()[-1])
@@ -165,8 +170,9 @@ def main() -> None:
                          "the two sides are not doing the same work")
     qlora = args.method == "qlora"
     peer_name = "transformers+PEFT+bnb" if qlora else "transformers+PEFT"
-    print(f"{'QLoRA (NF4+DQ base)' if qlora else 'LoRA'} step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, r={args.rank} all-linear, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up"
+    print(f"{'QLoRA (NF4+DQ base)' if qlora else 'LoRA'} step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, "
+          f"r={args.rank} all-linear, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up, {args.clock} clock"
           + (", leantune blocks compiled" if args.compile else ""))
     print(f"{'':<22}{'leantune':>12}{peer_name:>24}{'ratio':>8}")
     for key, label in (("median_step_s", "step time (s)"), ("tokens_per_s", "tokens/s"),
@@ -176,7 +182,8 @@ def main() -> None:
         print(f"{label:<22}{lt[key]:>12.3f}{pr[key]:>24.3f}{lt[key] / pr[key]:>8.2f}")
     print(json.dumps({"bench": "qlora_step" if qlora else "lora_step", "leantune": lt, "peer": pr,
                       "time_ratio": lt["median_step_s"] / pr["median_step_s"],
-                      "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"], "compile": args.compile}))
+                      "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"], "compile": args.compile,
+                      "threads": torch.get_num_threads(), "clock": args.clock}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ more than the float weight of the layer being quantized."""
 from __future__ import annotations
 
 import json
+import struct
 import weakref
 
 import pytest
@@ -55,6 +56,9 @@ def test_safetensors_reader_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         SafetensorsFile(tmp_path / "junk.safetensors")
+    (tmp_path / "list.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        SafetensorsFile(tmp_path / "list.safetensors")
 
 
 def test_sharded_folder_reads_every_shard(tmp_path):

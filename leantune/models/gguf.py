@@ -703,4 +703,4 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     """Read a Llama-family GGUF: its config, its tensors dequantized to fp32 under HF names ([out, in] weights,
     q/k rows in HF's RoPE layout; no lm_head when tied), and its tokenizer."""
     cfg, tensors, tok = open_gguf(path)
-    return cfg, {k: tensors.take(k) for k in tensors.keys()}, tok
+    return cfg, {k: tensors.take(k) for k in tensors.keys()}, tok  # noqa: SIM118 - not a dict

@@ -10,6 +10,7 @@ on a file that may be overwritten while it trains.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -51,11 +52,15 @@ class SafetensorsFile:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 0 < n <= size - 8:
-                raise ValueError(f"{self.path} is not a safetensors file (bad header length); re-save or re-download it")
+                raise ValueError(f"{self.path} is not a safetensors file (bad header length); "
+                                 "re-save or re-download it")
             try:
                 entries = json.loads(f.read(n))
             except ValueError:
-                raise ValueError(f"{self.path}: the safetensors header is not valid JSON; the file is corrupt") from None
+                entries = None
+        if not isinstance(entries, dict):
+            raise ValueError(  # noqa: TRY004 - a corrupt file, not a caller's type error
+                f"{self.path}: the safetensors header is not a JSON object; the file is corrupt")
         entries.pop("__metadata__", None)
         self.entries, self.data_start, self.size = entries, 8 + n, size
 
@@ -66,7 +71,7 @@ class SafetensorsFile:
         e = self.entries[key]
         dtype = _ST_DTYPES.get(e.get("dtype"))
         begin, end = e["data_offsets"]
-        if dtype is None or self.data_start + end > self.size or end - begin != dtype.itemsize * _numel(e["shape"]):
+        if dtype is None or self.data_start + end > self.size or end - begin != dtype.itemsize * math.prod(e["shape"]):
             raise ValueError(f"{self.path}: tensor {key} ({e.get('dtype')}, {e.get('shape')}) is unreadable "
                              "(unknown dtype or truncated file); re-save or re-download it")
         buf = torch.empty(end - begin, dtype=torch.uint8)
@@ -74,13 +79,6 @@ class SafetensorsFile:
             f.seek(self.data_start + begin)
             f.readinto(memoryview(buf.numpy()))
         return buf.view(dtype).reshape(e["shape"])
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def safetensors_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -119,7 +117,7 @@ class FolderTensors:
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     src = FolderTensors(path)
-    return {k: src.take(k) for k in src.keys()}
+    return {k: src.take(k) for k in src.keys()}  # noqa: SIM118 - not a dict
 
 
 def hf_folder_config(path: Path) -> ModelConfig:
@@ -162,7 +160,7 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     model.to_empty(device=device)
     model.inv_freq.copy_(_inv_freq(cfg))
     # one tensor at a time (read, dequantized for GGUF, cast): no second copy of the model, ever
-    sd = {k: _owned(src.take(k).to(device=device, dtype=dtype)) for k in src.keys()}
+    sd = {k: _owned(src.take(k).to(device=device, dtype=dtype)) for k in src.keys()}  # noqa: SIM118
     model.load_hf_state_dict(sd, source=str(p), assign=True)  # the read tensors become the parameters
     del sd
     if cfg.tie_word_embeddings:
