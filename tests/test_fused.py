@@ -247,3 +247,63 @@ def test_lm_loss_and_lora_grads_equal_unfused(monkeypatch, tie):
     assert abs(fused_loss.item() - plain_loss.item()) <= 1e-6 * plain_loss.item()
     # ~8e-7 seen: fp32 rounding differences of each op, carried through two layers
     assert all(rel(f, p) <= 2e-6 for f, p in zip(fused_grads, plain_grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA: the fused ops on a 4-bit base expand the codes themselves
+
+
+def qlora_tiny_model():
+    from leantune.quant import quantize_model
+
+    model = quantize_model(tiny_model(tie=True))
+    lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for _, layer in lm.adapter_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    return model.train()
+
+
+def test_qlora_fused_path_equals_module_path_and_keeps_no_float_weight(monkeypatch):
+    import leantune.models.llama as llama
+    from leantune.quant import Linear4bit
+
+    model = qlora_tiny_model()
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 128)
+    params = layer.fused_linear_params(x)
+    assert params is not None and not isinstance(params[0], torch.Tensor)  # packed codes, not a float W
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = Batch(ids, ids.clone(), torch.arange(12).expand(2, -1), None, 22, 24)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weight_shapes = {tuple(m.quant_state.shape) for m in model.modules() if isinstance(m, Linear4bit)}
+
+    def run():
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, n = lm_loss_sum(model, batch)
+        return loss, torch.autograd.grad(loss / n, trainable), saved
+
+    fused_loss, fused_grads, fused_saved = run()
+    # between forward and backward only codes live: no float tensor shaped like a 4-bit weight is saved
+    assert not [s for s, dt in fused_saved if s in weight_shapes and dt.is_floating_point]
+    monkeypatch.setattr(Linear4bit, "fused_linear_params", lambda self, x, adapter_ids=None: None)
+    monkeypatch.setattr(llama, "fused_linear_params", lambda *a: None)
+    plain_loss, plain_grads, _ = run()
+    assert abs(fused_loss.item() - plain_loss.item()) <= 1e-6 * plain_loss.item()
+    assert all(rel(f, p) <= 2e-6 for f, p in zip(fused_grads, plain_grads))
+
+
+def test_qlora_fused_path_only_in_the_compute_dtype():
+    from leantune.quant import Linear4bit
+
+    layer = Linear4bit.from_linear(nn.Linear(64, 32).requires_grad_(False))
+    assert layer.fused_linear_params(torch.randn(2, 64)) is not None
+    assert layer.fused_linear_params(torch.randn(2, 64, dtype=torch.float64)) is None  # forward casts
+    layer.compute_dtype = torch.float64
+    assert layer.fused_linear_params(torch.randn(2, 64)) is None

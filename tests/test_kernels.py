@@ -397,3 +397,73 @@ def test_gpu_fused_ops():
         ang = torch.cat((randn(4, 512, 64, seed=41),) * 2, -1)
         assert_rel(fused.apply_rope(q, ang.cos().to(dt), ang.sin().to(dt)),
                    ref_rope(q, ang.cos().to(dt), ang.sin().to(dt)), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model on the kernels: `kernel_backend` ("auto" = Triton on CUDA) against the torch path
+
+
+def _tiny_qlora_llama(dev: str):
+    import leantune.methods as lm
+    from leantune.models.config import ModelConfig
+    from leantune.models.llama import LlamaForCausalLM
+    from leantune.quant import quantize_model
+
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model = quantize_model(model).to(dev)
+    lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for _, layer in lm.adapter_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    return model
+
+
+def test_model_on_kernels_equals_torch_path():
+    from leantune.data import Batch
+    from leantune.kernels import set_backend
+    from leantune.quant import Linear4bit
+    from leantune.train.loss import lm_loss_sum
+
+    model = _tiny_qlora_llama(DEV).train()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1)).to(DEV)
+    batch = Batch(ids, ids.clone(), torch.arange(8, device=DEV).expand(2, -1), None, 14, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = []
+
+    def run(backend):
+        assert set_backend(model, backend) == 2 * 2 + 1 + 2 + 2 * 7  # norms, final norm, attn, 4-bit linears
+        calls.clear()
+        loss, n = lm_loss_sum(model, batch)
+        grads = torch.autograd.grad(loss / n, params)
+        with torch.no_grad():
+            step = model(ids[:, :1])  # one row per sequence: small enough for the fused 4-bit matmul
+        return loss, grads, step
+
+    original = Linear4bit.packed_weight
+
+    def spy(self, x):
+        pw = original(self, x)
+        calls.append(pw.triton)
+        return pw
+
+    Linear4bit.packed_weight = spy
+    try:
+        k_loss, k_grads, k_step = run("triton" if not CUDA else "auto")
+        assert calls and all(calls)  # the 4-bit codes were decoded by the kernel
+        t_loss, t_grads, t_step = run("torch")
+        assert calls and not any(calls)
+    finally:
+        Linear4bit.packed_weight = original
+    assert_rel(k_loss, t_loss, 1e-5)
+    for kg, tg in zip(k_grads, t_grads):
+        assert_rel(kg, tg, 1e-4)
+    assert_rel(k_step, t_step, 1e-4)
+    with pytest.raises(ValueError, match="kernel backend"):
+        set_backend(model, "cuda")

@@ -12,13 +12,19 @@ which tests import torch, triton or this package does not matter.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 
 import torch
 
-__all__ = ["triton_available", "interpreting", "load", "check_device"]
+__all__ = ["BACKENDS", "check_device", "interpreting", "load", "set_backend", "triton_available", "use_triton"]
+
+# A module's `kernel_backend`: "auto" runs the Triton kernel on CUDA tensors when triton is installed
+# and torch elsewhere; "triton" always (on CPU only under TRITON_INTERPRET=1, else check_device's
+# error); "torch" never. The model's modules carry it (set_backend), so it is state of the model.
+BACKENDS = ("auto", "triton", "torch")
 
 _MODULES = ("nf4", "fused")
 
@@ -29,6 +35,31 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or blocked install
         return False
+
+
+@functools.cache
+def _installed() -> bool:  # an installation fact, asked on every forward: looked up once
+    return triton_available()
+
+
+def use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether a module whose `kernel_backend` is `backend` runs its Triton kernel on input `x`."""
+    if backend == "auto":
+        return x.is_cuda and _installed()
+    return backend == "triton"
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> int:
+    """Set `kernel_backend` on every module of `model` that has one (RMSNorm, attention's RoPE, 4-bit
+    linears); returns how many. "torch" turns the Triton kernels off, e.g. to compare against them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "kernel_backend"):
+            m.kernel_backend = backend
+            n += 1
+    return n
 
 
 def interpreting() -> bool:

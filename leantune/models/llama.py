@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import fused as kfused
+from ..kernels import use_triton
 from ..ops.lora_linear import fused_linear_params
 from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
@@ -44,12 +46,16 @@ class ForwardMeta:
 
 
 class RMSNorm(nn.Module):
+    kernel_backend = "auto"  # leantune.kernels.BACKENDS: the Triton kernel on CUDA
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x):
+        if use_triton(self.kernel_backend, x):
+            return kfused.rms_norm(x, self.weight, self.eps)  # one pass each way, same math
         # Normalize in fp32 and cast back before the weight, as transformers does (parity in bf16 too).
         dt = x.dtype
         xf = x.float()
@@ -92,6 +98,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    kernel_backend = "auto"  # RoPE: the Triton kernel on CUDA (leantune.kernels.BACKENDS)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -107,7 +115,8 @@ class Attention(nn.Module):
         q = self.q_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x, a).view(B, T, -1, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = kfused.apply_rope if use_triton(self.kernel_backend, q) else apply_rope
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if getattr(meta.cache, "paged", False):
             # The serving engine's paged cache packs many sequences into one row and attends per
             # sequence itself (leantune.serve.paged_cache).

@@ -11,12 +11,37 @@ for a rank of 8 (an (N, out) @ (out, r) product is ~4x slower than the same prod
   `dA = s gb_t x`, `dB = s (xa_t g)^T`; W and b get gradients only if they require them.
 
 A layer offers this path through `fused_linear_params(x, adapter_ids) -> (W, b, A, B, s) | None`
-(A = B = None for a plain linear); None means "call the module".
+(A = B = None for a plain linear); None means "call the module". `W` is a float tensor or a packed
+frozen weight (anything with `dense(dtype) -> (out, in) tensor`, e.g. QLoRA's 4-bit codes): a packed
+weight is expanded for the forward GEMM and again for `dx` in backward, never kept in between, so a
+QLoRA layer takes the same fused path as a float one at ~4 bits per weight between the passes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """A float weight as is; a packed one (`.dense(dtype)`) expanded to a fresh float tensor."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dense(dtype)
+
+
+def save_weight(ctx, weight):
+    """What backward needs of `weight`: the tensor itself (saved through `save_for_backward` by the
+    caller, returned here), or a packed weight kept on ctx (frozen codes, never a float copy)."""
+    if isinstance(weight, torch.Tensor):
+        ctx.packed_weight = None
+        return weight
+    ctx.packed_weight = weight
+    return None
+
+
+def saved_weight(ctx, saved: torch.Tensor | None, dtype: torch.dtype, needed: bool):
+    """The weight for backward's products: the saved tensor, or the packed one expanded if `needed`."""
+    if ctx.packed_weight is None:
+        return saved
+    return ctx.packed_weight.dense(dtype) if needed else None
 
 
 def linear_lora_forward(x, weight, bias, lora_a, lora_b, scaling: float):
@@ -56,15 +81,16 @@ def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
 class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        # x (N, in), weight (out, in), lora_a (r, in), lora_b (out, r)
-        out, xa_t = linear_lora_forward(x, weight, bias, lora_a, lora_b, scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa_t)
+        # x (N, in), weight (out, in) or packed, lora_a (r, in), lora_b (out, r)
+        out, xa_t = linear_lora_forward(x, dense(weight, x.dtype), bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, save_weight(ctx, weight), lora_a, lora_b, xa_t)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
+        weight = saved_weight(ctx, weight, g.dtype, ctx.needs_input_grad[0])
         grads = linear_lora_backward(g, x, weight, lora_a, lora_b, xa_t, ctx.scaling, ctx.needs_input_grad[:5])
         return (*grads, None)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lora_linear import linear_lora_backward, linear_lora_forward
+from .lora_linear import dense, linear_lora_backward, linear_lora_forward, save_weight, saved_weight
 
 
 class SwigluLinearFn(torch.autograd.Function):
@@ -20,8 +20,8 @@ class SwigluLinearFn(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
         # gate, up (N, F); weight (out, F)
         h = F.silu(gate) * up
-        out, xa_t = linear_lora_forward(h, weight, bias, lora_a, lora_b, scaling)
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa_t)
+        out, xa_t = linear_lora_forward(h, dense(weight, h.dtype), bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(gate, up, save_weight(ctx, weight), lora_a, lora_b, xa_t)
         ctx.scaling = scaling
         return out
 
@@ -30,6 +30,7 @@ class SwigluLinearFn(torch.autograd.Function):
         gate, up, weight, lora_a, lora_b, xa_t = ctx.saved_tensors
         need_gate, need_up, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         need_h = need_gate or need_up
+        weight = saved_weight(ctx, weight, g.dtype, need_h)
         silu = F.silu(gate) if (need_up or need_w or need_a) else None
         h = silu * up if (need_w or need_a) else None
         dh, dw, dbias, da, db = linear_lora_backward(g, h, weight, lora_a, lora_b, xa_t, ctx.scaling,

@@ -16,29 +16,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fused as kernels_fused
+from ..kernels import nf4 as kernels_nf4
+from ..kernels import use_triton
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import PACKED_KEY, QuantState
 
 
 class _Dequantized4bitLinear(torch.autograd.Function):
-    """y = x @ dequant(W).T + b. Saves only the packed codes: backward dequantizes again for dX = dY @
+    """y = x @ dequant(W).T + b. Keeps only the packed codes: backward dequantizes again for dX = dY @
     dequant(W), so no weight-sized float tensor lives between forward and backward. W gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias):
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        return F.linear(x, dequantize_4bit(packed, state, x.dtype), bias)  # the weight is freed on return
+    def forward(ctx, x, weight, bias):
+        # weight: a Packed4bitWeight (frozen codes; not a tensor input, so autograd never asks its grad)
+        ctx.weight = weight
+        return F.linear(x, weight.dense(x.dtype), bias)  # the float weight is freed on return
 
     @staticmethod
     def backward(ctx, grad_out):
-        (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
-        if ctx.needs_input_grad[3]:
+            grad_x = grad_out @ ctx.weight.dense(grad_out.dtype)
+        if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
+        return grad_x, None, grad_bias
+
+
+class Packed4bitWeight:
+    """A 4-bit weight handed to the fused ops (`leantune.ops`): they call `dense(dtype)` for the forward
+    GEMM and again for backward's `dx`, so only the packed codes live between the two passes."""
+
+    __slots__ = ("packed", "state", "triton")
+
+    def __init__(self, packed: torch.Tensor, state: QuantState, triton: bool = False):
+        self.packed, self.state, self.triton = packed, state, triton
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.triton:  # one kernel, bit-identical to the torch decode (tests/test_kernels.py)
+            return kernels_nf4.dequantize(self.packed, self.state, dtype)
+        return dequantize_4bit(self.packed, self.state, dtype)  # (out, in)
 
 
 class DequantizedLinear(nn.Linear):
@@ -56,6 +73,10 @@ class Linear4bit(nn.Module):
 
     is_linear_like = True  # adapter methods wrap it like an nn.Linear
     accepts_adapter_ids = True
+    kernel_backend = "auto"  # leantune.kernels.BACKENDS: Triton decode (and small-batch matmul) on CUDA
+    # Rows up to which a forward on Triton reads the codes inside the matmul (decode: memory-bound,
+    # 4x fewer weight bytes) instead of decoding W for cuBLAS (prefill, training).
+    fused_matmul_rows = 16
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
@@ -139,7 +160,23 @@ class Linear4bit(nn.Module):
                                "or load a state dict into it")
         dt = self.resolve_compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dt)
-        return _Dequantized4bitLinear.apply(x.to(dt), self.weight, self.quant_state, bias).to(x.dtype)
+        xc = x.to(dt)
+        if xc.numel() <= self.fused_matmul_rows * self.in_features and use_triton(self.kernel_backend, xc):
+            return kernels_fused.nf4_linear(xc, self.weight, self.quant_state, bias).to(x.dtype)
+        return _Dequantized4bitLinear.apply(xc, self.packed_weight(xc), bias).to(x.dtype)
+
+    def packed_weight(self, x: torch.Tensor) -> Packed4bitWeight:
+        """The codes as the fused ops take them, decoded by Triton when this layer runs it for x."""
+        return Packed4bitWeight(self.weight, self.quant_state, use_triton(self.kernel_backend, x))
+
+    def fused_linear_params(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None):  # noqa: ARG002
+        """(packed W, b, None, None, 0.0) for the fused ops (`leantune.ops.fused_linear_params`) when x is
+        already in the compute dtype, so that this layer is exactly `F.linear(x, dequant(W), b)`; else None."""
+        if self.quant_state is None or x.dtype != self.resolve_compute_dtype(x):
+            return None
+        if self.bias is not None and (self.bias.dtype != x.dtype or self.bias.requires_grad):
+            return None
+        return self.packed_weight(x), self.bias, None, None, 0.0
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (out, in) the layer computes with, in `dtype` (default: its original dtype).
