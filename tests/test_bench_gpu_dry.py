@@ -1,5 +1,6 @@
 """`bench/gpu_train.py --dry`: the GPU benchmark's code path (random-init models built per layer, QLoRA and LoRA
-on both sides, one subprocess per run, the table and the JSON) on the CPU with tiny shapes in fp32."""
+on both sides, one subprocess per run, the table and the JSON) on the CPU with tiny shapes in fp32; and
+`bench/gpu.sh` itself on the CPU, its co-serving part (`bench/coserve.py`) on the tiny model."""
 from __future__ import annotations
 
 import json
@@ -55,3 +56,37 @@ def test_gpu_bench_budget_skips_runs():
     assert [r["status"] for r in line["runs"]] == ["skipped"] * 7
     assert [(r["system"], r["model"], r["method"]) for r in line["runs"]][:2] == [
         ("leantune", "8b", "qlora"), ("peer", "8b", "qlora")]
+
+
+def test_gpu_sh_dry_runs_coserve(tmp_path):
+    """bench/gpu.sh end to end on the CPU: nothing installed, no GPU tests, the training bench with no budget, and
+    the co-serving bench on the tiny model (COSERVE_ARGS come after the script's `--device cuda`, and win)."""
+    pytest.importorskip("transformers")  # tests/tiny_folder.py builds the tiny model with it
+    out = tmp_path / "out"
+    cs_args = ("--device cpu --model tiny --phase-s 1 --steps 2 --serve-iters 30 --output-len 8 --adapter-output 8 "
+               "--adapter-reps 1 --n-adapters 4")
+    env = {**os.environ, "PY": sys.executable, "SKIP_INSTALL": "1", "TESTS_S": "0",
+           "BENCH_ARGS": "--dry --budget-s 0", "COSERVE_ARGS": cs_args}
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], capture_output=True, text=True,
+                       timeout=180, env=env, cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    parts = {line.split(":")[0]: line for line in summary.splitlines()}
+    assert set(parts) == {"install", "tests", "bench", "coserve", "total"}, summary
+    assert parts["tests"].startswith("tests: skipped"), summary
+    assert parts["bench"].startswith("bench: rc=0"), summary
+    log = (out / "coserve.log").read_text()
+    assert parts["coserve"].startswith("coserve: rc=0"), summary + log[-3000:]
+    assert "--device cpu --model tiny" in parts["coserve"] and "(a) co-serve FT / FT-only" in parts["coserve"]
+    text = (out / "coserve.json").read_text()
+    assert "NaN" not in text  # strict JSON: NaN written as null
+    res = json.loads(text)
+    assert res["bench"] == "coserve" and res["complete"] is True
+    assert (res["device"], res["dtype"], res["model"], res["clock"]) == ("cpu", "float32", "tiny", "cpu")
+    assert res["settings"]["output_len"] == 8 and res["phase_s"] == 1
+    assert res["serve"]["gen_tok_s"] > 0 and res["serve"]["iterations"] >= 10  # the minimum: output-len + 2
+    assert res["ft_only"]["steps"] >= 1 and res["ft_only"]["ft_tok_s"] > 0
+    assert res["coserve"]["steps"] >= 1 and res["coserve"]["gen_tokens"] > 0
+    assert res["temporal"]["steps"] >= 1 and res["adapters"]["n"] == 4 and res["adapters"]["ratio"] > 0
+    assert set(res["ratios"]) >= {"coserve_ft_fraction", "coserve_tpot_p99_ratio", "adapters_ratio"}
+    assert not list(out.glob(".coserve.json.*"))  # the atomic write left no temporary file

@@ -141,3 +141,41 @@ def test_gathered_lora_path_equals_the_grouped_one(one_thread):
         slow2 = model(ids, ForwardMeta(adapter_ids=rows)).detach()
     torch.testing.assert_close(fast2, slow2, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fast2[2], fast[2])
+
+
+def test_gathered_lora_path_takes_fp32_adapters_on_a_bf16_base(one_thread, monkeypatch):
+    """Adapters stay fp32 on a bf16 base (as PEFT keeps them); the gathered path must still be taken
+    (else a 16-adapter decode on a GPU loops over slots) and equal the grouped path."""
+    import leantune
+    from leantune.methods.base import adapter_slots
+    from leantune.methods.lora import LoraLinear
+    from leantune.models.llama import ForwardMeta
+
+    torch.manual_seed(0)
+    model = _lt("llama").to(torch.bfloat16)
+    for name in ("a", "b", "c"):
+        leantune.apply(model, "lora", adapter_name=name, r=4, targets="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                assert p.dtype == torch.float32
+                p.normal_(0, 0.1)
+    slots = adapter_slots(model)
+    taken = []
+    original = LoraLinear._gathered_delta
+
+    def spy(self, x, ids):
+        out = original(self, x, ids)
+        taken.append(isinstance(out, torch.Tensor))
+        return out
+
+    monkeypatch.setattr(LoraLinear, "_gathered_delta", spy)
+    ids = torch.randint(3, 250, (6, 1))
+    rows = torch.tensor([-1, slots["a"], slots["b"], slots["c"], slots["a"], -1])
+    with torch.no_grad():
+        fast = model(ids, ForwardMeta(adapter_ids=rows))
+    assert taken and all(taken)
+    monkeypatch.setattr(LoraLinear, "_gathered_delta", lambda self, x, ids: None)
+    with torch.no_grad():
+        slow = model(ids, ForwardMeta(adapter_ids=rows))
+    torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)

@@ -313,12 +313,11 @@ class LoraLinear(AdapterLayer):
         x goes through all adapters' A at once (a rank S*r projection), a one-hot mask keeps its own
         adapter's r columns, and the concatenated B maps back. Cost does not grow with the number of
         distinct adapters in the batch beyond that projection. "base" when no token uses an adapter;
-        None when not applicable (DoRA, LoRA bias, dropout, mixed dtypes)."""
+        None when not applicable (DoRA, LoRA bias, dropout)."""
         if not all(self._stackable(n) for n in self.slot_to_name.values()):
             return None
         A, B, row, S, r = self._stacked()
-        if A.dtype != flat_x.dtype:
-            return None
+        flat_x = flat_x.to(A.dtype)  # fp32 adapters on a bf16 base: as lora_delta computes them
         zero = row.numel() - 1  # base-only tokens, and slots of adapters that skip this layer
         idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]  # (N,) in [0, S]; S = none
         if bool((idx == S).all()):
