@@ -8,11 +8,9 @@ quantization (fp32 compute): leantune `load(path, quantize="nf4")` vs transforme
 `BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, compute fp32)` on bitsandbytes' CPU backend;
 both quantize the same fp32 weights to the same codes, so the first losses agree. Each side runs in its
 own subprocess (clean peak-RSS accounting, load included); the driver prints a table, the ratios and
-one JSON line. The leantune side holds glibc's mmap threshold as `leantune finetune` does
-(`leantune.train.return_freed_memory`); `--glibc-default` leaves it to glibc, and running the driver with
-MALLOC_MMAP_THRESHOLD_=131072 in the environment gives both sides the held threshold.
+one JSON line.
 
-    .venv/bin/python bench/lora_step.py [--method lora|qlora] [--steps 6] [--batch 2] [--seq 128] [--clock cpu] [--glibc-default]
+    .venv/bin/python bench/lora_step.py [--method lora|qlora] [--steps 6] [--batch 2] [--seq 128] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -54,10 +52,6 @@ def run_leantune(folder: str, args) -> dict:
     from leantune.data import Batch
     from leantune.train.loss import lm_loss_sum
 
-    if not args.glibc_default:
-        from leantune.train import return_freed_memory
-
-        return_freed_memory()  # as `leantune finetune` does
     t0 = time.perf_counter()
     model, _ = leantune.load(folder, quantize="nf4" if args.method == "qlora" else None)
     load = {"load_s": time.perf_counter() - t0, "load_peak_rss_mib": peak_rss_mib()}
@@ -146,10 +140,6 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: time steps by this process's CPU time, which other jobs on a shared machine disturb "
                          "far less than wall time (use with BENCH_THREADS=1: idle-spinning threads count as CPU)")
-    ap.add_argument("--glibc-default", action="store_true",
-                    help="leantune side: leave glibc's mmap threshold dynamic (the finetune recipe holds it, "
-                         "leantune.train.return_freed_memory; run the peer with MALLOC_MMAP_THRESHOLD_=131072 "
-                         "in the environment to give it the same)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile leantune's decoder blocks (opt-in; ~1 min compile in the warm-up)")
     ap.add_argument("--worker", choices=["leantune", "peer"])
@@ -170,8 +160,7 @@ def main() -> None:
         for who in ("leantune", "peer"):
             cmd = [sys.executable, __file__, "--worker", who, "--folder", str(folder)] + [
                 f"--{k}={getattr(args, k)}" for k in ("method", "steps", "warmup", "batch", "seq", "rank", "clock")] + (
-                ["--compile"] if args.compile and who == "leantune" else []) + (
-                ["--glibc-default"] if args.glibc_default else [])
+                ["--compile"] if args.compile and who == "leantune" else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[who] = json.loads(out.strip().splitlines()[-1])
     lt, pr = res["leantune"], res["peer"]
@@ -184,8 +173,7 @@ def main() -> None:
     print(f"{'QLoRA (NF4+DQ base)' if qlora else 'LoRA'} step, SmolLM2-135M fp32, batch {args.batch}x{args.seq}, "
           f"r={args.rank} all-linear, "
           f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up, {args.clock} clock"
-          + (", leantune blocks compiled" if args.compile else "")
-          + (", glibc malloc defaults" if args.glibc_default else ", leantune holds glibc's mmap threshold"))
+          + (", leantune blocks compiled" if args.compile else ""))
     print(f"{'':<22}{'leantune':>12}{peer_name:>24}{'ratio':>8}")
     for key, label in (("median_step_s", "step time (s)"), ("tokens_per_s", "tokens/s"),
                        ("peak_rss_mib", "peak RSS (MiB)"), ("step_peak_growth_mib", "step RSS growth (MiB)"),
@@ -195,7 +183,7 @@ def main() -> None:
     print(json.dumps({"bench": "qlora_step" if qlora else "lora_step", "leantune": lt, "peer": pr,
                       "time_ratio": lt["median_step_s"] / pr["median_step_s"],
                       "memory_ratio": lt["peak_rss_mib"] / pr["peak_rss_mib"], "compile": args.compile,
-                      "glibc_default": args.glibc_default, "threads": torch.get_num_threads(), "clock": args.clock}))
+                      "threads": torch.get_num_threads(), "clock": args.clock}))
 
 
 if __name__ == "__main__":

@@ -176,10 +176,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     from .. import methods
     from ..models.loader import load
-    from ..train.memory import return_freed_memory
 
     torch.manual_seed(cfg.seed)
-    return_freed_memory()  # freed activations go back to the OS: peak RSS follows live tensors
     out = Path(cfg.output)
     t0 = time.perf_counter()
     # QLoRA quantizes while loading, so the fp32 model is never resident in full.
