@@ -392,3 +392,31 @@ def lm_load(folder):
     from leantune.models.loader import load
 
     return load(folder)
+
+
+def test_backward_keeps_one_output_sized_tensor_per_adapter():
+    # the plain expression (scale - 1) * base + scale * s * lora keeps base and lora for m's gradient;
+    # DoRA keeps y = base + s * lora only, and m's gradient is still the plain expression's
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32))
+    lm.apply(net, "dora", r=4, alpha=8, targets=["0"])
+    layer = net[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)
+    x = torch.randn(5, 16, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = net(x)
+    out_sized = {t.untyped_storage().data_ptr() for t in kept if tuple(t.shape) == (5, 32)}
+    assert len(out_sized) == 1
+    mag = layer.lora_magnitude_vector["default"].weight
+    (g_m,) = torch.autograd.grad(out.square().sum(), [mag])
+    # the same gradient through the plain expression
+    lora_a, lora_b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    scale = layer.lora_magnitude_vector["default"].scale(layer, "default")
+    base = layer.base_layer(x)
+    plain = base + (scale - 1) * (base - layer.base_layer.bias) + (scale * s) * lora_b(lora_a(x))
+    torch.testing.assert_close(plain, out)
+    (ref,) = torch.autograd.grad(plain.square().sum(), [mag])
+    torch.testing.assert_close(g_m, ref, rtol=1e-5, atol=1e-6)

@@ -124,6 +124,31 @@ def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
 # the magnitude vector: PEFT's `lora_magnitude_vector[name]`, and the DoRA arithmetic of one adapter
 
 
+class _DoraDelta(torch.autograd.Function):
+    """`(scale - 1) * base + scale * s * lora` with one (..., out) tensor kept for backward instead of two.
+
+    Autograd on the plain expression keeps both `base` and `lora` for the magnitude's gradient. Both
+    enter it only as `y = base + s * lora` (d scale = sum over rows of g * y), so y alone is kept: half
+    the activation memory DoRA adds per layer. The forward value is the plain expression's, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, base, lora, scale, s: float):
+        # base, lora (..., out); scale (out,) = m / ||W + s B A||_row
+        need_scale = ctx.needs_input_grad[2]
+        ctx.save_for_backward(torch.add(base, lora, alpha=s) if need_scale else None, scale)
+        ctx.s = s
+        return (scale - 1) * base + (scale * s) * lora
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scale = ctx.saved_tensors
+        need_base, need_lora, need_scale = ctx.needs_input_grad[:3]
+        d_base = g * (scale - 1) if need_base else None
+        d_lora = g * (scale * ctx.s) if need_lora else None
+        d_scale = (g * y).reshape(-1, g.shape[-1]).sum(0) if need_scale else None
+        return d_base, d_lora, d_scale, None
+
+
 class DoraMagnitude(nn.Module):
     """The magnitude `m` (out,) of one DoRA adapter (`.weight`, PEFT's in-memory name) and its arithmetic."""
 
@@ -162,7 +187,7 @@ class DoraMagnitude(nn.Module):
             base = base_matmul(layer, x)
         scale = self.scale(layer, name)
         lora = lora_b(lora_a(x))
-        return (scale - 1) * base.to(lora.dtype) + (scale * layer.scaling[name]) * lora
+        return _DoraDelta.apply(base.to(lora.dtype), lora, scale, float(layer.scaling[name]))
 
     def merged_tensors(self, layer: LoraLinear, name: str, sign: int):
         """New (W, b) in the base dtype after merging (sign=1) or unmerging (-1) this adapter."""
