@@ -17,8 +17,9 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
   tensor, s bytes; CUDA's fused dropout: 1 byte);
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
   logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once;
-- the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (plain float down_proj), else
-  gate, silu(gate), up and the down_proj input;
+- the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (a plain float or 4-bit
+  down_proj, or one LoRA adapter reading its input uncast and undropped), else gate, silu(gate), up and
+  the down_proj input;
 - the loss (`train/loss.py`, `ops/linear_ce.py`) keeps the final norm's input, the label mask and dh
   (B(T-1), C); during the forward it also holds the final hidden states, their labelled rows and one
   chunk of fp32 logits (the softmax is made in place over them): 4 bytes x chunk x vocab (+ s when the
@@ -188,7 +189,8 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]
     saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
     gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
     down = "down_proj" in t
-    fused = not p.quantized and (not down or p.shared_input)  # ops/swiglu.py takes the MLP
+    # ops/swiglu.py takes the MLP (a 4-bit down_proj too: Linear4bit hands the fused op its packed codes)
+    fused = not down or p.shared_input
     if fused:
         saved += 2 * F * s if (gate_grad or up_grad or down) else 0
         saved += p.r * s if down else 0
