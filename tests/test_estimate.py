@@ -255,3 +255,17 @@ def test_estimate_within_15_percent_of_measured_peak_rss(smollm2_path, batch, se
 if __name__ == "__main__":
     b, t = int(sys.argv[1]), int(sys.argv[2])
     print(json.dumps(measure_step_memory(b, t, gc="gc" in sys.argv[3:])))
+
+
+def test_activation_rules_for_cuda_adapter_math(one_thread, monkeypatch):
+    # on CUDA fp32 adapters on a bf16 model take the fused op in bf16 (LoraLinear.adapter_math "auto");
+    # forcing that rule on CPU, what autograd saves must equal the estimate for device="cuda"
+    from leantune.methods.lora import LoraLinear
+
+    monkeypatch.setattr(LoraLinear, "adapter_math", "activation")
+    cfg = tiny_cfg()
+    model = tiny_model(cfg, torch.bfloat16, "all-linear", 0.0)
+    plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cuda")
+    assert activation_bytes(plan, 2, 16)["total"] == saved_bytes(model, 2, 16)
+    cpu_plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cpu")
+    assert activation_bytes(cpu_plan, 2, 16)["total"] > activation_bytes(plan, 2, 16)["total"]

@@ -307,3 +307,37 @@ def test_qlora_fused_path_only_in_the_compute_dtype():
     assert layer.fused_linear_params(torch.randn(2, 64, dtype=torch.float64)) is None  # forward casts
     layer.compute_dtype = torch.float64
     assert layer.fused_linear_params(torch.randn(2, 64)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 adapters on a bf16 model: the fused op computes the adapter products in bf16 (autocast's rule)
+
+
+def test_fp32_adapters_on_bf16_take_the_fused_path_when_allowed(monkeypatch):
+    model = tiny_model(tie=True).to(torch.bfloat16)
+    lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for _, layer in lm.adapter_layers(model):
+            assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's placement on half bases
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    model.train()
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert layer.fused_linear_params(x) is None  # "auto" on CPU: PEFT's fp32 module path
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = Batch(ids, ids.clone(), torch.arange(12).expand(2, -1), None, 22, 24)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(math):
+        monkeypatch.setattr(LoraLinear, "adapter_math", math)
+        loss, n = lm_loss_sum(model, batch)
+        return loss, torch.autograd.grad(loss / n, params)
+
+    fused_loss, fused_grads = run("activation")
+    assert layer.fused_linear_params(x) is not None
+    assert all(g.dtype == torch.float32 for g in fused_grads)  # fp32 gradients for the fp32 masters
+    plain_loss, plain_grads = run("adapter")
+    assert abs(fused_loss.item() - plain_loss.item()) <= 2e-2 * abs(plain_loss.item())
+    # bf16 products against fp32 ones: bf16's ~3 significant digits, not more
+    errs = [rel(f, p) for f, p in zip(fused_grads, plain_grads)]
+    assert max(errs) <= 3e-2, errs  # ~1e-2 seen

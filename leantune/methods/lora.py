@@ -153,6 +153,10 @@ class LoraLinear(AdapterLayer):
     """A linear layer with any number of LoRA adapters (PEFT's `lora.Linear` layout)."""
 
     adapter_module_dicts = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    # fp32 adapters on a bf16/fp16 input: "activation" runs the fused op with the adapter products in the
+    # input's dtype and fp32 gradients (what torch.autocast does with PEFT); "adapter" keeps PEFT's plain
+    # fp32 module path (casts x up per layer, no fused op); "auto": activation on CUDA, adapter elsewhere.
+    adapter_math = "auto"
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -241,9 +245,15 @@ class LoraLinear(AdapterLayer):
             return None  # (DoRA: not a plain low-rank sum)
         if not (is_plain_linear(a) and is_plain_linear(b)):  # e.g. a hook on lora_A
             return None
-        if a.weight.dtype != x.dtype or b.weight.dtype != x.dtype:
+        if (a.weight.dtype != x.dtype or b.weight.dtype != x.dtype) and not self._adapter_math_in_activation_dtype(x):
             return None
         return base[0], base[1], a.weight, b.weight, self.scaling[name]
+
+    def _adapter_math_in_activation_dtype(self, x: torch.Tensor) -> bool:
+        """May fp32 adapters on a half-precision input compute in the input's dtype (autocast's rule)?"""
+        if self.adapter_math == "auto":
+            return x.is_cuda
+        return self.adapter_math == "activation"
 
     def _routed_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         if self.merged_adapters:

@@ -45,12 +45,15 @@ def saved_weight(ctx, saved: torch.Tensor | None, dtype: torch.dtype, needed: bo
 
 
 def linear_lora_forward(x, weight, bias, lora_a, lora_b, scaling: float):
-    """(y, xa_t) for 2-D x (N, in); xa_t = A x^T (r, N), None without an adapter."""
+    """(y, xa_t) for 2-D x (N, in); xa_t = A x^T (r, N), None without an adapter.
+
+    Adapter weights in another dtype than x (fp32 masters on a bf16 model) are cast to x's dtype for
+    the products, as autocast does; their gradients come back in their own dtype."""
     out = F.linear(x, weight, bias)  # (N, out)
     if lora_a is None:
         return out, None
-    xa_t = torch.mm(lora_a, x.t())  # (r, N)
-    out.addmm_(xa_t.t(), lora_b.t(), alpha=scaling)
+    xa_t = torch.mm(lora_a.to(x.dtype), x.t())  # (r, N)
+    out.addmm_(xa_t.t(), lora_b.to(x.dtype).t(), alpha=scaling)
     return out, xa_t
 
 
@@ -58,19 +61,20 @@ def linear_lora_backward(g, x, weight, lora_a, lora_b, xa_t, scaling: float, nee
     """(dx, dW, db, dA, dB) of `linear_lora_forward` for the inputs `need` flags, None elsewhere."""
     need_x, need_w, need_bias, need_a, need_b = need
     dx = dw = dbias = da = db = None
-    gb_t = torch.mm(lora_b.t(), g.t()) if lora_a is not None and (need_x or need_a) else None  # (r, N)
+    a = None if lora_a is None else lora_a.to(g.dtype)  # compute copies (no-ops when dtypes agree)
+    gb_t = torch.mm(lora_b.to(g.dtype).t(), g.t()) if a is not None and (need_x or need_a) else None  # (r, N)
     if need_x:
         dx = torch.mm(g, weight)  # (N, in)
         if gb_t is not None:
-            dx.addmm_(gb_t.t(), lora_a, alpha=scaling)
+            dx.addmm_(gb_t.t(), a, alpha=scaling)
     if need_w:
         dw = torch.mm(g.t(), x)
     if need_bias:
         dbias = g.sum(0)
     if need_a:
-        da = _scaled(torch.mm(gb_t, x), scaling)  # (r, in)
+        da = _scaled(torch.mm(gb_t, x), scaling).to(lora_a.dtype)  # (r, in)
     if need_b:
-        db = _scaled(torch.mm(xa_t, g), scaling).t().contiguous()  # (out, r)
+        db = _scaled(torch.mm(xa_t, g), scaling).t().contiguous().to(lora_b.dtype)  # (out, r)
     return dx, dw, dbias, da, db
 
 

@@ -12,7 +12,8 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
 - RMSNorm (`models/llama.py`) keeps its input as fp32 (`x.float()`: a copy unless s = 4) and 1/rms (fp32),
   when its input needs grad (not layer 0's: the frozen embedding's output does not);
 - a LoRA layer keeps its input and `x A^T` (r values): fused (`ops/lora_linear.py`) or not, an input shared
-  by q/k/v (or gate/up) is kept once when it needs no cast and no dropout; otherwise each adapted layer
+  by q/k/v (or gate/up) is kept once when it needs no cast (on CUDA fp32 adapters compute in the input's
+  dtype, `LoraLinear.adapter_math`) and no dropout; otherwise each adapted layer
   keeps its own cast/dropped copy (a), and dropout its mask when the input needs grad (CPU: a float noise
   tensor, s bytes; CUDA's fused dropout: 1 byte);
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
@@ -146,11 +147,12 @@ class _Plan:
     targets: list[set[str]]  # per layer: short names of adapted linears
     head_adapted: bool
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
+    adapter_math_in_activation: bool = False  # CUDA: fp32 adapters compute in the input's dtype (methods/lora.py)
 
     @property
     def shared_input(self) -> bool:
         """Adapted layers reading one tensor keep it once (no per-layer cast copy, no dropout copy)."""
-        return self.a == self.s and self.dropout == 0
+        return (self.a == self.s or self.adapter_math_in_activation) and self.dropout == 0
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         C, F, H, K, D = self.C, self.F, self.H, self.K, self.D
@@ -167,8 +169,8 @@ def _lora_inputs(p: _Plan, n: int, width: int, kept: bool, grad: bool) -> int:
     by someone else already; `grad`: the input needs grad (then dropout keeps its mask)."""
     if n == 0:
         return 0
-    if p.shared_input:
-        return (0 if kept else width * p.s) + n * p.r * p.a
+    if p.shared_input:  # the fused op: x A^T in the input's dtype
+        return (0 if kept else width * p.s) + n * p.r * p.s
     mask = width * p.mask_bytes if (p.dropout > 0 and grad) else 0
     return n * (width * p.a + mask + p.r * p.a)
 
@@ -284,7 +286,7 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
     return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
                  V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,
                  quantized=quantized, targets=per_layer, head_adapted=head,
-                 mask_bytes=1 if device == "cuda" else dtype_bytes)
+                 mask_bytes=1 if device == "cuda" else dtype_bytes, adapter_math_in_activation=device == "cuda")
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
