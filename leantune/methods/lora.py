@@ -294,29 +294,54 @@ class LoraLinear(AdapterLayer):
                 and name not in getattr(self, "lora_magnitude_vector", ()))
 
     def _stacked(self):
-        """(A_cat (S*r_max, in), sB_cat (out, S*r_max), row of each slot, S, r_max): every adapter padded to
-        the largest rank and concatenated, B pre-scaled. Cached until a weight changes (keyed on each
-        tensor's storage and version counter), so training one adapter while serving others never reads
-        stale weights."""
-        names = sorted(self.slot_to_name.items())
-        key = tuple((s, n, self.lora_A[n].weight._version, self.lora_A[n].weight.data_ptr(),
-                     self.lora_B[n].weight._version, self.lora_B[n].weight.data_ptr()) for s, n in names)
-        cache = getattr(self, "_stack_cache", None)
-        if cache is not None and cache[0] == key:
+        """(A_cat (S*r_max, in), sB_cat (out, S*r_max), row of each slot, S, r_max), or None when an adapter
+        is not a plain additive one (`_stackable`): every adapter padded to the largest rank and
+        concatenated, B pre-scaled. Cached until anything it was built from changes: the slots, train/eval
+        mode, a scaling, an adapter module or weight object, or a weight's version counter (bumped by every
+        in-place write: optimizer steps, copy_ on reload), so training one adapter while serving others
+        never reads stale weights. The check runs per linear per decode step, so it reads the modules'
+        dicts directly (no nn.Module attribute lookups)."""
+        cache = self.__dict__.get("_stack_cache")
+        if cache is not None and self._stack_still_valid(cache[0]):
             return cache[1]
-        a0 = self.lora_A[names[0][1]].weight
-        S, r_max = len(names), max(self.r[n] for _, n in names)
-        A = a0.new_zeros(S, r_max, self.in_features)
-        B = a0.new_zeros(self.out_features, S, r_max)
-        row = torch.full((max(s for s, _ in names) + 2,), S, dtype=torch.long, device=a0.device)
-        with torch.no_grad():
-            for i, (slot, n) in enumerate(names):
-                A[i, : self.r[n]] = self.lora_A[n].weight
-                B[:, i, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-                row[slot] = i
-        value = (A.reshape(S * r_max, -1), B.reshape(self.out_features, S * r_max), row, S, r_max)
-        self._stack_cache = (key, value)
+        names = sorted(self.slot_to_name.items())
+        if not all(self._stackable(n) for _, n in names):
+            value = None
+        else:
+            a0 = self.lora_A[names[0][1]].weight
+            S, r_max = len(names), max(self.r[n] for _, n in names)
+            A = a0.new_zeros(S, r_max, self.in_features)
+            B = a0.new_zeros(self.out_features, S, r_max)
+            row = torch.full((max(s for s, _ in names) + 2,), S, dtype=torch.long, device=a0.device)
+            with torch.no_grad():
+                for i, (slot, n) in enumerate(names):
+                    A[i, : self.r[n]] = self.lora_A[n].weight
+                    B[:, i, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+                    row[slot] = i
+            value = (A.reshape(S * r_max, -1), B.reshape(self.out_features, S * r_max), row, S, r_max)
+        self._stack_cache = (self._stack_state(names), value)
         return value
+
+    def _stack_state(self, names) -> tuple:
+        mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
+        entries = []
+        for _, n in names:
+            a, b = mods_a[n], mods_b[n]
+            wa, wb = a._parameters["weight"], b._parameters["weight"]
+            entries.append((n, a, b, wa, wb, wa._version, wb._version, self.scaling[n]))
+        return dict(self.slot_to_name), self.training, tuple(entries)
+
+    def _stack_still_valid(self, state: tuple) -> bool:
+        slots, training, entries = state
+        if training != self.training or slots != self.slot_to_name:
+            return False
+        mods_a, mods_b, scaling = self.lora_A._modules, self.lora_B._modules, self.scaling
+        for n, a, b, wa, wb, va, vb, sc in entries:
+            if (mods_a.get(n) is not a or mods_b.get(n) is not b or a._parameters.get("weight") is not wa
+                    or b._parameters.get("weight") is not wb or wa._version != va or wb._version != vb
+                    or scaling.get(n) != sc):
+                return False
+        return True
 
     def _gathered_delta(self, flat_x: torch.Tensor, ids: torch.Tensor):
         """Per-token LoRA deltas for a batch that mixes many adapters, in two dense matmuls: every token's
@@ -324,9 +349,10 @@ class LoraLinear(AdapterLayer):
         adapter's r columns, and the concatenated B maps back. Cost does not grow with the number of
         distinct adapters in the batch beyond that projection. "base" when no token uses an adapter;
         None when not applicable (DoRA, LoRA bias, dropout)."""
-        if not all(self._stackable(n) for n in self.slot_to_name.values()):
+        stack = self._stacked()
+        if stack is None:
             return None
-        A, B, row, S, r = self._stacked()
+        A, B, row, S, r = stack
         flat_x = flat_x.to(A.dtype)  # fp32 adapters on a bf16 base: as lora_delta computes them
         zero = row.numel() - 1  # base-only tokens, and slots of adapters that skip this layer
         idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]  # (N,) in [0, S]; S = none
