@@ -190,8 +190,10 @@ def make_engine(model, tok, base, tmp: Path, args, tag: str):
     cfg = EngineConfig(num_blocks=args.num_blocks, block_size=BLOCK_SIZE, max_tokens_per_step=args.budget,
                        max_seqs=64, max_model_len=max_model_len(args),
                        ft_max_chunk=args.ft_chunk, ft_bwd_layers=args.bwd_layers, ft_max_length=args.train_len,
-                       checkpoint_every=10_000)
-    return Engine(model, tok, base, store, cfg), store
+                       checkpoint_every=10_000, ft_time_share=args.ft_share)
+    engine = Engine(model, tok, base, store, cfg)
+    engine.clock = clock  # admission measures with the bench's clock (CPU time on a shared machine)
+    return engine, store
 
 
 # -- the inference load ------------------------------------------------------------------------------
@@ -438,6 +440,10 @@ def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=
     load.stop()
     engine.jobs.cancel(active.id)
     leftover = out["wall_s"] - gen * serve["s_per_gen_token"]
+    adm = engine.admission
+    if adm is not None:  # what the time share let in, as the engine measured it
+        out["admission"] = {"share": adm.share, "serving_iters": adm.served, "with_ft": adm.with_ft,
+                            "plain_iter_ms": 1e3 * (adm.plain_s or 0.0), "ft_added_ms": 1e3 * adm.extra_s}
     return {**out, "gen_tokens": gen, "gen_tok_s": _div(gen, out["wall_s"]),
             "ft_tok_s_of_leftover": out["ft_tokens"] / leftover if leftover > 0 else math.nan,
             **load.latency()}
@@ -635,7 +641,8 @@ def report(res: dict, args) -> None:
     where = f"{res['dtype']} on {res.get('gpu') or 'cpu'}"
     print(f"\nco-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
           f"({args.prompt_len} prompt + {args.output_len} out) greedy; FT seq {args.train_len} tok, batch 1, "
-          f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}")
+          f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}"
+          + (f", ft time share {args.ft_share:g}" if args.ft_share is not None else ""))
     head = f"{'mode':<26}{'FT tok/s':>10}{'gen tok/s':>11}{'TPOT p50':>10}{'TPOT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
     print(head + "   (ms)")
     nan = math.nan
@@ -687,6 +694,9 @@ def parse(argv=None):
     ap.add_argument("--budget", type=int, default=None, help="max_tokens_per_step (default: per preset)")
     ap.add_argument("--ft-chunk", type=int, default=None, help="ft_max_chunk (default: per preset)")
     ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
+    ap.add_argument("--ft-share", type=float, default=None,
+                    help="ft_time_share: fine-tuning may add at most this fraction to serving iterations "
+                         "(default: none, the leftover token budget decides)")
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 16 tokens (default: every sequence at once + 25%%, at least 256)")
     ap.add_argument("--n-adapters", type=int, default=16)
@@ -751,7 +761,7 @@ def main(argv=None) -> dict:
            "kernels": args.kernels, "threads": args.threads, "clock": args.clock, "max_s": args.max_s, "phase_s": args.phase_s,
            "settings": {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "train_len",
                                                        "steps", "serve_iters", "budget", "ft_chunk", "bwd_layers",
-                                                       "num_blocks", "n_adapters", "adapter_output",
+                                                       "ft_share", "num_blocks", "n_adapters", "adapter_output",
                                                        "adapter_reps")}}
 
     def done(what: str, key: str | None = None) -> None:

@@ -62,3 +62,25 @@ def test_a_failing_job_fails_alone(model_tok, tmp_path, one_thread):
     j = e.store.get_job("o", job["id"])
     assert j["status"] == "failed" and "no longer exists" in j["error"]["message"]
     assert not [n for n in leantune.methods.list_adapters(model_tok[0]) if n.startswith("job_")]
+
+
+def test_time_share_holds_the_job_back_while_serving_and_lets_it_finish_after(model_tok, tmp_path, one_thread):
+    e = _engine(model_tok, tmp_path, num_blocks=64, block_size=4, ft_max_chunk=8, ft_time_share=1e-6)
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(3)]
+    f = e.store.add_file("o", "t.jsonl", "fine-tune", "\n".join(json.dumps(r) for r in rows).encode())
+    job = e.store.add_job("o", "model", f["id"], hyperparameters={"n_epochs": 1})
+    done = []
+    for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13]):
+        e.add_request(GenRequest(p, "model", max_tokens=24, temperature=0, ignore_eos=True),
+                      lambda ev: done.append(ev) if ev.get("finish_reason") else None)
+    while len(done) < 3:
+        assert e.iteration()
+    # a vanishing share: after one chunk the job owes more time than serving will ever credit it
+    assert e.stats.ft_tokens <= 8 and e.stats.ft_steps == 0
+    for _ in range(10_000):
+        if not e.iteration():
+            break
+    assert e.store.get_job("o", job["id"])["status"] == "succeeded" and e.stats.ft_steps == 3
+    with pytest.raises(ValueError, match="ft_time_share"):
+        EngineConfig(ft_time_share=0)

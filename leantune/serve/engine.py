@@ -33,6 +33,7 @@ from .block_manager import BlockManager
 from .jobs import JobRunner
 from .requests import GenRequest, RequestState
 from .runner import ModelRunner, Work
+from .admission import TimeShare
 from .scheduler import Scheduler, Sequence
 from .store import Store
 
@@ -51,6 +52,10 @@ class EngineConfig:
     ft_rank: int = 8
     ft_alpha: float = 16.0
     checkpoint_every: int = 10  # optimizer steps between job checkpoints (and at each epoch end)
+    # None: a job takes the leftover token budget of every iteration. A fraction f: while requests are
+    # served, fine-tuning may add at most f to their iteration time (serve.admission.TimeShare), so
+    # time-per-output-token grows by about f whatever the hardware has to spare.
+    ft_time_share: float | None = None
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_tokens_per_step", "max_seqs", "max_model_len",
@@ -58,6 +63,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        share = self.ft_time_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not share > 0):
+            raise ValueError(f"ft_time_share must be a number > 0 (e.g. 0.15) or None, got {share!r}")
 
 
 @dataclass
@@ -98,6 +106,8 @@ class Engine:
         self.reqs: dict[str, RequestState] = {}
         self.jobs = JobRunner(self)
         self.stats = Stats()
+        self.admission = TimeShare(self.cfg.ft_time_share) if self.cfg.ft_time_share is not None else None
+        self.clock = time.perf_counter  # what admission measures iterations with
         self.created = int(time.time())
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
@@ -241,19 +251,24 @@ class Engine:
         self.stats.preemptions += len(plan.preempted)
         works = [self._work(c) for c in plan.chunks]
         inference = bool(works)
-        ft_work = self.jobs.forward_work(plan.leftover, inference)
+        admit = self.admission is None or self.admission.admit(inference)
+        ft_work = self.jobs.forward_work(plan.leftover, inference) if admit else None
         if ft_work is not None:
             works.append(ft_work)
-        if not works and not self.jobs.wants_backward():
+        if not works and not (admit and self.jobs.wants_backward()):
             return False
-        t0 = time.perf_counter()
+        t0, c0, ft_steps = time.perf_counter(), self.clock(), self.jobs.backward_units
         res = self.runner.step(works)
         if inference:
             self._after_inference(plan, res.logits)
         if ft_work is not None:
             self._job_stage(self.jobs.forward_done, res.captures)
-        self._job_stage(self.jobs.backward, inference)
+        if admit:
+            self._job_stage(self.jobs.backward, inference)
         self.stats.iterations += 1
+        if self.admission is not None:
+            with_ft = ft_work is not None or self.jobs.backward_units != ft_steps
+            self.admission.record(inference, with_ft, self.clock() - c0)
         if inference:
             self.stats.tpot = (self.stats.tpot + [time.perf_counter() - t0])[-1000:]
         return True

@@ -72,6 +72,7 @@ class JobRunner:
         self.active: ActiveJob | None = None
         self.starting: str | None = None  # id of the job being set up (so a failure there is pinned on it)
         self.just_forwarded = False  # this iteration finished a training sequence's forward
+        self.backward_units = 0  # backward slices run so far (the engine's admission tells its iterations apart)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -198,6 +199,7 @@ class JobRunner:
             return
         # units of backward: the loss, then layers; all of them when no request is waiting on us
         k = self.e.cfg.ft_bwd_layers if inference else len(self.e.model.model.layers) + 1
+        self.backward_units += 1
         if not a.trainer.backward_layers(k):
             return
         m = a.trainer.apply_step()

@@ -1,0 +1,51 @@
+"""Time-share admission of fine-tuning work into serving iterations (a token bucket on measured time).
+
+The leftover token budget alone lets fine-tuning into every iteration that has room, so on hardware
+without idle compute (a CPU) each iteration that carries a forward chunk or a backward slice is slower
+by that work, and inference latency grows by whatever fraction of time the job takes. With a share
+`f`, fine-tuning may add at most `f` to the time of iterations that serve requests: every such
+iteration credits `f x` (the running time of a plain inference iteration) to a bucket, an iteration
+that carried fine-tuning work is charged what it took beyond a plain one, and work is admitted only
+while the bucket is not negative. Time-per-output-token then grows by about `f`, and the job trains
+at what that share of time buys. Without inference the job runs freely (the bucket is untouched).
+Pure Python; the engine measures the times.
+"""
+from __future__ import annotations
+
+
+class TimeShare:
+    """Admission by time share `share` (> 0) of iterations that serve requests."""
+
+    def __init__(self, share: float, smoothing: float = 0.1, burst: float = 4.0):
+        if not share > 0:
+            raise ValueError(f"the fine-tuning time share must be > 0, got {share!r}")
+        self.share, self.smoothing, self.burst = share, smoothing, burst
+        self.plain_s: float | None = None  # running mean of an inference iteration without fine-tuning
+        self.bucket = 0.0  # seconds fine-tuning may still add
+        self.served = self.with_ft = 0  # serving iterations, and those that carried fine-tuning
+        self.extra_s = 0.0  # what fine-tuning added to serving iterations (measured against plain_s)
+
+    def admit(self, inference: bool) -> bool:
+        """May this iteration carry fine-tuning work?"""
+        if not inference:
+            return True
+        return self.plain_s is not None and self.bucket >= 0.0
+
+    def record(self, inference: bool, with_ft: bool, seconds: float) -> None:
+        """Account one iteration that took `seconds` (with fine-tuning work in it or not)."""
+        if not inference:
+            return
+        self.served += 1
+        self.with_ft += with_ft
+        if not with_ft:
+            a = self.smoothing
+            self.plain_s = seconds if self.plain_s is None else (1 - a) * self.plain_s + a * seconds
+        if self.plain_s is None:
+            return
+        self.bucket += self.share * self.plain_s
+        if with_ft:
+            extra = max(0.0, seconds - self.plain_s)
+            self.bucket -= extra
+            self.extra_s += extra
+        # no credit hoarded across a long idle stretch: at most a few iterations' worth at once
+        self.bucket = min(self.bucket, self.burst * self.share * self.plain_s)

@@ -1,0 +1,46 @@
+"""serve.admission.TimeShare: fine-tuning adds about its share to the time of serving iterations."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from leantune.serve.admission import TimeShare
+
+
+@pytest.mark.parametrize("share,ft_cost", [(0.2, 0.05), (0.1, 0.03), (0.3, 0.01)])
+def test_fine_tuning_adds_its_share_of_iteration_time(share, ft_cost):
+    rng = random.Random(0)
+    ts = TimeShare(share)
+    plain_total = extra = 0.0
+    with_ft = 0
+    n = 4000
+    for _ in range(n):
+        plain = 0.1 * rng.uniform(0.9, 1.1)  # a plain decode iteration, 100 ms +- 10%
+        ft = ts.admit(inference=True)
+        took = plain + (ft_cost * rng.uniform(0.8, 1.2) if ft else 0.0)
+        ts.record(True, ft, took)
+        plain_total += plain
+        extra += took - plain
+        with_ft += ft
+    # fine-tuning adds its share, or all it can when its work is cheaper than that (every iteration)
+    assert extra / plain_total == pytest.approx(min(share, ft_cost / 0.1), rel=0.1)
+    # the work went in as often as the share pays for: share * plain / cost of a unit
+    assert with_ft / n == pytest.approx(min(1.0, share * 0.1 / ft_cost), rel=0.1)
+
+
+def test_without_inference_the_job_runs_freely_and_needs_a_plain_iteration_first():
+    ts = TimeShare(0.2)
+    assert ts.admit(inference=False)
+    assert not ts.admit(inference=True)  # nothing measured yet: serve one plain iteration first
+    ts.record(True, False, 0.1)
+    assert ts.admit(inference=True)
+    ts.record(True, True, 0.5)  # a slow fine-tuning iteration: +0.4 s against 0.02 s of credit
+    assert not ts.admit(inference=True)
+    for _ in range(19):
+        ts.record(True, False, 0.1)
+    assert ts.admit(inference=True)  # 20 plain iterations paid it back
+    ts.record(False, True, 5.0)  # idle-time work is not charged
+    assert ts.admit(inference=True)
+    with pytest.raises(ValueError, match="share"):
+        TimeShare(0.0)
