@@ -8,13 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lt_tiny import tiny_lt_model, tiny_qlora_model
 from torch import nn
 
 import leantune.methods as lm
 from leantune.data import Batch
 from leantune.methods import LoraLinear
-from leantune.models.config import ModelConfig
-from leantune.models.llama import LlamaForCausalLM
 from leantune.ops import linear_cross_entropy_sum, lora_linear, swiglu_linear
 from leantune.train.loss import lm_loss_sum
 
@@ -208,24 +207,12 @@ def test_softmax_in_place_is_the_out_of_place_softmax():
 # the whole training forward: fused paths on vs off
 
 
-def tiny_model(tie: bool):
-    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_lm_loss_and_lora_grads_equal_unfused(monkeypatch, tie):
     import leantune.models.llama as llama
     import leantune.train.loss as loss_mod
 
-    model = tiny_model(tie)
+    model = tiny_lt_model(tie)
     lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
     with torch.no_grad():
         for _, layer in lm.adapter_layers(model):
@@ -253,22 +240,11 @@ def test_lm_loss_and_lora_grads_equal_unfused(monkeypatch, tie):
 # QLoRA: the fused ops on a 4-bit base expand the codes themselves
 
 
-def qlora_tiny_model():
-    from leantune.quant import quantize_model
-
-    model = quantize_model(tiny_model(tie=True))
-    lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
-    with torch.no_grad():
-        for _, layer in lm.adapter_layers(model):
-            layer.lora_B["default"].weight.normal_(0, 0.05)
-    return model.train()
-
-
 def test_qlora_fused_path_equals_module_path_and_keeps_no_float_weight(monkeypatch):
     import leantune.models.llama as llama
     from leantune.quant import Linear4bit
 
-    model = qlora_tiny_model()
+    model = tiny_qlora_model().train()
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 128)
     params = layer.fused_linear_params(x)
@@ -314,7 +290,7 @@ def test_qlora_fused_path_only_in_the_compute_dtype():
 
 
 def test_fp32_adapters_on_bf16_take_the_fused_path_when_allowed(monkeypatch):
-    model = tiny_model(tie=True).to(torch.bfloat16)
+    model = tiny_lt_model(tie=True).to(torch.bfloat16)
     lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
     with torch.no_grad():
         for _, layer in lm.adapter_layers(model):

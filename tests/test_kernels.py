@@ -403,35 +403,15 @@ def test_gpu_fused_ops():
 # the model on the kernels: `kernel_backend` ("auto" = Triton on CUDA) against the torch path
 
 
-def _tiny_qlora_llama(dev: str):
-    import leantune.methods as lm
-    from leantune.models.config import ModelConfig
-    from leantune.models.llama import LlamaForCausalLM
-    from leantune.quant import quantize_model
-
-    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=True))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    model = quantize_model(model).to(dev)
-    lm.apply(model, "lora", r=4, alpha=8, targets="all-linear")
-    with torch.no_grad():
-        for _, layer in lm.adapter_layers(model):
-            layer.lora_B["default"].weight.normal_(0, 0.05)
-    return model
-
-
 def test_model_on_kernels_equals_torch_path():
+    from lt_tiny import tiny_qlora_model
+
     from leantune.data import Batch
     from leantune.kernels import set_backend
     from leantune.quant import Linear4bit
     from leantune.train.loss import lm_loss_sum
 
-    model = _tiny_qlora_llama(DEV).train()
+    model = tiny_qlora_model(DEV, vocab=96).train()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1)).to(DEV)
     batch = Batch(ids, ids.clone(), torch.arange(8, device=DEV).expand(2, -1), None, 14, 16)
     params = [p for p in model.parameters() if p.requires_grad]
