@@ -161,9 +161,11 @@ class Linear4bit(nn.Module):
         dt = self.resolve_compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dt)
         xc = x.to(dt)
-        if xc.numel() <= self.fused_matmul_rows * self.in_features and use_triton(self.kernel_backend, xc):
+        triton = use_triton(self.kernel_backend, xc)
+        if triton and xc.numel() <= self.fused_matmul_rows * self.in_features:
             return kernels_fused.nf4_linear(xc, self.weight, self.quant_state, bias).to(x.dtype)
-        return _Dequantized4bitLinear.apply(xc, self.packed_weight(xc), bias).to(x.dtype)
+        weight = Packed4bitWeight(self.weight, self.quant_state, triton)
+        return _Dequantized4bitLinear.apply(xc, weight, bias).to(x.dtype)
 
     def packed_weight(self, x: torch.Tensor) -> Packed4bitWeight:
         """The codes as the fused ops take them, decoded by Triton when this layer runs it for x."""
