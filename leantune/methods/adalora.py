@@ -31,8 +31,9 @@ from .base import (
     ACTIVE_ATTR, CONFIGS_ATTR, AdapterLayer, adapter_configs, adapter_layers, delete_adapter, freeze_base,
     register_adapter, replace_module, set_adapter, set_adapter_trainable,
 )
-from .lora import _adapter_placement, _check_names, _token_ids, is_linear_like
+from .lora import _adapter_placement, _check_names, is_linear_like
 from .registry import apply, register_method
+from .routing import Routing
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 HOOKS_ATTR = "leantune_train_hooks"  # the list `train.loop.Trainer` calls; see the module docstring
@@ -205,18 +206,7 @@ class AdaLoraLinear(AdapterLayer):
             raise ValueError(f"adapters {self.merged_adapters} are merged into the base weights, so a forward with "
                              "adapter_ids would add them to every row; unmerge them first")
         result = self.call_base(x, adapter_ids)
-        ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
-        flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
-        out = None
-        for slot, name in self.slot_to_name.items():
-            rows = (ids == slot).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            delta = self.lora_delta(name, flat_x.index_select(0, rows))  # (n, out)
-            if out is None:
-                out = result.reshape(-1, result.shape[-1]).to(torch.promote_types(result.dtype, delta.dtype))
-            out = out.index_add(0, rows, delta.to(out.dtype))
-        return result if out is None else out.reshape(result.shape).to(result.dtype)
+        return Routing.of(adapter_ids).add_deltas(result, x, self.slot_to_name, self.lora_delta)
 
     def delta_weight(self, name: str) -> tuple[torch.Tensor, None]:
         """(P (Q ⊙ Λ) · scaling / (ranknum + 1e-5) in fp32, None): the change merging `name` makes to W."""

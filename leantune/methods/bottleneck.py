@@ -45,8 +45,8 @@ from .base import (
     set_adapter,
     set_adapter_trainable,
 )
-from .lora import _token_ids
 from .registry import apply, register_method
+from .routing import Routing
 from .targets import module_index, resolve_targets
 
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -227,14 +227,12 @@ class BottleneckLayer(AdapterLayer):
                 y = y + self.bottleneck(name, self._source(name, x, out)).to(out.dtype)
         return y
 
-    def _routed(self, x: torch.Tensor, out: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
-        ids = _token_ids(adapter_ids, out).reshape(-1)  # (N,)
+    def _routed(self, x: torch.Tensor, out: torch.Tensor, adapter_ids) -> torch.Tensor:
+        route = Routing.of(adapter_ids)
         flat_out, flat_x = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, d)
         y = flat_out
-        for slot, name in self.slot_to_name.items():
-            rows = (ids == slot).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
+        for slot in route.used(self.slot_to_name):
+            name, rows = self.slot_to_name[slot], route.rows(out, slot)
             src = self._source(name, flat_x, flat_out).index_select(0, rows)
             y = y.index_add(0, rows, self.bottleneck(name, src).to(y.dtype))
         return y.reshape(out.shape)

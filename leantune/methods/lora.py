@@ -23,6 +23,7 @@ from .base import (
     replace_module, set_adapter,
 )
 from .registry import register_method
+from .routing import Routing, token_ids
 from .targets import is_all_linear, pattern_value, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -255,38 +256,27 @@ class LoraLinear(AdapterLayer):
             return x.is_cuda
         return self.adapter_math == "activation"
 
-    def _routed_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    def _routed_forward(self, x: torch.Tensor, adapter_ids) -> torch.Tensor:
         if self.merged_adapters:
             raise ValueError(
                 f"adapters {self.merged_adapters} are merged into the base weights, so a forward with "
                 "adapter_ids would add them to every row; unmerge them first"
             )
         result = self.call_base(x, adapter_ids)
-        if adapter_ids.numel() == 1:  # one slot for the whole input (e.g. a training sequence): no routing
-            name = self.slot_to_name.get(int(adapter_ids.reshape(-1)[0]))
-            return result if name is None else (result + self.lora_delta(name, x, result)).to(result.dtype)
-        ids = _token_ids(adapter_ids, x).reshape(-1)  # (N,)
-        if not torch.is_grad_enabled() and bool((ids < 0).all()):
+        route = Routing.of(adapter_ids)
+        route.token_ids(x)  # checks the shape against x (once per forward: memoized)
+        used = route.used(self.slot_to_name)
+        if not used:
             return result  # a batch of base-model rows pays nothing for the adapters loaded beside it
-        flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
-        if ids.numel() <= GATHER_MAX_TOKENS and len(self.slot_to_name) > 2 and not torch.is_grad_enabled():
-            delta = self._gathered_delta(flat_x, ids)
-            if isinstance(delta, torch.Tensor):
+        if len(route.slots) == 1:  # every row on one adapter (e.g. a training sequence): no routing
+            name = self.slot_to_name[used[0]]
+            return (result + self.lora_delta(name, x, result)).to(result.dtype)
+        if len(used) > 2 and x.shape[:-1].numel() <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
+            stack = self._stacked()
+            if stack is not None:
                 out = result.reshape(-1, result.shape[-1])
-                return (out + delta.to(out.dtype)).reshape(result.shape)
-            if delta == "base":
-                return result
-        out = None
-        for slot, name in self.slot_to_name.items():
-            rows = (ids == slot).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            delta = self.lora_delta(name, flat_x.index_select(0, rows))  # (n, out)
-            if out is None:
-                dtype = torch.promote_types(result.dtype, delta.dtype)
-                out = result.reshape(-1, result.shape[-1]).to(dtype)
-            out = out.index_add(0, rows, delta.to(out.dtype))
-        return result if out is None else out.reshape(result.shape).to(result.dtype)
+                return out.add(self._gathered_delta(x, route, stack).to(out.dtype)).reshape(result.shape)
+        return route.add_deltas(result, x, self.slot_to_name, self.lora_delta)
 
     def _stackable(self, name: str) -> bool:
         """A plain additive adapter: no LoRA bias, no dropout in effect, no magnitude vector (DoRA)."""
@@ -294,7 +284,7 @@ class LoraLinear(AdapterLayer):
                 and name not in getattr(self, "lora_magnitude_vector", ()))
 
     def _stacked(self):
-        """(A_cat (S*r_max, in), sB_cat (out, S*r_max), row of each slot, S, r_max), or None when an adapter
+        """(A_cat (S*r_max, in), sB_cat (out, S*r_max), the slots in stack order, r_max), or None when an adapter
         is not a plain additive one (`_stackable`): every adapter padded to the largest rank and
         concatenated, B pre-scaled. Cached until anything it was built from changes: the slots, train/eval
         mode, a scaling, an adapter module or weight object, or a weight's version counter (bumped by every
@@ -312,13 +302,12 @@ class LoraLinear(AdapterLayer):
             S, r_max = len(names), max(self.r[n] for _, n in names)
             A = a0.new_zeros(S, r_max, self.in_features)
             B = a0.new_zeros(self.out_features, S, r_max)
-            row = torch.full((max(s for s, _ in names) + 2,), S, dtype=torch.long, device=a0.device)
             with torch.no_grad():
-                for i, (slot, n) in enumerate(names):
+                for i, (_, n) in enumerate(names):
                     A[i, : self.r[n]] = self.lora_A[n].weight
                     B[:, i, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-                    row[slot] = i
-            value = (A.reshape(S * r_max, -1), B.reshape(self.out_features, S * r_max), row, S, r_max)
+            value = (A.reshape(S * r_max, -1), B.reshape(self.out_features, S * r_max),
+                     tuple(slot for slot, _ in names), r_max)
         self._stack_cache = (self._stack_state(names), value)
         return value
 
@@ -343,24 +332,16 @@ class LoraLinear(AdapterLayer):
                 return False
         return True
 
-    def _gathered_delta(self, flat_x: torch.Tensor, ids: torch.Tensor):
-        """Per-token LoRA deltas for a batch that mixes many adapters, in two dense matmuls: every token's
-        x goes through all adapters' A at once (a rank S*r projection), a one-hot mask keeps its own
-        adapter's r columns, and the concatenated B maps back. Cost does not grow with the number of
-        distinct adapters in the batch beyond that projection. "base" when no token uses an adapter;
-        None when not applicable (DoRA, LoRA bias, dropout)."""
-        stack = self._stacked()
-        if stack is None:
-            return None
-        A, B, row, S, r = stack
-        flat_x = flat_x.to(A.dtype)  # fp32 adapters on a bf16 base: as lora_delta computes them
-        zero = row.numel() - 1  # base-only tokens, and slots of adapters that skip this layer
-        idx = row[torch.where((ids < 0) | (ids > zero), zero, ids)]  # (N,) in [0, S]; S = none
-        if bool((idx == S).all()):
-            return "base"
-        mask = (idx[:, None] == torch.arange(S, device=idx.device)).to(flat_x.dtype)  # (N, S)
-        h = (flat_x @ A.T).view(-1, S, r) * mask[:, :, None]  # (N, S, r): only the token's own adapter
-        return h.view(-1, S * r) @ B.T  # (N, out)
+    def _gathered_delta(self, x: torch.Tensor, route: Routing, stack) -> torch.Tensor:
+        """Per-token LoRA deltas (N, out) for a batch that mixes many adapters, in two dense matmuls: every
+        token's x goes through all adapters' A at once (a rank S*r projection), a one-hot mask (built once
+        per forward, `Routing.one_hot`) keeps its own adapter's r columns, and the concatenated B maps
+        back. Cost does not grow with the number of distinct adapters in the batch beyond that projection."""
+        A, B, order, r = stack
+        flat_x = x.reshape(-1, x.shape[-1]).to(A.dtype)  # fp32 adapters on a bf16 base: as lora_delta does
+        h = flat_x @ A.T  # (N, S*r)
+        h *= route.one_hot(x, order, r, h.dtype)  # only the token's own adapter's r columns
+        return h @ B.T  # (N, out)
 
     def delta_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(s * B @ A, s * b_B or None) in fp32, the change merging `name` makes to W and b."""
@@ -440,20 +421,9 @@ def _no_dropout(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
 
 
-def _token_ids(adapter_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """adapter_ids as one slot per token: (B,) is broadcast over the token dims of x."""
-    if adapter_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"adapter_ids must be an integer tensor of slots, got dtype {adapter_ids.dtype}")
-    lead = x.shape[:-1]
-    ids = adapter_ids.to(x.device)
-    if ids.shape == lead:
-        return ids
-    if ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]:
-        return ids.view(-1, *([1] * (len(lead) - 1))).expand(lead)
-    raise ValueError(
-        f"adapter_ids has shape {tuple(adapter_ids.shape)}; for an input of shape {tuple(x.shape)} "
-        f"it must be ({lead[0] if lead else 'B'},) per row or {tuple(lead)} per token"
-    )
+def _token_ids(adapter_ids, x: torch.Tensor) -> torch.Tensor:
+    """adapter_ids (a LongTensor or a Routing) as one slot per token: (B,) is broadcast over x's token dims."""
+    return token_ids(adapter_ids, x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..methods.routing import Routing
 from .kv_cache import KVCache
 from .llama import ForwardMeta
 
@@ -96,7 +97,7 @@ def generate(
     alive = torch.arange(B, device=device)  # original row index of each live batch row
     next_pos = pos[:, -1] + 1
     a_ids = adapter_ids.to(device) if adapter_ids is not None else None
-    logits = model(ids, ForwardMeta(positions=pos, adapter_ids=a_ids, cache=cache))[:, -1]
+    logits = model(ids, ForwardMeta(positions=pos, adapter_ids=_routing(a_ids), cache=cache))[:, -1]
     for _ in range(gen.max_new_tokens):
         tok = sample_next(logits, gen, rng)
         keep = []
@@ -116,7 +117,7 @@ def generate(
             a_ids = a_ids[k] if a_ids is not None else None
         if cache.length >= cache.max_len:
             break
-        meta = ForwardMeta(positions=next_pos[:, None], adapter_ids=a_ids, cache=cache)
+        meta = ForwardMeta(positions=next_pos[:, None], adapter_ids=_routing(a_ids), cache=cache)
         logits = model(tok[:, None], meta)[:, -1]
         next_pos = next_pos + 1
     model.train(was_training)
@@ -153,3 +154,8 @@ def generate_text(model, tokenizer, prompts: list[str] | list[list[int]], gen: G
         if cut >= 0:
             texts[i] = s[:cut]
     return texts
+
+
+def _routing(a_ids: torch.Tensor | None) -> Routing | None:
+    """The step's adapter slots, read once for every adapter layer of the forward."""
+    return None if a_ids is None else Routing(a_ids)

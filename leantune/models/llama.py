@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from ..ops.lora_linear import fused_linear_params
 from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
 from .kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from ..methods.routing import Routing
 
 
 class Linear(nn.Linear):
@@ -41,7 +45,8 @@ class ForwardMeta:
     positions: torch.Tensor | None = None  # (B, T) RoPE positions; default 0..T-1 (after the cache)
     segment_ids: torch.Tensor | None = None  # (B, T) packed samples: attend only within equal ids
     seq_lens: torch.Tensor | None = None  # (B,) valid (right-padded) lengths; keys past them are masked
-    adapter_ids: torch.Tensor | None = None  # (B,) or (B, T) adapter slots, -1 = base model
+    # (B,) or (B, T) adapter slots, -1 = base model; or a methods.routing.Routing of them (built once per step)
+    adapter_ids: torch.Tensor | Routing | None = None
     cache: KVCache | None = None  # or a paged cache (`paged = True`) that attends itself
 
 

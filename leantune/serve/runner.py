@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, rope_cos_sin
 from .paged_cache import PagedKVCache, build_plan
 
@@ -56,17 +57,19 @@ class ModelRunner:
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
-        return t(ids)[None], t(pos)[None], t(slots)[None], t(sample_rows), t(cap_rows)
+        # the adapter slots once per step, with their Python list: no adapter layer reads them back
+        aid = t(slots)[None]
+        return t(ids)[None], t(pos)[None], Routing(aid, slots), t(sample_rows), t(cap_rows)
 
     @torch.no_grad()  # not inference_mode: captured inputs become leaves of the co-trainer's backward
     def step(self, works: list[Work]) -> StepResult:
         if not works:
             return StepResult(None, None)
         m = self.model
-        ids, pos, aid, sample_rows, cap_rows = self._pack(works)
+        ids, pos, route, sample_rows, cap_rows = self._pack(works)
         self.cache.begin(build_plan([w.context for w in works], [len(w.tokens) for w in works],
                                     self.cache.window, self.device))
-        meta = ForwardMeta(positions=pos, adapter_ids=aid, cache=self.cache)
+        meta = ForwardMeta(positions=pos, adapter_ids=route, cache=self.cache)
         x = m.model.embed_tokens(ids)  # (1, N, C)
         cos, sin = rope_cos_sin(m.inv_freq, pos, x.dtype)
         caps = [] if cap_rows.numel() else None
@@ -79,5 +82,5 @@ class ModelRunner:
         logits = None
         if sample_rows.numel():
             h = m.model.norm(x[0, sample_rows])  # (n, C): only the rows that sample meet the LM head
-            logits = m.lm_head(h, aid[0, sample_rows]).float()
+            logits = m.lm_head(h, route.ids[0, sample_rows]).float()
         return StepResult(logits, caps)

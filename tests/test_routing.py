@@ -1,0 +1,84 @@
+"""Per-forward adapter routing (`leantune.methods.routing`): pure unit tests, and that a serving step works
+its routing out once for all adapter layers instead of once per linear (unit tier)."""
+import pytest
+import torch
+
+from leantune.methods.routing import Routing, token_ids
+
+
+def test_routing_from_a_list_equals_routing_from_the_tensor():
+    ids = torch.tensor([[-1, 3, 5, 3, -1, 7]])
+    a, b = Routing(ids, ids.reshape(-1).tolist()), Routing(ids)
+    x = torch.randn(1, 6, 4)
+    assert a.slots == b.slots == {-1, 3, 5, 7}
+    assert a.used({3: "p", 7: "q", 9: "r"}) == [3, 7]
+    for slot in (-1, 3, 5, 7):
+        assert a.rows(x, slot).tolist() == b.rows(x, slot).tolist() == [i for i, s in enumerate(ids[0]) if s == slot]
+    order = (3, 7)  # a stack holding slots 3 and 7 only, rank 2
+    hot = a.one_hot(x, order, 2, torch.float32)
+    assert hot.shape == (6, 4)
+    expect = torch.zeros(6, 4)
+    expect[1, 0:2] = expect[3, 0:2] = 1  # slot 3: columns of place 0
+    expect[5, 2:4] = 1  # slot 7: place 1; base rows and slot 5 (not in the stack): none
+    torch.testing.assert_close(hot, expect)
+    torch.testing.assert_close(b.one_hot(x, order, 2, torch.float32), expect)
+    assert a.one_hot(x, order, 2, torch.float32) is hot  # memoized: built once per forward
+
+
+def test_per_row_ids_broadcast_over_tokens():
+    route = Routing(torch.tensor([4, -1]))  # (B,) per row
+    x = torch.randn(2, 3, 8)  # (B, T, C)
+    assert route.token_ids(x).tolist() == [[4, 4, 4], [-1, -1, -1]]
+    assert route.rows(x, 4).tolist() == [0, 1, 2] and route.rows(x, -1).tolist() == [3, 4, 5]
+    assert route.one_hot(x, (4,), 1, torch.float32).reshape(-1).tolist() == [1, 1, 1, 0, 0, 0]
+    torch.testing.assert_close(token_ids(torch.tensor([4, -1]), x), route.token_ids(x))
+
+
+def test_bad_routing_inputs_are_refused():
+    with pytest.raises(TypeError, match="integer tensor"):
+        Routing(torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        token_ids([0, 1], torch.randn(2, 4))
+    with pytest.raises(ValueError, match="3 slots given"):
+        Routing(torch.tensor([0, 1]), [0, 1, 2])
+    with pytest.raises(ValueError, match="adapter_ids has shape"):
+        Routing(torch.tensor([0, 1, 2])).token_ids(torch.randn(2, 5, 4))
+
+
+def test_a_serving_step_routes_once_for_every_adapter_layer(one_thread, monkeypatch):
+    """The runner hands one Routing to the model; no LoRA layer builds its own, and the gathered path's
+    one-hot mask is built once for the step (the per-linear ops and, on a GPU, host syncs it replaces)."""
+    import leantune
+    from leantune.methods import routing as routing_mod
+    from leantune.methods.base import adapter_slots
+    from leantune.serve.runner import ModelRunner, Work
+    from lt_tiny import tiny_lt_model
+
+    torch.manual_seed(0)
+    model = tiny_lt_model().eval()
+    for name in ("a", "b", "c"):
+        leantune.apply(model, "lora", adapter_name=name, r=4, targets="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    slots = adapter_slots(model)
+    made = []
+    original = routing_mod.Routing.__init__
+
+    def counting(self, *a, **k):
+        original(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(routing_mod.Routing, "__init__", counting)
+    runner = ModelRunner(model, num_blocks=16, block_size=4)
+    works = [Work([5 + i], 0, [i], adapter=s, sample=True)
+             for i, s in enumerate((-1, slots["a"], slots["b"], slots["c"], slots["a"]))]
+    res = runner.step(works)
+    assert len(made) == 1, "an adapter layer built its own Routing instead of using the step's"
+    assert [k[0] for k in made[0]._memo].count("one_hot") == 1
+    for i, w in enumerate(works):  # and each row is what its adapter alone gives
+        from leantune.models.llama import ForwardMeta
+
+        ref = model(torch.tensor([w.tokens]), ForwardMeta(adapter_ids=torch.tensor([w.adapter])))[0, -1]
+        torch.testing.assert_close(res.logits[i], ref, atol=1e-5, rtol=1e-5)
