@@ -7,8 +7,9 @@ serving loop, with whatever token budget inference leaves over:
   the inference tokens (no grad), like a chunked prefill: its K/V go into the paged cache so the next
   chunk attends to the earlier ones, and every layer's input is kept for the training tokens only.
 - **backward in layer slices.** Once the sequence is forwarded, the loss and dL/dh of the last layer are
-  computed from the kept output; then each iteration recomputes `k` layers, top-down, from their kept
-  inputs with full causal attention and back-propagates through them. Frozen weights keep nothing; the
+  computed from the kept output, a few tokens per unit (the LM head is ~8 layers' worth of work on
+  SmolLM2: in one piece it would be the longest stall a request sees); then each iteration recomputes `k`
+  layers, top-down, from their kept inputs with full causal attention and back-propagates through them. Frozen weights keep nothing; the
   adapter's gradients accumulate across the slices.
 - **optimizer step** after `batch_size` sequences, with the loss normalized by the loss tokens of the
   whole batch (token-weighted, as `train.loop` does), so the update equals a plain training step on that
@@ -28,7 +29,7 @@ from ..data import epoch_order
 from ..methods.base import adapter_slots, trainable_parameters
 from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
 from ..optim.schedules import lr_factor
-from ..train.loss import chunked_ce_sum, shifted_targets
+from ..train.loss import chunked_ce_sum
 
 
 @dataclass
@@ -51,13 +52,26 @@ class CoTrainConfig:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
 
 
+def loss_unit_share(model) -> float:
+    """The fraction of a sequence whose loss costs about one layer's backward: the LM head's forward and
+    backward over n tokens is ~4 n V C FLOPs, a layer's recomputed forward and backward over T tokens
+    ~4 T P_layer, so n / T = P_layer / (V C)."""
+    c = model.config
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    return min(1.0, layer / (c.vocab_size * c.hidden_size))
+
+
 class CoTrainer:
     """The phase machine of one job: FWD (chunks) -> LOSS -> BWD (layer slices) -> next sequence."""
 
-    def __init__(self, model, adapter: str, examples: list, cfg: CoTrainConfig, step: int = 0):
+    def __init__(self, model, adapter: str, examples: list, cfg: CoTrainConfig, step: int = 0,
+                 loss_share: float | None = None):
+        """loss_share: tokens of a loss unit as a fraction of the sequence (default: what makes a unit cost
+        about one layer's backward, `loss_unit_share`)."""
         if not examples:
             raise ValueError("a fine-tuning job needs at least one example")
         self.model, self.adapter, self.examples, self.cfg = model, adapter, examples, cfg
+        self.loss_share = loss_unit_share(model) if loss_share is None else loss_share
         self.slot = adapter_slots(model)[adapter]
         self.params = list(trainable_parameters(model, adapter).values())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -120,15 +134,28 @@ class CoTrainer:
         return self.phase in ("loss", "bwd")
 
     def _loss(self) -> None:
-        m = self.model
-        x = self.caps[-1][None].requires_grad_()  # (1, T, C): last layer's output
-        tgt = shifted_targets(torch.tensor([self.seq.labels], device=x.device))[0]
-        sel = tgt != -100
-        h = m.model.norm(x)[0]
-        loss = chunked_ce_sum(h[sel], m.lm_head, tgt[sel]) / self.batch_tokens
-        loss.backward()
-        self.loss_sum += float(loss.detach())
-        self.grad, self.layer, self.phase = x.grad, len(m.model.layers) - 1, "bwd"
+        """One loss unit: the final norm, LM head and cross-entropy of the next few tokens, and their rows of
+        dL/dh (the last layer's output); per-token math, so the units add up to the whole sequence's."""
+        m, out = self.model, self.caps[-1]  # (T, C): the last layer's output
+        T = out.shape[0]
+        if self.grad is None:
+            self.grad, self.loss_pos = torch.zeros_like(out)[None], 0
+        a = self.loss_pos
+        b = min(T, a + max(1, math.ceil(self.loss_share * T)))
+        tgt = (self.seq.labels[a + 1:b + 1] + [-100])[: b - a]  # position t predicts token t+1
+        keep = [i for i, t in enumerate(tgt) if t != -100]
+        if keep:
+            x = out[a:b].detach().requires_grad_()  # (n, C)
+            sel = torch.tensor(keep, device=out.device)
+            h = m.model.norm(x).index_select(0, sel)
+            target = torch.tensor([tgt[i] for i in keep], device=out.device)
+            loss = chunked_ce_sum(h, m.lm_head, target) / self.batch_tokens
+            loss.backward()
+            self.loss_sum += float(loss.detach())
+            self.grad[0, a:b] = x.grad
+        self.loss_pos = b
+        if b == T:
+            self.layer, self.phase = len(m.model.layers) - 1, "bwd"
 
     def _layer_backward(self, i: int) -> None:
         m, x0 = self.model, self.caps[i]
@@ -144,18 +171,18 @@ class CoTrainer:
         self.caps[i + 1] = None  # its last use was as this layer's output; free it
 
     def backward_layers(self, k: int) -> bool:
-        """Run up to k units of backward, the loss being the first unit (its LM head is as costly as a
-        layer), then layers top-down; True when the batch's grads are complete."""
+        """Run up to k units of backward: the loss units first, then layers top-down; True when the
+        batch's grads are complete."""
         with torch.enable_grad():
-            if self.phase == "loss":
-                self._loss()
-                k -= 1
             for _ in range(k):
-                if self.layer < 0:
+                if self.phase == "loss":
+                    self._loss()
+                elif self.layer >= 0:
+                    self._layer_backward(self.layer)
+                    self.layer -= 1
+                else:
                     break
-                self._layer_backward(self.layer)
-                self.layer -= 1
-        if self.layer >= 0:
+        if self.phase == "loss" or self.layer >= 0:
             return False
         self.trained_tokens += len(self.seq)
         self.batch_i, self.pos, self.caps, self.grad, self.phase = self.batch_i + 1, 0, [], None, "fwd"
