@@ -44,3 +44,31 @@ def test_without_inference_the_job_runs_freely_and_needs_a_plain_iteration_first
     assert ts.admit(inference=True)
     with pytest.raises(ValueError, match="share"):
         TimeShare(0.0)
+
+
+@pytest.mark.parametrize("token_s,expect_full", [(0.004, False), (0.00001, True)])
+def test_forward_chunks_are_sized_to_what_the_share_buys(token_s, expect_full):
+    """A CPU-like cost per forward token (4 ms against a 100 ms decode iteration) gets small chunks (the
+    floor), and the share still holds; a GPU-like one (tokens beside a decode batch nearly free) gets the
+    whole chunk every iteration."""
+    rng = random.Random(1)
+    ts, share, wanted = TimeShare(0.15), 0.15, 32
+    plain_total = extra = 0.0
+    sizes = []
+    for _ in range(3000):
+        plain = 0.1 * rng.uniform(0.95, 1.05)
+        n = ts.fwd_tokens(True, wanted) if ts.admit(True) else 0
+        took = plain + n * token_s * rng.uniform(0.9, 1.1)
+        ts.record(True, n > 0, took, n)
+        plain_total += plain
+        extra += took - plain
+        sizes.append(n)
+    assert ts.fwd_tokens(False, wanted) == wanted  # no requests waiting: the whole chunk
+    late = [n for n in sizes[500:] if n]
+    if expect_full:
+        assert min(late) == wanted
+    else:
+        assert extra / plain_total == pytest.approx(share, rel=0.1)
+        # ~15 ms of credit buys ~4 tokens: chunks of the floor, never the 32 at once
+        assert set(late) == {TimeShare.MIN_CHUNK}
+        assert max(sizes[:5]) <= TimeShare.MIN_CHUNK  # before a measurement: a small chunk, not the full one

@@ -13,7 +13,9 @@ def test_routing_from_a_list_equals_routing_from_the_tensor():
     assert a.slots == b.slots == {-1, 3, 5, 7}
     assert a.used({3: "p", 7: "q", 9: "r"}) == [3, 7]
     for slot in (-1, 3, 5, 7):
-        assert a.rows(x, slot).tolist() == b.rows(x, slot).tolist() == [i for i, s in enumerate(ids[0]) if s == slot]
+        want = [i for i, s in enumerate(ids[0]) if s == slot]
+        assert a.row_index(x, slot).tolist() == b.row_index(x, slot).tolist() == want
+    assert a.rows(x, 3).tolist() == [1, 3] and a.rows(x, 7) == slice(5, 6)  # one run of rows: a slice
     order = (3, 7)  # a stack holding slots 3 and 7 only, rank 2
     hot = a.one_hot(x, order, 2, torch.float32)
     assert hot.shape == (6, 4)
@@ -29,7 +31,7 @@ def test_per_row_ids_broadcast_over_tokens():
     route = Routing(torch.tensor([4, -1]))  # (B,) per row
     x = torch.randn(2, 3, 8)  # (B, T, C)
     assert route.token_ids(x).tolist() == [[4, 4, 4], [-1, -1, -1]]
-    assert route.rows(x, 4).tolist() == [0, 1, 2] and route.rows(x, -1).tolist() == [3, 4, 5]
+    assert route.rows(x, 4) == slice(0, 3) and route.row_index(x, -1).tolist() == [3, 4, 5]
     assert route.one_hot(x, (4,), 1, torch.float32).reshape(-1).tolist() == [1, 1, 1, 0, 0, 0]
     torch.testing.assert_close(token_ids(torch.tensor([4, -1]), x), route.token_ids(x))
 
@@ -82,3 +84,27 @@ def test_a_serving_step_routes_once_for_every_adapter_layer(one_thread, monkeypa
 
         ref = model(torch.tensor([w.tokens]), ForwardMeta(adapter_ids=torch.tensor([w.adapter])))[0, -1]
         torch.testing.assert_close(res.logits[i], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_deltas_equals_the_per_row_sum(grad, dtype):
+    """Slot 3's rows are one run (a slice, added in place without autograd), slot 5's are not (gathered
+    and index-added); fp32 deltas on a bf16 result are added before one rounding."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[-1, 3, 3, 3, 5, -1, 5]])
+    x = torch.randn(1, 7, 4)
+    result = torch.randn(1, 7, 6).to(dtype)
+    W = {"p": torch.randn(6, 4), "q": torch.randn(6, 4)}
+
+    def delta(name, xr):
+        return xr @ W[name].T  # fp32
+
+    want = result.float().clone()
+    for i, s in enumerate(ids[0].tolist()):
+        if s in (3, 5):
+            want[0, i] += x[0, i] @ W["p" if s == 3 else "q"].T
+    with torch.set_grad_enabled(grad):
+        got = Routing(ids).add_deltas(result.clone(), x, {3: "p", 5: "q", 9: "r"}, delta)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want.to(dtype))

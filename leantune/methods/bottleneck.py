@@ -232,7 +232,7 @@ class BottleneckLayer(AdapterLayer):
         flat_out, flat_x = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, d)
         y = flat_out
         for slot in route.used(self.slot_to_name):
-            name, rows = self.slot_to_name[slot], route.rows(out, slot)
+            name, rows = self.slot_to_name[slot], route.row_index(out, slot)
             src = self._source(name, flat_x, flat_out).index_select(0, rows)
             y = y.index_add(0, rows, self.bottleneck(name, src).to(y.dtype))
         return y.reshape(out.shape)

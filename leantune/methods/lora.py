@@ -30,6 +30,8 @@ BIAS_MODES = ("none", "all", "lora_only")
 # Below this many tokens (decode steps) a routed forward gathers each token's adapter weights; above it,
 # rows are grouped per adapter (long prefill chunks share one adapter's matmul).
 GATHER_MAX_TOKENS = 128
+# ...and with at most this total rank loaded (all adapters' r, summed) it gathers even for 1-2 adapters used
+GATHER_SMALL_STACK = 64
 INIT_MODES = ("default", "gaussian")
 
 
@@ -271,9 +273,11 @@ class LoraLinear(AdapterLayer):
         if len(route.slots) == 1:  # every row on one adapter (e.g. a training sequence): no routing
             name = self.slot_to_name[used[0]]
             return (result + self.lora_delta(name, x, result)).to(result.dtype)
-        if len(used) > 2 and x.shape[:-1].numel() <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
+        if x.shape[:-1].numel() <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
             stack = self._stacked()
-            if stack is not None:
+            # the gathered path costs every loaded adapter's rank on every row: worth it for many adapters
+            # in the batch, or a small stack (e.g. a fine-tuning job's rows beside base decodes)
+            if stack is not None and (len(used) > 2 or stack[0].shape[0] <= GATHER_SMALL_STACK):
                 out = result.reshape(-1, result.shape[-1])
                 return out.add(self._gathered_delta(x, route, stack).to(out.dtype)).reshape(result.shape)
         return route.add_deltas(result, x, self.slot_to_name, self.lora_delta)

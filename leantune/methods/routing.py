@@ -65,12 +65,23 @@ class Routing:
             return self._given
         return self._memoized(("token_list", lead), lambda: self.token_ids(x).reshape(-1).tolist())
 
-    def rows(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """Flat indices of x's tokens (x viewed as (N, in)) routed to `slot`."""
+    def rows(self, x: torch.Tensor, slot: int) -> torch.Tensor | slice:
+        """Flat indices of x's tokens (x viewed as (N, in)) routed to `slot`: a slice when they are one
+        contiguous run (a packed step keeps each sequence's tokens together), else a LongTensor."""
         def build():
             rows = [i for i, s in enumerate(self._token_list(x)) if s == slot]
+            if rows and rows[-1] - rows[0] + 1 == len(rows):
+                return slice(rows[0], rows[-1] + 1)
             return torch.tensor(rows, dtype=torch.long, device=x.device)
         return self._memoized(("rows", x.shape[:-1], x.device, slot), build)
+
+    def row_index(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """`rows` as a LongTensor always (for gathers and index_add)."""
+        rows = self.rows(x, slot)
+        if isinstance(rows, slice):
+            return self._memoized(("row_index", x.shape[:-1], x.device, slot),
+                                  lambda: torch.arange(rows.start, rows.stop, device=x.device))
+        return rows
 
     def one_hot(self, x: torch.Tensor, order: tuple[int, ...], r: int, dtype: torch.dtype) -> torch.Tensor:
         """(N, len(order) * r) mask: for each token, ones on the r columns of its slot's place in `order`
@@ -85,14 +96,23 @@ class Routing:
     def add_deltas(self, result: torch.Tensor, x: torch.Tensor, slot_to_name: dict[int, str],
                    delta: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """result + `delta(name, x_rows)` on the rows of every slot this layer has an adapter for, one
-        product per adapter used (its rows gathered); computed in the promoted dtype, returned in result's."""
+        product per adapter used; returned in result's dtype. Without autograd, a contiguous run of rows is
+        a slice added in place (no gather, no copy of the output)."""
         flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
+        grad = torch.is_grad_enabled()
         out = None
         for slot in self.used(slot_to_name):
             rows = self.rows(x, slot)
+            if isinstance(rows, slice) and not grad:
+                if out is None:
+                    out = result.reshape(-1, result.shape[-1])  # a view: result itself is updated
+                out[rows] += delta(slot_to_name[slot], flat_x[rows])  # one rounding to result's dtype
+                continue
+            rows = self.row_index(x, slot)
             d = delta(slot_to_name[slot], flat_x.index_select(0, rows))  # (n, out)
-            if out is None:
-                out = result.reshape(-1, result.shape[-1]).to(torch.promote_types(result.dtype, d.dtype))
+            if out is None or out.dtype != torch.promote_types(result.dtype, d.dtype):
+                base = result.reshape(-1, result.shape[-1]) if out is None else out
+                out = base.to(torch.promote_types(result.dtype, d.dtype))
             out = out.index_add(0, rows, d.to(out.dtype))
         return result if out is None else out.reshape(result.shape).to(result.dtype)
 

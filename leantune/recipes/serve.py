@@ -2,6 +2,7 @@
 fine-tuning jobs trained inside the serving loop (setup -> engine thread -> uvicorn)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ class ServeConfig:
     ft_max_chunk: int = opt(32, "most fine-tuning forward tokens per iteration")
     ft_bwd_layers: int = opt(1, "fine-tuning backward layers per iteration while requests run")
     checkpoint_every: int = opt(10, "fine-tuning steps between job checkpoints")
-    ft_time_share: float | None = opt(None, "while requests run, fine-tuning may add at most this fraction to "
-                                            "each iteration's time (e.g. 0.15; default: the leftover token budget)")
+    ft_time_share: float = opt(0.15, "while requests run, fine-tuning may add at most this fraction to their "
+                                     "iterations' time, so latency holds; inf: no bound, the leftover token "
+                                     "budget alone decides (FlexLLM's rule)")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
 
@@ -38,8 +40,8 @@ class ServeConfig:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.max_upload_mb < 1:
             raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
-        if self.ft_time_share is not None and not self.ft_time_share > 0:
-            raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.15), got {self.ft_time_share}")
+        if not self.ft_time_share > 0:  # also refuses nan
+            raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.15, or inf for no bound), got {self.ft_time_share}")
         for spec in self.adapter:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
@@ -52,7 +54,7 @@ class ServeConfig:
                             max_tokens_per_step=self.max_tokens_per_step, max_seqs=self.max_seqs,
                             max_model_len=self.max_model_len, ft_max_chunk=self.ft_max_chunk,
                             ft_bwd_layers=self.ft_bwd_layers, checkpoint_every=self.checkpoint_every,
-                            ft_time_share=self.ft_time_share)
+                            ft_time_share=None if math.isinf(self.ft_time_share) else self.ft_time_share)
 
     def keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("LEANTUNE_API_KEYS", "").split(",") if k.strip()]

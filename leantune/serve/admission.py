@@ -8,6 +8,13 @@ iteration credits `f x` (the running time of a plain inference iteration) to a b
 that carried fine-tuning work is charged what it took beyond a plain one, and work is admitted only
 while the bucket is not negative. Time-per-output-token then grows by about `f`, and the job trains
 at what that share of time buys. Without inference the job runs freely (the bucket is untouched).
+
+Forward chunks are sized too: the extra seconds per forward token are measured (a running mean over
+iterations that carried a chunk), and an iteration carries the tokens its credit buys, but at least
+`MIN_CHUNK`: a chunk has a fixed cost (its adapter's rows in every linear: ~20 ms on SmolLM2 on a CPU,
+as much as 5 tokens' compute), so one-token chunks would spend the share on overhead. On a CPU a
+32-token SmolLM2 chunk would add more than a whole decode iteration at once; on a GPU, where tokens
+beside a decode batch cost next to nothing, the allowance reaches the chunk size.
 Pure Python; the engine measures the times.
 """
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 class TimeShare:
     """Admission by time share `share` (> 0) of iterations that serve requests."""
+
+    MIN_CHUNK = 8  # fewest forward tokens of a chunk (its fixed cost is ~5 tokens' worth on a CPU)
 
     def __init__(self, share: float, smoothing: float = 0.1, burst: float = 4.0):
         if not share > 0:
@@ -24,6 +33,19 @@ class TimeShare:
         self.bucket = 0.0  # seconds fine-tuning may still add
         self.served = self.with_ft = 0  # serving iterations, and those that carried fine-tuning
         self.extra_s = 0.0  # what fine-tuning added to serving iterations (measured against plain_s)
+        self.fwd_token_s: float | None = None  # running mean of the extra seconds per forward token
+
+    def fwd_tokens(self, inference: bool, wanted: int) -> int:
+        """How many of `wanted` fine-tuning forward tokens this iteration may carry: all without inference;
+        with it, what the bucket plus this iteration's credit buys, at least `MIN_CHUNK` (and that before a
+        first measurement)."""
+        if not inference:
+            return wanted
+        floor = min(wanted, self.MIN_CHUNK)
+        if self.fwd_token_s is None or self.plain_s is None:
+            return floor
+        credit = self.bucket + self.share * self.plain_s
+        return max(floor, min(wanted, int(credit / max(self.fwd_token_s, 1e-9))))
 
     def admit(self, inference: bool) -> bool:
         """May this iteration carry fine-tuning work?"""
@@ -31,8 +53,9 @@ class TimeShare:
             return True
         return self.plain_s is not None and self.bucket >= 0.0
 
-    def record(self, inference: bool, with_ft: bool, seconds: float) -> None:
-        """Account one iteration that took `seconds` (with fine-tuning work in it or not)."""
+    def record(self, inference: bool, with_ft: bool, seconds: float, fwd_tokens: int = 0) -> None:
+        """Account one iteration that took `seconds` (with fine-tuning work in it or not; `fwd_tokens` of
+        it a forward chunk)."""
         if not inference:
             return
         self.served += 1
@@ -47,5 +70,9 @@ class TimeShare:
             extra = max(0.0, seconds - self.plain_s)
             self.bucket -= extra
             self.extra_s += extra
+            if fwd_tokens:
+                per = extra / fwd_tokens
+                a = self.smoothing
+                self.fwd_token_s = per if self.fwd_token_s is None else (1 - a) * self.fwd_token_s + a * per
         # no credit hoarded across a long idle stretch: at most a few iterations' worth at once
         self.bucket = min(self.bucket, self.burst * self.share * self.plain_s)

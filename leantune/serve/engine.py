@@ -45,17 +45,19 @@ class EngineConfig:
     max_tokens_per_step: int = 256
     max_seqs: int = 64
     max_model_len: int = 2048
-    ft_max_chunk: int = 32  # most fine-tuning forward tokens per iteration (small: latency holds)
+    ft_max_chunk: int = 32  # most fine-tuning forward tokens per iteration (with ft_time_share: fewer if
+    # the share's credit buys fewer, see serve.admission)
     ft_bwd_layers: int = 1  # backward layers per iteration while inference runs (all when idle)
     ft_max_length: int = 1024  # training examples are truncated to this many tokens
     ft_base_lr: float = 1e-3  # learning_rate_multiplier scales this
     ft_rank: int = 8
     ft_alpha: float = 16.0
     checkpoint_every: int = 10  # optimizer steps between job checkpoints (and at each epoch end)
-    # None: a job takes the leftover token budget of every iteration. A fraction f: while requests are
-    # served, fine-tuning may add at most f to their iteration time (serve.admission.TimeShare), so
-    # time-per-output-token grows by about f whatever the hardware has to spare.
-    ft_time_share: float | None = None
+    # A fraction f: while requests are served, fine-tuning may add at most f to their iteration time
+    # (serve.admission.TimeShare), so time-per-output-token grows by about f whatever the hardware has to
+    # spare; where fine-tuning tokens cost little beside a decode batch (a GPU) the bound rarely binds.
+    # None: a job takes the leftover token budget of every iteration (FlexLLM's rule), whatever it costs.
+    ft_time_share: float | None = 0.15
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_tokens_per_step", "max_seqs", "max_model_len",
@@ -251,8 +253,12 @@ class Engine:
         self.stats.preemptions += len(plan.preempted)
         works = [self._work(c) for c in plan.chunks]
         inference = bool(works)
-        admit = self.admission is None or self.admission.admit(inference)
-        ft_work = self.jobs.forward_work(plan.leftover, inference) if admit else None
+        adm = self.admission
+        admit = adm is None or adm.admit(inference)
+        ft_work = None
+        if admit:
+            cap = self.cfg.ft_max_chunk if adm is None else adm.fwd_tokens(inference, self.cfg.ft_max_chunk)
+            ft_work = self.jobs.forward_work(plan.leftover, inference, cap)
         if ft_work is not None:
             works.append(ft_work)
         if not works and not (admit and self.jobs.wants_backward()):
@@ -266,9 +272,11 @@ class Engine:
         if admit:
             self._job_stage(self.jobs.backward, inference)
         self.stats.iterations += 1
-        if self.admission is not None:
+        if adm is not None:
+            if self.runner.device.type == "cuda":  # the job's backward is queued, not done: charge it here
+                torch.cuda.synchronize(self.runner.device)
             with_ft = ft_work is not None or self.jobs.backward_units != ft_steps
-            self.admission.record(inference, with_ft, self.clock() - c0)
+            adm.record(inference, with_ft, self.clock() - c0, len(ft_work.tokens) if ft_work is not None else 0)
         if inference:
             self.stats.tpot = (self.stats.tpot + [time.perf_counter() - t0])[-1000:]
         return True

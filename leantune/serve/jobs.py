@@ -167,12 +167,12 @@ class JobRunner:
         self.e.store.add_event(job_id, msg, level="error" if status == "failed" else "info")
 
     # -- work in the serving loop --------------------------------------------------------------------
-    def forward_work(self, leftover: int, inference: bool) -> Work | None:
-        """The job's forward chunk for this step, from the budget inference left over."""
+    def forward_work(self, leftover: int, inference: bool, cap: int) -> Work | None:
+        """The job's forward chunk for this step: at most `cap` tokens, from the budget inference left over."""
         a = self.active
         if a is None or not a.trainer.fwd_wanted():
             return None
-        n = min(a.trainer.fwd_wanted(), self.e.cfg.ft_max_chunk, leftover if inference else self.e.cfg.max_tokens_per_step)
+        n = min(a.trainer.fwd_wanted(), cap, leftover if inference else self.e.cfg.max_tokens_per_step)
         if n <= 0:
             return None
         toks, start = a.trainer.fwd_chunk(n)
