@@ -13,12 +13,15 @@ Phases, one model, one process, in this order:
   fine-tuning tokens/s after a warm-up step.
 - **co-serve**: the same job and the same inference load in the same iterations (forward chunks from the
   leftover budget, `--bwd-layers` backward layers per iteration).
+- **serve again**: the serve phase once more. Serving alone is the mean of the two runs, which bracket
+  co-serving: on shared cores the machine's speed drifts by 5-15% over minutes, as much as the effect measured.
 - **temporal**: FineInfer-style baseline: the same load, and every `--ts-every` iterations one whole
   training step (forward + backward + AdamW of one sequence, a plain PEFT-style step on its own adapter)
   that blocks inference. Default: as many iterations per step as co-serving took, so both train at about
   the same rate and their latencies compare directly.
 - **adapters**: `16` requests decoding together on the base model (no adapters loaded), again with 16
-  adapters loaded, then each with its own adapter; decode tokens/s.
+  adapters loaded, then each with its own adapter; decode tokens/s. Adapters are LoRA r=8 on every linear
+  (the headline), then again on q_proj and v_proj only (PEFT's default targets for Llama).
 
 Ratios: co-serve FT tok/s / FT-only tok/s (FlexLLM keeps >76-80%; goal >= 0.9); the same over the time
 inference leaves ("leftover": FT tokens / (wall - generated tokens x serve-only seconds per token), i.e.
@@ -90,7 +93,7 @@ MODELS = ("tiny", "smollm2", "smollm2-random")
 SMOLLM2_SHAPE = {"hidden": 576, "layers": 30, "heads": 9, "kv": 3, "ffn": 1536, "vocab": 49152, "tied": True}
 BLOCK_SIZE = 16
 # --max-s: the time left is shared over the phases still to run by these weights
-PHASE_WEIGHTS = {"serve": 2, "ft_only": 1, "coserve": 3, "temporal": 3, "adapters": 2}
+PHASE_WEIGHTS = {"serve": 2, "ft_only": 1, "coserve": 3, "serve_after": 2, "temporal": 3, "adapters": 2}
 
 
 _CLOCK = [time.perf_counter]
@@ -415,8 +418,7 @@ class Breakdown:
         return {"ms_per_ft_step": per_step, "calls": dict(self.n), "iterations_by_kind": kinds}
 
 
-def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=None,
-                  deadline: float = math.inf) -> dict:
+def phase_coserve(engine, store, file_id, base, prm, args, profile=None, deadline: float = math.inf) -> dict:
     active = _job(engine, store, file_id, base, args)
     load = Load(engine, base, prm, args.concurrency, args.output_len)
     load.start()
@@ -439,14 +441,18 @@ def phase_coserve(engine, store, file_id, base, prm, args, serve: dict, profile=
         bd.remove()
     load.stop()
     engine.jobs.cancel(active.id)
-    leftover = out["wall_s"] - gen * serve["s_per_gen_token"]
     adm = engine.admission
     if adm is not None:  # what the time share let in, as the engine measured it
         out["admission"] = {"share": adm.share, "serving_iters": adm.served, "with_ft": adm.with_ft,
                             "plain_iter_ms": 1e3 * (adm.plain_s or 0.0), "ft_added_ms": 1e3 * adm.extra_s}
-    return {**out, "gen_tokens": gen, "gen_tok_s": _div(gen, out["wall_s"]),
-            "ft_tok_s_of_leftover": out["ft_tokens"] / leftover if leftover > 0 else math.nan,
-            **load.latency()}
+    return {**out, "gen_tokens": gen, "gen_tok_s": _div(gen, out["wall_s"]), **load.latency()}
+
+
+def serve_baseline(before: dict, after: dict) -> dict:
+    """Serving alone, measured before and after the co-serve phase: the mean of the two, so that a machine
+    whose speed drifts over the minutes of a run (shared cores, clocks) does not pass for the job's cost."""
+    keys = ("gen_tok_s", "s_per_gen_token", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms")
+    return {k: (before[k] + after[k]) / 2 for k in keys}
 
 
 class PlainStep:
@@ -555,7 +561,7 @@ def decode_batch(engine, names: list[str], prm, out_len: int) -> float:
     return _div(engine.stats.generated_tokens - g0, clock() - t0)
 
 
-def make_adapters(model, tmp: Path, n: int) -> list[Path]:
+def make_adapters(model, tmp: Path, n: int, targets="all-linear") -> list[Path]:
     import torch
 
     import leantune
@@ -563,18 +569,23 @@ def make_adapters(model, tmp: Path, n: int) -> list[Path]:
     from leantune.methods.base import delete_adapter
 
     paths = []
+    tag = "all" if targets == "all-linear" else "-".join(targets)
     for i in range(n):
         name = f"mk{i}"
-        leantune.apply(model, "lora", adapter_name=name, r=8, targets="all-linear")
+        leantune.apply(model, "lora", adapter_name=name, r=8, targets=targets)
         with torch.no_grad():
             g = torch.Generator().manual_seed(100 + i)
             for pname, p in model.named_parameters():
                 if f"lora_B.{name}." in pname:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-        paths.append(tmp / f"adapter{i}")
+        paths.append(tmp / f"adapter-{tag}-{i}")
         save_adapter(model, paths[-1], adapter_name=name)
         delete_adapter(model, name)
     return paths
+
+
+# the adapter sets of the adapters phase: (label, LoRA targets); the first is the headline ratio
+ADAPTER_SETS = (("all_linear", "all-linear"), ("q_v", ["q_proj", "v_proj"]))
 
 
 def phase_adapters(engine, model, base, tok, tmp: Path, args, deadline: float = math.inf) -> dict:
@@ -589,15 +600,19 @@ def phase_adapters(engine, model, base, tok, tmp: Path, args, deadline: float = 
         return statistics.median(xs)
 
     pure = rate([base] * n)
-    paths = make_adapters(model, tmp, n)
-    for i, p in enumerate(paths):
-        engine.load_adapter(f"ad{i}", str(p), None)
-    loaded = rate([base] * n)
-    mixed = rate([f"ad{i}" for i in range(n)])
-    for i in range(n):
-        engine.unload_adapter(f"ad{i}", None)
-    return {"n": n, "base_tok_s": pure, "base_with_adapters_loaded_tok_s": loaded, "distinct_adapters_tok_s": mixed,
-            "ratio": _div(mixed, pure), "ratio_vs_loaded_base": _div(mixed, loaded)}
+    out = {"n": n, "base_tok_s": pure}
+    for label, targets in ADAPTER_SETS:
+        paths = make_adapters(model, tmp, n, targets)
+        for i, p in enumerate(paths):
+            engine.load_adapter(f"ad{i}", str(p), None)
+        loaded = rate([base] * n)
+        mixed = rate([f"ad{i}" for i in range(n)])
+        for i in range(n):
+            engine.unload_adapter(f"ad{i}", None)
+        out[label] = {"base_with_adapters_loaded_tok_s": loaded, "distinct_adapters_tok_s": mixed,
+                      "ratio": _div(mixed, pure), "ratio_vs_loaded_base": _div(mixed, loaded)}
+    out["ratio"] = out[ADAPTER_SETS[0][0]]["ratio"]
+    return out
 
 
 class Progress:
@@ -636,13 +651,13 @@ def write_json(path: str, res: dict) -> None:
 
 
 def report(res: dict, args) -> None:
-    s, f, c, t, a = res["serve"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
+    s, f, c, t, a = res["serve_baseline"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
     r = res["ratios"]
     where = f"{res['dtype']} on {res.get('gpu') or 'cpu'}"
     print(f"\nco-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
           f"({args.prompt_len} prompt + {args.output_len} out) greedy; FT seq {args.train_len} tok, batch 1, "
           f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}"
-          + (f", ft time share {args.ft_share:g}" if args.ft_share is not None else ""))
+          + (f", ft time share {args.ft_share:g}" if args.ft_share is not None else ", no ft time share"))
     head = f"{'mode':<26}{'FT tok/s':>10}{'gen tok/s':>11}{'TPOT p50':>10}{'TPOT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
     print(head + "   (ms)")
     nan = math.nan
@@ -651,7 +666,9 @@ def report(res: dict, args) -> None:
         print(f"{name:<26}{ft:>10.1f}{d.get('gen_tok_s', nan):>11.1f}{d.get('tpot_p50_ms', nan):>10.1f}"
               f"{d.get('tpot_p99_ms', nan):>10.1f}{d.get('itl_p50_ms', nan):>9.1f}{d.get('itl_p99_ms', nan):>9.1f}")
 
-    row("serve only", nan, s)
+    row("serve only (before)", nan, res["serve"])
+    row("serve only (after)", nan, res["serve_after"])
+    row("  serve only: the mean", nan, s)
     row("fine-tune only", f["ft_tok_s"], {})
     row("  plain PEFT step alone", t["plain_step_tok_s"], {})
     row(f"co-serve (k={args.bwd_layers})", c["ft_tok_s"], c)
@@ -662,9 +679,13 @@ def report(res: dict, args) -> None:
     print(f"(b) TPOT p99 co-serve / serve  {r['coserve_tpot_p99_ratio']:.2f}   (ITL p99 {r['coserve_itl_p99_ratio']:.2f};"
           f" temporal TPOT p99 {r['temporal_tpot_p99_ratio']:.2f}, ITL p99 {r['temporal_itl_p99_ratio']:.2f})"
           f"   goal <= 1.2")
-    print(f"(c) {a['n']} adapters decode / base {r['adapters_ratio']:.2f}   ({a['distinct_adapters_tok_s']:.1f} vs "
-          f"{a['base_tok_s']:.1f} tok/s; base with the {a['n']} loaded {a['base_with_adapters_loaded_tok_s']:.1f})"
-          f"   goal >= 0.8")
+    for label, _ in ADAPTER_SETS:
+        d = a.get(label)
+        if d is None:
+            continue
+        print(f"(c) {a['n']} adapters ({label}) decode / base {d['ratio']:.2f}   ({d['distinct_adapters_tok_s']:.1f} vs "
+              f"{a['base_tok_s']:.1f} tok/s; base rows with the {a['n']} loaded {d['base_with_adapters_loaded_tok_s']:.1f})"
+              f"   goal >= 0.8")
     if "breakdown" in c:
         b = c["breakdown"]
         print("co-serve breakdown, ms per fine-tuning step: " +
@@ -696,7 +717,7 @@ def parse(argv=None):
     ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
     ap.add_argument("--ft-share", type=float, default=None,
                     help="ft_time_share: fine-tuning may add at most this fraction to serving iterations "
-                         "(default: none, the leftover token budget decides)")
+                         "(default: the engine's, 0.15); inf: no bound, the leftover token budget decides")
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 16 tokens (default: every sequence at once + 25%%, at least 256)")
     ap.add_argument("--n-adapters", type=int, default=16)
@@ -726,6 +747,13 @@ def parse(argv=None):
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1 (other threads' work would not be counted)")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.ft_share is None:
+        from leantune.serve.engine import EngineConfig
+
+        args.ft_share = EngineConfig.ft_time_share
+    if not args.ft_share > 0:
+        ap.error(f"--ft-share must be > 0 (or inf), got {args.ft_share}")
+    args.ft_share = None if math.isinf(args.ft_share) else args.ft_share
     args.max_s = (90.0 if cuda else 0.0) if args.max_s is None else args.max_s
     family = "tiny" if args.model == "tiny" else "smollm2"
     for k, v in PRESETS[(args.device, family)].items():
@@ -791,23 +819,27 @@ def main(argv=None) -> dict:
             import cProfile
 
             prof = cProfile.Profile()
-        res["coserve"] = phase_coserve(engine, store, file_id, base, prm, args, res["serve"], prof,
-                                       deadline("coserve"))
+        res["coserve"] = phase_coserve(engine, store, file_id, base, prm, args, prof, deadline("coserve"))
         if prof is not None:
             prof.dump_stats(args.profile)
         done("co-serve", "coserve")
+        res["serve_after"] = phase_serve(engine, base, prm, args, deadline("serve_after"))
+        done("serve again", "serve_after")
         every = args.ts_every or max(1, round(res["coserve"]["iters_per_step"]))
         res["temporal"] = phase_temporal(engine, model, tok, store, file_id, base, prm, args, every,
                                          deadline("temporal"))
         done("temporal", "temporal")
-        res["adapters"] = ({"n": 0, "base_tok_s": math.nan, "base_with_adapters_loaded_tok_s": math.nan,
-                            "distinct_adapters_tok_s": math.nan, "ratio": math.nan, "ratio_vs_loaded_base": math.nan}
+        res["adapters"] = ({"n": 0, "base_tok_s": math.nan, "ratio": math.nan}
                            if args.skip_adapters else phase_adapters(engine, model, base, tok, tmp, args,
                                                                      deadline("adapters")))
         done("adapters", "adapters")
         res["preemptions"] = engine.stats.preemptions
         store.close()
-    s, f, c, t = res["serve"], res["ft_only"], res["coserve"], res["temporal"]
+    s = res["serve_baseline"] = serve_baseline(res["serve"], res["serve_after"])
+    f, c, t = res["ft_only"], res["coserve"], res["temporal"]
+    # the time serving leaves: the window less what its generated tokens cost serving alone
+    leftover = c["wall_s"] - c["gen_tokens"] * s["s_per_gen_token"]
+    c["ft_tok_s_of_leftover"] = c["ft_tokens"] / leftover if leftover > 0 else math.nan
     res["ratios"] = {
         "coserve_ft_fraction": _div(c["ft_tok_s"], f["ft_tok_s"]),
         "coserve_ft_fraction_of_leftover": _div(c["ft_tok_s_of_leftover"], f["ft_tok_s"]),
@@ -817,6 +849,7 @@ def main(argv=None) -> dict:
         "temporal_tpot_p99_ratio": _div(t["tpot_p99_ms"], s["tpot_p99_ms"]),
         "temporal_itl_p99_ratio": _div(t["itl_p99_ms"], s["itl_p99_ms"]),
         "adapters_ratio": res["adapters"]["ratio"],
+        "adapters_ratio_q_v": res["adapters"].get("q_v", {}).get("ratio", math.nan),
     }
     if cuda:
         res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
