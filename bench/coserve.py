@@ -13,8 +13,9 @@ Phases, one model, one process, in this order:
   fine-tuning tokens/s after a warm-up step.
 - **co-serve**: the same job and the same inference load in the same iterations (forward chunks from the
   leftover budget, `--bwd-layers` backward layers per iteration).
-- **serve again**: the serve phase once more. Serving alone is the mean of the two runs, which bracket
-  co-serving: on shared cores the machine's speed drifts by 5-15% over minutes, as much as the effect measured.
+- **paired**: the same job and load in alternating windows of 3 x output-len iterations, the job running
+  and paused: the latency goal's ratio from both sides measured seconds apart (on shared cores the
+  machine's speed drifts by 10-30% between phases minutes apart, more than the effect).
 - **temporal**: FineInfer-style baseline: the same load, and every `--ts-every` iterations one whole
   training step (forward + backward + AdamW of one sequence, a plain PEFT-style step on its own adapter)
   that blocks inference. Default: as many iterations per step as co-serving took, so both train at about
@@ -26,7 +27,8 @@ Phases, one model, one process, in this order:
 Ratios: co-serve FT tok/s / FT-only tok/s (FlexLLM keeps >76-80%; goal >= 0.9); the same over the time
 inference leaves ("leftover": FT tokens / (wall - generated tokens x serve-only seconds per token), i.e.
 how well fine-tuning uses what serving does not take, which is what a CPU without idle compute can give);
-TPOT p99 with a job / without (goal <= 1.2); 16-adapter decode / base decode (goal >= 0.8).
+TPOT p99 with a job running / paused in the paired windows (goal <= 1.2; the co-serve / serve phases'
+ratio is printed too); 16-adapter decode / base decode (goal >= 0.8).
 
 Timing: default `--threads 1 --clock cpu` times with this thread's CPU time, steady to ~10-25% while other
 jobs share the machine (cache and memory-bandwidth contention remain). `--threads 2 --clock wall` is the
@@ -93,7 +95,7 @@ MODELS = ("tiny", "smollm2", "smollm2-random")
 SMOLLM2_SHAPE = {"hidden": 576, "layers": 30, "heads": 9, "kv": 3, "ffn": 1536, "vocab": 49152, "tied": True}
 BLOCK_SIZE = 16
 # --max-s: the time left is shared over the phases still to run by these weights
-PHASE_WEIGHTS = {"serve": 2, "ft_only": 1, "coserve": 3, "serve_after": 2, "temporal": 3, "adapters": 2}
+PHASE_WEIGHTS = {"serve": 2, "ft_only": 1, "coserve": 3, "paired": 3, "temporal": 3, "adapters": 2}
 
 
 _CLOCK = [time.perf_counter]
@@ -207,15 +209,17 @@ class Load:
         self.e, self.model_name, self.prompts, self.n, self.out_len = engine, model_name, prompt_ids, n, out_len
         self.inflight: dict[str, dict] = {}
         self.finished: list[dict] = []
-        self.itl: list[float] = []
+        self.itl: list[tuple[str, float]] = []  # (mode, seconds) per iteration that generated tokens
         self.measuring = False
+        self.mode = "all"  # a label for what the engine is doing (the paired phase switches it)
+        self.spent: dict[str, float] = {}  # measured time per mode
         self._k = 0
         self._prev = None
 
     def submit(self, max_tokens: int) -> None:
         from leantune.serve.requests import GenRequest
 
-        rec = {"first": None, "end": None, "n": 0, "measured": self.measuring}
+        rec = {"first": None, "end": None, "n": 0, "measured": self.measuring, "modes": {self.mode}}
 
         def sink(ev, rec=rec):
             if ev.get("finish_reason"):
@@ -236,10 +240,13 @@ class Load:
         g0 = self.e.stats.generated_tokens
         self.e.iteration()
         now = clock()
-        if self.measuring and self.e.stats.generated_tokens > g0:
-            self.itl.append(now - self._prev)
+        if self.measuring:
+            self.spent[self.mode] = self.spent.get(self.mode, 0.0) + now - self._prev
+            if self.e.stats.generated_tokens > g0:
+                self.itl.append((self.mode, now - self._prev))
         self._prev = now
         for sid, rec in list(self.inflight.items()):
+            rec["modes"].add(self.mode)
             if rec["first"] is None:
                 seq = self.e.sched.get(sid)
                 if seq is not None and seq.output:
@@ -255,6 +262,7 @@ class Load:
         self.measuring = True
         self.itl.clear()
         self.finished.clear()
+        self.spent.clear()
         for rec in self.inflight.values():
             rec["measured"] = False
 
@@ -263,11 +271,14 @@ class Load:
             self.e.abort(sid)
         self.inflight.clear()
 
-    def latency(self) -> dict:
-        tpot = [(r["end"] - r["first"]) / (r["n"] - 1) for r in self.finished]
+    def latency(self, mode: str | None = None) -> dict:
+        """TPOT over the finished requests (with a mode: those that lived entirely in it) and ITL."""
+        recs = [r for r in self.finished if mode is None or r["modes"] == {mode}]
+        tpot = [(r["end"] - r["first"]) / (r["n"] - 1) for r in recs]
+        itl = [t for m, t in self.itl if mode is None or m == mode]
         return {"tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99),
-                "itl_p50_ms": 1e3 * pct(self.itl, 50), "itl_p99_ms": 1e3 * pct(self.itl, 99),
-                "itl_max_ms": 1e3 * max(self.itl, default=math.nan), "requests": len(tpot)}
+                "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
+                "itl_max_ms": 1e3 * max(itl, default=math.nan), "requests": len(tpot)}
 
 
 # -- phases --------------------------------------------------------------------------------------------
@@ -448,11 +459,56 @@ def phase_coserve(engine, store, file_id, base, prm, args, profile=None, deadlin
     return {**out, "gen_tokens": gen, "gen_tok_s": _div(gen, out["wall_s"]), **load.latency()}
 
 
-def serve_baseline(before: dict, after: dict) -> dict:
-    """Serving alone, measured before and after the co-serve phase: the mean of the two, so that a machine
-    whose speed drifts over the minutes of a run (shared cores, clocks) does not pass for the job's cost."""
-    keys = ("gen_tok_s", "s_per_gen_token", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms")
-    return {k: (before[k] + after[k]) / 2 for k in keys}
+def phase_paired(engine, store, file_id, base, prm, args, deadline: float = math.inf) -> dict:
+    """The same load, in alternating windows of `3 x --output-len` iterations with the job running and with
+    it paused (its forward and backward skipped; the bench holds them back, the engine is unchanged), so both
+    sides of the latency ratio are measured minutes apart at most by seconds: on shared cores the machine's
+    speed drifts by 10-30% over a run, more than the effect. A request counts for a mode when it lived
+    entirely in that mode's windows."""
+    active = _job(engine, store, file_id, base, args)
+    load = Load(engine, base, prm, args.concurrency, args.output_len)
+    load.start()
+    while active.trainer.step < 1:  # warm-up: one step under load
+        load.iterate()
+    jobs, held = engine.jobs, {}
+
+    def pause(on: bool) -> None:
+        if on:
+            for attr in ("forward_work", "backward"):
+                held[attr] = jobs.__dict__.get(attr)
+                setattr(jobs, attr, lambda *a, **k: None)
+        else:
+            for attr, fn in held.items():
+                if fn is None:
+                    delattr(jobs, attr)
+                else:
+                    setattr(jobs, attr, fn)
+            held.clear()
+
+    window = 3 * args.output_len
+    load.mark()
+    sync()
+    it, ft0, windows = 0, engine.stats.ft_tokens, 0
+    least = 4 * window  # two windows of each
+    while it < least or time.perf_counter() < deadline:
+        running = windows % 2 == 0
+        load.mode = "job" if running else "paused"
+        pause(not running)
+        for _ in range(window):
+            load.iterate()
+            it += 1
+        pause(False)
+        windows += 1
+    sync()
+    load.stop()
+    engine.jobs.cancel(active.id)
+    on, off = load.latency("job"), load.latency("paused")
+    return {"windows": windows, "window_iters": window, "iterations": it,
+            "ft_tokens": engine.stats.ft_tokens - ft0, "job_s": load.spent.get("job", 0.0),
+            "ft_tok_s": _div(engine.stats.ft_tokens - ft0, load.spent.get("job", 0.0)),
+            "job": on, "paused": off, "tpot_p99_ratio": _div(on["tpot_p99_ms"], off["tpot_p99_ms"]),
+            "tpot_p50_ratio": _div(on["tpot_p50_ms"], off["tpot_p50_ms"]),
+            "itl_p99_ratio": _div(on["itl_p99_ms"], off["itl_p99_ms"])}
 
 
 class PlainStep:
@@ -651,7 +707,8 @@ def write_json(path: str, res: dict) -> None:
 
 
 def report(res: dict, args) -> None:
-    s, f, c, t, a = res["serve_baseline"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
+    s, f, c, t, a = res["serve"], res["ft_only"], res["coserve"], res["temporal"], res["adapters"]
+    pr = res["paired"]
     r = res["ratios"]
     where = f"{res['dtype']} on {res.get('gpu') or 'cpu'}"
     print(f"\nco-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
@@ -666,19 +723,21 @@ def report(res: dict, args) -> None:
         print(f"{name:<26}{ft:>10.1f}{d.get('gen_tok_s', nan):>11.1f}{d.get('tpot_p50_ms', nan):>10.1f}"
               f"{d.get('tpot_p99_ms', nan):>10.1f}{d.get('itl_p50_ms', nan):>9.1f}{d.get('itl_p99_ms', nan):>9.1f}")
 
-    row("serve only (before)", nan, res["serve"])
-    row("serve only (after)", nan, res["serve_after"])
-    row("  serve only: the mean", nan, s)
+    row("serve only", nan, s)
     row("fine-tune only", f["ft_tok_s"], {})
     row("  plain PEFT step alone", t["plain_step_tok_s"], {})
     row(f"co-serve (k={args.bwd_layers})", c["ft_tok_s"], c)
     row(f"temporal (step/{t['every']} it)", t["ft_tok_s"], t)
+    row("paired: job running", pr["ft_tok_s"], pr["job"])
+    row("paired: job paused", nan, pr["paused"])
     print(f"(a) co-serve FT / FT-only      {r['coserve_ft_fraction']:.2f}   (of leftover time: "
           f"{r['coserve_ft_fraction_of_leftover']:.2f}; temporal {r['temporal_ft_fraction']:.2f})   goal >= 0.90, "
           f"FlexLLM > 0.76")
-    print(f"(b) TPOT p99 co-serve / serve  {r['coserve_tpot_p99_ratio']:.2f}   (ITL p99 {r['coserve_itl_p99_ratio']:.2f};"
-          f" temporal TPOT p99 {r['temporal_tpot_p99_ratio']:.2f}, ITL p99 {r['temporal_itl_p99_ratio']:.2f})"
+    print(f"(b) TPOT p99 job running / paused {r['paired_tpot_p99_ratio']:.2f} (p50 {r['paired_tpot_p50_ratio']:.2f}; "
+          f"{pr['job']['requests']} / {pr['paused']['requests']} requests in {pr['windows']} alternating windows)"
           f"   goal <= 1.2")
+    print(f"    phases apart: co-serve / serve {r['coserve_tpot_p99_ratio']:.2f} (ITL p99 {r['coserve_itl_p99_ratio']:.2f});"
+          f" temporal TPOT p99 {r['temporal_tpot_p99_ratio']:.2f}, ITL p99 {r['temporal_itl_p99_ratio']:.2f}")
     for label, _ in ADAPTER_SETS:
         d = a.get(label)
         if d is None:
@@ -823,8 +882,8 @@ def main(argv=None) -> dict:
         if prof is not None:
             prof.dump_stats(args.profile)
         done("co-serve", "coserve")
-        res["serve_after"] = phase_serve(engine, base, prm, args, deadline("serve_after"))
-        done("serve again", "serve_after")
+        res["paired"] = phase_paired(engine, store, file_id, base, prm, args, deadline("paired"))
+        done("paired", "paired")
         every = args.ts_every or max(1, round(res["coserve"]["iters_per_step"]))
         res["temporal"] = phase_temporal(engine, model, tok, store, file_id, base, prm, args, every,
                                          deadline("temporal"))
@@ -835,8 +894,7 @@ def main(argv=None) -> dict:
         done("adapters", "adapters")
         res["preemptions"] = engine.stats.preemptions
         store.close()
-    s = res["serve_baseline"] = serve_baseline(res["serve"], res["serve_after"])
-    f, c, t = res["ft_only"], res["coserve"], res["temporal"]
+    s, f, c, t, pr = res["serve"], res["ft_only"], res["coserve"], res["temporal"], res["paired"]
     # the time serving leaves: the window less what its generated tokens cost serving alone
     leftover = c["wall_s"] - c["gen_tokens"] * s["s_per_gen_token"]
     c["ft_tok_s_of_leftover"] = c["ft_tokens"] / leftover if leftover > 0 else math.nan
@@ -844,6 +902,8 @@ def main(argv=None) -> dict:
         "coserve_ft_fraction": _div(c["ft_tok_s"], f["ft_tok_s"]),
         "coserve_ft_fraction_of_leftover": _div(c["ft_tok_s_of_leftover"], f["ft_tok_s"]),
         "temporal_ft_fraction": _div(t["ft_tok_s"], f["ft_tok_s"]),
+        "paired_tpot_p99_ratio": pr["tpot_p99_ratio"],
+        "paired_tpot_p50_ratio": pr["tpot_p50_ratio"],
         "coserve_tpot_p99_ratio": _div(c["tpot_p99_ms"], s["tpot_p99_ms"]),
         "coserve_itl_p99_ratio": _div(c["itl_p99_ms"], s["itl_p99_ms"]),
         "temporal_tpot_p99_ratio": _div(t["tpot_p99_ms"], s["tpot_p99_ms"]),

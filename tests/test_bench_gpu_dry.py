@@ -88,5 +88,7 @@ def test_gpu_sh_dry_runs_coserve(tmp_path):
     assert res["ft_only"]["steps"] >= 1 and res["ft_only"]["ft_tok_s"] > 0
     assert res["coserve"]["steps"] >= 1 and res["coserve"]["gen_tokens"] > 0
     assert res["temporal"]["steps"] >= 1 and res["adapters"]["n"] == 4 and res["adapters"]["ratio"] > 0
-    assert set(res["ratios"]) >= {"coserve_ft_fraction", "coserve_tpot_p99_ratio", "adapters_ratio"}
+    assert set(res["ratios"]) >= {"coserve_ft_fraction", "coserve_tpot_p99_ratio", "paired_tpot_p99_ratio",
+                                  "adapters_ratio", "adapters_ratio_q_v"}
+    assert res["paired"]["windows"] >= 4 and res["paired"]["job"]["requests"] > 0
     assert not list(out.glob(".coserve.json.*"))  # the atomic write left no temporary file

@@ -116,7 +116,10 @@ def test_lora_fast_path_only_when_exact():
     assert layer.fused_linear_params(x) is None  # dropout in effect
     net.eval()
     assert layer.fused_linear_params(x)[2] is not None  # dropout off in eval
-    assert layer.fused_linear_params(x, adapter_ids=torch.tensor([0, 0])) is None  # routed batch
+    assert layer.fused_linear_params(x, adapter_ids=torch.tensor([0, 0]))[2] is not None  # one adapter's rows
+    assert layer.fused_linear_params(x, adapter_ids=torch.tensor([0, -1])) is None  # a mixed batch: routed
+    base_only = layer.fused_linear_params(x, adapter_ids=torch.tensor([-1, -1]))
+    assert base_only[0] is layer.base_layer.weight and base_only[2] is None  # base rows: the base alone
     assert layer.fused_linear_params(x.double()) is None  # dtype mismatch
     handle = layer.lora_A["a"].register_forward_hook(lambda *args: None)
     assert layer.fused_linear_params(x) is None  # a hook that the module path would run

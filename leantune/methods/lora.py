@@ -216,11 +216,15 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.disabled:
             return self.call_base(x, adapter_ids)
+        route = None
         if adapter_ids is not None:
-            return self._routed_forward(x, adapter_ids)
-        params = self.fused_linear_params(x)
+            route = Routing.of(adapter_ids)  # (the base layer still gets adapter_ids as given)
+            route.token_ids(x)  # checks the shape against x (once per forward: memoized)
+        params = self.fused_linear_params(x, route)
         if params is not None and params[2] is not None:
             return lora_linear(x, *params)
+        if route is not None:
+            return self._routed_forward(x, adapter_ids, route)
         result = base_out = self.call_base(x, None)
         dtype = result.dtype
         for name in self.active_adapters:
@@ -232,14 +236,21 @@ class LoraLinear(AdapterLayer):
         """(W, b, A, B, s) when this layer's forward is `ops.lora_linear(x, W, b, A, B, s)`, else None.
 
         That holds for a plain float linear base with at most one active unmerged adapter (A = B = None
-        with none), no LoRA bias, no dropout in effect, one dtype throughout, and no adapter_ids."""
+        with none), no LoRA bias, no dropout in effect and one dtype throughout; with adapter_ids, when
+        every row uses the same slot (a training sequence, a batch of one adapter's or the base's rows)
+        and nothing is merged, for that slot's adapter."""
+        active = self.active_adapters
         if adapter_ids is not None:
-            return None
+            route = Routing.of(adapter_ids)
+            if self.merged_adapters or len(route.slots) != 1:
+                return None  # rows of several adapters: the routed path
+            name = self.slot_to_name.get(next(iter(route.slots)))
+            active = () if name is None else (name,)
         base = fused_linear_params(self.base_layer, x)
         if base is None or self.disabled:
             return base
         lora_a, merged = self.lora_A, self.merged_adapters  # called per layer per step: few lookups
-        names = [n for n in self.active_adapters if n in lora_a and n not in merged]
+        names = [n for n in active if n in lora_a and n not in merged]
         if len(names) != 1:
             return base if not names else None
         name = names[0]
@@ -258,15 +269,13 @@ class LoraLinear(AdapterLayer):
             return x.is_cuda
         return self.adapter_math == "activation"
 
-    def _routed_forward(self, x: torch.Tensor, adapter_ids) -> torch.Tensor:
+    def _routed_forward(self, x: torch.Tensor, adapter_ids, route: Routing) -> torch.Tensor:
         if self.merged_adapters:
             raise ValueError(
                 f"adapters {self.merged_adapters} are merged into the base weights, so a forward with "
                 "adapter_ids would add them to every row; unmerge them first"
             )
         result = self.call_base(x, adapter_ids)
-        route = Routing.of(adapter_ids)
-        route.token_ids(x)  # checks the shape against x (once per forward: memoized)
         used = route.used(self.slot_to_name)
         if not used:
             return result  # a batch of base-model rows pays nothing for the adapters loaded beside it

@@ -27,6 +27,7 @@ import torch
 
 from ..data import epoch_order
 from ..methods.base import adapter_slots, trainable_parameters
+from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
 from ..optim.schedules import lr_factor
 from ..train.loss import chunked_ce_sum
@@ -163,7 +164,8 @@ class CoTrainer:
         x = x0[None].requires_grad_()  # (1, T, C)
         pos = torch.arange(T, device=x.device)[None]
         cos, sin = rope_cos_sin(m.inv_freq, pos, x.dtype)
-        meta = ForwardMeta(positions=pos, adapter_ids=torch.tensor([self.slot], device=x.device))
+        # one slot for the whole sequence: the layer's linears and SwiGLU take the fused LoRA ops
+        meta = ForwardMeta(positions=pos, adapter_ids=Routing(torch.tensor([self.slot], device=x.device), [self.slot]))
         mask = build_mask(meta, T, 0, m.config.sliding_window, x.device)
         y = m.model.layers[i](x, cos, sin, mask, meta)
         y.backward(self.grad)
