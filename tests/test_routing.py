@@ -27,6 +27,23 @@ def test_routing_from_a_list_equals_routing_from_the_tensor():
     assert a.one_hot(x, order, 2, torch.float32) is hot  # memoized: built once per forward
 
 
+def test_segments_group_tokens_per_adapter_of_a_stack():
+    route = Routing(torch.tensor([[-1, 7, 5, 3, 7, 3, 3]]))
+    x = torch.randn(1, 7, 4)
+    seg = route.segments(x, (3, 7))  # slots -1 and 5 are not in this layer's stack
+    assert seg.used is None and seg.k == 3 and seg.padded == 6 and seg.tokens == 5
+    assert seg.rows.tolist() == [1, 3, 4, 5, 6]
+    # slot 3 (place 0) -> padded rows 0, 1, 2 in token order; slot 7 (place 1) -> rows 3, 4 (5 is padding)
+    assert seg.dest.tolist() == [3, 0, 4, 1, 2]
+    assert route.segments(x, (3, 7)) is seg  # memoized: built once per forward
+    seg = route.segments(x, (1, 3, 5, 7, 9))
+    assert seg.used.tolist() == [1, 2, 3] and seg.k == 3 and seg.padded == 9  # places of 3, 5, 7
+    assert seg.dest.tolist() == [6, 3, 0, 7, 1, 2]
+    every = Routing(torch.tensor([2, 0, 1])).segments(torch.randn(3, 1, 4), (0, 1, 2))
+    assert every.rows is None and every.used is None and every.dest.tolist() == [2, 0, 1]
+    assert Routing(torch.tensor([-1, -1])).segments(torch.randn(2, 4), (0, 1)) is None
+
+
 def test_per_row_ids_broadcast_over_tokens():
     route = Routing(torch.tensor([4, -1]))  # (B,) per row
     x = torch.randn(2, 3, 8)  # (B, T, C)

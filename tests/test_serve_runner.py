@@ -108,18 +108,26 @@ def test_capture_returns_each_layer_input(one_thread):
     torch.testing.assert_close(model.model.norm(res.captures[-1]), last[0], atol=1e-5, rtol=1e-5)
 
 
-def test_gathered_lora_path_equals_the_grouped_one(one_thread):
-    """Many adapters in one decode batch take the gather (BGMV-like) path; it must equal the per-adapter
-    grouping, including base rows, different ranks and an adapter that skips some layers."""
+@pytest.mark.parametrize("extra,path", [(0, "one_hot"), (5, "segments"), (9, "segments")])
+def test_gathered_lora_path_equals_the_grouped_one(one_thread, monkeypatch, extra, path):
+    """Many adapters in one decode batch take a gathered path: with a few loaded, all adapters' A at once and
+    a one-hot mask; with many (9, 13), rows grouped per adapter (SGMV-like). Either must
+    equal the per-adapter grouping, including base rows, different ranks and an adapter that skips some
+    layers (so a row's slot is missing from those layers' stacks)."""
     import leantune
     from leantune.methods.base import adapter_slots
+    from leantune.methods.routing import Routing
     from leantune.models.llama import ForwardMeta
 
     torch.manual_seed(0)
     model = _lt("llama")
-    for i, name in enumerate(("a", "b", "c", "d")):
+    for i, name in enumerate(("a", "b", "c", "d") + tuple(f"e{j}" for j in range(extra))):
         targets = ["q_proj", "v_proj"] if name == "d" else "all-linear"
-        leantune.apply(model, "lora", adapter_name=name, r=2 + 2 * i, targets=targets)
+        leantune.apply(model, "lora", adapter_name=name, r=2 + 2 * (i % 4), targets=targets)
+    taken = set()
+    for what in ("segments", "one_hot"):
+        original = getattr(Routing, what)
+        monkeypatch.setattr(Routing, what, lambda self, *a, _f=original, _w=what: taken.add(_w) or _f(self, *a))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -129,6 +137,7 @@ def test_gathered_lora_path_equals_the_grouped_one(one_thread):
     rows = torch.tensor([-1, slots["a"], slots["b"], slots["c"], slots["d"], -1, slots["d"], slots["a"], 7, slots["c"]])
     with torch.no_grad():
         fast = model(ids, ForwardMeta(adapter_ids=rows))
+    assert taken == {path}
     with torch.enable_grad():
         slow = model(ids, ForwardMeta(adapter_ids=rows)).detach()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -162,14 +171,14 @@ def test_gathered_lora_path_takes_fp32_adapters_on_a_bf16_base(one_thread, monke
                 p.normal_(0, 0.1)
     slots = adapter_slots(model)
     taken = []
-    original = LoraLinear._gathered_delta
+    original = LoraLinear._add_gathered
 
-    def spy(self, x, route, stack):
-        out = original(self, x, route, stack)
+    def spy(self, result, x, route, stack):
+        out = original(self, result, x, route, stack)
         taken.append(isinstance(out, torch.Tensor))
         return out
 
-    monkeypatch.setattr(LoraLinear, "_gathered_delta", spy)
+    monkeypatch.setattr(LoraLinear, "_add_gathered", spy)
     ids = torch.randint(3, 250, (6, 1))
     rows = torch.tensor([-1, slots["a"], slots["b"], slots["c"], slots["a"], -1])
     with torch.no_grad():

@@ -16,10 +16,24 @@ costs an adapter layer nothing beyond its base product.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A batch's tokens grouped per adapter of a stack: group u holds the tokens of stack place used[u], padded
+    to k tokens, in a (U * k, in) layout (token rows[i] at dest[i])."""
+
+    used: torch.Tensor | None  # (U,) places in the stack that have tokens, ascending; None: all of them
+    k: int  # tokens of the largest group
+    rows: torch.Tensor | None  # (n,) tokens whose slot is in the stack, ascending; None: all tokens
+    dest: torch.Tensor  # (n,) each such token's row in the padded layout
+    tokens: int  # n
+    padded: int  # U * k
 
 
 class Routing:
@@ -92,6 +106,38 @@ class Routing:
             hot = idx[:, None] == torch.arange(len(order), device=x.device)  # (N, S); none for other slots
             return hot.to(dtype).repeat_interleave(r, dim=1)  # (N, S*r)
         return self._memoized(("one_hot", x.shape[:-1], x.device, order, r, dtype), build)
+
+    def segments(self, x: torch.Tensor, order: tuple[int, ...]) -> Segments | None:
+        """x's tokens grouped by their slot's place in `order` (a stack of adapters), for batched per-adapter
+        products; None when no token's slot is in it. See `Segments`."""
+        def build():
+            place = {s: i for i, s in enumerate(order)}
+            tokens = self._token_list(x)
+            used = sorted({place[s] for s in tokens if s in place})
+            if not used:
+                return None
+            group = {p: u for u, p in enumerate(used)}
+            filled = [0] * len(used)
+            rows, at = [], []
+            for i, s in enumerate(tokens):
+                p = place.get(s)
+                if p is not None:
+                    rows.append(i)
+                    at.append(group[p])
+                    filled[group[p]] += 1
+            k = max(filled)
+            seen = [0] * len(used)
+            dest = []
+            for u in at:
+                dest.append(u * k + seen[u])
+                seen[u] += 1
+
+            def t(v):
+                return torch.tensor(v, dtype=torch.long, device=x.device)
+            return Segments(used=None if used == list(range(len(order))) else t(used), k=k,
+                            rows=None if len(rows) == len(tokens) else t(rows), dest=t(dest),
+                            tokens=len(rows), padded=len(used) * k)
+        return self._memoized(("segments", x.shape[:-1], x.device, order), build)
 
     def add_deltas(self, result: torch.Tensor, x: torch.Tensor, slot_to_name: dict[int, str],
                    delta: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
