@@ -46,10 +46,13 @@ def _direct_grads(model, batch, slot):
 
 
 @pytest.mark.parametrize("family,chunk,k,loss_share",
-                         [("llama", 4, 1, 0.3), ("mistral", 5, 2, None), ("smollm2-tied", 64, 3, 0.05)])
+                         [("llama", 4, 1, 0.3), ("mistral", 5, 2, None), ("smollm2-tied", 64, 3, 0.05),
+                          ("llama", 64, None, 0.3), ("mistral", 4, "mix", 0.3)])
 def test_chunked_forward_and_layer_sliced_backward_equal_a_plain_step(family, chunk, k, loss_share, one_thread):
     """Forward chunks, loss units of a few tokens (0.3 / 0.05 of a sequence: several units, some with no
-    loss token at all, as prompt tokens have none) and k layers per iteration give a plain step's grads."""
+    loss token at all, as prompt tokens have none) and k layers per iteration give a plain step's grads;
+    so does k=None (all of a sequence's backward at once, its loss in one unit, as the engine does when no
+    request is running), and a mix (one unit, then the rest of a sequence's loss and layers at once)."""
     model = _model(family)
     slot = adapter_slots(model)["job"]
     for p in trainable_parameters(model, "served").values():
@@ -72,7 +75,7 @@ def test_chunked_forward_and_layer_sliced_backward_equal_a_plain_step(family, ch
         if len(works) == 2:
             tr.fwd_done(res.captures)
         if tr.bwd_wanted():
-            complete = tr.backward_layers(k)
+            complete = tr.backward_layers((1 if iters % 2 else None) if k == "mix" else k)
     got = {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
     loss = tr.loss_sum
     for p in trainable_parameters(model, "job").values():
@@ -84,6 +87,48 @@ def test_chunked_forward_and_layer_sliced_backward_equal_a_plain_step(family, ch
     assert loss > 0
     m = tr.apply_step()
     assert m["step"] == 1 and tr.done and m["train_loss"] == pytest.approx(loss)
+
+
+def test_whole_sequences_mixed_with_chunked_ones_equal_a_plain_step(one_thread):
+    """An idle iteration trains a whole sequence at once (`train_sequence`); a batch whose sequences go
+    either way gets a plain step's grads and loss."""
+    model = _model("llama")
+    slot = adapter_slots(model)["job"]
+    for p in trainable_parameters(model, "served").values():
+        p.requires_grad_(False)
+    tr = CoTrainer(model, "job", _examples(), CoTrainConfig(n_epochs=1, batch_size=3, seed=1), loss_share=0.3)
+    batch = list(tr.batch)
+    runner, pool = ModelRunner(model, 64, BS), Pool(64)
+    assert not tr.train_sequence() and tr.batch_i == 1 and tr.trained_tokens == len(batch[0])
+    while tr.batch_i == 1:  # the second in chunks and layer slices
+        if tr.fwd_wanted():
+            toks, start = tr.fwd_chunk(min(4, tr.fwd_wanted()))
+            tr.fwd_done(runner.step([Work(toks, start, pool.context("s", start + len(toks)), adapter=slot,
+                                          capture=True)]).captures)
+        else:
+            assert not tr.backward_layers(2)
+    assert tr.train_sequence()  # the third completes the batch
+    got = {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
+    loss = tr.loss_sum
+    for p in trainable_parameters(model, "job").values():
+        p.grad = None
+    ref = _direct_grads(model, batch, slot)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=2e-6, rtol=1e-4, msg=n)
+    assert loss == pytest.approx(_batch_loss(model, batch, slot), rel=1e-5)
+
+
+def _batch_loss(model, batch, slot) -> float:
+    from leantune.train.loss import shifted_targets
+
+    n_tok = sum(ex.num_loss_tokens for ex in batch)
+    total = 0.0
+    with torch.no_grad():
+        for ex in batch:
+            logits = model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=torch.tensor([slot])))[0]
+            tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+            total += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum", ignore_index=-100))
+    return total / n_tok
 
 
 def test_loss_goes_down_and_config_is_validated(one_thread):

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from ..data import epoch_order
+from ..data.batching import Batch
 from ..methods.base import adapter_slots, trainable_parameters
 from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
 from ..optim.schedules import lr_factor
-from ..train.loss import chunked_ce_sum
+from ..train.loss import chunked_ce_sum, lm_loss_sum
 
 
 @dataclass
@@ -130,19 +131,38 @@ class CoTrainer:
             return True
         return False
 
+    def train_sequence(self) -> bool:
+        """The current sequence's forward, loss and backward at once, as a plain training step does (its
+        activations kept by autograd, no recompute), when it has not begun its chunked forward: what an
+        iteration with no request in it does (nothing waits on it). True when the batch's grads are complete.
+        The gradients equal the chunked path's (tested)."""
+        assert self.phase == "fwd" and self.pos == 0 and not self.done, "the sequence is under way"
+        ex, dev = self.seq, self.model.lm_head.weight.device
+        ids = torch.tensor([ex.input_ids], device=dev)
+        batch = Batch(ids, torch.tensor([ex.labels], device=dev), torch.arange(len(ex), device=dev)[None], None,
+                      ex.num_loss_tokens)
+        route = Routing(torch.tensor([self.slot], device=dev), [self.slot])
+        with torch.enable_grad():
+            total, _ = lm_loss_sum(self.model, batch, adapter_ids=route)
+            loss = total / self.batch_tokens
+            loss.backward()
+        self.loss_sum += float(loss.detach())
+        return self._sequence_done()
+
     # -- backward slices ----------------------------------------------------------------------------
     def bwd_wanted(self) -> bool:
         return self.phase in ("loss", "bwd")
 
-    def _loss(self) -> None:
-        """One loss unit: the final norm, LM head and cross-entropy of the next few tokens, and their rows of
-        dL/dh (the last layer's output); per-token math, so the units add up to the whole sequence's."""
+    def _loss(self, rest: bool = False) -> None:
+        """One loss unit: the final norm, LM head and cross-entropy of the next few tokens (with `rest`, all
+        the tokens left), and their rows of dL/dh (the last layer's output); per-token math, so the units add
+        up to the whole sequence's."""
         m, out = self.model, self.caps[-1]  # (T, C): the last layer's output
         T = out.shape[0]
         if self.grad is None:
             self.grad, self.loss_pos = torch.zeros_like(out)[None], 0
         a = self.loss_pos
-        b = min(T, a + max(1, math.ceil(self.loss_share * T)))
+        b = T if rest else min(T, a + max(1, math.ceil(self.loss_share * T)))
         tgt = (self.seq.labels[a + 1:b + 1] + [-100])[: b - a]  # position t predicts token t+1
         keep = [i for i, t in enumerate(tgt) if t != -100]
         if keep:
@@ -172,13 +192,15 @@ class CoTrainer:
         self.grad = x.grad
         self.caps[i + 1] = None  # its last use was as this layer's output; free it
 
-    def backward_layers(self, k: int) -> bool:
+    def backward_layers(self, k: int | None) -> bool:
         """Run up to k units of backward: the loss units first, then layers top-down; True when the
-        batch's grads are complete."""
+        batch's grads are complete. k=None: all that is left of the sequence's backward, its loss in one unit
+        (nothing waits on it: on a CPU the LM head's fixed cost makes 8 units of 8 tokens cost 2.3x one of
+        64 on SmolLM2)."""
         with torch.enable_grad():
-            for _ in range(k):
+            for _ in range(k if k is not None else 1 + len(self.model.model.layers)):
                 if self.phase == "loss":
-                    self._loss()
+                    self._loss(rest=k is None)
                 elif self.layer >= 0:
                     self._layer_backward(self.layer)
                     self.layer -= 1
@@ -186,6 +208,9 @@ class CoTrainer:
                     break
         if self.phase == "loss" or self.layer >= 0:
             return False
+        return self._sequence_done()
+
+    def _sequence_done(self) -> bool:
         self.trained_tokens += len(self.seq)
         self.batch_i, self.pos, self.caps, self.grad, self.phase = self.batch_i + 1, 0, [], None, "fwd"
         return self.batch_i == len(self.batch)

@@ -45,8 +45,9 @@ class EngineConfig:
     max_tokens_per_step: int = 256
     max_seqs: int = 64
     max_model_len: int = 2048
-    ft_max_chunk: int = 32  # most fine-tuning forward tokens per iteration (with ft_time_share: fewer if
-    # the share's credit buys fewer, see serve.admission)
+    ft_max_chunk: int = 32  # most fine-tuning forward tokens per iteration that serves requests (one that
+    # serves none: up to max_tokens_per_step; with ft_time_share: fewer if the share's credit buys fewer,
+    # see serve.admission)
     ft_bwd_layers: int = 1  # backward layers per iteration while inference runs (all when idle)
     ft_max_length: int = 1024  # training examples are truncated to this many tokens
     ft_base_lr: float = 1e-3  # learning_rate_multiplier scales this

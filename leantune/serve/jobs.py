@@ -168,11 +168,17 @@ class JobRunner:
 
     # -- work in the serving loop --------------------------------------------------------------------
     def forward_work(self, leftover: int, inference: bool, cap: int) -> Work | None:
-        """The job's forward chunk for this step: at most `cap` tokens, from the budget inference left over."""
+        """The job's forward chunk for this step: at most `cap` tokens, from the budget inference left over; with
+        no inference in the step, up to the step's token budget."""
         a = self.active
         if a is None or not a.trainer.fwd_wanted():
             return None
-        n = min(a.trainer.fwd_wanted(), cap, leftover if inference else self.e.cfg.max_tokens_per_step)
+        if not inference and a.trainer.pos == 0:
+            return None  # nothing else runs: `backward` trains the whole sequence at once (no chunks, no recompute)
+        # without inference in this step nothing waits on it: as much of the sequence as the step may hold (a
+        # weight pass per chunk is the cost of a short chunk)
+        n = min(a.trainer.fwd_wanted(), cap, leftover) if inference else min(a.trainer.fwd_wanted(),
+                                                                              self.e.cfg.max_tokens_per_step)
         if n <= 0:
             return None
         toks, start = a.trainer.fwd_chunk(n)
@@ -188,20 +194,33 @@ class JobRunner:
         self.e.stats.ft_tokens += captures[0].shape[0]
 
     def wants_backward(self) -> bool:
-        return self.active is not None and self.active.trainer.bwd_wanted()
+        """Has the job work for an iteration with nothing else in it: backward units, or a whole sequence?"""
+        t = None if self.active is None else self.active.trainer
+        return t is not None and (t.bwd_wanted() or t.fwd_wanted() > 0)
 
     def backward(self, inference: bool) -> None:
         a = self.active
-        if a is None or not a.trainer.bwd_wanted():
+        if a is None:
             return
-        if inference and self.just_forwarded:
-            self.just_forwarded = False  # that iteration already carried the sequence's last chunk
-            return
-        # units of backward: the loss, then layers; all of them when no request is waiting on us
-        k = self.e.cfg.ft_bwd_layers if inference else len(self.e.model.model.layers) + 1
-        self.backward_units += 1
-        if not a.trainer.backward_layers(k):
-            return
+        t = a.trainer
+        if not inference and t.fwd_wanted() and t.pos == 0:
+            # no request in this iteration: the next sequence's forward, loss and backward at once, as a
+            # plain training step (activations kept, nothing recomputed): 0.7 s vs 1.0 s for 64 SmolLM2
+            # tokens in chunks and layer slices on a CPU
+            self.backward_units += 1
+            self.e.stats.ft_tokens += len(t.seq)
+            if not t.train_sequence():
+                return
+        else:
+            if not t.bwd_wanted():
+                return
+            if inference and self.just_forwarded:
+                self.just_forwarded = False  # that iteration already carried the sequence's last chunk
+                return
+            # units of backward: the loss, then layers; all of them (the loss in one) when no request waits
+            self.backward_units += 1
+            if not t.backward_layers(self.e.cfg.ft_bwd_layers if inference else None):
+                return
         m = a.trainer.apply_step()
         self.e.stats.ft_steps += 1
         self.e.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",

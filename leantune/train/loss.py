@@ -48,12 +48,12 @@ def chunked_ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int
     return total
 
 
-def lm_loss_sum(model, batch, chunk: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of loss tokens) for one batch (a `leantune.data.Batch`)."""
+def lm_loss_sum(model, batch, chunk: int = 1024, adapter_ids=None) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of loss tokens) for one batch (a `leantune.data.Batch`); adapter_ids:
+    the adapter slot of each row (a multi-adapter model), as `ForwardMeta` takes them."""
     from ..models.llama import ForwardMeta
 
-    meta = ForwardMeta(positions=batch.positions, segment_ids=batch.segment_ids,
-                       adapter_ids=getattr(batch, "adapter_ids", None))
+    meta = ForwardMeta(positions=batch.positions, segment_ids=batch.segment_ids, adapter_ids=adapter_ids)
     hidden = model.hidden(batch.input_ids, meta)  # (B, T, C)
     tgt = shifted_targets(batch.labels, batch.segment_ids)
     sel = tgt != -100
