@@ -72,3 +72,45 @@ def test_forward_chunks_are_sized_to_what_the_share_buys(token_s, expect_full):
         # ~15 ms of credit buys ~4 tokens: chunks of the floor, never the 32 at once
         assert set(late) == {TimeShare.MIN_CHUNK}
         assert max(sizes[:5]) <= TimeShare.MIN_CHUNK  # before a measurement: a small chunk, not the full one
+
+
+def test_a_slow_first_sample_does_not_lift_the_bound():
+    """The first plain iteration a server sees is often a prefill, several times a decode iteration. Taken as
+    the reference for good, it would make every fine-tuning iteration look free, admit the job everywhere
+    and never measure a plain iteration again; a median over plain iterations served at least every
+    `REFRESH` iterations gets back to the real reference and the share holds."""
+    rng = random.Random(2)
+    ts, share, cost = TimeShare(0.15), 0.15, 0.05
+    ts.record(True, False, 0.5)  # a 500 ms prefill, against 100 ms decode iterations
+    plain_total = extra = 0.0
+    for _ in range(4000):
+        plain = 0.1 * rng.uniform(0.95, 1.05)
+        ft = ts.admit(True)
+        took = plain + (cost if ft else 0.0)
+        ts.record(True, ft, took, bwd_seconds=cost if ft else 0.0)
+        plain_total += plain
+        extra += took - plain
+    assert ts.plain_s == pytest.approx(0.1, rel=0.06)
+    assert extra / plain_total == pytest.approx(share, rel=0.12)
+
+
+def test_backward_time_is_charged_even_when_the_iteration_looks_plain():
+    ts = TimeShare(0.2)
+    for _ in range(3):
+        ts.record(True, False, 0.1)
+    before = ts.bucket
+    ts.record(True, True, 0.09, bwd_seconds=0.04)  # faster than the reference, yet 40 ms went to backward
+    assert ts.bucket == pytest.approx(before + 0.2 * 0.1 - 0.04)
+    assert ts.extra_s == pytest.approx(0.04)
+
+
+def test_a_plain_iteration_is_served_every_refresh_iterations():
+    ts = TimeShare(0.5)
+    ts.record(True, False, 0.1)
+    admitted = 0
+    while ts.admit(True):
+        ts.record(True, True, 0.1)  # free fine-tuning work: the bucket alone would never say no
+        admitted += 1
+    assert admitted == TimeShare.REFRESH
+    ts.record(True, False, 0.1)
+    assert ts.admit(True)

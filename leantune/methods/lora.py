@@ -294,8 +294,8 @@ class LoraLinear(AdapterLayer):
             return (result + self.lora_delta(name, x, result)).to(result.dtype)
         if x.shape[:-1].numel() <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
             stack = self._stacked()
-            # the gathered path costs every loaded adapter's rank on every row: worth it for many adapters
-            # in the batch, or a small stack (e.g. a fine-tuning job's rows beside base decodes)
+            # no loop over adapters: worth it for many adapters in the batch, or a small stack (e.g. a
+            # fine-tuning job's rows beside base decodes); one or two of a large stack loop instead
             if stack is not None and (len(used) > 2 or stack[0].shape[0] <= GATHER_SMALL_STACK):
                 return self._add_gathered(result, x, route, stack)
         return route.add_deltas(result, x, self.slot_to_name, self.lora_delta)

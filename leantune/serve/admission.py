@@ -9,6 +9,13 @@ that carried fine-tuning work is charged what it took beyond a plain one, and wo
 while the bucket is not negative. Time-per-output-token then grows by about `f`, and the job trains
 at what that share of time buys. Without inference the job runs freely (the bucket is untouched).
 
+The plain time is the median of the last few iterations that carried no fine-tuning work, and one such
+iteration is served at least every `REFRESH` serving iterations: a single slow sample (the prefill that
+starts a server's first requests) must not become a reference that makes every later iteration look
+cheap, which would let the job in everywhere and never measure a plain iteration again. An iteration is
+charged at least the time its backward slices took by the engine's own clock (`bwd_seconds`), whatever the
+reference says.
+
 Forward chunks are sized too: the extra seconds per forward token are measured (a running mean over
 iterations that carried a chunk), and an iteration carries the tokens its credit buys, but at least
 `MIN_CHUNK`: a chunk has a fixed cost (its adapter's rows in every linear: ~20 ms on SmolLM2 on a CPU,
@@ -19,17 +26,24 @@ Pure Python; the engine measures the times.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 
 class TimeShare:
     """Admission by time share `share` (> 0) of iterations that serve requests."""
 
     MIN_CHUNK = 8  # fewest forward tokens of a chunk (its fixed cost is ~5 tokens' worth on a CPU)
+    REFRESH = 16  # at most this many serving iterations in a row carry fine-tuning work
+    PLAIN_WINDOW = 9  # plain iterations the reference is the median of
 
     def __init__(self, share: float, smoothing: float = 0.1, burst: float = 4.0):
         if not share > 0:
             raise ValueError(f"the fine-tuning time share must be > 0, got {share!r}")
         self.share, self.smoothing, self.burst = share, smoothing, burst
-        self.plain_s: float | None = None  # running mean of an inference iteration without fine-tuning
+        self.plain_s: float | None = None  # median time of the recent inference iterations without fine-tuning
+        self._plain: deque[float] = deque(maxlen=self.PLAIN_WINDOW)
+        self.since_plain = 0  # serving iterations since the last plain one
         self.bucket = 0.0  # seconds fine-tuning may still add
         self.served = self.with_ft = 0  # serving iterations, and those that carried fine-tuning
         self.extra_s = 0.0  # what fine-tuning added to serving iterations (measured against plain_s)
@@ -51,23 +65,27 @@ class TimeShare:
         """May this iteration carry fine-tuning work?"""
         if not inference:
             return True
-        return self.plain_s is not None and self.bucket >= 0.0
+        return self.plain_s is not None and self.since_plain < self.REFRESH and self.bucket >= 0.0
 
-    def record(self, inference: bool, with_ft: bool, seconds: float, fwd_tokens: int = 0) -> None:
+    def record(self, inference: bool, with_ft: bool, seconds: float, fwd_tokens: int = 0,
+               bwd_seconds: float = 0.0) -> None:
         """Account one iteration that took `seconds` (with fine-tuning work in it or not; `fwd_tokens` of
-        it a forward chunk)."""
+        it a forward chunk, `bwd_seconds` of it backward slices)."""
         if not inference:
             return
         self.served += 1
         self.with_ft += with_ft
         if not with_ft:
-            a = self.smoothing
-            self.plain_s = seconds if self.plain_s is None else (1 - a) * self.plain_s + a * seconds
+            self._plain.append(seconds)
+            self.plain_s = statistics.median(self._plain)
+            self.since_plain = 0
+        else:
+            self.since_plain += 1
         if self.plain_s is None:
             return
         self.bucket += self.share * self.plain_s
         if with_ft:
-            extra = max(0.0, seconds - self.plain_s)
+            extra = max(0.0, seconds - self.plain_s, bwd_seconds)
             self.bucket -= extra
             self.extra_s += extra
             if fwd_tokens:

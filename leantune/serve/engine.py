@@ -270,17 +270,27 @@ class Engine:
             self._after_inference(plan, res.logits)
         if ft_work is not None:
             self._job_stage(self.jobs.forward_done, res.captures)
+        b0 = b1 = 0.0
         if admit:
+            b0 = self._sync_clock(adm)
             self._job_stage(self.jobs.backward, inference)
+            b1 = self._sync_clock(adm)  # the job's backward is queued on a GPU, not done: charge it here
         self.stats.iterations += 1
         if adm is not None:
-            if self.runner.device.type == "cuda":  # the job's backward is queued, not done: charge it here
-                torch.cuda.synchronize(self.runner.device)
             with_ft = ft_work is not None or self.jobs.backward_units != ft_steps
-            adm.record(inference, with_ft, self.clock() - c0, len(ft_work.tokens) if ft_work is not None else 0)
+            adm.record(inference, with_ft, self._sync_clock(adm) - c0,
+                       len(ft_work.tokens) if ft_work is not None else 0, b1 - b0)
         if inference:
             self.stats.tpot = (self.stats.tpot + [time.perf_counter() - t0])[-1000:]
         return True
+
+    def _sync_clock(self, adm) -> float:
+        """The admission clock once the device is done (0 without a time share: nothing is measured)."""
+        if adm is None:
+            return 0.0
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        return self.clock()
 
     def _job_stage(self, fn, *args) -> None:
         """Run a fine-tuning stage; its failure (bad data, a NaN loss) fails the job, not the requests."""
