@@ -788,7 +788,7 @@ def parse(argv=None):
     ap.add_argument("--bwd-layers", type=int, default=1, help="ft_bwd_layers")
     ap.add_argument("--ft-share", type=float, default=None,
                     help="ft_time_share: fine-tuning may add at most this fraction to serving iterations "
-                         "(default: the engine's, 0.15); inf: no bound, the leftover token budget decides")
+                         "(default: the engine's, 0.1); inf: no bound, the leftover token budget decides")
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 16 tokens (default: every sequence at once + 25%%, at least 256)")
     ap.add_argument("--n-adapters", type=int, default=16)

@@ -87,11 +87,11 @@ def test_time_share_holds_the_job_back_while_serving_and_lets_it_finish_after(mo
 
 
 def test_serve_time_share_option():
-    """`leantune serve --ft-time-share`: 0.15 by default, inf = no bound (the leftover budget alone), and
+    """`leantune serve --ft-time-share`: 0.1 by default, inf = no bound (the leftover budget alone), and
     values that are not > 0 refused with the option's name."""
     from leantune.recipes.serve import ServeConfig
 
-    assert ServeConfig().engine_config().ft_time_share == 0.15 == EngineConfig().ft_time_share
+    assert ServeConfig().engine_config().ft_time_share == 0.10 == EngineConfig().ft_time_share
     assert ServeConfig(ft_time_share=float("inf")).engine_config().ft_time_share is None
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="--ft-time-share"):

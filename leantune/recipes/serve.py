@@ -29,7 +29,7 @@ class ServeConfig:
     ft_max_chunk: int = opt(32, "most fine-tuning forward tokens per iteration")
     ft_bwd_layers: int = opt(1, "fine-tuning backward layers per iteration while requests run")
     checkpoint_every: int = opt(10, "fine-tuning steps between job checkpoints")
-    ft_time_share: float = opt(0.15, "while requests run, fine-tuning may add at most this fraction to their "
+    ft_time_share: float = opt(0.10, "while requests run, fine-tuning may add at most this fraction to their "
                                      "iterations' time, so latency holds; inf: no bound, the leftover token "
                                      "budget alone decides (FlexLLM's rule)")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
@@ -41,7 +41,7 @@ class ServeConfig:
         if self.max_upload_mb < 1:
             raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
         if not self.ft_time_share > 0:  # also refuses nan
-            raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.15, or inf for no bound), got {self.ft_time_share}")
+            raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.1, or inf for no bound), got {self.ft_time_share}")
         for spec in self.adapter:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
