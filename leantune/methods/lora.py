@@ -286,9 +286,7 @@ class LoraLinear(AdapterLayer):
                 "adapter_ids would add them to every row; unmerge them first"
             )
         result = self.call_base(x, adapter_ids)
-        used = route.used(self.slot_to_name)
-        if not used:
-            return result  # a batch of base-model rows pays nothing for the adapters loaded beside it
+        used = route.used(self.slot_to_name)  # not empty: `forward` sends batches of base rows to the base
         if len(route.slots) == 1:  # every row on one adapter (e.g. a training sequence): no routing
             name = self.slot_to_name[used[0]]
             return (result + self.lora_delta(name, x, result)).to(result.dtype)
