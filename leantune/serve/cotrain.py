@@ -131,12 +131,16 @@ class CoTrainer:
             return True
         return False
 
+    def at_sequence_start(self) -> bool:
+        """Is the current sequence still untouched (so `train_sequence` may take it whole)?"""
+        return self.fwd_wanted() > 0 and self.pos == 0
+
     def train_sequence(self) -> bool:
         """The current sequence's forward, loss and backward at once, as a plain training step does (its
         activations kept by autograd, no recompute), when it has not begun its chunked forward: what an
         iteration with no request in it does (nothing waits on it). True when the batch's grads are complete.
         The gradients equal the chunked path's (tested)."""
-        assert self.phase == "fwd" and self.pos == 0 and not self.done, "the sequence is under way"
+        assert self.at_sequence_start(), "the sequence is under way"
         ex, dev = self.seq, self.model.lm_head.weight.device
         ids = torch.tensor([ex.input_ids], device=dev)
         batch = Batch(ids, torch.tensor([ex.labels], device=dev), torch.arange(len(ex), device=dev)[None], None,
