@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import fused_linear_params, is_plain_linear, lora_linear
+from ..precision import native_bf16_cpu
 from .base import (
     ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,
     replace_module, set_adapter,
@@ -164,7 +165,8 @@ class LoraLinear(AdapterLayer):
     adapter_module_dicts = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
     # fp32 adapters on a bf16/fp16 input: "activation" runs the fused op with the adapter products in the
     # input's dtype and fp32 gradients (what torch.autocast does with PEFT); "adapter" keeps PEFT's plain
-    # fp32 module path (casts x up per layer, no fused op); "auto": activation on CUDA, adapter elsewhere.
+    # fp32 module path (casts x up per layer, no fused op); "auto": activation on CUDA and on a CPU with
+    # native bf16 (leantune.precision), adapter elsewhere.
     adapter_math = "auto"
 
     def __init__(self, base_layer: nn.Module):
@@ -275,8 +277,8 @@ class LoraLinear(AdapterLayer):
 
     def _adapter_math_in_activation_dtype(self, x: torch.Tensor) -> bool:
         """May fp32 adapters on a half-precision input compute in the input's dtype (autocast's rule)?"""
-        if self.adapter_math == "auto":
-            return x.is_cuda
+        if self.adapter_math == "auto":  # where half precision is native: CUDA, a CPU with AVX512_BF16/AMX
+            return x.is_cuda or (x.device.type == "cpu" and x.dtype == torch.bfloat16 and native_bf16_cpu())
         return self.adapter_math == "activation"
 
     def _routed_forward(self, x: torch.Tensor, adapter_ids, route: Routing) -> torch.Tensor:

@@ -212,6 +212,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
 
+    def _apply(self, fn, recurse=True):
+        # RoPE's inverse frequencies stay fp32 whatever the weights are cast to (transformers loads a bf16
+        # model so too): rounded to bf16 they are off by 2^-9, i.e. by radians at position 2000.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     def hidden(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
         meta = meta or ForwardMeta()
         B, T = input_ids.shape

@@ -69,7 +69,7 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
         names = quantizable_linears(model, qcfg.skip)
     _swap_shells(model, names, qcfg)
     _fill(model, source, keys, dtype, device, str(path))
-    model.inv_freq = rope_inv_freq(cfg).to(device=device, dtype=dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device=device)  # fp32 always (see LlamaForCausalLM._apply)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()

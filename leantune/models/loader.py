@@ -9,6 +9,7 @@ on a file that may be overwritten while it trains.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..precision import Precision
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
@@ -168,6 +170,27 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     model.to(dtype).eval()
     model.name_or_path = str(p)
     return model, tok
+
+
+def load_model(path: str | os.PathLike | None, precision: Precision, quantize=None):
+    """(model, tokenizer) as a run at `precision` computes with them: float weights in its dtype on its
+    device; with `quantize` (or a 4-bit folder), 4-bit codes computed from the full-precision weights,
+    whatever the compute dtype (so a QLoRA sidecar rebuilds the same base on any machine), decoded to
+    the precision's dtype, the float rest (embeddings, norms, head) cast to it."""
+    from .load4bit import is_bnb_folder
+
+    p = Path(path) if path is not None else None
+    if quantize is None and not (p is not None and p.is_dir() and is_bnb_folder(p)):
+        return load(path, dtype=precision.dtype, device=precision.device)
+    from ..quant import Quant4bitConfig
+
+    q = Quant4bitConfig.coerce(quantize) or Quant4bitConfig()
+    q = dataclasses.replace(q, compute_dtype=precision.quant_compute_dtype)
+    model, tok = load(path, dtype=torch.float32, device=precision.device, quantize=q)
+    for m in model.modules():  # a prequantized folder's layers are built with its own settings
+        if hasattr(m, "compute_dtype"):
+            m.compute_dtype = precision.quant_compute_dtype
+    return model.to(precision.dtype), tok
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

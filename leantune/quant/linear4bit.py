@@ -2,7 +2,8 @@
 
 Holds the packed codes as a uint8 buffer `weight` plus a `QuantState`, and an optional float bias.
 The forward dequantizes to the compute dtype (fp32 on CPU, bf16 on CUDA unless `compute_dtype` is
-set), applies `F.linear`, and casts back to the input dtype, as bitsandbytes' `Linear4bit` does.
+set: `load_model` sets the run's precision, bf16 on a CPU with native bf16), applies `F.linear`, and casts
+back to the input dtype, as bitsandbytes' `Linear4bit` does.
 Gradients flow to the input only: the autograd function dequantizes again in backward instead of
 saving the dequantized weight, so a layer costs ~4.13 bits/param between forward and backward.
 

@@ -25,7 +25,7 @@ class Quant4bitConfig:
     blocksize: int = 64
     double_quant: bool = True
     skip: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes / components) left in float
-    compute_dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
+    compute_dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA (load_model: the precision's)
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:

@@ -65,7 +65,8 @@ class EstimateConfig:
     rank: int = opt(8, "LoRA rank r")
     targets: str = opt("all-linear", "modules to adapt: all-linear, a comma list of names, or a regex")
     dropout: float = opt(0.0, "dropout on the LoRA branch (> 0 keeps a copy of each adapted layer's input)")
-    dtype: str = opt("auto", "weights/compute dtype: auto (fp32 on cpu, bf16 on cuda), fp32, bf16 or fp16")
+    dtype: str = opt("auto", "weights/compute dtype: auto (bf16 on cuda and on a cpu with native bf16, "
+                                "else fp32), fp32, bf16 or fp16")
     device: str = opt("auto", "cpu or cuda (auto: cuda when available)")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward (keeps only layer inputs)")
     optimizer: str = opt("adamw", "adamw or paged_adamw (states of tensors >= 1e5 elements off the device)")
@@ -147,7 +148,7 @@ class _Plan:
     targets: list[set[str]]  # per layer: short names of adapted linears
     head_adapted: bool
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
-    adapter_math_in_activation: bool = False  # CUDA: fp32 adapters compute in the input's dtype (methods/lora.py)
+    adapter_math_in_activation: bool = False  # CUDA, native-bf16 CPU: fp32 adapters in the input's dtype (lora.py)
 
     @property
     def shared_input(self) -> bool:
@@ -281,12 +282,16 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
     if not head and not any(per_layer):
         raise ValueError(f"--targets {targets!r} matches no linear module of this model; its linear modules "
                          f"end with {sorted(ATTN + MLP)} (and lm_head)")
+    from ..precision import native_bf16_cpu
+
     quantized = method == "qlora"
     a = 4 if (quantized or dtype_bytes < 4) else dtype_bytes  # methods/lora.py: fp32 adapters on half/4-bit bases
     return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
                  V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,
                  quantized=quantized, targets=per_layer, head_adapted=head,
-                 mask_bytes=1 if device == "cuda" else dtype_bytes, adapter_math_in_activation=device == "cuda")
+                 mask_bytes=1 if device == "cuda" else dtype_bytes,
+                 adapter_math_in_activation=device == "cuda" or (device == "cpu" and dtype_bytes == 2
+                                                                 and native_bf16_cpu()))
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
@@ -372,7 +377,12 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, (("bf16" if device == "cuda" else "fp32") if dtype == "auto" else dtype)
+    if dtype != "auto":
+        return device, dtype
+    from ..precision import native_bf16_cpu
+
+    # the rule the recipes follow (leantune.precision): bf16 on CUDA and on a CPU with native bf16
+    return device, "bf16" if device == "cuda" or native_bf16_cpu() else "fp32"
 
 
 def format_table(est: MemoryEstimate, title: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..fields import opt
+from ..precision import parse_dtype, resolve_precision
 from ..train.loop import TrainConfig, Trainer
 from ..train.options import heldout_loss, save_reinit_blocks
 from . import facts as facts_mod
@@ -69,6 +70,9 @@ class FinetuneConfig(TrainConfig):
                                            "(y = o + s*f(o)), o = the sublayer's output")
     bottleneck_nonlinearity: str = opt("gelu", "bottleneck adapters: relu, gelu, silu, tanh or identity")
     bottleneck_scaling: float = opt(1.0, "bottleneck adapters: scale s of the adapter's output")
+    dtype: str = opt("auto", "compute precision: auto (bf16 on a CPU with native bf16, i.e. AVX512_BF16 or AMX, "
+                             "else fp32), fp32 or bf16; in bf16 the frozen base computes in bf16 while trainable "
+                             "parameters, optimizer state and the loss stay fp32")
     forget_data: str | None = opt(None, "held-out JSONL of what the model should keep knowing: its loss before "
                                         "and after training is reported as forgetting")
 
@@ -80,6 +84,7 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"--method {self.method!r} is not a method; choose one of {list_methods()}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        parse_dtype(self.dtype)
         if self.calibration_samples < 1:
             raise ValueError(f"--calibration-samples must be >= 1, got {self.calibration_samples}")
 
@@ -175,14 +180,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     import torch
 
     from .. import methods
-    from ..models.loader import load
+    from ..models.loader import load_model
 
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
     t0 = time.perf_counter()
+    precision = resolve_precision(cfg.dtype, "cpu", full_weights="--reinit-top" if cfg.reinit_top else None)
+    _log(precision.describe())
     # QLoRA quantizes while loading, so the fp32 model is never resident in full.
-    model, tok = load(cfg.model, quantize="nf4" if cfg.method == "qlora" else None)
+    model, tok = load_model(cfg.model, precision, quantize="nf4" if cfg.method == "qlora" else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
+    out = Path(cfg.output)
     train, evals = prepare_data(cfg, tok)
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
     is_facts = cfg.data == facts_mod.BUILTIN

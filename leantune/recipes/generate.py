@@ -5,6 +5,7 @@ import sys
 from dataclasses import dataclass
 
 from ..fields import opt
+from ..precision import Precision, parse_dtype, resolve_precision
 
 
 @dataclass
@@ -20,6 +21,11 @@ class GenerateConfig:
     top_k: int = opt(0, "sample among the k most likely tokens (0 = off)")
     stop: list[str] = opt([], "stop string; repeat for several", metavar="TEXT")
     seed: int | None = opt(None, "sampling seed")
+    dtype: str = opt("auto", "compute precision: auto (bf16 on a CPU with native bf16, i.e. AVX512_BF16 or AMX, "
+                             "else fp32), fp32 or bf16")
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
 
     def generation(self):
         from ..models.generate import GenerationConfig
@@ -28,18 +34,24 @@ class GenerateConfig:
                                 top_k=self.top_k, stop_strings=list(self.stop), seed=self.seed)
 
 
-def load_with_adapter(model_path: str | None, adapter: str | None):
+def load_with_adapter(model_path: str | None, adapter: str | None, precision: Precision):
     from .. import methods
-    from ..models.loader import load
+    from ..models.loader import load_model
 
     # A QLoRA adapter runs on (and merges onto) the same 4-bit base it was trained against.
     from ..quant import Quant4bitConfig
 
     quant = methods.read_sidecar(adapter) if adapter else None
-    model, tok = load(model_path, quantize=Quant4bitConfig(**quant) if quant else None)
+    model, tok = load_model(model_path, precision, quantize=Quant4bitConfig(**quant) if quant else None)
     if adapter:
         methods.load_adapter(model, adapter)
     return model, tok
+
+
+def _precision(cfg: GenerateConfig) -> Precision:
+    precision = resolve_precision(cfg.dtype, "cpu")
+    print(precision.describe(), file=sys.stderr, flush=True)
+    return precision
 
 
 def encode_prompt(tok, text: str, cfg: GenerateConfig, history: list[dict] | None = None) -> list[int]:
@@ -85,7 +97,7 @@ def generate(cfg: GenerateConfig) -> list[str]:
 
     if not cfg.prompt:
         raise ValueError("--prompt is required (repeat it for a batch of prompts)")
-    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    model, tok = load_with_adapter(cfg.model, cfg.adapter, _precision(cfg))
     prompts = [encode_prompt(tok, p, cfg) for p in cfg.prompt]
     if len(prompts) == 1:  # one prompt: stream it as it is generated
         stream = StopStream(cfg.stop)
@@ -103,7 +115,7 @@ def chat(cfg: GenerateConfig, stdin=None) -> None:
     from ..models.generate import generate_text
 
     stdin = stdin or sys.stdin
-    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    model, tok = load_with_adapter(cfg.model, cfg.adapter, _precision(cfg))
     history: list[dict] = []
     print("leantune chat: type a message; /reset clears the history, /exit quits.", flush=True)
     while True:
@@ -145,7 +157,8 @@ def merge(cfg: MergeConfig) -> str:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
-    model, tok = load_with_adapter(cfg.model, cfg.adapter)
+    # merged in fp32 whatever the CPU: W + s*BA is summed once, exactly, then cast to --dtype
+    model, tok = load_with_adapter(cfg.model, cfg.adapter, resolve_precision("fp32"))
     methods.merge_and_unload(model)
     out = save_hf_folder(model, tok, cfg.output, dtypes[cfg.dtype])
     print(f"merged model written to {out}")

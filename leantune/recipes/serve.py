@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fields import opt
+from ..precision import parse_dtype, resolve_device, resolve_precision
 
 
 @dataclass
@@ -34,12 +35,16 @@ class ServeConfig:
                                      "budget alone decides (FlexLLM's rule)")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
+    dtype: str = opt("auto", "compute precision: auto (bf16 on CUDA and on a CPU with native bf16, i.e. "
+                             "AVX512_BF16 or AMX: decoding is memory-bound and bf16 halves the bytes; else "
+                             "fp32), fp32 or bf16")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.max_upload_mb < 1:
             raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
+        parse_dtype(self.dtype)
         if not self.ft_time_share > 0:  # also refuses nan
             raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.1, or inf for no bound), got {self.ft_time_share}")
         for spec in self.adapter:
@@ -74,16 +79,16 @@ def build_server(cfg: ServeConfig):
     """(FastAPI app, Engine) ready to run; adapters from the command line and the data dir are loaded."""
     import torch
 
-    from ..models.loader import load
+    from ..models.loader import load_model
     from ..serve.api import build_app
     from ..serve.engine import Engine
     from ..serve.store import Store
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    # bf16 on a GPU, fp32 on the CPU (bf16 matmuls are far slower there)
-    model, tok = load(cfg.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
+    precision = resolve_precision(cfg.dtype, resolve_device(cfg.device))
+    print(f"leantune: {precision.describe()}", flush=True)
+    model, tok = load_model(cfg.model, precision)
     model.eval()
     store = Store(Path(cfg.data_dir))
     engine = Engine(model, tok, base_name(cfg.model, cfg.served_model_name), store, cfg.engine_config())

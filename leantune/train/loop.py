@@ -93,6 +93,15 @@ def _regularizer(model, hooks: list) -> torch.Tensor | None:
     return sum(terms[1:], terms[0]) if terms else None
 
 
+def check_fp32_trainable(model, params: list[torch.nn.Parameter]) -> None:
+    """Trainable weights must be fp32 (an AdamW update below 2^-8 of a bf16 weight rounds away); a bf16
+    base trains adapters, which methods create in fp32."""
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if half:
+        raise ValueError(f"{len(half)} trainable parameters are half precision (e.g. {half[0]}), which would "
+                         "lose their updates; load the model in fp32 (--dtype fp32) to train base weights")
+
+
 class Trainer:
     """Holds the explicit state of one run; `fit()` drives it."""
 
@@ -107,6 +116,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
+        check_fp32_trainable(model, self.params)
         self.opt = build_optimizer(cfg.optimizer, optimizer_params(model, self.params, cfg), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
         n_batches = len(self._batches(0))
