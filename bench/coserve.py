@@ -722,7 +722,9 @@ def report(res: dict, args) -> None:
     pr = res["paired"]
     r = res["ratios"]
     where = f"{res['dtype']} on {res.get('gpu') or 'cpu'}"
-    print(f"\nco-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
+    cpu = res["cpu"]
+    print(f"\ncpu: {cpu['cpu']}, {cpu['capability']}, native bf16: {'yes' if cpu['native_bf16'] else 'no'}")
+    print(f"co-serving bench: {res['model']} {where}, {args.threads} threads, {args.clock} clock; load {args.concurrency} x "
           f"({args.prompt_len} prompt + {args.output_len} out) greedy; FT seq {args.train_len} tok, batch 1, "
           f"LoRA r=8 all-linear; budget {args.budget}, ft_chunk {args.ft_chunk}, bwd_layers {args.bwd_layers}"
           + (f", ft time share {args.ft_share:g}" if args.ft_share is not None else ", no ft time share"))
@@ -855,7 +857,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     phases = [p for p in PHASE_WEIGHTS if not (p == "adapters" and args.skip_adapters)]
     deadline = Deadlines(t_wall, args.max_s, args.phase_s, phases)
+    from leantune.precision import cpu_info
+
     res = {"bench": "coserve", "complete": False, "device": args.device, "dtype": args.dtype,
+           "cpu": cpu_info().as_dict(),
            "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
            "kernels": args.kernels, "threads": args.threads, "clock": args.clock, "max_s": args.max_s, "phase_s": args.phase_s,
            "settings": {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "train_len",

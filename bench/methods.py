@@ -1,4 +1,6 @@
-"""Comparison (not a test): every finetuning method of leantune under one budget, on two real models (CPU, fp32).
+"""Comparison (not a test): every finetuning method of leantune under one budget, on two real models (CPU).
+
+SmolLM2 runs at --dtype (auto: bf16 on a CPU with native bf16, else fp32); MiniLM (transformers) in fp32.
 
 1. SmolLM2-135M-Instruct (the embedded default, converted once to an fp32 HF folder), chat SFT on English
    question -> answer pairs of chatterbot-corpus (seeded split, no eval question in training). Each method
@@ -83,7 +85,7 @@ def smol_options(args, method: str) -> dict:
     steps = args.steps
     opts = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=args.lr, schedule="cosine",
                 warmup_steps=max(1, steps // 10), rank=args.rank, alpha=2.0 * args.rank, targets="all-linear",
-                seed=0, truncate=True, progress=False, eval_every=0, keep_checkpoints=1, method=method)
+                seed=0, truncate=True, progress=False, eval_every=0, keep_checkpoints=1, method=method, dtype=args.dtype)
     if method == "rslora":
         opts.update(method="lora", rslora=True)  # FinetuneConfig's spelling of rsLoRA (alpha / sqrt(r))
     elif method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
@@ -277,7 +279,7 @@ def run_minilm(args) -> dict:
 # driver
 
 
-WORKER_ARGS = ("steps", "batch", "max_length", "lr", "rank", "train", "corda_mode", "corda_targets",
+WORKER_ARGS = ("steps", "batch", "max_length", "lr", "rank", "dtype", "train", "corda_mode", "corda_targets",
                "minilm_steps", "minilm_batch", "minilm_max_length", "minilm_lr", "minilm_train", "minilm_eval",
                "minilm_targets", "bottleneck_size")
 
@@ -330,7 +332,7 @@ def fmt(x, spec: str) -> str:
 def smol_table(args, res: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, chat SFT on chatterbot Q->A ({args.train} train / {args.eval} eval pairs), "
              f"{args.steps} steps, batch {args.batch}, max_length {args.max_length}, lr {args.lr:g} cosine, r={args.rank} "
-             f"alpha={2 * args.rank}, all-linear (CorDA: {args.corda_targets}), fp32, {args.threads} threads",
+             f"alpha={2 * args.rank}, all-linear (CorDA: {args.corda_targets}), --dtype {args.dtype}, {args.threads} threads",
              "| method | trainable params | step time (s) | peak RSS (MiB) | train RSS (MiB) | eval loss at init "
              "| final eval loss | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
@@ -371,6 +373,7 @@ def parse_args():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--dtype", default="auto", help="SmolLM2 runs' precision (finetune --dtype): auto, fp32 or bf16")
     ap.add_argument("--train", type=int, default=256, help="SmolLM2 training pairs")
     ap.add_argument("--eval", type=int, default=64, help="SmolLM2 eval pairs")
     ap.add_argument("--corda-mode", default="ipa", choices=["ipa", "kpa"])
@@ -411,7 +414,11 @@ def main() -> None:
     unknown = sorted(set(only) - set(SMOL_METHODS) - set(MINILM_METHODS))
     if unknown:
         raise SystemExit(f"--only: unknown method(s) {unknown}; choose from {sorted(set(SMOL_METHODS + MINILM_METHODS))}")
-    t0, out = time.perf_counter(), {"bench": "methods", "quick": args.quick, "threads": args.threads}
+    from leantune.precision import cpu_info
+
+    print(f"cpu: {cpu_info().describe()}")
+    t0, out = time.perf_counter(), {"bench": "methods", "quick": args.quick, "threads": args.threads,
+                                    "cpu": cpu_info().as_dict()}
     with tempfile.TemporaryDirectory(prefix="leantune-bench-methods-") as tmp:
         smol = [m for m in SMOL_METHODS if not only or m in only]
         if args.part in ("all", "smollm2") and smol:

@@ -1,0 +1,20 @@
+"""The CPU benchmarks' plumbing on the tiny model (their numbers are not asserted: timings live in bench/)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_bench_runs_both_precisions_and_names_the_cpu():
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--model", "tiny", "--concurrency", "2",
+                        "--prompt-len", "8", "--output-len", "4", "--serve-iters", "12"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("cpu: ")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "decode" and set(res["cpu"]) >= {"cpu", "capability", "native_bf16", "threads"}
+    for dt in ("float32", "bfloat16"):
+        assert res[dt]["gen_tokens"] > 0
+    assert res["bf16_over_fp32"] > 0
