@@ -34,7 +34,7 @@ class Server:
         self.port = free_port()
         self.key = key
         self.args = [sys.executable, "-m", "leantune.cli", "serve", "--model", str(model), "--data-dir", str(data_dir),
-                     "--port", str(self.port), "--threads", "1", *extra]
+                     "--port", str(self.port), "--threads", "1", "--dtype", "fp32", *extra]  # exact tokens on any CPU
         self.log = Path(data_dir).with_suffix(".log")
         self.proc = None
 

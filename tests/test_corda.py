@@ -313,7 +313,8 @@ def test_cli_finetune_corda_kpa_loads_in_peft_on_the_original_base(folder, tmp_p
         argv = ["finetune", "--model", str(folder), "--data", str(data), "--output", str(tmp_path / out),
                 "--no-progress", "--eval-fraction", "0", "--method", "corda", "--corda-mode", "kpa",
                 "--calibration", str(calib), "--corda-cache", str(tmp_path / "cache"), "--rank", "4",
-                "--alpha", "8", "--lr", "1e-2", "--batch-size", "4", "--schedule", "constant", *extra]
+                "--alpha", "8", "--lr", "1e-2", "--batch-size", "4", "--schedule", "constant", "--dtype", "fp32",
+                *extra]
         assert cli.run(argv) == 0
         return tmp_path / out
 

@@ -163,7 +163,7 @@ def test_cli_prints_a_table_and_json(folder, capsys):
     from leantune import cli
 
     assert cli.run(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "32", "--batch", "2",
-                    "--json"]) == 0
+                    "--dtype", "fp32", "--json"]) == 0
     out = capsys.readouterr().out
     assert "activations saved for backward" in out and "total" in out
     rec = json.loads(out.strip().splitlines()[-1])
@@ -267,5 +267,10 @@ def test_activation_rules_for_cuda_adapter_math(one_thread, monkeypatch):
     model = tiny_model(cfg, torch.bfloat16, "all-linear", 0.0)
     plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cuda")
     assert activation_bytes(plan, 2, 16)["total"] == saved_bytes(model, 2, 16)
-    cpu_plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cpu")
-    assert activation_bytes(cpu_plan, 2, 16)["total"] > activation_bytes(plan, 2, 16)["total"]
+    import leantune.precision
+
+    for native in (False, True):  # a CPU with native bf16 follows CUDA's rule (LoraLinear "auto")
+        monkeypatch.setattr(leantune.precision, "native_bf16_cpu", lambda native=native: native)
+        cpu_plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cpu")
+        cpu, cuda = activation_bytes(cpu_plan, 2, 16)["total"], activation_bytes(plan, 2, 16)["total"]
+        assert cpu == cuda if native else cpu > cuda

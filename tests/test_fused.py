@@ -14,6 +14,7 @@ from torch import nn
 import leantune.methods as lm
 from leantune.data import Batch
 from leantune.methods import LoraLinear
+from leantune.methods import lora as lora_mod
 from leantune.ops import linear_cross_entropy_sum, lora_linear, swiglu_linear
 from leantune.train.loss import lm_loss_sum
 
@@ -302,7 +303,8 @@ def test_fp32_adapters_on_bf16_take_the_fused_path_when_allowed(monkeypatch):
     model.train()
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    assert layer.fused_linear_params(x) is None  # "auto" on CPU: PEFT's fp32 module path
+    monkeypatch.setattr(lora_mod, "native_bf16_cpu", lambda: False)
+    assert layer.fused_linear_params(x) is None  # "auto" on a CPU without native bf16: PEFT's fp32 module path
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     batch = Batch(ids, ids.clone(), torch.arange(12).expand(2, -1), None, 22, 24)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -87,8 +87,9 @@ def finetune(folder, tmp_path):
 
     def run(data, *args, out="out"):
         out = tmp_path / out
+        # exact comparisons of numbers: fp32 on every CPU (auto is bf16 on one with native bf16)
         argv = ["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--no-progress",
-                "--eval-fraction", "0", *map(str, args)]
+                "--eval-fraction", "0", "--dtype", "fp32", *map(str, args)]
         assert cli.run(argv) == 0
         return out
 

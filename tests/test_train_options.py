@@ -221,7 +221,7 @@ def test_fpf_through_the_cli_trains_only_the_selection_and_reports_forgetting(fo
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(folder), "--data", str(data[0]), "--output", str(out), "--no-progress",
             "--eval-fraction", "0", "--max-steps", "4", "--lr", "1e-2", "--fpf-fraction", "0.25",
-            "--fpf-probe-steps", "2", "--forget-data", str(data[1])]
+            "--fpf-probe-steps", "2", "--forget-data", str(data[1]), "--dtype", "fp32"]  # exact losses below
     assert cli.run(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     fpf = summary["train_options"]["fpf"]
