@@ -16,6 +16,7 @@ from leantune import cli
 from leantune.data import load_dataset
 from leantune.models.loader import load
 from leantune.train import options
+from leantune.train.loss import heldout_loss
 from leantune.train.loop import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,7 +238,7 @@ def test_fpf_through_the_cli_trains_only_the_selection_and_reports_forgetting(fo
             assert bool(t.any()) == (module in fpf["selected"]), module
     model, tok = copy.deepcopy(loaded[0]), loaded[1]
     forget = load_dataset(data[1], tok, 512)
-    want_before = options.heldout_loss(model, forget, 4, 512)
+    want_before = heldout_loss(model, forget, 4, 512)
     f = summary["forgetting"]
     assert f["loss_before"] == pytest.approx(want_before, abs=1e-6)
     assert f["increase"] == pytest.approx(f["loss_after"] - f["loss_before"]) and f["loss_after"] != f["loss_before"]

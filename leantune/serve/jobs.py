@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..data import DataError, load_dataset
 from ..methods.adapter_io import save_adapter
 from ..methods.base import delete_adapter, list_adapters
 from ..methods.lora import LoraConfig
 from ..methods.registry import apply
-from ..models.llama import ForwardMeta
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from ..train.loss import shifted_targets
+from ..train.loss import heldout_loss
 from .cotrain import CoTrainConfig, CoTrainer
 from .runner import Work
 
@@ -260,13 +257,5 @@ class JobRunner:
         a = self.active
         if not a.valid:
             return None
-        total, n = 0.0, 0
-        dev = self.e.runner.device
-        slot = torch.tensor([a.trainer.slot], device=dev)
-        for ex in a.valid:
-            logits = self.e.model(torch.tensor([ex.input_ids], device=dev), ForwardMeta(adapter_ids=slot))[0]
-            tgt = shifted_targets(torch.tensor([ex.labels], device=dev))[0]
-            total += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100))
-            n += ex.num_loss_tokens
-        return total / max(n, 1)
-
+        # one example per batch: no padding, and no more memory than a training sequence takes
+        return heldout_loss(self.e.model, a.valid, batch_size=1, adapter_slot=a.trainer.slot)
