@@ -139,3 +139,32 @@ def test_job_validation_loss_is_the_token_mean_loss_of_the_published_adapter(mod
 
     assert got == pytest.approx(full_logits_loss(slot), rel=1e-5)
     assert got != pytest.approx(full_logits_loss(-1), rel=1e-3)  # the base model's: the job trained
+
+
+def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_path, one_thread):
+    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr`: a job whose hyperparameters say "auto"
+    trains a LoRA of that rank and alpha on examples truncated to that length at that lr; bad values are
+    refused with the flag's name."""
+    import copy
+
+    from leantune.methods import adapter_configs
+    from leantune.recipes.serve import ServeConfig
+    from leantune.serve.ft_defaults import FineTuneDefaults
+
+    assert ServeConfig().engine_config().finetune == FineTuneDefaults() == EngineConfig().finetune
+    cfg = ServeConfig(ft_rank=4, ft_alpha=8.0, ft_max_length=27, ft_lr=2e-3, num_blocks=64, block_size=4)
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    e = Engine(model, tok, "model", Store(tmp_path / "data"), cfg.engine_config())
+    auto = {k: "auto" for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    job = e.store.add_job("o", "model", _chat_file(e.store, 3), hyperparameters=auto)
+    e.jobs.poll()
+    a = e.jobs.active
+    assert (a.trainer.cfg.learning_rate, a.trainer.cfg.n_epochs, a.trainer.cfg.batch_size) == (2e-3, 3, 1)
+    lora = adapter_configs(model)[a.adapter]
+    assert (lora.r, lora.alpha) == (4, 8.0)
+    assert max(len(ex) for ex in a.trainer.examples) == 27  # the chat rows (31 tokens) are truncated
+    assert e.store.get_job("o", job["id"])["hyperparameters"] == {"n_epochs": 3, "batch_size": 1,
+                                                                 "learning_rate_multiplier": 1.0}
+    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan"))):
+        with pytest.raises(ValueError, match=flag):
+            ServeConfig(**{flag[2:].replace("-", "_"): bad})

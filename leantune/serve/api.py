@@ -457,7 +457,7 @@ def _job_request(body: dict, owner: str, engine, store) -> dict:
         raise APIError(400, "method.supervised must be an object like {\"hyperparameters\": {...}}", param="method")
     hp = _field(body, "hyperparameters", dict) or {}
     try:
-        hyperparameters({"hyperparameters": hp, "method": method, "seed": seed}, 1.0)
+        hyperparameters({"hyperparameters": hp, "method": method, "seed": seed}, engine.cfg.finetune)
     except ValueError as e:
         raise APIError(400, str(e), param="hyperparameters") from None
     return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method}

@@ -33,13 +33,14 @@ from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
 from ..optim import build_optimizer
 from ..train.loss import chunked_ce_sum, lm_loss_sum, shifted_targets
 from ..train.step import StepRule, optimizer_step
+from .ft_defaults import FineTuneDefaults
 
 
 @dataclass
 class CoTrainConfig:
-    n_epochs: int = 3
-    batch_size: int = 1  # sequences per optimizer step
-    learning_rate: float = 1e-3
+    n_epochs: int = FineTuneDefaults.n_epochs
+    batch_size: int = FineTuneDefaults.batch_size  # sequences per optimizer step
+    learning_rate: float = FineTuneDefaults.lr
     warmup_steps: int = 0
     schedule: str = "linear"  # as OpenAI's fine-tuning decays the lr
     seed: int = 0
