@@ -22,7 +22,7 @@ from ..optim import OPTIMIZERS, build_optimizer
 from ..optim.schedules import SCHEDULES
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
-from .options import optimizer_params, option_checks, prepare_model
+from .trainable import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
 from .progress import Progress
 from .step import StepRule, before_step, optimizer_step, regularizer, train_hooks
