@@ -190,12 +190,14 @@ def prompts(tok, n: int, length: int, seed: int = 1) -> list[list[int]]:
 
 def make_engine(model, tok, base, tmp: Path, args, tag: str):
     from leantune.serve.engine import Engine, EngineConfig
+    from leantune.serve.ft_defaults import FineTuneDefaults
     from leantune.serve.store import Store
 
     store = Store(tmp / f"data-{tag}")
     cfg = EngineConfig(num_blocks=args.num_blocks, block_size=BLOCK_SIZE, max_tokens_per_step=args.budget,
                        max_seqs=64, max_model_len=max_model_len(args),
-                       ft_max_chunk=args.ft_chunk, ft_bwd_layers=args.bwd_layers, ft_max_length=args.train_len,
+                       ft_max_chunk=args.ft_chunk, ft_bwd_layers=args.bwd_layers,
+                       finetune=FineTuneDefaults(max_length=args.train_len),
                        checkpoint_every=10_000, ft_time_share=args.ft_share)
     engine = Engine(model, tok, base, store, cfg)
     engine.clock = clock  # admission measures with the bench's clock (CPU time on a shared machine)

@@ -96,3 +96,75 @@ def test_serve_time_share_option():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="--ft-time-share"):
             ServeConfig(ft_time_share=bad)
+
+
+def _chat_file(store, rows: int, offset: int = 0) -> str:
+    data = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(offset, offset + rows)]
+    return store.add_file("o", "t.jsonl", "fine-tune", "\n".join(json.dumps(r) for r in data).encode())["id"]
+
+
+def test_job_validation_loss_is_the_token_mean_loss_of_the_published_adapter(model_tok, tmp_path, one_thread):
+    """The validation loss a finished job reports is the published adapter's token-mean loss on the validation
+    file, as full (T, V) logits give it (the job computes it without them: `train.loss.heldout_loss`)."""
+    import copy
+
+    from leantune.data import load_dataset
+    from leantune.methods.base import adapter_slots
+    from leantune.models.llama import ForwardMeta
+    from leantune.train.loss import shifted_targets
+
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]  # the published adapter stays in this tree
+    e = Engine(model, tok, "model", Store(tmp_path / "data"), EngineConfig(num_blocks=64, block_size=4))
+    train, valid = _chat_file(e.store, 2), _chat_file(e.store, 3, offset=10)
+    job = e.store.add_job("o", "model", train, validation_file=valid,
+                          hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 50})
+    _run(e, [])
+    j = e.store.get_job("o", job["id"])
+    assert j["status"] == "succeeded", j
+    events = e.store.list_events(job["id"], limit=100)[0]
+    (got,) = [ev["data"]["valid_loss"] for ev in events if "valid_loss" in (ev["data"] or {})]
+    slot = adapter_slots(model)[e.adapters[j["fine_tuned_model"]].internal]
+    examples = load_dataset(e.store.file_path("o", valid), tok, 1024)
+
+    def full_logits_loss(slot: int) -> float:
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for ex in examples:
+                logits = model(torch.tensor([ex.input_ids]), ForwardMeta(adapter_ids=torch.tensor([slot])))[0]
+                tgt = shifted_targets(torch.tensor([ex.labels]))[0]
+                total += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum"))
+                n += ex.num_loss_tokens
+        return total / n
+
+    assert got == pytest.approx(full_logits_loss(slot), rel=1e-5)
+    assert got != pytest.approx(full_logits_loss(-1), rel=1e-3)  # the base model's: the job trained
+
+
+def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_path, one_thread):
+    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr`: a job whose hyperparameters say "auto"
+    trains a LoRA of that rank and alpha on examples truncated to that length at that lr; bad values are
+    refused with the flag's name."""
+    import copy
+
+    from leantune.methods import adapter_configs
+    from leantune.recipes.serve import ServeConfig
+    from leantune.serve.ft_defaults import FineTuneDefaults
+
+    assert ServeConfig().engine_config().finetune == FineTuneDefaults() == EngineConfig().finetune
+    cfg = ServeConfig(ft_rank=4, ft_alpha=8.0, ft_max_length=27, ft_lr=2e-3, num_blocks=64, block_size=4)
+    model, tok = copy.deepcopy(model_tok[0]), model_tok[1]
+    e = Engine(model, tok, "model", Store(tmp_path / "data"), cfg.engine_config())
+    auto = {k: "auto" for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    job = e.store.add_job("o", "model", _chat_file(e.store, 3), hyperparameters=auto)
+    e.jobs.poll()
+    a = e.jobs.active
+    assert (a.trainer.cfg.learning_rate, a.trainer.cfg.n_epochs, a.trainer.cfg.batch_size) == (2e-3, 3, 1)
+    lora = adapter_configs(model)[a.adapter]
+    assert (lora.r, lora.alpha) == (4, 8.0)
+    assert max(len(ex) for ex in a.trainer.examples) == 27  # the chat rows (31 tokens) are truncated
+    assert e.store.get_job("o", job["id"])["hyperparameters"] == {"n_epochs": 3, "batch_size": 1,
+                                                                 "learning_rate_multiplier": 1.0}
+    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan"))):
+        with pytest.raises(ValueError, match=flag):
+            ServeConfig(**{flag[2:].replace("-", "_"): bad})

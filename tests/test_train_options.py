@@ -15,7 +15,8 @@ import leantune.methods as lm
 from leantune import cli
 from leantune.data import load_dataset
 from leantune.models.loader import load
-from leantune.train import options
+from leantune.train import trainable
+from leantune.train.loss import heldout_loss
 from leantune.train.loop import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +73,7 @@ def test_llrd_groups_have_exact_lrs_and_hold_each_parameter_once(model):
     for p in model.parameters():  # full fine-tuning: every rule (blocks, embeddings, head) shows
         p.requires_grad_(True)
     lr, xi, n_layers = 1e-3, 0.8, model.config.num_layers
-    groups = options.param_groups_llrd(model, lr, xi, weight_decay=0.1)
+    groups = trainable.param_groups_llrd(model, lr, xi, weight_decay=0.1)
     owner = {}
     for g in groups:
         for p in g["params"]:
@@ -144,14 +145,14 @@ def test_freeze_lower_refuses_to_freeze_everything(model, examples, tmp_path):
     with pytest.raises(ValueError, match="nothing to train"):
         Trainer(model, examples, [], cfg(freeze_lower=1), tmp_path)
     with pytest.raises(ValueError, match="all 2 blocks"):
-        options.freeze_bottom(model, 2)
+        trainable.freeze_bottom(model, 2)
 
 
 def test_reinit_top_redraws_only_the_top_block(model):
     lm.apply(model, "lora", r=4)
     torch.manual_seed(0)
     before = snapshot(model)
-    names = options.reinit_top(model, 1)
+    names = trainable.reinit_top(model, 1)
     params = dict(model.named_parameters())
     assert names and all(".layers.1." in n and "lora_" not in n for n in names)
     for n, p in params.items():
@@ -205,16 +206,16 @@ def test_fpf_selects_the_most_drifting_modules():
         return ((net(batch[0]) - batch[1]) ** 2).mean()
 
     before, rng = snapshot(net), torch.get_rng_state()
-    scores = options.probe_drift(net, loss_fn, batches, lr=0.1)
+    scores = trainable.probe_drift(net, loss_fn, batches, lr=0.1)
     assert scores["a"] > scores["b"] > scores["c"] == 0.0
     assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())  # the probe is undone
     assert torch.equal(torch.get_rng_state(), rng)
 
-    report = options.apply_fpf(net, loss_fn, batches, fraction=0.4, lr=0.1)
+    report = trainable.apply_fpf(net, loss_fn, batches, fraction=0.4, lr=0.1)
     assert report["selected"] == ["a"] and report["trainable_parameters"] * 3 == report["candidate_parameters"]
-    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"a.lora_A.default.weight", "a.lora_B.default.weight"}
-    assert options.select_by_budget(scores, {u: 1 for u in scores}, 0.7) == ["a", "b"]
+    trains = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trains == {"a.lora_A.default.weight", "a.lora_B.default.weight"}
+    assert trainable.select_by_budget(scores, {u: 1 for u in scores}, 0.7) == ["a", "b"]
 
 
 def test_fpf_through_the_cli_trains_only_the_selection_and_reports_forgetting(folder, loaded, data, tmp_path):
@@ -237,7 +238,7 @@ def test_fpf_through_the_cli_trains_only_the_selection_and_reports_forgetting(fo
             assert bool(t.any()) == (module in fpf["selected"]), module
     model, tok = copy.deepcopy(loaded[0]), loaded[1]
     forget = load_dataset(data[1], tok, 512)
-    want_before = options.heldout_loss(model, forget, 4, 512)
+    want_before = heldout_loss(model, forget, 4, 512)
     f = summary["forgetting"]
     assert f["loss_before"] == pytest.approx(want_before, abs=1e-6)
     assert f["increase"] == pytest.approx(f["loss_after"] - f["loss_before"]) and f["loss_after"] != f["loss_before"]

@@ -1,5 +1,6 @@
 """Optimizers and schedules: `build_optimizer(name, ...)` is the one place a recipe's `--optimizer` becomes
-an optimizer (torch AdamW, or PagedAdamW with large states kept off the device / working set)."""
+an optimizer (torch AdamW, or PagedAdamW with large states kept off the device / working set); every
+optimizer leantune builds comes from this file (`plain_sgd` for probes that need raw gradient steps)."""
 from __future__ import annotations
 
 from . import paged_adamw
@@ -24,6 +25,13 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, bet
     return opt
 
 
+def plain_sgd(params, lr: float):
+    """SGD without momentum or decay: each step moves a weight by exactly -lr * its gradient."""
+    import torch
+
+    return torch.optim.SGD(params, lr=lr)
+
+
 def apply_lr_scale(opt) -> None:
     """Groups with an `lr_scale` (e.g. layer-wise lr decay) step at `lr * lr_scale`.
 
@@ -42,4 +50,4 @@ def apply_lr_scale(opt) -> None:
     opt.register_step_post_hook(unscale)
 
 
-__all__ = ["OPTIMIZERS", "PagedAdamW", "PagedStateStore", "apply_lr_scale", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "PagedAdamW", "PagedStateStore", "apply_lr_scale", "build_optimizer", "plain_sgd"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..fields import opt
 from ..precision import parse_dtype, resolve_precision
 from ..train.loop import TrainConfig, Trainer
-from ..train.options import heldout_loss, save_reinit_blocks
+from ..train.loss import heldout_loss
+from ..train.trainable import save_reinit_blocks
 from . import facts as facts_mod
 
 # Settings that teach SmolLM2-135M the 48 fact questions in a few CPU minutes; used for the builtin data

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..fields import opt
 from ..precision import parse_dtype, resolve_device, resolve_precision
+from ..serve.ft_defaults import FineTuneDefaults, invalid
 
 
 @dataclass
@@ -33,6 +34,11 @@ class ServeConfig:
     ft_time_share: float = opt(0.10, "while requests run, fine-tuning may add at most this fraction to their "
                                      "iterations' time, so latency holds; inf: no bound, the leftover token "
                                      "budget alone decides (FlexLLM's rule)")
+    ft_rank: int = opt(FineTuneDefaults.rank, "LoRA rank of a fine-tuning job's adapter")
+    ft_alpha: float = opt(FineTuneDefaults.alpha, "LoRA alpha of a fine-tuning job's adapter")
+    ft_max_length: int = opt(FineTuneDefaults.max_length, "fine-tuning examples are truncated to this many tokens")
+    ft_lr: float = opt(FineTuneDefaults.lr, "fine-tuning learning rate at learning_rate_multiplier 1 (a job's "
+                                            "\"auto\")")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     dtype: str = opt("auto", "compute precision: auto (bf16 on CUDA and on a CPU with native bf16, i.e. "
@@ -47,6 +53,9 @@ class ServeConfig:
         parse_dtype(self.dtype)
         if not self.ft_time_share > 0:  # also refuses nan
             raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.1, or inf for no bound), got {self.ft_time_share}")
+        bad = invalid(self._finetune(), lambda f: "--ft-" + f.replace("_", "-"))
+        if bad:
+            raise ValueError(bad)
         for spec in self.adapter:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
@@ -59,7 +68,12 @@ class ServeConfig:
                             max_tokens_per_step=self.max_tokens_per_step, max_seqs=self.max_seqs,
                             max_model_len=self.max_model_len, ft_max_chunk=self.ft_max_chunk,
                             ft_bwd_layers=self.ft_bwd_layers, checkpoint_every=self.checkpoint_every,
+                            finetune=FineTuneDefaults(**self._finetune()),
                             ft_time_share=None if math.isinf(self.ft_time_share) else self.ft_time_share)
+
+    def _finetune(self) -> dict:
+        """The --ft-* values as FineTuneDefaults' fields."""
+        return {"rank": self.ft_rank, "alpha": self.ft_alpha, "max_length": self.ft_max_length, "lr": self.ft_lr}
 
     def keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("LEANTUNE_API_KEYS", "").split(",") if k.strip()]

@@ -30,15 +30,17 @@ from ..data.batching import Batch
 from ..methods.base import adapter_slots, trainable_parameters
 from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
-from ..optim.schedules import lr_factor
-from ..train.loss import chunked_ce_sum, lm_loss_sum
+from ..optim import build_optimizer
+from ..train.loss import chunked_ce_sum, lm_loss_sum, shifted_targets
+from ..train.step import StepRule, optimizer_step
+from .ft_defaults import FineTuneDefaults
 
 
 @dataclass
 class CoTrainConfig:
-    n_epochs: int = 3
-    batch_size: int = 1  # sequences per optimizer step
-    learning_rate: float = 1e-3
+    n_epochs: int = FineTuneDefaults.n_epochs
+    batch_size: int = FineTuneDefaults.batch_size  # sequences per optimizer step
+    learning_rate: float = FineTuneDefaults.lr
     warmup_steps: int = 0
     schedule: str = "linear"  # as OpenAI's fine-tuning decays the lr
     seed: int = 0
@@ -76,9 +78,11 @@ class CoTrainer:
         self.loss_share = loss_unit_share(model) if loss_share is None else loss_share
         self.slot = adapter_slots(model)[adapter]
         self.params = list(trainable_parameters(model, adapter).values())
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
+        self.opt = build_optimizer("adamw", self.params, lr=cfg.learning_rate, weight_decay=0.0)
         self.steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.n_epochs
+        self.rule = StepRule(cfg.learning_rate, self.total_steps, cfg.warmup_steps, cfg.schedule,
+                             max_grad_norm=cfg.max_grad_norm)
         self.step = step  # optimizer steps done
         self.trained_tokens = 0
         self._start_batch()
@@ -167,13 +171,13 @@ class CoTrainer:
             self.grad, self.loss_pos = torch.zeros_like(out)[None], 0
         a = self.loss_pos
         b = T if rest else min(T, a + max(1, math.ceil(self.loss_share * T)))
-        tgt = (self.seq.labels[a + 1:b + 1] + [-100])[: b - a]  # position t predicts token t+1
-        keep = [i for i, t in enumerate(tgt) if t != -100]
-        if keep:
+        # on the host: which rows carry a loss is known without waiting for the device
+        tgt = shifted_targets(torch.tensor([self.seq.labels]))[0, a:b]
+        keep = (tgt != -100).nonzero()[:, 0]
+        if keep.numel():
             x = out[a:b].detach().requires_grad_()  # (n, C)
-            sel = torch.tensor(keep, device=out.device)
-            h = m.model.norm(x).index_select(0, sel)
-            target = torch.tensor([tgt[i] for i in keep], device=out.device)
+            h = m.model.norm(x).index_select(0, keep.to(out.device))
+            target = tgt[keep].to(out.device)
             loss = chunked_ce_sum(h, m.lm_head, target) / self.batch_tokens
             loss.backward()
             self.loss_sum += float(loss.detach())
@@ -221,18 +225,14 @@ class CoTrainer:
 
     def apply_step(self) -> dict:
         """Clip, step the optimizer with the scheduled lr, and move to the next batch; returns metrics."""
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        lr = self.cfg.learning_rate * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps,
-                                                self.cfg.schedule)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if not math.isfinite(self.loss_sum):  # before the step: a NaN update never reaches the adapter
+            raise FloatingPointError(f"training loss became {self.loss_sum} at step {self.step + 1}; "
+                                     "lower learning_rate_multiplier or check the training file")
+        # no train hooks: the job trains a plain LoRA adapter, and the hooks of the served model belong to the
+        # adapters it serves
+        lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step)
         self.step += 1
         metrics = {"step": self.step, "train_loss": self.loss_sum, "lr": lr, "grad_norm": gnorm,
                    "epoch": self.epoch, "total_steps": self.total_steps}
-        if not math.isfinite(self.loss_sum):
-            raise FloatingPointError(f"training loss became {self.loss_sum} at step {self.step}; "
-                                     "lower learning_rate_multiplier or check the training file")
         self._start_batch()
         return metrics

@@ -30,6 +30,7 @@ import torch
 from ..methods.adapter_io import load_adapter
 from ..methods.base import adapter_slots, delete_adapter
 from .block_manager import BlockManager
+from .ft_defaults import FineTuneDefaults
 from .jobs import JobRunner
 from .requests import GenRequest, RequestState
 from .runner import ModelRunner, Work
@@ -49,10 +50,7 @@ class EngineConfig:
     # serves none: up to max_tokens_per_step; with ft_time_share: fewer if the share's credit buys fewer,
     # see serve.admission)
     ft_bwd_layers: int = 1  # backward layers per iteration while inference runs (all when idle)
-    ft_max_length: int = 1024  # training examples are truncated to this many tokens
-    ft_base_lr: float = 1e-3  # learning_rate_multiplier scales this
-    ft_rank: int = 8
-    ft_alpha: float = 16.0
+    finetune: FineTuneDefaults = field(default_factory=FineTuneDefaults)  # a job's LoRA, lengths, lr, "auto"s
     checkpoint_every: int = 10  # optimizer steps between job checkpoints (and at each epoch end)
     # A fraction f: while requests are served, fine-tuning may add at most f to their iteration time
     # (serve.admission.TimeShare), so time-per-output-token grows by about f whatever the hardware has to
@@ -64,7 +62,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_tokens_per_step", "max_seqs", "max_model_len",
-                     "ft_max_chunk", "ft_bwd_layers", "ft_max_length", "ft_rank", "checkpoint_every"):
+                     "ft_max_chunk", "ft_bwd_layers", "checkpoint_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -109,8 +107,8 @@ class Engine:
         self.runner = ModelRunner(model, self.cfg.num_blocks, self.cfg.block_size)
         self.adapters: dict[str, AdapterEntry] = {}
         self.reqs: dict[str, RequestState] = {}
-        self.jobs = JobRunner(self)
         self.stats = Stats()
+        self.jobs = JobRunner(store, model, tokenizer, self.blocks, self.stats, self.load_adapter, base_name, self.cfg)
         self.admission = TimeShare(self.cfg.ft_time_share) if self.cfg.ft_time_share is not None else None
         self.clock = time.perf_counter  # what admission measures iterations with
         self.created = int(time.time())

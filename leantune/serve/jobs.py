@@ -11,25 +11,23 @@ the engine resumes a `running` job from its latest one.
 from __future__ import annotations
 
 import time
-
-import torch
+from collections.abc import Callable
 
 from ..data import DataError, load_dataset
 from ..methods.adapter_io import save_adapter
 from ..methods.base import delete_adapter, list_adapters
 from ..methods.lora import LoraConfig
 from ..methods.registry import apply
-from ..models.llama import ForwardMeta
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from ..train.loss import shifted_targets
+from ..train.loss import heldout_loss
 from .cotrain import CoTrainConfig, CoTrainer
+from .ft_defaults import FineTuneDefaults
 from .runner import Work
 
-DEFAULT_EPOCHS = 3
 
-
-def hyperparameters(job: dict, base_lr: float) -> CoTrainConfig:
-    """OpenAI's hyperparameters ("auto" or a value) -> CoTrainConfig; ValueError names the bad one."""
+def hyperparameters(job: dict, defaults: FineTuneDefaults) -> CoTrainConfig:
+    """OpenAI's hyperparameters ("auto" or a value) -> CoTrainConfig, "auto" taking the server's `defaults`;
+    ValueError names the bad one."""
     hp = dict(job.get("hyperparameters") or {})
     method = job.get("method") or {}
     hp.update(((method.get("supervised") or {}).get("hyperparameters")) or {})
@@ -45,13 +43,13 @@ def hyperparameters(job: dict, base_lr: float) -> CoTrainConfig:
     mult = pick("learning_rate_multiplier", 1.0)
     if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult <= 100:
         raise ValueError(f"hyperparameters.learning_rate_multiplier must be a number in (0, 100], got {mult!r}")
+    counts = {}
     for key, top in (("n_epochs", 100), ("batch_size", 256)):
-        v = pick(key, 1)
+        v = counts[key] = pick(key, getattr(defaults, key))
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
             raise ValueError(f"hyperparameters.{key} must be an integer in [1, {top}] or \"auto\", got {v!r}")
     seed = job.get("seed")
-    return CoTrainConfig(n_epochs=pick("n_epochs", DEFAULT_EPOCHS), batch_size=pick("batch_size", 1),
-                         learning_rate=base_lr * mult, seed=0 if seed is None else seed)
+    return CoTrainConfig(**counts, learning_rate=defaults.lr * mult, seed=0 if seed is None else seed)
 
 
 def _adapter_name(job_id: str) -> str:
@@ -67,8 +65,14 @@ class ActiveJob:
 
 
 class JobRunner:
-    def __init__(self, engine):
-        self.e = engine
+    """The fine-tuning side of the engine's loop. Its collaborators: the store (jobs, files, checkpoints), the
+    served model and tokenizer, the KV block manager (forward chunks), the engine's stats, `load_adapter` (the
+    engine's adapter registry, which publishes a finished job) and the engine's config (`cfg.finetune`: the
+    fine-tuning defaults)."""
+
+    def __init__(self, store, model, tokenizer, blocks, stats, load_adapter: Callable, base_name: str, cfg):
+        self.store, self.model, self.tk, self.blocks, self.stats = store, model, tokenizer, blocks, stats
+        self.load_adapter, self.base_name, self.cfg = load_adapter, base_name, cfg
         self.active: ActiveJob | None = None
         self.starting: str | None = None  # id of the job being set up (so a failure there is pinned on it)
         self.just_forwarded = False  # this iteration finished a training sequence's forward
@@ -80,17 +84,17 @@ class JobRunner:
         if self.active is not None:
             return
         for status in ("running", "queued"):
-            for job in self.e.store.jobs_with_status(status):
+            for job in self.store.jobs_with_status(status):
                 self._start(job)
                 if self.active is not None:
                     return
 
     def _start(self, job: dict) -> None:
-        store, jid = self.e.store, job["id"]
+        store, jid = self.store, job["id"]
         self.starting = jid
         owner = store.job_owner(jid)
         try:
-            cfg = hyperparameters(job, self.e.cfg.ft_base_lr)
+            cfg = hyperparameters(job, self.cfg.finetune)
             examples = self._examples(owner, job["training_file"], "training_file")
             valid = self._examples(owner, job["validation_file"], "validation_file") if job.get("validation_file") else []
         except (ValueError, FileNotFoundError) as e:
@@ -98,29 +102,30 @@ class JobRunner:
             self._finish(jid, "failed", error={"code": "invalid_training_file", "message": str(e), "param": None})
             return
         adapter = _adapter_name(jid)
-        if adapter in list_adapters(self.e.model):
-            delete_adapter(self.e.model, adapter)
-        apply(self.e.model, "lora", adapter_name=adapter,
-              config=LoraConfig(r=self.e.cfg.ft_rank, alpha=self.e.cfg.ft_alpha, targets="all-linear", dropout=0.0))
-        trainer = CoTrainer(self.e.model, adapter, examples, cfg)
+        if adapter in list_adapters(self.model):
+            delete_adapter(self.model, adapter)
+        ft = self.cfg.finetune
+        apply(self.model, "lora", adapter_name=adapter,
+              config=LoraConfig(r=ft.rank, alpha=ft.alpha, targets="all-linear", dropout=0.0))
+        trainer = CoTrainer(self.model, adapter, examples, cfg)
         self.active = ActiveJob(job, owner, adapter, trainer, valid)
         self._resume_or_begin(job)
         self.starting = None
 
     def _examples(self, owner: str, file_id: str, what: str) -> list:
-        path = self.e.store.file_path(owner, file_id)
+        path = self.store.file_path(owner, file_id)
         if path is None:
             raise FileNotFoundError(f"{what} {file_id} no longer exists")
         try:
-            return load_dataset(path, self.e.tk, self.e.cfg.ft_max_length, on_too_long="truncate")
+            return load_dataset(path, self.tk, self.cfg.finetune.max_length, on_too_long="truncate")
         except DataError as e:
             raise ValueError(str(e).replace(str(path), file_id)) from None
 
     def _resume_or_begin(self, job: dict) -> None:
-        a, store = self.active, self.e.store
+        a, store = self.active, self.store
         done = list_checkpoints(store.job_dir(a.id))
         if job["status"] == "running" and done:
-            state = load_checkpoint(done[-1], self.e.model, a.trainer.opt)
+            state = load_checkpoint(done[-1], self.model, a.trainer.opt)
             a.trainer.step, a.trainer.trained_tokens = state["step"], state.get("trained_tokens", 0)
             a.trainer._start_batch()
             store.add_event(a.id, f"Resumed from the checkpoint at step {state['step']}")
@@ -129,12 +134,12 @@ class JobRunner:
                                   f"{a.trainer.total_steps} steps")
         store.update_job(a.id, status="running", hyperparameters={
             "n_epochs": a.trainer.cfg.n_epochs, "batch_size": a.trainer.cfg.batch_size,
-            "learning_rate_multiplier": a.trainer.cfg.learning_rate / self.e.cfg.ft_base_lr})
+            "learning_rate_multiplier": a.trainer.cfg.learning_rate / self.cfg.finetune.lr})
 
     def cancel(self, job_id: str) -> None:
         """Engine thread. Stop the job if it is training; mark it cancelled. ValueError when finished."""
-        owner = self.e.store.job_owner(job_id)
-        job = self.e.store.get_job(owner, job_id) if owner is not None else None
+        owner = self.store.job_owner(job_id)
+        job = self.store.get_job(owner, job_id) if owner is not None else None
         if job is None or job["status"] not in ("validating_files", "queued", "running"):
             raise ValueError(f"job {job_id} is {job['status'] if job else 'unknown'} and cannot be cancelled")
         if self.active is not None and self.active.id == job_id:
@@ -144,8 +149,8 @@ class JobRunner:
     def fail_active(self, message: str) -> None:
         """Stop the active job (or the one being started) and record why it failed."""
         if self.active is None and self.starting is not None:
-            if _adapter_name(self.starting) in list_adapters(self.e.model):
-                delete_adapter(self.e.model, _adapter_name(self.starting))
+            if _adapter_name(self.starting) in list_adapters(self.model):
+                delete_adapter(self.model, _adapter_name(self.starting))
             self._finish(self.starting, "failed", error={"code": "internal_error", "message": message, "param": None})
             self.starting = None
         if self.active is not None:
@@ -156,15 +161,15 @@ class JobRunner:
 
     def _teardown(self) -> None:
         a, self.active = self.active, None
-        self.e.blocks.free(a.kv_id)
-        if a.adapter in list_adapters(self.e.model):
-            delete_adapter(self.e.model, a.adapter)
+        self.blocks.free(a.kv_id)
+        if a.adapter in list_adapters(self.model):
+            delete_adapter(self.model, a.adapter)
 
     def _finish(self, job_id: str, status: str, **fields) -> None:
-        self.e.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
+        self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
         msg = {"succeeded": "The job has successfully completed", "cancelled": "The job was cancelled",
                "failed": f"The job failed: {(fields.get('error') or {}).get('message', '')}"}[status]
-        self.e.store.add_event(job_id, msg, level="error" if status == "failed" else "info")
+        self.store.add_event(job_id, msg, level="error" if status == "failed" else "info")
 
     # -- work in the serving loop --------------------------------------------------------------------
     def forward_work(self, leftover: int, inference: bool, cap: int) -> Work | None:
@@ -178,20 +183,20 @@ class JobRunner:
         # without inference in this step nothing waits on it: as much of the sequence as the step may hold (a
         # weight pass per chunk is the cost of a short chunk)
         n = min(a.trainer.fwd_wanted(), cap, leftover) if inference else min(a.trainer.fwd_wanted(),
-                                                                              self.e.cfg.max_tokens_per_step)
+                                                                              self.cfg.max_tokens_per_step)
         if n <= 0:
             return None
         toks, start = a.trainer.fwd_chunk(n)
-        if not self.e.blocks.ensure(a.kv_id, start + n):
+        if not self.blocks.ensure(a.kv_id, start + n):
             return None  # the KV pool is full of inference requests: they go first
-        return Work(toks, start, self.e.blocks.slots(a.kv_id, 0, start + n), adapter=a.trainer.slot, capture=True)
+        return Work(toks, start, self.blocks.slots(a.kv_id, 0, start + n), adapter=a.trainer.slot, capture=True)
 
     def forward_done(self, captures) -> None:
         a = self.active
         self.just_forwarded = a.trainer.fwd_done(captures)
         if self.just_forwarded:
-            self.e.blocks.free(a.kv_id)  # the backward recomputes attention from the kept layer inputs
-        self.e.stats.ft_tokens += captures[0].shape[0]
+            self.blocks.free(a.kv_id)  # the backward recomputes attention from the kept layer inputs
+        self.stats.ft_tokens += captures[0].shape[0]
 
     def wants_backward(self) -> bool:
         """Has the job work for an iteration with nothing else in it: backward units, or a whole sequence?"""
@@ -208,7 +213,7 @@ class JobRunner:
             # plain training step (activations kept, nothing recomputed): 0.7 s vs 1.0 s for 64 SmolLM2
             # tokens in chunks and layer slices on a CPU
             self.backward_units += 1
-            self.e.stats.ft_tokens += len(t.seq)
+            self.stats.ft_tokens += len(t.seq)
             if not t.train_sequence():
                 return
         else:
@@ -219,37 +224,37 @@ class JobRunner:
                 return
             # units of backward: the loss, then layers; all of them (the loss in one) when no request waits
             self.backward_units += 1
-            if not t.backward_layers(self.e.cfg.ft_bwd_layers if inference else None):
+            if not t.backward_layers(self.cfg.ft_bwd_layers if inference else None):
                 return
         m = a.trainer.apply_step()
-        self.e.stats.ft_steps += 1
-        self.e.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",
+        self.stats.ft_steps += 1
+        self.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",
                                data={k: m[k] for k in ("step", "train_loss", "lr", "total_steps")}, type="metrics")
         end_of_epoch = m["step"] % a.trainer.steps_per_epoch == 0
-        if m["step"] % self.e.cfg.checkpoint_every == 0 or end_of_epoch:
+        if m["step"] % self.cfg.checkpoint_every == 0 or end_of_epoch:
             self._checkpoint(m)
         if a.trainer.done:
             self._publish()
 
     def _checkpoint(self, m: dict) -> None:
-        a, store = self.active, self.e.store
+        a, store = self.active, self.store
         progress = {"trained_tokens": a.trainer.trained_tokens}
-        path = save_checkpoint(store.job_dir(a.id), m["step"], self.e.model, a.trainer.opt, progress, keep=2)
+        path = save_checkpoint(store.job_dir(a.id), m["step"], self.model, a.trainer.opt, progress, keep=2)
         store.add_checkpoint(a.id, m["step"], {"train_loss": m["train_loss"]}, str(path),
                              f"{self._model_name()}:ckpt-step-{m['step']}")
 
     def _model_name(self) -> str:
         j = self.active.job
-        return f"ft:{self.e.base_name}:{j.get('user_provided_suffix') or 'leantune'}:{j['id'][-8:]}"
+        return f"ft:{self.base_name}:{j.get('user_provided_suffix') or 'leantune'}:{j['id'][-8:]}"
 
     def _publish(self) -> None:
-        a, store, name = self.active, self.e.store, self._model_name()
+        a, store, name = self.active, self.store, self._model_name()
         valid_loss = self._valid_loss()
         out = store.adapter_dir(name)
-        save_adapter(self.e.model, out, adapter_name=a.adapter)
+        save_adapter(self.model, out, adapter_name=a.adapter)
         if store.get_adapter(name) is None:
-            store.add_adapter(a.owner, name, str(out), self.e.base_name, f"job:{a.id}")
-        self.e.load_adapter(name, str(out), a.owner, replace=True)
+            store.add_adapter(a.owner, name, str(out), self.base_name, f"job:{a.id}")
+        self.load_adapter(name, str(out), a.owner, replace=True)
         trained = a.trainer.trained_tokens
         self._teardown()
         if valid_loss is not None:
@@ -260,13 +265,5 @@ class JobRunner:
         a = self.active
         if not a.valid:
             return None
-        total, n = 0.0, 0
-        dev = self.e.runner.device
-        slot = torch.tensor([a.trainer.slot], device=dev)
-        for ex in a.valid:
-            logits = self.e.model(torch.tensor([ex.input_ids], device=dev), ForwardMeta(adapter_ids=slot))[0]
-            tgt = shifted_targets(torch.tensor([ex.labels], device=dev))[0]
-            total += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=-100))
-            n += ex.num_loss_tokens
-        return total / max(n, 1)
-
+        # one example per batch: no padding, and no more memory than a training sequence takes
+        return heldout_loss(self.model, a.valid, batch_size=1, adapter_slot=a.trainer.slot)

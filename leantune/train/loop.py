@@ -19,12 +19,13 @@ import torch
 
 from ..fields import opt
 from ..optim import OPTIMIZERS, build_optimizer
-from ..optim.schedules import SCHEDULES, lr_factor
+from ..optim.schedules import SCHEDULES
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .loss import lm_loss_sum, shifted_targets
-from .options import optimizer_params, option_checks, prepare_model
+from .loss import heldout_loss, lm_loss_sum, shifted_targets
+from .trainable import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
 from .progress import Progress
+from .step import StepRule, before_step, optimizer_step, regularizer, train_hooks
 
 
 @dataclass
@@ -81,18 +82,6 @@ def count_loss_tokens(batch) -> int:
     return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
 
 
-def _train_hooks(model) -> list:
-    """The objects a method put in `model.leantune_train_hooks` (absent: none). Each may define
-    `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor | None` (added to the mean loss)
-    and `after_step(model, step)` (after optimizer.step(), before zero_grad); `step` counts from 0."""
-    return list(getattr(model, "leantune_train_hooks", None) or [])
-
-
-def _regularizer(model, hooks: list) -> torch.Tensor | None:
-    terms = [t for h in hooks if hasattr(h, "regularizer") and (t := h.regularizer(model)) is not None]
-    return sum(terms[1:], terms[0]) if terms else None
-
-
 def check_fp32_trainable(model, params: list[torch.nn.Parameter]) -> None:
     """Trainable weights must be fp32 (an AdamW update below 2^-8 of a bf16 weight rounds away); a bf16
     base trains adapters, which methods create in fp32."""
@@ -123,6 +112,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        self.rule = StepRule(cfg.lr, self.total_steps, self.warmup, cfg.schedule, cfg.min_lr_ratio, cfg.max_grad_norm)
         self.step, self.epoch, self.batch_idx, self.tokens = 0, 0, 0, 0
         self.history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float]] = []
@@ -177,16 +167,14 @@ class Trainer:
 
     def train_step(self, window) -> dict:
         self.model.train()
-        hooks = _train_hooks(self.model)
-        for h in hooks:
-            if hasattr(h, "before_step"):
-                h.before_step(self.model, self.step, self.total_steps)
+        hooks = train_hooks(self.model)
+        before_step(self.model, hooks, self.step, self.total_steps)
         n_tok = sum(count_loss_tokens(b) for b in window)
         total, reg_total = 0.0, None
         for b in window:
             with self._saved_tensors_place(b.input_ids):
                 loss_sum, n_b = lm_loss_sum(self.model, b)
-            reg = _regularizer(self.model, hooks)
+            reg = regularizer(self.model, hooks)
             if reg is not None:
                 # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each micro-batch
                 # carries its token share of it, so the window's shares add up to one.
@@ -198,17 +186,7 @@ class Trainer:
         loss = total / max(n_tok, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
-        gnorm = float("nan")
-        if self.cfg.max_grad_norm > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.warmup, self.cfg.schedule, self.cfg.min_lr_ratio)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-        for h in hooks:  # e.g. AdaLoRA's rank allocation: reads this step's gradients, so before zero_grad
-            if hasattr(h, "after_step"):
-                h.after_step(self.model, self.step)  # the 0-based index of the step just taken
-        self.opt.zero_grad(set_to_none=True)
+        lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step, self.model, hooks)
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
@@ -217,19 +195,10 @@ class Trainer:
             rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
         return rec
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
-        from ..data import batches_for_epoch
-
         if not self.eval_ex:
             return None
-        self.model.eval()
-        tot, n = 0.0, 0
-        for b in batches_for_epoch(self.eval_ex, self.cfg.batch_size, 0, self.cfg.seed, pack=False,
-                                   max_length=self.cfg.max_length):
-            s, k = lm_loss_sum(self.model, b)
-            tot, n = tot + float(s), n + k
-        return tot / max(n, 1)
+        return heldout_loss(self.model, self.eval_ex, self.cfg.batch_size, self.cfg.max_length, self.cfg.seed)
 
     # ---- the loop -------------------------------------------------------------------------------
     def save(self):

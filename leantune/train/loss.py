@@ -6,7 +6,8 @@ plain linear head goes through the fused `linear_cross_entropy_sum` (the gradien
 is made in the forward, chunk by chunk, and only it is kept); a head that carries an adapter is run in
 chunks recomputed during backward. Losses are returned as a *sum* with the token count: the trainer
 divides by the number of loss tokens of the whole accumulation window, which makes gradient
-accumulation exact.
+accumulation exact. `heldout_loss` is the one token-mean evaluation loss (the Trainer's eval, the
+forgetting report, a fine-tuning job's validation).
 """
 from __future__ import annotations
 
@@ -61,3 +62,29 @@ def lm_loss_sum(model, batch, chunk: int = 1024, adapter_ids=None) -> tuple[torc
     if n == 0:
         return hidden.sum() * 0.0, 0
     return chunked_ce_sum(hidden[sel], model.lm_head, tgt[sel], chunk), n
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: list, batch_size: int, max_length: int | None = None, seed: int = 0,
+                 adapter_slot: int | None = None) -> float:
+    """Token-mean LM loss of `model` on `examples` (`leantune.data.Example`s), in eval mode (restored after).
+
+    Batches are built as the Trainer builds its eval batches (unpacked, shuffled by `seed`), so every caller
+    gets the same number for the same examples; adapter_slot: the adapter slot every row uses (a served
+    multi-adapter model)."""
+    from ..data import batches_for_epoch
+    from ..methods.routing import Routing
+
+    was_training, device = model.training, model.lm_head.weight.device
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for batch in batches_for_epoch(examples, batch_size, 0, seed, pack=False, max_length=max_length):
+            rows = batch.input_ids.shape[0]
+            route = None if adapter_slot is None else Routing(torch.full((rows,), adapter_slot, device=device),
+                                                               [adapter_slot] * rows)
+            s, k = lm_loss_sum(model, batch.to(device), adapter_ids=route)
+            total, n = total + float(s), n + k
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)

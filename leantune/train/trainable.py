@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..methods.base import adapter_layers
+from ..optim import plain_sgd
 
 # a block's parameters: "model.layers.3.mlp..." (Llama), "transformer.h.3..." (GPT-2), "encoder.layer.3..." (BERT)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -200,7 +201,7 @@ def probe_drift(model: nn.Module, loss_fn: Callable[[object], torch.Tensor], bat
     units = module_units(model)
     before = {n: p.detach().clone() for params in units.values() for n, p in params}
     rng = torch.get_rng_state()
-    probe = torch.optim.SGD([p for params in units.values() for _, p in params], lr=lr)
+    probe = plain_sgd([p for params in units.values() for _, p in params], lr=lr)
     was_training = model.training
     model.train()
     try:
@@ -266,22 +267,6 @@ def prepare_model(model: nn.Module, train_examples: list, cfg) -> dict:
                                     max_length=cfg.max_length)[: cfg.fpf_probe_steps]
         report["fpf"] = apply_fpf(model, lm_probe_loss(model), batches, cfg.fpf_fraction, cfg.lr)
     return report
-
-
-@torch.no_grad()
-def heldout_loss(model: nn.Module, examples: list, batch_size: int, max_length: int, seed: int = 0) -> float:
-    """Token-mean LM loss on `examples` (the same numbers as the Trainer's eval loss)."""
-    from ..data import batches_for_epoch
-    from .loss import lm_loss_sum
-
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for batch in batches_for_epoch(examples, batch_size, 0, seed, pack=False, max_length=max_length):
-        s, k = lm_loss_sum(model, batch)
-        total, n = total + float(s), n + k
-    model.train(was_training)
-    return total / max(n, 1)
 
 
 def save_reinit_blocks(model: nn.Module, out_dir, k: int, layer_fn=layer_index) -> None:

@@ -1,0 +1,201 @@
+"""`/v1/completions` and `/v1/chat/completions` (streaming too, as server-sent events): a request's `model`
+names the base model or an adapter; the engine runs it and its events come back through a queue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..requests import GenRequest
+from .common import APIError, ctx, field, json_body, owner, run
+
+router = APIRouter()
+
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    who, body = owner(request), await json_body(request)
+    engine = ctx(request).engine
+    model_name = field(body, "model", str, required=True)
+    prompt = field(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        elif not (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            raise APIError(400, "prompt must be a string, a list of one string, or a list of token ids",
+                           param="prompt")
+    ids = engine.tk.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
+        raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
+    greq = _sampling(body, ids, model_name, who, 16, engine.cfg.max_model_len, "prompt")
+    return await _generate(request, greq, "text", bool(body.get("stream")), _include_usage(body))
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    who, body = owner(request), await json_body(request)
+    engine = ctx(request).engine
+    model_name = field(body, "model", str, required=True)
+    try:
+        ids = engine.tk.encode_chat(_messages(body), add_generation_prompt=True)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    greq = _sampling(body, ids, model_name, who, 256, engine.cfg.max_model_len, "messages")
+    return await _generate(request, greq, "chat", bool(body.get("stream")), _include_usage(body))
+
+
+def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_max: int,
+              max_len: int, prompt_param: str) -> GenRequest:
+    stop = field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if field(body, "n", int, 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    seed = field(body, "seed", int)
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise APIError(400, f"seed must be a 64-bit integer, got {seed}", param="seed")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = field(body, key, int)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens}", param=key)
+    room = max_len - len(prompt_ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = "" if max_tokens is None else f" + {key} {max_tokens}"
+        raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the request has "
+                            f"{len(prompt_ids)} prompt tokens{asked}; shorten the prompt or lower {key}",
+                       param=prompt_param if max_tokens is None or room < 1 else key, code="context_length_exceeded")
+    if max_tokens is None:  # as vLLM: the default never asks for more than the context has room for
+        max_tokens = min(default_max, room)
+    try:
+        return GenRequest(prompt_ids, model, who, max_tokens=max_tokens,
+                          temperature=float(field(body, "temperature", (int, float), 1.0)),
+                          top_p=float(field(body, "top_p", (int, float), 1.0)), stop=stop,
+                          seed=seed, ignore_eos=bool(field(body, "ignore_eos", bool, False)))
+    except ValueError as e:
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+
+def _param_of(message: str) -> str | None:
+    """The request parameter a GenRequest error names (its message starts with it)."""
+    first = message.split(" ", 1)[0]
+    return first if first in ("temperature", "top_p", "stop") else None
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = field(body, "messages", list, required=True)
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
+                           param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if not out:
+        raise APIError(400, "messages must not be empty", param="messages")
+    return out
+
+
+async def _submit(request: Request, greq: GenRequest, sink):
+    try:
+        return await run(request, ctx(request).engine.add_request, greq, sink)
+    except KeyError:
+        raise APIError(404, f"The model '{greq.model}' does not exist or you do not have access to it",
+                       param="model", code="model_not_found") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool, include_usage: bool):
+    engine = ctx(request).engine
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    sid = await _submit(request, greq, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if stream:
+        return StreamingResponse(_sse(engine, events, sid, rid, greq.model, kind, include_usage),
+                                 media_type="text/event-stream")
+    text, last = [], None
+    while True:
+        ev = await events.get()
+        if "error" in ev:
+            raise APIError(500, ev["error"], type="server_error")
+        text.append(ev["text"])
+        if ev["finish_reason"]:
+            last = ev
+            break
+    engine.stats.complete(kind)
+    return _final(rid, greq.model, kind, "".join(text), last)
+
+
+async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
+    created = int(time.time())
+    try:
+        if kind == "chat":
+            yield _chunk(rid, model_name, kind, created, {"role": "assistant", "content": ""}, None)
+        while True:
+            ev = await events.get()
+            if "error" in ev:
+                yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'server_error'}})}\n\n"
+                break
+            if ev["text"] or ev["finish_reason"]:
+                delta = {"content": ev["text"]} if kind == "chat" else ev["text"]
+                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"])
+            if ev["finish_reason"]:
+                if include_usage:
+                    yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
+                                                  "model": model_name, "choices": [], "usage": _usage(ev)}) + "\n\n"
+                break
+        yield "data: [DONE]\n\n"
+        engine.stats.complete(kind)
+    finally:  # the client went away mid-stream (or we are done): free the request's slots
+        engine.call(engine.abort, sid)
+
+
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+def _obj(kind: str, chunk: bool) -> str:
+    if kind == "chat":
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def _usage(ev: dict) -> dict:
+    p, c = ev["prompt_tokens"], ev["completion_tokens"]
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chunk(rid, model_name, kind, created, delta, finish) -> str:
+    choice = {"index": 0, "finish_reason": finish}
+    if kind == "chat":
+        choice["delta"] = delta
+    else:
+        choice.update(text=delta, logprobs=None)
+    return "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created, "model": model_name,
+                                  "choices": [choice]}) + "\n\n"
+
+
+def _final(rid, model_name, kind, text, ev) -> dict:
+    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": _obj(kind, False), "created": int(time.time()), "model": model_name,
+            "choices": [choice], "usage": _usage(ev)}

@@ -1,0 +1,110 @@
+"""`/v1/fine_tuning/jobs` (+ `/events`, `/checkpoints`, `/cancel`): OpenAI's fine-tuning jobs, trained inside
+the serving loop (`serve.jobs`); each owner sees only its own jobs."""
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request
+
+from ..jobs import hyperparameters
+from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
+
+router = APIRouter()
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(request: Request):
+    who, body = owner(request), await json_body(request)
+    c = ctx(request)
+    job = _job_request(body, who, c.engine)
+    created = c.store.add_job(who, **job)
+    c.engine.call(lambda: None)  # wake the loop: it starts queued jobs
+    return created
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
+    items, more = paged(ctx(request).store.list_jobs, owner(request), after, limit)
+    return {"object": "list", "data": items, "has_more": more}
+
+
+def _job(store, who: str, job_id: str) -> dict:
+    return or_404(store.get_job(who, job_id), f"No such fine-tuning job: {job_id}", "fine_tuning_job_id",
+                  "fine_tuning_job_not_found")
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def get_job(job_id: str, request: Request):
+    return _job(ctx(request).store, owner(request), job_id)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request):
+    who, c = owner(request), ctx(request)
+
+    def cancel():  # engine thread: the job cannot finish between the status check and the cancel
+        j = _job(c.store, who, job_id)
+        if j["status"] not in ("validating_files", "queued", "running"):
+            raise APIError(400, f"the job is already {j['status']} and cannot be cancelled",
+                           param="fine_tuning_job_id")
+        c.engine.jobs.cancel(job_id)
+        return c.store.get_job(who, job_id)
+
+    return await run(request, cancel)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
+    store = ctx(request).store
+    _job(store, owner(request), job_id)
+    items, more = paged(store.list_events, job_id, after, limit)
+    return {"object": "list", "data": items, "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def job_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
+    store = ctx(request).store
+    _job(store, owner(request), job_id)
+    items, more = paged(store.list_checkpoints, job_id, after, limit)
+    for c in items:
+        c.pop("path", None)
+    return {"object": "list", "data": items, "has_more": more, "first_id": None, "last_id": None}
+
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def _job_request(body: dict, who: str, engine) -> dict:
+    """Validate a create-job body; the dict of `store.add_job` keyword arguments."""
+    model = field(body, "model", str, required=True)
+    if model != engine.base_name:
+        raise APIError(400, f"model '{model}' cannot be fine-tuned here; use '{engine.base_name}'", param="model",
+                       code="model_not_available")
+    files = {}
+    for key in ("training_file", "validation_file"):
+        fid = field(body, key, str, required=key == "training_file")
+        if fid is not None and engine.store.get_file(who, fid) is None:
+            raise APIError(400, f"{key} '{fid}' does not exist (upload it with purpose 'fine-tune')", param=key,
+                           code="invalid_file")
+        files[key] = fid
+    suffix = field(body, "suffix", str)
+    if suffix is not None and not _SUFFIX.match(suffix):
+        raise APIError(400, "suffix must be 1-40 characters of letters, digits, '-' or '_'", param="suffix")
+    seed = field(body, "seed", int)
+    method = _method(body)
+    hp = field(body, "hyperparameters", dict) or {}
+    try:  # the same parsing the job runner does, with the server's defaults, so a bad value fails here
+        hyperparameters({"hyperparameters": hp, "method": method, "seed": seed}, engine.cfg.finetune)
+    except ValueError as e:
+        raise APIError(400, str(e), param="hyperparameters") from None
+    return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method}
+
+
+def _method(body: dict) -> dict:
+    method = field(body, "method", dict) or {"type": "supervised"}
+    if method.get("type", "supervised") != "supervised":
+        raise APIError(400, f"method.type '{method.get('type')}' is not supported; use 'supervised'", param="method")
+    sup = method.get("supervised")
+    if sup is not None and not (isinstance(sup, dict) and isinstance(sup.get("hyperparameters") or {}, dict)):
+        raise APIError(400, "method.supervised must be an object like {\"hyperparameters\": {...}}", param="method")
+    return method

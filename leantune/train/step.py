@@ -1,0 +1,65 @@
+"""One optimizer step, the same for every trainer: the Trainer (`train.loop`) and the co-trainer of a
+fine-tuning job inside the serving loop (`serve.cotrain`).
+
+Order: clip the gradient norm, set the schedule's lr on every group, `optimizer.step()`, the train hooks'
+`after_step`, zero the gradients. Train hooks are the objects a method puts in `model.leantune_train_hooks`
+(AdaLoRA, ALLoRA); each may define `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor |
+None` (added to the mean loss) and `after_step(model, step)`; `step` counts optimizer steps from 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..optim.schedules import lr_factor
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How a run steps: its peak lr and schedule (`optim.schedules`), and the gradient clipping."""
+
+    lr: float  # peak
+    total_steps: int
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimizer step `step` (0-based)."""
+        return self.lr * lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.min_lr_ratio)
+
+
+def train_hooks(model) -> list:
+    """The objects a method put in `model.leantune_train_hooks` (absent: none)."""
+    return list(getattr(model, "leantune_train_hooks", None) or [])
+
+
+def before_step(model, hooks: list, step: int, total_steps: int) -> None:
+    for h in hooks:
+        if hasattr(h, "before_step"):
+            h.before_step(model, step, total_steps)
+
+
+def regularizer(model, hooks: list) -> torch.Tensor | None:
+    """The sum of the hooks' regularizer terms (None when no hook has one)."""
+    terms = [t for h in hooks if hasattr(h, "regularizer") and (t := h.regularizer(model)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hooks: list = ()) -> tuple[float, float]:
+    """Take optimizer step `step` (0-based) from the gradients accumulated in `params`; (lr, grad norm), the
+    norm NaN when clipping is off. `opt` is passed each time (a test may swap in plain SGD)."""
+    gnorm = float("nan")
+    if rule.max_grad_norm > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, rule.max_grad_norm))
+    lr = rule.lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    for h in hooks:  # e.g. AdaLoRA's rank allocation: reads this step's gradients, so before zero_grad
+        if hasattr(h, "after_step"):
+            h.after_step(model, step)
+    opt.zero_grad(set_to_none=True)
+    return lr, gnorm
