@@ -114,13 +114,6 @@ class Precision:
         """What a 4-bit base decodes to: this dtype, or None (the layer's own default) in fp32."""
         return None if self.dtype == torch.float32 else self.dtype
 
-    def autocast(self):
-        """A context in which fp32 trainable weights meet the bf16 base as torch.autocast has them meet
-        (matmuls in bf16, their weights' gradients in fp32); a no-op in fp32."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype)
-
     def describe(self) -> str:
         extra = ("; trainable parameters, optimizer state and the loss in fp32" if self.dtype != torch.float32
                  else "")
