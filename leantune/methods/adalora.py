@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..routing import Routing
 from .adapter_io import _INFORMATIONAL, _UNSUPPORTED, CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, _model_name, _other_model
 from .base import (
     ACTIVE_ATTR, CONFIGS_ATTR, AdapterLayer, adapter_configs, adapter_layers, delete_adapter, freeze_base,
@@ -33,7 +34,6 @@ from .base import (
 )
 from .lora import _adapter_placement, _check_names, is_linear_like
 from .registry import apply, register_method
-from .routing import Routing
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 HOOKS_ATTR = "leantune_train_hooks"  # the list `train.loop.Trainer` calls; see the module docstring

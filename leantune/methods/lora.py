@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import fused_linear_params, is_plain_linear, lora_linear
+from ..routing import Routing, token_ids
 from .base import (
     ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,
     replace_module, set_adapter,
 )
 from .registry import register_method
-from .routing import Routing, token_ids
 from .targets import is_all_linear, pattern_value, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")

@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from ..methods.routing import Routing
+    from ..routing import Routing
 
 
 class Linear(nn.Linear):
@@ -45,7 +45,7 @@ class ForwardMeta:
     positions: torch.Tensor | None = None  # (B, T) RoPE positions; default 0..T-1 (after the cache)
     segment_ids: torch.Tensor | None = None  # (B, T) packed samples: attend only within equal ids
     seq_lens: torch.Tensor | None = None  # (B,) valid (right-padded) lengths; keys past them are masked
-    # (B,) or (B, T) adapter slots, -1 = base model; or a methods.routing.Routing of them (built once per step)
+    # (B,) or (B, T) adapter slots, -1 = base model; or a leantune.routing.Routing of them (built once per step)
     adapter_ids: torch.Tensor | Routing | None = None
     cache: KVCache | None = None  # or a paged cache (`paged = True`) that attends itself
 

@@ -28,9 +28,9 @@ import torch
 from ..data import epoch_order
 from ..data.batching import Batch
 from ..methods.base import adapter_slots, trainable_parameters
-from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
 from ..optim.schedules import lr_factor
+from ..routing import Routing
 from ..train.loss import chunked_ce_sum, lm_loss_sum
 
 

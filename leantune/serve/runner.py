@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods.routing import Routing
 from ..models.llama import ForwardMeta, rope_cos_sin
+from ..routing import Routing
 from .paged_cache import PagedKVCache, build_plan
 
 
