@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.lora_linear import fused_linear_params, is_plain_linear, lora_linear
+from ..ops.fusable import fused_linear_params, is_plain_linear
+from ..ops.lora_linear import lora_linear
 from ..routing import Routing, token_ids
 from .base import (
     ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,

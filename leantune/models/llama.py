@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels import fused as kfused
 from ..kernels import use_triton
-from ..ops.lora_linear import fused_linear_params
+from ..ops.fusable import fused_linear_params
 from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
 from .kv_cache import KVCache

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.linear_ce import linear_cross_entropy_sum
-from ..ops.lora_linear import is_plain_linear
+from ..ops.fusable import is_plain_linear
 
 
 def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
