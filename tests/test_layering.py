@@ -39,7 +39,6 @@ TORCH_FREE = ("leantune.serve.scheduler", "leantune.serve.block_manager")
 KNOWN_CYCLES = [
     ["leantune.methods.adalora", "leantune.methods.adapter_io"],  # adapter_io reaches AdaLoRA's save/load lazily
     ["leantune.methods.dora", "leantune.methods.lora"],  # LoraLinear makes DoraMagnitude lazily
-    ["leantune.quant.nf4", "leantune.quant.state"],  # QuantState takes the codebooks from nf4 lazily
 ]
 
 
