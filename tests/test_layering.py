@@ -17,8 +17,10 @@ Every `import` in `leantune/` counts: at module level, inside functions (lazy im
 3. **The scheduler stays pure Python**: `serve/scheduler.py` and `serve/block_manager.py` import no torch,
    neither directly nor through the leantune modules they import.
 4. **No import cycles** between leantune modules (within a subpackage or across): a cycle makes the
-   import order matter and a lazy import the only thing keeping it working. `KNOWN_CYCLES` lists the
-   ones not yet taken apart; it may only shrink (a listed cycle that is gone fails the test too).
+   import order matter and a lazy import the only thing keeping it working. Lazy imports count; imports
+   under `if TYPE_CHECKING:` do not (they never run: two modules may name each other's types).
+   `KNOWN_CYCLES` lists the ones not yet taken apart; it may only shrink (a listed cycle that is gone
+   fails the test too).
 
 Edges go to modules: `from .a import b` is an edge to `a.b` when that is a module, else to `a`.
 """
@@ -38,7 +40,6 @@ FORBIDDEN = {("quant", "models")}
 TORCH_FREE = ("leantune.serve.scheduler", "leantune.serve.block_manager")
 KNOWN_CYCLES = [
     ["leantune.methods.adalora", "leantune.methods.adapter_io"],  # adapter_io reaches AdaLoRA's save/load lazily
-    ["leantune.methods.dora", "leantune.methods.lora"],  # LoraLinear makes DoraMagnitude lazily
 ]
 
 
@@ -55,15 +56,27 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
     return out
 
 
-def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
-    """(imported module, line) for every import in the file: leantune modules resolved, others by top name."""
+def _typing_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out |= {id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return out
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """(imported module, line, typing only) for every import in the file: leantune modules resolved, others
+    by their full name."""
     if path.is_dir():
         return []
     pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    typing_only = _typing_only(tree)
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(a.name, node.lineno) for a in node.names]
+            out += [(a.name, node.lineno, id(node) in typing_only) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
@@ -72,11 +85,11 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
                 target = node.module or ""
             for a in node.names:
                 sub = f"{target}.{a.name}"
-                out.append((sub if sub in modules else target, node.lineno))
+                out.append((sub if sub in modules else target, node.lineno, id(node) in typing_only))
     return out
 
 
-def graph(root: Path = ROOT) -> tuple[dict[str, Path], dict[str, list[tuple[str, int]]]]:
+def graph(root: Path = ROOT) -> tuple[dict[str, Path], dict[str, list[tuple[str, int, bool]]]]:
     modules = module_files(root)
     return modules, {m: imports_of(m, p, modules) for m, p in modules.items()}
 
@@ -96,7 +109,7 @@ def layer_violations(modules, edges) -> list[str]:
     bad = []
     for m, targets in edges.items():
         src = layer(m)
-        for t, line in targets:
+        for t, line, _ in targets:
             if not t.startswith("leantune") or t not in modules:
                 continue
             dst = layer(t)
@@ -116,7 +129,7 @@ def torch_reached(start: str, modules, edges) -> list[str]:
     seen, stack = {start}, [(start, [start])]
     while stack:
         m, chain = stack.pop()
-        for t, _ in edges.get(m, []):
+        for t, _, _ in edges.get(m, []):
             if t.split(".")[0] == "torch":
                 return [*chain, t]
             if t.startswith("leantune") and t in modules and t not in seen:
@@ -126,8 +139,9 @@ def torch_reached(start: str, modules, edges) -> list[str]:
 
 
 def cycles(edges) -> list[list[str]]:
-    """One cycle per strongly connected component of more than one module (or a module importing itself)."""
-    inner = {m: sorted({t for t, _ in ts if t in edges}) for m, ts in edges.items()}
+    """One cycle per strongly connected component of more than one module (or a module importing itself);
+    TYPE_CHECKING imports left out."""
+    inner = {m: sorted({t for t, _, typing in ts if t in edges and not typing}) for m, ts in edges.items()}
     index, low, on, stack, found, counter = {}, {}, set(), [], [], [0]
 
     def visit(v):  # Tarjan; the graph is small, recursion is fine
@@ -165,7 +179,7 @@ def package():
 
 def test_every_leantune_import_resolves(package):
     modules, edges = package
-    missing = [f"{m}: {t}" for m, ts in edges.items() for t, _ in ts if t.startswith("leantune") and t not in modules]
+    missing = [f"{m}: {t}" for m, ts in edges.items() for t, _, _ in ts if t.startswith("leantune") and t not in modules]
     assert not missing, missing
 
 
@@ -202,6 +216,8 @@ def test_the_rules_catch_violations(tmp_path):
         "ops/a.py": "from ..models import llama\n",
         "data/x.py": "from .y import f\n",
         "data/y.py": "def f():\n    from . import x\n",
+        "data/z.py": "from typing import TYPE_CHECKING\nfrom .x import f\nif TYPE_CHECKING:\n    from .z2 import T\n",
+        "data/z2.py": "from .z import g\n",
         "models/gguf.py": "from ..quant import nf4\n",
         "quant/nf4.py": "from leantune.models.gguf import g\n",
     }
@@ -216,4 +232,5 @@ def test_the_rules_catch_violations(tmp_path):
     assert "leantune.models.gguf:" not in bad  # the one allowed upward edge
     assert torch_reached("leantune.serve.scheduler", modules, edges)[-1] == "torch"
     assert not torch_reached("leantune.serve.engine", modules, edges)
-    assert ["leantune.data.x", "leantune.data.y"] in cycles(edges)
+    assert ["leantune.data.x", "leantune.data.y"] in cycles(edges)  # a lazy import closes a cycle
+    assert not any("leantune.data.z" in c for c in cycles(edges))  # a TYPE_CHECKING one does not
