@@ -19,8 +19,6 @@ Every `import` in `leantune/` counts: at module level, inside functions (lazy im
 4. **No import cycles** between leantune modules (within a subpackage or across): a cycle makes the
    import order matter and a lazy import the only thing keeping it working. Lazy imports count; imports
    under `if TYPE_CHECKING:` do not (they never run: two modules may name each other's types).
-   `KNOWN_CYCLES` lists the ones not yet taken apart; it may only shrink (a listed cycle that is gone
-   fails the test too).
 
 Edges go to modules: `from .a import b` is an edge to `a.b` when that is a module, else to `a`.
 """
@@ -38,9 +36,6 @@ NEUTRAL = {"ops", "kernels", "routing", "fields"}
 ALLOWED_UP = {("models", "quant")}
 FORBIDDEN = {("quant", "models")}
 TORCH_FREE = ("leantune.serve.scheduler", "leantune.serve.block_manager")
-KNOWN_CYCLES = [
-    ["leantune.methods.adalora", "leantune.methods.adapter_io"],  # adapter_io reaches AdaLoRA's save/load lazily
-]
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -179,7 +174,8 @@ def package():
 
 def test_every_leantune_import_resolves(package):
     modules, edges = package
-    missing = [f"{m}: {t}" for m, ts in edges.items() for t, _, _ in ts if t.startswith("leantune") and t not in modules]
+    missing = [f"{m}: {t}" for m, ts in edges.items() for t, _, _ in ts
+               if t.startswith("leantune") and t not in modules]
     assert not missing, missing
 
 
@@ -196,10 +192,7 @@ def test_scheduler_stays_torch_free(package, module):
 
 def test_no_import_cycles(package):
     found = cycles(package[1])
-    new = [c for c in found if c not in KNOWN_CYCLES]
-    assert not new, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in new)
-    gone = [c for c in KNOWN_CYCLES if c not in found]
-    assert not gone, f"no longer cycles, take them off KNOWN_CYCLES: {gone}"
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_the_rules_catch_violations(tmp_path):

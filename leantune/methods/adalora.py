@@ -33,7 +33,7 @@ from .base import (
     register_adapter, replace_module, set_adapter, set_adapter_trainable,
 )
 from .lora import _adapter_placement, _check_names, is_linear_like
-from .registry import apply, register_method
+from .registry import PeftFormat, apply, register_method
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 HOOKS_ATTR = "leantune_train_hooks"  # the list `train.loop.Trainer` calls; see the module docstring
@@ -599,4 +599,5 @@ def load_adalora(model: nn.Module, path, config: dict, tensors: dict, adapter_na
     return model
 
 
-register_method("adalora", AdaLoraConfig, apply_adalora)
+register_method("adalora", AdaLoraConfig, apply_adalora,
+                peft_format=PeftFormat("ADALORA", adalora_state_dict, adalora_config_dict, load_adalora))
