@@ -260,12 +260,15 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)  # (..., C)
 
     def head_module(self) -> nn.Module:
-        """The LM head `head` runs: a fused loss takes its weight and bias when it is a plain linear."""
+        """The module `head` runs, whole: its output is the logits (a family that post-processes them, e.g.
+        soft-capping, returns a module that does). A chunked loss calls it, or takes its weight and bias when
+        it is a plain linear (`ops.fusable.is_plain_linear`)."""
         return self.lm_head
 
     def head(self, h: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         """Final-normed (..., C) -> logits (..., V); adapter_ids as `ForwardMeta` takes them, for an adapted head."""
-        return self.lm_head(h) if adapter_ids is None else self.lm_head(h, adapter_ids)
+        head = self.head_module()
+        return head(h) if adapter_ids is None else head(h, adapter_ids)
 
     def hidden(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) final-normed hidden states: the stages in order."""
