@@ -45,6 +45,17 @@ def _direct_grads(model, batch, slot):
     return {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
 
 
+def assert_plain_step_grads(model, batch, slot):
+    """The job adapter's accumulated grads (cleared here) equal `_direct_grads` of the batch."""
+    got = {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
+    for p in trainable_parameters(model, "job").values():
+        p.grad = None
+    ref = _direct_grads(model, batch, slot)
+    assert got.keys() == ref.keys() and len(got) > 0
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=2e-6, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("family,chunk,k,loss_share",
                          [("llama", 4, 1, 0.3), ("mistral", 5, 2, None), ("smollm2-tied", 64, 3, 0.05),
                           ("llama", 64, None, 0.3), ("mistral", 4, "mix", 0.3)])
@@ -76,14 +87,8 @@ def test_chunked_forward_and_layer_sliced_backward_equal_a_plain_step(family, ch
             tr.fwd_done(res.captures)
         if tr.bwd_wanted():
             complete = tr.backward_layers((1 if iters % 2 else None) if k == "mix" else k)
-    got = {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
     loss = tr.loss_sum
-    for p in trainable_parameters(model, "job").values():
-        p.grad = None
-    ref = _direct_grads(model, batch, slot)
-    assert got.keys() == ref.keys() and len(got) > 0
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], atol=2e-6, rtol=1e-4, msg=n)
+    assert_plain_step_grads(model, batch, slot)
     assert loss > 0
     m = tr.apply_step()
     assert m["step"] == 1 and tr.done and m["train_loss"] == pytest.approx(loss)
@@ -108,13 +113,8 @@ def test_whole_sequences_mixed_with_chunked_ones_equal_a_plain_step(one_thread):
         else:
             assert not tr.backward_layers(2)
     assert tr.train_sequence()  # the third completes the batch
-    got = {n: p.grad.clone() for n, p in trainable_parameters(model, "job").items()}
     loss = tr.loss_sum
-    for p in trainable_parameters(model, "job").values():
-        p.grad = None
-    ref = _direct_grads(model, batch, slot)
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], atol=2e-6, rtol=1e-4, msg=n)
+    assert_plain_step_grads(model, batch, slot)
     assert loss == pytest.approx(_batch_loss(model, batch, slot), rel=1e-5)
 
 

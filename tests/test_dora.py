@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import leantune.methods as lm
 from leantune import cli
 from leantune.methods import LoraConfig, LoraLinear
-from leantune.methods.dora import DoraConfig, weight_norm
+from leantune.methods.dora import weight_norm
+from leantune.methods.lora import DoraConfig
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import leantune
-from leantune.models.loader import FolderTensors, SafetensorsFile, read_hf_weights
+from leantune.models.safetensors_reader import FolderTensors, SafetensorsFile, read_hf_weights
 from leantune.quant import Linear4bit, quantize_model
 
 IDS = torch.tensor([[1, 5, 9, 40, 7, 3, 11, 2]])

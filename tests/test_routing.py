@@ -1,9 +1,9 @@
-"""Per-forward adapter routing (`leantune.methods.routing`): pure unit tests, and that a serving step works
+"""Per-forward adapter routing (`leantune.routing`): pure unit tests, and that a serving step works
 its routing out once for all adapter layers instead of once per linear (unit tier)."""
 import pytest
 import torch
 
-from leantune.methods.routing import Routing, token_ids
+from leantune.routing import Routing, token_ids
 
 
 def test_routing_from_a_list_equals_routing_from_the_tensor():
@@ -68,7 +68,7 @@ def test_a_serving_step_routes_once_for_every_adapter_layer(one_thread, monkeypa
     """The runner hands one Routing to the model; no LoRA layer builds its own, and the gathered path's
     one-hot mask is built once for the step (the per-linear ops and, on a GPU, host syncs it replaces)."""
     import leantune
-    from leantune.methods import routing as routing_mod
+    from leantune import routing as routing_mod
     from leantune.methods.base import adapter_slots
     from leantune.serve.runner import ModelRunner, Work
     from lt_tiny import tiny_lt_model

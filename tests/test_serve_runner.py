@@ -116,7 +116,7 @@ def test_gathered_lora_path_equals_the_grouped_one(one_thread, monkeypatch, extr
     layers (so a row's slot is missing from those layers' stacks)."""
     import leantune
     from leantune.methods.base import adapter_slots
-    from leantune.methods.routing import Routing
+    from leantune.routing import Routing
     from leantune.models.llama import ForwardMeta
 
     torch.manual_seed(0)

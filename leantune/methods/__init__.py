@@ -24,7 +24,8 @@ from .bottleneck import (
     BottleneckConfig, BottleneckLayer, apply_bottleneck, load_bottleneck, read_bottleneck, save_bottleneck,
 )
 from .combine import add_weighted_adapter, load_adapter_states, merge_task_adapters, snapshot_adapters
-from .dora import DoraConfig, DoraMagnitude
+from .dora import DoraMagnitude
+from .lora import DoraConfig
 from .allora import AlloraConfig, allora_coefficient, apply_allora
 
 __all__ = [

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..routing import Routing
 from .adapter_io import _INFORMATIONAL, _UNSUPPORTED, CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, _model_name, _other_model
 from .base import (
     ACTIVE_ATTR, CONFIGS_ATTR, AdapterLayer, adapter_configs, adapter_layers, delete_adapter, freeze_base,
     register_adapter, replace_module, set_adapter, set_adapter_trainable,
 )
 from .lora import _adapter_placement, _check_names, is_linear_like
-from .registry import apply, register_method
-from .routing import Routing
+from .registry import PeftFormat, apply, register_method
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 HOOKS_ATTR = "leantune_train_hooks"  # the list `train.loop.Trainer` calls; see the module docstring
@@ -599,4 +599,5 @@ def load_adalora(model: nn.Module, path, config: dict, tensors: dict, adapter_na
     return model
 
 
-register_method("adalora", AdaLoraConfig, apply_adalora)
+register_method("adalora", AdaLoraConfig, apply_adalora,
+                peft_format=PeftFormat("ADALORA", adalora_state_dict, adalora_config_dict, load_adalora))

@@ -36,7 +36,7 @@ from .base import (
     set_adapter_trainable,
 )
 from .lora import LoraConfig, LoraLinear, is_lora_target
-from .registry import apply
+from .registry import PeftFormat, apply, peft_format_for
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -140,10 +140,9 @@ def _doubled_ranks(cfg: LoraConfig) -> dict:
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter under PEFT's on-disk keys (CPU, contiguous)."""
-    if _is_adalora(model, adapter_name):  # own keys: lora_A/lora_B/lora_E, only the rows rank_pattern keeps
-        from .adalora import adalora_state_dict
-
-        return adalora_state_dict(model, adapter_name)
+    own = _own_format(model, adapter_name)
+    if own is not None:  # e.g. AdaLoRA's keys: lora_A/lora_B/lora_E, only the rows rank_pattern keeps
+        return own.state_dict(model, adapter_name)
     cfg = _lora_config(model, adapter_name)
     out = {}
     for name, layer in adapter_layers(model):
@@ -162,10 +161,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _is_adalora(model: nn.Module, adapter_name: str) -> bool:
-    from .adalora import AdaLoraConfig  # adalora imports this module
-
-    return isinstance(adapter_configs(model).get(adapter_name), AdaLoraConfig)
+def _own_format(model: nn.Module, adapter_name: str) -> PeftFormat | None:
+    """The adapter's method's own PEFT format (registered with the method), None for LoRA's."""
+    return peft_format_for(config=adapter_configs(model).get(adapter_name))
 
 
 def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -181,10 +179,9 @@ def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 def peft_config_dict(model: nn.Module, adapter_name: str = "default",
                      base_model_name_or_path: str | None = None) -> dict:
     """`adapter_config.json` of one adapter, as peft 0.21.2 writes it."""
-    if _is_adalora(model, adapter_name):
-        from .adalora import adalora_config_dict
-
-        return adalora_config_dict(model, adapter_name, base_model_name_or_path)
+    own = _own_format(model, adapter_name)
+    if own is not None:
+        return own.config_dict(model, adapter_name, base_model_name_or_path)
     cfg = _lora_config(model, adapter_name)
     out = dict(PEFT_LORA_DEFAULTS)
     out.update(
@@ -444,10 +441,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainabl
     Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
     """
     config, tensors = read_adapter(path)
-    if config.get("peft_type") == "ADALORA":
-        from .adalora import load_adalora
-
-        return load_adalora(model, path, config, tensors, adapter_name, trainable)
+    own = peft_format_for(peft_type=config.get("peft_type"))
+    if own is not None:  # e.g. ADALORA: the method that registered the format loads it
+        return own.load(model, path, config, tensors, adapter_name, trainable)
     cfg = lora_config_from_peft(config, path)
     lora, biases = split_tensors(tensors, path)
     check_fits(model, cfg, lora, biases, path)

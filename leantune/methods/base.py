@@ -91,6 +91,11 @@ class AdapterLayer(nn.Module):
 # model-level state
 
 
+def no_dropout(module: nn.Module) -> bool:
+    """Does an adapter's dropout module leave its input as it is (none, or not training)?"""
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """(module name, wrapper) for every adapter layer of the model."""
     for name, module in model.named_modules():

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..routing import Routing
 from .base import (
     ACTIVE_ATTR,
     AdapterLayer,
@@ -46,7 +47,6 @@ from .base import (
     set_adapter_trainable,
 )
 from .registry import apply, register_method
-from .routing import Routing
 from .targets import module_index, resolve_targets
 
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}

@@ -31,7 +31,7 @@ its DoRA layer the running sum (base plus the adapters before it), so the two di
 
 On disk the adapter is PEFT's: `use_dora: true` in the config and `<module>.lora_magnitude_vector` (no
 `.weight` suffix) next to `lora_A` / `lora_B` (formats.md §4.3). Register: `apply(model, "dora", ...)`, or
-`apply(model, "lora", use_dora=True, ...)`.
+`apply(model, "lora", use_dora=True, ...)` (`lora.py` registers "dora" with its `DoraConfig`).
 
 Per-row routing (`adapter_ids`): the routed forward adds `lora_delta(name, x_rows)` to the base rows; for a
 DoRA adapter that delta needs `x_rows W^T`, which `delta` recomputes for those rows when it is not handed
@@ -43,21 +43,16 @@ when a DoRA adapter is involved (`LoraLinear` refuses other orders).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraConfig, LoraLinear, _no_dropout, apply_lora
-from .registry import register_method
+from .base import no_dropout
 
-
-@dataclass
-class DoraConfig(LoraConfig):
-    """LoRA options with DoRA's magnitude vector on (PEFT: `LoraConfig(use_dora=True)`)."""
-
-    use_dora: bool = True
+if TYPE_CHECKING:
+    from .lora import LoraLinear  # which builds on this module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ class DoraMagnitude(nn.Module):
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
         dropout = layer.lora_dropout[name]
         x = x.to(lora_a.weight.dtype)
-        if _no_dropout(dropout) and base_out is not None:
+        if no_dropout(dropout) and base_out is not None:
             bias = getattr(layer.base_layer, "bias", None)
             base = base_out if bias is None else base_out - bias  # PEFT: the bias is not rescaled
         else:  # PEFT: with dropout in effect, both terms see the dropped input
@@ -215,5 +210,3 @@ class DoraMagnitude(nn.Module):
     def extra_repr(self) -> str:
         return f"out_features={self.weight.shape[0]}"
 
-
-register_method("dora", DoraConfig, apply_lora)

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732); DoRA's
+config and registration (its arithmetic is `dora.py`, which this module imports).
 
 `y = base(x) + s * B(A(dropout(x)))` with `A: in -> r` (no bias), `B: r -> out` (bias only with
 `lora_bias`), `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`). Init as PEFT's `init_lora_weights=True`:
@@ -17,14 +18,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.lora_linear import fused_linear_params, is_plain_linear, lora_linear
+from ..ops.fusable import fused_linear_params, is_plain_linear
+from ..ops.lora_linear import lora_linear
 from ..precision import native_bf16_cpu
+from ..routing import Routing, token_ids
 from .base import (
-    ACTIVE_ATTR, AdapterLayer, freeze_base, register_adapter,
+    ACTIVE_ATTR, AdapterLayer, freeze_base, no_dropout, register_adapter,
     replace_module, set_adapter,
 )
+from .dora import DoraMagnitude
 from .registry import register_method
-from .routing import Routing, token_ids
 from .targets import is_all_linear, pattern_value, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -93,6 +96,13 @@ class RsLoraConfig(LoraConfig):
     """LoRA with rank-stabilized scaling `alpha / sqrt(r)` on by default."""
 
     use_rslora: bool = True
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """LoRA options with DoRA's magnitude vector on (PEFT: `LoraConfig(use_dora=True)`; dora.py)."""
+
+    use_dora: bool = True
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -191,8 +201,6 @@ class LoraLinear(AdapterLayer):
         self.slot_to_name[slot] = name
         self.reset_adapter(name, cfg.init)
         if cfg.use_dora:
-            from .dora import DoraMagnitude  # dora.py builds on this module
-
             self.lora_magnitude_vector[name] = DoraMagnitude.for_adapter(self, name)
 
     @torch.no_grad()
@@ -267,7 +275,7 @@ class LoraLinear(AdapterLayer):
             return base if not names else None
         name = names[0]
         a, b = lora_a[name], self.lora_B[name]
-        if b.bias is not None or not _no_dropout(self.lora_dropout[name]) or name in self.lora_magnitude_vector:
+        if b.bias is not None or not no_dropout(self.lora_dropout[name]) or name in self.lora_magnitude_vector:
             return None  # (DoRA: not a plain low-rank sum)
         if not (is_plain_linear(a) and is_plain_linear(b)):  # e.g. a hook on lora_A
             return None
@@ -302,7 +310,7 @@ class LoraLinear(AdapterLayer):
 
     def _stackable(self, name: str) -> bool:
         """A plain additive adapter: no LoRA bias, no dropout in effect, no magnitude vector (DoRA)."""
-        return (self.lora_B[name].bias is None and _no_dropout(self.lora_dropout[name])
+        return (self.lora_B[name].bias is None and no_dropout(self.lora_dropout[name])
                 and name not in getattr(self, "lora_magnitude_vector", ()))
 
     def _stacked(self):
@@ -461,10 +469,6 @@ class LoraLinear(AdapterLayer):
         return f"adapters={self.adapter_names}, r={self.r}, active={self.active_adapters}"
 
 
-def _no_dropout(module: nn.Module) -> bool:
-    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
-
-
 def _token_ids(adapter_ids, x: torch.Tensor) -> torch.Tensor:
     """adapter_ids (a LongTensor or a Routing) as one slot per token: (B,) is broadcast over x's token dims."""
     return token_ids(adapter_ids, x)
@@ -493,3 +497,4 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
 
 register_method("lora", LoraConfig, apply_lora)
 register_method("rslora", RsLoraConfig, apply_lora)
+register_method("dora", DoraConfig, apply_lora)

@@ -1,8 +1,10 @@
 """The method registry: `register_method(name, config_cls, apply_fn)` and `apply(model, method, ...)`.
 
 A method is a typed config dataclass plus `apply_fn(model, config, adapter_name) -> model`, which
-swaps target modules for wrapper layers in place (see `base.AdapterLayer`). Nothing here knows about
-a particular method; `lora.py` registers "lora" and "rslora" when `leantune.methods` is imported.
+swaps target modules for wrapper layers in place (see `base.AdapterLayer`), and optionally its own
+PEFT on-disk format (`PeftFormat`), which `adapter_io` uses for that method's adapters instead of LoRA's.
+Nothing here knows about a particular method; `lora.py` registers "lora" and "rslora" when
+`leantune.methods` is imported.
 """
 from __future__ import annotations
 
@@ -16,16 +18,28 @@ from .base import check_new_adapter_name
 
 
 @dataclass(frozen=True)
+class PeftFormat:
+    """A method's own PEFT adapter format: its `peft_type` and how an adapter is saved and loaded."""
+
+    peft_type: str  # adapter_config.json's "peft_type", e.g. "ADALORA"
+    state_dict: Callable[[nn.Module, str], dict]  # (model, adapter) -> tensors under PEFT's keys
+    config_dict: Callable[[nn.Module, str, str | None], dict]  # (model, adapter, base path) -> adapter_config
+    load: Callable[..., nn.Module]  # (model, path, config, tensors, adapter_name, trainable) -> model
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type
     apply_fn: Callable[[nn.Module, object, str], nn.Module]
+    peft_format: PeftFormat | None = None  # None: saved and loaded as LoRA
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, apply_fn: Callable) -> None:
+def register_method(name: str, config_cls: type, apply_fn: Callable,
+                    peft_format: PeftFormat | None = None) -> None:
     """Register (or replace) a method under `name`; `config_cls` must be a dataclass."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
@@ -33,7 +47,7 @@ def register_method(name: str, config_cls: type, apply_fn: Callable) -> None:
         raise TypeError(f"config_cls of method {name!r} must be a dataclass, got {config_cls!r}")
     if not callable(apply_fn):
         raise TypeError(f"apply_fn of method {name!r} must be callable")
-    _METHODS[name.lower()] = MethodSpec(name.lower(), config_cls, apply_fn)
+    _METHODS[name.lower()] = MethodSpec(name.lower(), config_cls, apply_fn, peft_format)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -45,6 +59,17 @@ def get_method(name: str) -> MethodSpec:
 
 def list_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def peft_format_for(config=None, peft_type: str | None = None) -> PeftFormat | None:
+    """The own PEFT format of the method whose config `config` is, or that writes `peft_type`; None: LoRA's."""
+    for spec in _METHODS.values():
+        f = spec.peft_format
+        if f is None:
+            continue
+        if isinstance(config, spec.config_cls) or (peft_type is not None and peft_type == f.peft_type):
+            return f
+    return None
 
 
 def config_fields(config_cls: type) -> list[str]:

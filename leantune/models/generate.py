@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..methods.routing import Routing
+from ..routing import Routing
 from .kv_cache import KVCache
 from .llama import ForwardMeta
 

@@ -7,6 +7,13 @@ and SwiGLU are computed the way `transformers` computes them, which is what the 
 Every forward takes explicit metadata (`ForwardMeta`): RoPE positions, packed-sample segment ids,
 per-sequence lengths, per-row/per-token adapter slots and a KV cache. Nothing is kept in module globals,
 so one model tree can serve a mixed batch and train in the same process.
+
+The model shows its stages (DESIGN.md): `embed`, `layer_context` (what every layer of one forward shares:
+the position encoding and the attention mask), `layer_forward(i, ...)` for i < `num_layers`, `final_norm`
+and `head` (with `head_module`, the module a fused loss takes the head's weight from). `hidden` and
+`forward` are written in them, and the serving runner and co-trainer run them in the same order, so a
+family with another skeleton (Gemma's scaled embedding and soft-capped logits, per-layer windows) changes
+these methods, not `serve/`.
 """
 from __future__ import annotations
 
@@ -21,13 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels import fused as kfused
 from ..kernels import use_triton
-from ..ops.lora_linear import fused_linear_params
+from ..ops.fusable import fused_linear_params
 from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from ..methods.routing import Routing
+    from ..routing import Routing
 
 
 class Linear(nn.Linear):
@@ -45,9 +52,19 @@ class ForwardMeta:
     positions: torch.Tensor | None = None  # (B, T) RoPE positions; default 0..T-1 (after the cache)
     segment_ids: torch.Tensor | None = None  # (B, T) packed samples: attend only within equal ids
     seq_lens: torch.Tensor | None = None  # (B,) valid (right-padded) lengths; keys past them are masked
-    # (B,) or (B, T) adapter slots, -1 = base model; or a methods.routing.Routing of them (built once per step)
+    # (B,) or (B, T) adapter slots, -1 = base model; or a leantune.routing.Routing of them (built once per step)
     adapter_ids: torch.Tensor | Routing | None = None
     cache: KVCache | None = None  # or a paged cache (`paged = True`) that attends itself
+
+
+@dataclass
+class LayerContext:
+    """What every layer of one forward shares, made once by `layer_context`; callers pass it on unopened."""
+
+    cos: torch.Tensor  # (B, T, D) RoPE at each token's position
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # (B or 1, 1, T, S) True = attend; None: plain causal, or a paged cache attends
+    meta: ForwardMeta
 
 
 class RMSNorm(nn.Module):
@@ -220,27 +237,63 @@ class LlamaForCausalLM(nn.Module):
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
-    def hidden(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
-        meta = meta or ForwardMeta()
-        B, T = input_ids.shape
+    # -- stages: the one skeleton of a forward (see the module docstring) ----------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
+
+    def layer_context(self, x: torch.Tensor, meta: ForwardMeta) -> LayerContext:
+        """The position encoding and attention mask of this forward; x: the embedded tokens (B, T, C)."""
+        B, T, _ = x.shape
         past = meta.cache.length if meta.cache is not None else 0
         pos = meta.positions
         if pos is None:
-            pos = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
+            pos = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
-        mask = build_mask(meta, T, past, self.config.sliding_window, x.device)
-        for layer in self.model.layers:
+        if getattr(meta.cache, "paged", False):
+            return LayerContext(cos, sin, None, meta)  # the paged cache masks per sequence itself
+        return LayerContext(cos, sin, build_mask(meta, T, past, self.config.sliding_window, x.device), meta)
+
+    def layer_module(self, i: int) -> nn.Module:
+        """Decoder layer i as a module (its parameters, hooks); run it with `layer_forward`."""
+        return self.model.layers[i]
+
+    def layer_forward(self, i: int, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.model.layers[i](x, ctx.cos, ctx.sin, ctx.mask, ctx.meta)  # (B, T, C) -> (B, T, C)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(h)  # (..., C)
+
+    def head_module(self) -> nn.Module:
+        """The module `head` runs, whole: its output is the logits (a family that post-processes them, e.g.
+        soft-capping, returns a module that does). A chunked loss calls it, or takes its weight and bias when
+        it is a plain linear (`ops.fusable.is_plain_linear`)."""
+        return self.lm_head
+
+    def head(self, h: torch.Tensor, adapter_ids=None) -> torch.Tensor:
+        """Final-normed (..., C) -> logits (..., V); adapter_ids as `ForwardMeta` takes them, for an adapted head."""
+        head = self.head_module()
+        return head(h) if adapter_ids is None else head(h, adapter_ids)
+
+    def hidden(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) final-normed hidden states: the stages in order."""
+        meta = meta or ForwardMeta()
+        x = self.embed(input_ids)  # (B, T, C)
+        ctx = self.layer_context(x, meta)
+        for i in range(self.num_layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, meta, use_reentrant=False)
+                x = checkpoint(self.layer_forward, i, x, ctx, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, meta)
+                x = self.layer_forward(i, x, ctx)
         if meta.cache is not None:
-            meta.cache.advance(T)
-        return self.model.norm(x)
+            meta.cache.advance(x.shape[1])
+        return self.final_norm(x)
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids, meta))
+        return self.head(self.hidden(input_ids, meta))  # (B, T, V)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named weights; the tied lm_head is left out as transformers leaves it out."""

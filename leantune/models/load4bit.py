@@ -20,7 +20,7 @@ from torch import nn
 from ..quant import Linear4bit, Quant4bitConfig, is_bnb_4bit_config, quantizable_linears
 from .config import ModelConfig
 from .llama import LlamaForCausalLM, rope_inv_freq
-from .loader import FolderTensors
+from .safetensors_reader import FolderTensors
 from .tokenizer import Tokenizer
 
 

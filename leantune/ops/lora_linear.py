@@ -10,8 +10,8 @@ for a rank of 8 (an (N, out) @ (out, r) product is ~4x slower than the same prod
 - backward: `gb_t = B^T g^T` (r, N) once, then `dx = g W + s gb_t^T A` (one accumulate-GEMM),
   `dA = s gb_t x`, `dB = s (xa_t g)^T`; W and b get gradients only if they require them.
 
-A layer offers this path through `fused_linear_params(x, adapter_ids) -> (W, b, A, B, s) | None`
-(A = B = None for a plain linear); None means "call the module". `W` is a float tensor or a packed
+A layer offers this path through the fusable-linear protocol (`ops/fusable.py`): its
+`fused_linear_params(x, adapter_ids) -> (W, b, A, B, s) | None`. `W` is a float tensor or a packed
 frozen weight (anything with `dense(dtype) -> (out, in) tensor`, e.g. QLoRA's 4-bit codes): a packed
 weight is expanded for the forward GEMM and again for `dx` in backward, never kept in between, so a
 QLoRA layer takes the same fused path as a float one at ~4 bits per weight between the passes.
@@ -105,22 +105,3 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     out = LoraLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling))
     return out.view(*lead, out.shape[-1])
-
-
-def is_plain_linear(module) -> bool:
-    """True when `module(x)` is exactly `F.linear(x, module.weight, module.bias)` with a float weight
-    (an nn.Linear whose forward is not overridden, or declares `plain_linear`, and has no hooks)."""
-    if not isinstance(module, torch.nn.Linear):
-        return False
-    plain = type(module).forward is torch.nn.Linear.forward or getattr(type(module), "plain_linear", False)
-    hooked = module._forward_hooks or module._forward_pre_hooks
-    return plain and not hooked and module.weight.is_floating_point()
-
-
-def fused_linear_params(module, x: torch.Tensor, adapter_ids=None):
-    """(W, b, A, B, s) when `module(x, adapter_ids)` equals `lora_linear(x, W, b, A, B, s)`, else None."""
-    if hasattr(type(module), "fused_linear_params"):  # on the class: no nn.Module __getattr__ miss
-        return module.fused_linear_params(x, adapter_ids)
-    if is_plain_linear(module) and module.weight.dtype == x.dtype:
-        return module.weight, module.bias, None, None, 0.0
-    return None

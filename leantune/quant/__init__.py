@@ -6,17 +6,17 @@ bitsandbytes, a 4-bit `Linear4bit` layer with bitsandbytes' state-dict keys, and
     w2 = dequantize_4bit(packed, state)              # state.dtype, shape of w
     quantize_model(model)                            # decoder nn.Linear -> Linear4bit (not lm_head)
 """
+from .codes import FP4_CODE, NF4_CODE, QUANT_TYPES, codebook, dynamic_map
 from .linear4bit import DequantizedLinear, Linear4bit
 from .model import (
     Quant4bitConfig, hf_quantization_config, is_bnb_4bit_config, linear4bit_layers, quantizable_linears,
     quantize_model,
 )
 from .nf4 import (
-    FP4_CODE, NF4_CODE, bits_per_param, block_absmax, codebook, compress_absmax, dequantize_4bit,
-    dequantize_blockwise_8bit, dynamic_map, quantize_4bit, quantize_blockwise_8bit, quantized_nbytes,
-    unpack_codes,
+    bits_per_param, block_absmax, compress_absmax, dequantize_4bit, dequantize_blockwise_8bit, quantize_4bit,
+    quantize_blockwise_8bit, quantized_nbytes, unpack_codes,
 )
-from .state import BLOCKSIZES, QUANT_TYPES, NestedState, QuantState, is_quant_state_key
+from .state import BLOCKSIZES, NestedState, QuantState, is_quant_state_key
 
 __all__ = [
     "BLOCKSIZES",

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
+from .codes import QUANT_TYPES, codebook, dynamic_map
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 PACKED_KEY = "quant_state.bitsandbytes__"
@@ -81,8 +82,6 @@ class QuantState:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
         self.shape = torch.Size(self.shape)
         if self.code is None:
-            from .nf4 import codebook
-
             self.code = codebook(self.quant_type, self.absmax.device)
         if (self.state2 is None) != (self.offset is None):
             raise ValueError("a double-quantized QuantState needs both offset and state2")
@@ -164,8 +163,6 @@ class QuantState:
 def _nested_code(flat: dict, device) -> torch.Tensor:
     if "nested_quant_map" in flat:
         return flat["nested_quant_map"].to(device, torch.float32)
-    from .nf4 import dynamic_map
-
     return dynamic_map(device)
 
 

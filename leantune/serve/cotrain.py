@@ -28,9 +28,9 @@ import torch
 from ..data import epoch_order
 from ..data.batching import Batch
 from ..methods.base import adapter_slots, trainable_parameters
-from ..methods.routing import Routing
-from ..models.llama import ForwardMeta, build_mask, rope_cos_sin
+from ..models.llama import ForwardMeta
 from ..optim import build_optimizer
+from ..routing import Routing
 from ..train.loss import chunked_ce_sum, lm_loss_sum, shifted_targets
 from ..train.step import StepRule, optimizer_step
 from .ft_defaults import FineTuneDefaults
@@ -61,7 +61,7 @@ def loss_unit_share(model) -> float:
     backward over n tokens is ~4 n V C FLOPs, a layer's recomputed forward and backward over T tokens
     ~4 T P_layer, so n / T = P_layer / (V C)."""
     c = model.config
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    layer = sum(p.numel() for p in model.layer_module(0).parameters())
     return min(1.0, layer / (c.vocab_size * c.hidden_size))
 
 
@@ -145,7 +145,7 @@ class CoTrainer:
         iteration with no request in it does (nothing waits on it). True when the batch's grads are complete.
         The gradients equal the chunked path's (tested)."""
         assert self.at_sequence_start(), "the sequence is under way"
-        ex, dev = self.seq, self.model.lm_head.weight.device
+        ex, dev = self.seq, next(self.model.parameters()).device
         ids = torch.tensor([ex.input_ids], device=dev)
         batch = Batch(ids, torch.tensor([ex.labels], device=dev), torch.arange(len(ex), device=dev)[None], None,
                       ex.num_loss_tokens)
@@ -176,26 +176,24 @@ class CoTrainer:
         keep = (tgt != -100).nonzero()[:, 0]
         if keep.numel():
             x = out[a:b].detach().requires_grad_()  # (n, C)
-            h = m.model.norm(x).index_select(0, keep.to(out.device))
+            h = m.final_norm(x).index_select(0, keep.to(out.device))
             target = tgt[keep].to(out.device)
-            loss = chunked_ce_sum(h, m.lm_head, target) / self.batch_tokens
+            loss = chunked_ce_sum(h, m.head_module(), target) / self.batch_tokens
             loss.backward()
             self.loss_sum += float(loss.detach())
             self.grad[0, a:b] = x.grad
         self.loss_pos = b
         if b == T:
-            self.layer, self.phase = len(m.model.layers) - 1, "bwd"
+            self.layer, self.phase = m.num_layers - 1, "bwd"
 
     def _layer_backward(self, i: int) -> None:
         m, x0 = self.model, self.caps[i]
         T = x0.shape[0]
         x = x0[None].requires_grad_()  # (1, T, C)
         pos = torch.arange(T, device=x.device)[None]
-        cos, sin = rope_cos_sin(m.inv_freq, pos, x.dtype)
         # one slot for the whole sequence: the layer's linears and SwiGLU take the fused LoRA ops
         meta = ForwardMeta(positions=pos, adapter_ids=Routing(torch.tensor([self.slot], device=x.device), [self.slot]))
-        mask = build_mask(meta, T, 0, m.config.sliding_window, x.device)
-        y = m.model.layers[i](x, cos, sin, mask, meta)
+        y = m.layer_forward(i, x, m.layer_context(x, meta))  # full causal attention over the sequence
         y.backward(self.grad)
         self.grad = x.grad
         self.caps[i + 1] = None  # its last use was as this layer's output; free it
@@ -206,7 +204,7 @@ class CoTrainer:
         (nothing waits on it: on a CPU the LM head's fixed cost makes 8 units of 8 tokens cost 2.3x one of
         64 on SmolLM2)."""
         with torch.enable_grad():
-            for _ in range(k if k is not None else 1 + len(self.model.model.layers)):
+            for _ in range(k if k is not None else 1 + self.model.num_layers):
                 if self.phase == "loss":
                     self._loss(rest=k is None)
                 elif self.layer >= 0:

@@ -5,7 +5,8 @@ fine-tuning chunk. They are packed into one row `(1, N)` with per-token RoPE pos
 adapter slots, so requests for different adapters share every matmul (the LoRA layers route rows by
 slot; there are no per-adapter sub-batches). The runner returns the logits of the rows that sample and,
 for fine-tuning rows, every layer's input (the checkpoints the co-trainer's layer-sliced backward
-recomputes from).
+recomputes from). It runs the model through the stages the model shows (`embed`, `layer_context`,
+`layer_forward`, `final_norm`, `head`), so a model family with another skeleton needs no change here.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods.routing import Routing
-from ..models.llama import ForwardMeta, rope_cos_sin
+from ..models.llama import ForwardMeta
+from ..routing import Routing
 from .paged_cache import PagedKVCache, build_plan
 
 
@@ -70,17 +71,17 @@ class ModelRunner:
         self.cache.begin(build_plan([w.context for w in works], [len(w.tokens) for w in works],
                                     self.cache.window, self.device))
         meta = ForwardMeta(positions=pos, adapter_ids=route, cache=self.cache)
-        x = m.model.embed_tokens(ids)  # (1, N, C)
-        cos, sin = rope_cos_sin(m.inv_freq, pos, x.dtype)
+        x = m.embed(ids)  # (1, N, C)
+        ctx = m.layer_context(x, meta)
         caps = [] if cap_rows.numel() else None
-        for layer in m.model.layers:
+        for i in range(m.num_layers):
             if caps is not None:
                 caps.append(x[0, cap_rows].clone())
-            x = layer(x, cos, sin, None, meta)
+            x = m.layer_forward(i, x, ctx)
         if caps is not None:
             caps.append(x[0, cap_rows].clone())
         logits = None
         if sample_rows.numel():
-            h = m.model.norm(x[0, sample_rows])  # (n, C): only the rows that sample meet the LM head
-            logits = m.lm_head(h, route.ids[0, sample_rows]).float()
+            h = m.final_norm(x[0, sample_rows])  # (n, C): only the rows that sample meet the LM head
+            logits = m.head(h, route.ids[0, sample_rows]).float()
         return StepResult(logits, caps)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.linear_ce import linear_cross_entropy_sum
-from ..ops.lora_linear import is_plain_linear
+from ..ops.fusable import is_plain_linear
 
 
 def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +61,7 @@ def lm_loss_sum(model, batch, chunk: int = 1024, adapter_ids=None) -> tuple[torc
     n = int(sel.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    return chunked_ce_sum(hidden[sel], model.lm_head, tgt[sel], chunk), n
+    return chunked_ce_sum(hidden[sel], model.head_module(), tgt[sel], chunk), n
 
 
 @torch.no_grad()
@@ -73,9 +73,9 @@ def heldout_loss(model, examples: list, batch_size: int, max_length: int | None 
     gets the same number for the same examples; adapter_slot: the adapter slot every row uses (a served
     multi-adapter model)."""
     from ..data import batches_for_epoch
-    from ..methods.routing import Routing
+    from ..routing import Routing
 
-    was_training, device = model.training, model.lm_head.weight.device
+    was_training, device = model.training, model.head_module().weight.device
     model.eval()
     total, n = 0.0, 0
     try:

@@ -12,6 +12,9 @@ them, so a forward pays for it once:
 
 A layer asks `route.slots` (distinct slots, -1 = base) before touching any tensor: a batch of base rows
 costs an adapter layer nothing beyond its base product.
+
+Model-agnostic metadata: the models' `ForwardMeta` carries it and the adapter layers of `methods/` read it,
+so it sits below both (a neutral module of DESIGN.md's layers, as `ops/` and `kernels/` are).
 """
 from __future__ import annotations
 
