@@ -36,7 +36,7 @@ from .base import (
     set_adapter_trainable,
 )
 from .lora import LoraConfig, LoraLinear, is_lora_target
-from .registry import apply
+from .registry import apply, spec_for_config, spec_for_folder
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -231,6 +231,19 @@ def save_adapter(model: nn.Module, out_dir, adapter_name: str = "default",
     return out_dir
 
 
+def save(model: nn.Module, out_dir, adapter_name: str = "default",
+         base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `adapter_name` in its method's format (the method's `save` hook; PEFT's by default) and
+    the method's extra files next to it (its `extra_files` hook, e.g. QLoRA's 4-bit sidecar)."""
+    require_adapter(model, adapter_name)
+    spec = spec_for_config(adapter_configs(model)[adapter_name])
+    writer = spec.save if spec is not None and spec.save is not None else save_adapter
+    out = writer(model, out_dir, adapter_name=adapter_name, base_model_name_or_path=base_model_name_or_path)
+    if spec is not None and spec.extra_files is not None:
+        spec.extra_files(model, Path(out_dir))
+    return out
+
+
 def _write_files(folder: Path, weights_name: str, config_name: str, tensors, text: str) -> None:
     save_file(tensors, str(folder / weights_name), metadata={"format": "pt"})
     _fsync(folder / weights_name)
@@ -307,6 +320,15 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     return config, load_file(str(weights_path), device="cpu")
+
+
+def peft_type(path) -> str | None:
+    """The `peft_type` of the adapter folder `path`'s config, or None where it has no readable one."""
+    try:
+        config = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def _subfolder_hint(path: Path) -> str:
@@ -439,15 +461,15 @@ def _check_coverage(model: nn.Module, cfg: LoraConfig, have: set[str], path) -> 
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:
-    """Add a PEFT-format LoRA adapter from folder `path` to `model` as `adapter_name`; returns the model.
+    """Add the adapter in folder `path` to `model` as `adapter_name`; returns the model.
 
-    Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
+    A PEFT-format LoRA adapter, or any folder a registered method's `claims` hook recognizes (read by its
+    `load` hook: AdaLoRA, bottleneck adapters, ...). Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
     """
+    spec = spec_for_folder(path)  # a method with its own format (or PEFT variant) reads its folders
+    if spec is not None:
+        return spec.load(model, path, adapter_name=adapter_name, trainable=trainable)
     config, tensors = read_adapter(path)
-    if config.get("peft_type") == "ADALORA":
-        from .adalora import load_adalora
-
-        return load_adalora(model, path, config, tensors, adapter_name, trainable)
     cfg = lora_config_from_peft(config, path)
     lora, biases = split_tensors(tensors, path)
     check_fits(model, cfg, lora, biases, path)

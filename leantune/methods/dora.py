@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fields import opt
 from .lora import LoraConfig, LoraLinear, _no_dropout, apply_lora
 from .registry import register_method
 
@@ -57,7 +58,7 @@ from .registry import register_method
 class DoraConfig(LoraConfig):
     """LoRA options with DoRA's magnitude vector on (PEFT: `LoraConfig(use_dora=True)`)."""
 
-    use_dora: bool = True
+    use_dora: bool = opt(True, "DoRA's magnitude vector", cli=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,4 +217,5 @@ class DoraMagnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-register_method("dora", DoraConfig, apply_lora)
+register_method("dora", DoraConfig, apply_lora,
+                help="DoRA (Liu et al. 2024): LoRA's direction with a trained magnitude vector; PEFT format")
