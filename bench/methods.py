@@ -80,20 +80,21 @@ def step_stats(times: list[float]) -> float:
 # SmolLM2 worker: leantune's finetune recipe, with the Trainer measured from outside
 
 
-def smol_options(args, method: str) -> dict:
-    """The FinetuneConfig fields of one method's run: the shared budget plus the method's own options."""
+def smol_options(args, method: str) -> tuple[dict, dict]:
+    """(FinetuneConfig fields, method options by their YAML keys) of one method's run: the shared budget plus
+    the method's own options. The method options are a preset: each method takes those it has (no --rank for
+    AdaLoRA or the bottleneck adapter)."""
     steps = args.steps
-    opts = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=args.lr, schedule="cosine",
-                warmup_steps=max(1, steps // 10), rank=args.rank, alpha=2.0 * args.rank, targets="all-linear",
-                seed=0, truncate=True, progress=False, eval_every=0, keep_checkpoints=1, method=method, dtype=args.dtype)
-    if method == "rslora":
-        opts.update(method="lora", rslora=True)  # FinetuneConfig's spelling of rsLoRA (alpha / sqrt(r))
-    elif method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
-        opts.update(tinit=steps // 10, tfinal=steps // 5)
+    run = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=args.lr, schedule="cosine",
+               warmup_steps=max(1, steps // 10), seed=0, truncate=True, progress=False, eval_every=0,
+               keep_checkpoints=1, method=method, dtype=args.dtype)
+    options = dict(rank=args.rank, alpha=2.0 * args.rank, targets="all-linear")
+    if method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
+        options.update(tinit=steps // 10, tfinal=steps // 5)
     elif method == "corda":
-        opts.update(corda_mode=args.corda_mode, calibration_samples=args.train, targets=args.corda_targets,
-                    corda_cache=args.corda_cache)
-    return opts
+        options.update(corda_mode=args.corda_mode, calibration_samples=args.train, targets=args.corda_targets,
+                       corda_cache=args.corda_cache)
+    return run, options
 
 
 def measured_trainer(base):
@@ -129,9 +130,12 @@ def run_smol(args) -> dict:
     torch.manual_seed(0)
     Measured = measured_trainer(ft.Trainer)
     ft.Trainer = Measured  # finetune() builds its Trainer from this module's namespace
-    opts = smol_options(args, args.method)
-    cfg = ft.FinetuneConfig(model=args.folder, data=args.train_file, eval_data=args.eval_file,
-                            output=args.out, **opts)
+    from leantune.recipes.options import method_config
+
+    run, options = smol_options(args, args.method)
+    opts = {**run, **options}
+    cfg = ft.FinetuneConfig(model=args.folder, data=args.train_file, eval_data=args.eval_file, output=args.out,
+                            options=method_config(args.method, {}, options), **run)
     t0 = time.perf_counter()
     summary = ft.finetune(cfg)
     tr = Measured.last

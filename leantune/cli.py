@@ -26,8 +26,21 @@ def _load(module: str, name: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .recipes.options import add_dataclass_args
+def _method_in(argv: list[str] | None) -> str | None:
+    """The --method named on the command line, if it is a registered one (for `finetune --method X --help`)."""
+    from .methods.registry import list_methods
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--method=") else (
+            argv[i + 1] if arg == "--method" and i + 1 < len(argv) else None)
+        if value is not None:
+            return value if value in list_methods() else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .recipes.options import add_dataclass_args, add_method_args, cli_fields
 
     p = argparse.ArgumentParser(prog="leantune", description="Cheap, quick finetuning of pretrained models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -35,26 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
         add_dataclass_args(sp, _load(mod, cls))
+        if name == "finetune":  # each method's own options, in groups of their own
+            add_method_args(sp, {f.name for f in cli_fields(_load(mod, cls))} | {"config"}, only=_method_in(argv))
     return p
 
 
 def run(argv: list[str] | None = None) -> int:
-    from .recipes.options import apply_preset, build_config
+    from .recipes.options import build_config
 
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
     mod, cls_name, fn_name, _ = COMMANDS[args.command]
-    cls = _load(mod, cls_name)
-    cfg, explicit = build_config(cls, args)
-    if args.command == "finetune":
-        from .recipes.facts import BUILTIN
-        from .recipes.finetune import FACTS_PRESET
-
-        if cfg.data == BUILTIN:  # the main job's settings, unless the user chose otherwise
-            cfg = apply_preset(cfg, FACTS_PRESET, explicit)
+    if args.command == "finetune":  # the method's options become its config; the builtin data's preset
+        cfg = _load(mod, "config_from_args")(args)
+    else:
+        cfg, _ = build_config(_load(mod, cls_name), args)
     _load(mod, fn_name)(cfg)
     return 0
 

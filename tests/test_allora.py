@@ -249,7 +249,9 @@ def test_cli_finetune_method_allora(folder, tmp_path):
     out = tmp_path / "out"
     argv = ["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--no-progress",
             "--eval-fraction", "0", "--method", "allora", "--rank", "4", "--lr", "1e-2", "--max-steps", "3",
-            "--allora-eta", "2.0", "--alpha", "64"]  # --alpha means nothing to ALLoRA: s stays 1
+            "--allora-eta", "2.0"]
+    with pytest.raises(ValueError, match="--alpha is an option of .*, not of --method allora"):
+        cli.run([*argv, "--alpha", "64"])  # ALLoRA fixes s = 1: an --alpha is refused, not silently ignored
     assert cli.run(argv) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 4, 0.0)

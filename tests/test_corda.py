@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import leantune.methods as lm
+from leantune.methods import adapter_io
 from leantune import cli
 from leantune.methods import corda
 from leantune.models.loader import load
@@ -303,8 +304,8 @@ def test_cli_finetune_corda_kpa_loads_in_peft_on_the_original_base(folder, tmp_p
                              for i, t in enumerate(["The quick brown fox.", "Hello, how are you today?",
                                                     "Numbers: 0 1 2 3 4 5.", "Who discovered the comet?"])))
     saved = []
-    real_save = lm.save_adapter
-    monkeypatch.setattr(lm, "save_adapter", lambda model, *a, **k: saved.append(model) or real_save(model, *a, **k))
+    real_save = adapter_io.save_adapter
+    monkeypatch.setattr(adapter_io, "save_adapter", lambda model, *a, **k: saved.append(model) or real_save(model, *a, **k))
     collected = []
     real_collect = corda.collect_covariance
     monkeypatch.setattr(corda, "collect_covariance", lambda *a: collected.append(1) or real_collect(*a))

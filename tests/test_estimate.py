@@ -59,7 +59,7 @@ def saved_bytes(model, batch: int, seq: int) -> int:
 def tiny_model(cfg: ModelConfig, dtype=torch.float32, targets="all-linear", dropout=0.0, quantize=False):
     import leantune
     from leantune.models.llama import LlamaForCausalLM
-    from leantune.recipes.finetune import parse_targets
+    from leantune.methods.targets import parse_targets
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)

@@ -7,7 +7,6 @@ resumes to exactly the losses and adapter of an uninterrupted one; generate / ch
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from leantune import cli, methods
 from leantune.models.loader import load
 from leantune.recipes import generate as gen_recipe
+from leantune.recipes import options
 from leantune.train.loop import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -590,7 +590,10 @@ def test_help_lists_every_option(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     mod, cls, _, _ = cli.COMMANDS[command]
-    flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cli._load(mod, cls))]
+    flags = ["--" + f.name.replace("_", "-") for f in options.cli_fields(cli._load(mod, cls))]
+    if command == "finetune":  # and every registered method's options, in groups of their own
+        flags += [o.flag for m in methods.list_methods() for o in methods.method_options(m)]
+        assert "options of --method adalora:" in out and "options shared by several methods" in out
     missing = [f for f in flags + ["--config"] if f not in out]
     assert not missing and len(flags) >= 4
 

@@ -7,7 +7,7 @@
     load_adapter(model2, "out", adapter_name="support")
 """
 from .adapter_io import (
-    adapter_state_dict, load_adapter, lora_config_from_peft, peft_config_dict, read_adapter, save_adapter,
+    adapter_state_dict, load_adapter, lora_config_from_peft, peft_config_dict, read_adapter, save, save_adapter,
 )
 from .base import (
     AdapterLayer, active_adapters, adapter_configs, adapter_layers, adapter_slots, delete_adapter,
@@ -18,7 +18,9 @@ from .corda import CordaConfig, apply_corda, collect_covariance, run_on
 from .lora import LoraConfig, LoraLinear, RsLoraConfig, apply_lora, lora_scaling
 from .merge import merge, merge_and_unload, unmerge
 from .qlora import QLoraConfig, apply_qlora, base_quantization, read_sidecar, write_sidecar
-from .registry import MethodSpec, apply, get_method, list_methods, register_method
+from .registry import (
+    CalibrationContext, MethodOption, MethodSpec, apply, get_method, list_methods, method_options, register_method,
+)
 from .adalora import AdaLoraConfig, AdaLoraLinear, RankAllocator, apply_adalora, orthogonal_regularizer
 from .bottleneck import (
     BottleneckConfig, BottleneckLayer, apply_bottleneck, load_bottleneck, read_bottleneck, save_bottleneck,
@@ -44,3 +46,4 @@ __all__ += [
 __all__ += ["AdaLoraConfig", "AdaLoraLinear", "RankAllocator", "apply_adalora", "orthogonal_regularizer"]
 __all__ += ["AlloraConfig", "DoraConfig", "DoraMagnitude", "allora_coefficient", "apply_allora"]
 __all__ += ["CordaConfig", "apply_corda", "collect_covariance", "run_on"]
+__all__ += ["CalibrationContext", "MethodOption", "method_options", "save"]

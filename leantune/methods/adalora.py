@@ -21,20 +21,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..fields import opt
 from ..routing import Routing
-from .adapter_io import _INFORMATIONAL, _UNSUPPORTED, CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, _model_name, _other_model
+from .adapter_io import (
+    _INFORMATIONAL, _UNSUPPORTED, CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, _model_name, _other_model, peft_type,
+    read_adapter,
+)
 from .base import (
     ACTIVE_ATTR, CONFIGS_ATTR, AdapterLayer, adapter_configs, adapter_layers, delete_adapter, freeze_base,
     register_adapter, replace_module, set_adapter, set_adapter_trainable,
 )
 from .lora import _adapter_placement, _check_names, is_linear_like
-from .registry import PeftFormat, apply, register_method
-from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
+from .registry import apply, register_method
+from .targets import is_all_linear, linear_sample, module_index, parse_targets, resolve_targets, suffix_targets
 
 HOOKS_ATTR = "leantune_train_hooks"  # the list `train.loop.Trainer` calls; see the module docstring
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
@@ -44,22 +48,26 @@ RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 class AdaLoraConfig:
     """AdaLoRA options (PEFT's `AdaLoraConfig` names; PEFT names in brackets where they differ)."""
 
-    init_r: int = 12  # initial rank of every module
-    target_r: int = 8  # average rank per module at the end of the budget schedule
-    tinit: int = 0  # steps of warmup before any pruning
-    tfinal: int = 0  # steps of final fine-tuning with the allocation frozen
-    deltaT: int = 1  # prune every deltaT steps during the budget phase
-    beta1: float = 0.85  # EMA of the sensitivity
-    beta2: float = 0.85  # EMA of the uncertainty
-    orth_reg_weight: float = 0.5  # weight of the orthogonality regularizer
-    total_step: int | None = None  # None: the number of steps the Trainer runs
-    alpha: float = 8  # [lora_alpha]; scaling = alpha / (ranknum + 1e-5)
-    dropout: float = 0.0  # [lora_dropout], on the adapter branch only
-    targets: str | list[str] = "all-linear"  # [target_modules]: "all-linear", name suffixes, or a full-name regex
-    exclude: str | list[str] | None = None  # [exclude_modules], same forms
+    init_r: int = opt(12, "AdaLoRA: initial rank of every adapted module", flag="--init-r")
+    target_r: int = opt(8, "AdaLoRA: average rank per module that pruning ends at", flag="--target-r")
+    tinit: int = opt(0, "AdaLoRA: warmup steps before any pruning", flag="--tinit")
+    tfinal: int = opt(0, "AdaLoRA: final steps that train with the rank allocation frozen", flag="--tfinal")
+    deltaT: int = opt(1, "AdaLoRA: prune every N steps while the rank budget falls", flag="--delta-t")
+    beta1: float = opt(0.85, "AdaLoRA: EMA factor of each weight's sensitivity |w * grad|", flag="--adalora-beta1")
+    beta2: float = opt(0.85, "AdaLoRA: EMA factor of the sensitivity's uncertainty", flag="--adalora-beta2")
+    orth_reg_weight: float = opt(0.5, "AdaLoRA: weight of the orthogonality regularizer of P and Q",
+                                 flag="--orth-reg-weight")
+    total_step: int | None = opt(None, "AdaLoRA: steps the budget schedule spans (default: the run's)",
+                                 flag="--adalora-total-step")
+    alpha: float = opt(8, "LoRA alpha (AdaLoRA: scale = alpha / rank)", flag="--alpha")  # [lora_alpha]
+    dropout: float = opt(0.0, "dropout on the adapter branch", flag="--dropout")  # [lora_dropout]
+    # [target_modules]: "all-linear", name suffixes, or a full-name regex
+    targets: str | list[str] = opt("all-linear", "modules to adapt: all-linear, a comma list of names, or a regex",
+                                   flag="--targets", parse=parse_targets)
+    exclude: str | list[str] | None = opt(None, "[exclude_modules], same forms", cli=False)
     # module name -> which of its init_r triplets are kept: a finished allocation (a loaded adapter), whose
     # layers are built with only the kept rows; empty for a fresh adapter
-    rank_pattern: dict = field(default_factory=dict)
+    rank_pattern: dict = opt({}, "module -> kept triplets", cli=False)
 
     def __post_init__(self):
         _check_int("init_r", self.init_r, 1)
@@ -599,5 +607,13 @@ def load_adalora(model: nn.Module, path, config: dict, tensors: dict, adapter_na
     return model
 
 
-register_method("adalora", AdaLoraConfig, apply_adalora,
-                peft_format=PeftFormat("ADALORA", adalora_state_dict, adalora_config_dict, load_adalora))
+def load_adalora_folder(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:
+    config, tensors = read_adapter(path)
+    return load_adalora(model, path, config, tensors, adapter_name, trainable)
+
+
+register_method("adalora", AdaLoraConfig, apply_adalora, load=load_adalora_folder,
+                peft_state_dict=adalora_state_dict, peft_config=adalora_config_dict,
+                claims=lambda path: peft_type(path) == "ADALORA",
+                help="AdaLoRA (Zhang et al. 2023): SVD-shaped P Λ Q, ranks pruned from --init-r to --target-r "
+                     "by sensitivity; PEFT's ADALORA format")

@@ -36,7 +36,7 @@ from .base import (
     set_adapter_trainable,
 )
 from .lora import LoraConfig, LoraLinear, is_lora_target
-from .registry import PeftFormat, apply, peft_format_for
+from .registry import apply, spec_for_config, spec_for_folder
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -140,9 +140,9 @@ def _doubled_ranks(cfg: LoraConfig) -> dict:
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter under PEFT's on-disk keys (CPU, contiguous)."""
-    own = _own_format(model, adapter_name)
-    if own is not None:  # e.g. AdaLoRA's keys: lora_A/lora_B/lora_E, only the rows rank_pattern keeps
-        return own.state_dict(model, adapter_name)
+    spec = spec_for_config(adapter_configs(model).get(adapter_name))
+    if spec is not None and spec.peft_state_dict is not None:  # e.g. AdaLoRA's own keys (lora_A/B/E)
+        return spec.peft_state_dict(model, adapter_name)
     cfg = _lora_config(model, adapter_name)
     out = {}
     for name, layer in adapter_layers(model):
@@ -161,11 +161,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _own_format(model: nn.Module, adapter_name: str) -> PeftFormat | None:
-    """The adapter's method's own PEFT format (registered with the method), None for LoRA's."""
-    return peft_format_for(config=adapter_configs(model).get(adapter_name))
-
-
 def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
     require_adapter(model, adapter_name)
     cfg = adapter_configs(model)[adapter_name]
@@ -179,9 +174,9 @@ def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
 def peft_config_dict(model: nn.Module, adapter_name: str = "default",
                      base_model_name_or_path: str | None = None) -> dict:
     """`adapter_config.json` of one adapter, as peft 0.21.2 writes it."""
-    own = _own_format(model, adapter_name)
-    if own is not None:
-        return own.config_dict(model, adapter_name, base_model_name_or_path)
+    spec = spec_for_config(adapter_configs(model).get(adapter_name))
+    if spec is not None and spec.peft_config is not None:  # e.g. AdaLoRA's ADALORA config
+        return spec.peft_config(model, adapter_name, base_model_name_or_path)
     cfg = _lora_config(model, adapter_name)
     out = dict(PEFT_LORA_DEFAULTS)
     out.update(
@@ -226,6 +221,19 @@ def save_adapter(model: nn.Module, out_dir, adapter_name: str = "default",
     else:
         _write_new_folder(out_dir, tensors, text)
     return out_dir
+
+
+def save(model: nn.Module, out_dir, adapter_name: str = "default",
+         base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `adapter_name` in its method's format (the method's `save` hook; PEFT's by default) and
+    the method's extra files next to it (its `extra_files` hook, e.g. QLoRA's 4-bit sidecar)."""
+    require_adapter(model, adapter_name)
+    spec = spec_for_config(adapter_configs(model)[adapter_name])
+    writer = spec.save if spec is not None and spec.save is not None else save_adapter
+    out = writer(model, out_dir, adapter_name=adapter_name, base_model_name_or_path=base_model_name_or_path)
+    if spec is not None and spec.extra_files is not None:
+        spec.extra_files(model, Path(out_dir))
+    return out
 
 
 def _write_files(folder: Path, weights_name: str, config_name: str, tensors, text: str) -> None:
@@ -304,6 +312,15 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     return config, load_file(str(weights_path), device="cpu")
+
+
+def peft_type(path) -> str | None:
+    """The `peft_type` of the adapter folder `path`'s config, or None where it has no readable one."""
+    try:
+        config = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def _subfolder_hint(path: Path) -> str:
@@ -436,14 +453,15 @@ def _check_coverage(model: nn.Module, cfg: LoraConfig, have: set[str], path) -> 
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:
-    """Add a PEFT-format LoRA adapter from folder `path` to `model` as `adapter_name`; returns the model.
+    """Add the adapter in folder `path` to `model` as `adapter_name`; returns the model.
 
-    Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
+    A PEFT-format LoRA adapter, or any folder a registered method's `claims` hook recognizes (read by its
+    `load` hook: AdaLoRA, bottleneck adapters, ...). Everything is checked before the model is touched. The adapter is frozen unless `trainable`.
     """
+    spec = spec_for_folder(path)  # a method with its own format (or PEFT variant) reads its folders
+    if spec is not None:
+        return spec.load(model, path, adapter_name=adapter_name, trainable=trainable)
     config, tensors = read_adapter(path)
-    own = peft_format_for(peft_type=config.get("peft_type"))
-    if own is not None:  # e.g. ADALORA: the method that registered the format loads it
-        return own.load(model, path, config, tensors, adapter_name, trainable)
     cfg = lora_config_from_peft(config, path)
     lora, biases = split_tensors(tensors, path)
     check_fits(model, cfg, lora, biases, path)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..fields import opt
 from .base import adapter_layers
 from .lora import LoraConfig, LoraLinear, apply_lora
 from .registry import register_method
@@ -55,9 +56,12 @@ COEF_ATTR = "leantune_allora"  # the attribute an ALLoRA parameter carries
 class AlloraConfig(LoraConfig):
     """LoRA options without alpha, dropout and rsLoRA (fixed: s = 1, no dropout), plus ALLoRA's own."""
 
-    eta: float = 1.0  # the coefficient at zero norm, its largest value
-    coef_granularity: str = "row"  # norm per "row" of A and B, or per whole "matrix"
-    coef_on: str = "update"  # rescale the optimizer's "update", or the "grad" before it
+    eta: float = opt(1.0, "ALLoRA: eta, the per-row learning-rate multiplier at zero norm (its largest; it falls "
+                          "like 1/||row|| as A's and B's rows grow)", flag="--allora-eta")
+    coef_granularity: str = opt("row", "ALLoRA: norm per row of A and B, or per whole matrix",
+                                flag="--allora-granularity")
+    coef_on: str = opt("update", "ALLoRA: apply the coefficient to the optimizer's update (a per-row learning "
+                                 "rate), or to the gradient (nearly cancelled by AdamW)", flag="--allora-on")
     # fixed by the method, so not options: s = alpha / r = 1 in every layer, and no dropout
     alpha: float = field(default=8, init=False)
     dropout: float = field(default=0.0, init=False)
@@ -170,4 +174,5 @@ def apply_allora(model: nn.Module, config: AlloraConfig, adapter_name: str) -> n
     return model
 
 
-register_method("allora", AlloraConfig, apply_allora)
+register_method("allora", AlloraConfig, apply_allora,
+                help="ALLoRA (arXiv 2410.09692): no dropout, s = 1, each row's update scaled down as its norm grows")

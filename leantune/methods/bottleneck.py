@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..fields import opt
 from ..routing import Routing
 from .base import (
     ACTIVE_ATTR,
@@ -63,14 +64,18 @@ FORMAT_VERSION = 1
 class BottleneckConfig:
     """Bottleneck adapter options; defaults are PETL-AST's (parallel, Pfeiffer, GELU)."""
 
-    size: int = 16  # bottleneck width b (PETL-AST: round(d / reduction_rate))
-    nonlinearity: str = "gelu"  # one of NONLINEARITIES
-    placement: str = "pfeiffer"  # "houlsby": after attention and after the MLP; "pfeiffer": after the MLP
-    mode: str = "parallel"  # "sequential": y = o + s·f(o); "parallel": y = o + s·f(x)
-    scaling: float = 1.0  # s
-    dropout: float = 0.0  # on the adapter's input only
-    attn_module: str = "self_attn"  # name (suffix) of each block's attention sublayer
-    mlp_module: str = "mlp"  # name (suffix) of each block's MLP sublayer
+    size: int = opt(16, "bottleneck adapters: width b of each adapter (PETL-AST: round(d / reduction_rate))",
+                    flag="--bottleneck-size")
+    nonlinearity: str = opt("gelu", "bottleneck adapters: relu, gelu, silu, tanh or identity",
+                            flag="--bottleneck-nonlinearity")
+    placement: str = opt("pfeiffer", "bottleneck adapters: houlsby (after attention and after the MLP) or "
+                                     "pfeiffer (after the MLP only)", flag="--bottleneck-placement")
+    mode: str = opt("parallel", "bottleneck adapters: parallel (y = o + s*f(x)) or sequential (y = o + s*f(o)), "
+                                "o = the sublayer's output", flag="--bottleneck-mode")
+    scaling: float = opt(1.0, "bottleneck adapters: scale s of the adapter's output", flag="--bottleneck-scaling")
+    dropout: float = opt(0.0, "dropout on the adapter branch (bottleneck: on its input only)", flag="--dropout")
+    attn_module: str = opt("self_attn", "name (suffix) of each block's attention sublayer", cli=False)
+    mlp_module: str = opt("mlp", "name (suffix) of each block's MLP sublayer", cli=False)
 
     def __post_init__(self):
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size <= 0:
@@ -281,9 +286,6 @@ def apply_bottleneck(model: nn.Module, config: BottleneckConfig, adapter_name: s
     return model
 
 
-register_method("bottleneck", BottleneckConfig, apply_bottleneck)
-
-
 # ---------------------------------------------------------------------------------------------
 # saving and loading (leantune's own format; PEFT has no bottleneck adapter)
 
@@ -381,3 +383,13 @@ def load_bottleneck(model: nn.Module, path, adapter_name: str = "default", train
         raise
     set_adapter_trainable(model, adapter_name, trainable)
     return model
+
+
+def _is_bottleneck_folder(path: Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+register_method("bottleneck", BottleneckConfig, apply_bottleneck, save=save_bottleneck, load=load_bottleneck,
+                claims=_is_bottleneck_folder,
+                help="bottleneck adapters (Houlsby / Pfeiffer), parallel or sequential; saved in leantune's "
+                     "own format (bottleneck_config.json), as PEFT has none")

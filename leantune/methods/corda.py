@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fields import opt
 from .adapter_io import set_initial_lora
 from .base import list_adapters
 from .lora import LoraConfig, LoraLinear, apply_lora, is_lora_target
-from .registry import register_method
+from .registry import CalibrationContext, register_method
 from .targets import resolve_targets
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,24 @@ MAX_DOUBLINGS = 64  # λ = 0.01·2^64 dwarfs any covariance: past that the input
 class CordaConfig(LoraConfig):
     """LoRA options plus where CorDA's covariance comes from (see the module docstring)."""
 
-    corda_mode: str = "ipa"  # "ipa" | "kpa" (PEFT's "ipm" | "kpm" are accepted)
+    corda_mode: str = opt("ipa", "CorDA: ipa (adapt the directions --calibration data uses most; calibrate on the "
+                                 "task) or kpa (adapt those it uses least; calibrate on the knowledge to keep); "
+                                 "PEFT's ipm / kpm are accepted", flag="--corda-mode")
     # runs the calibration forwards on the model it is given (its outputs are ignored)
     run_model: Callable[[nn.Module], None] | None = field(default=None, repr=False, compare=False)
     covariance: dict | None = field(default=None, repr=False, compare=False)  # module name -> (in, in)
-    covariance_file: str | None = None  # safetensors cache of the covariances
-    cache_file: str | None = None  # safetensors cache of the cropped decomposition
-    calibration_id: str | None = None  # names the calibration data in the caches (e.g. a hash of its tokens)
+    covariance_file: str | None = opt(None, "safetensors cache of the covariances", cli=False)
+    cache_file: str | None = opt(None, "safetensors cache of the cropped decomposition", cli=False)
+    # names the calibration data in the caches (e.g. a hash of its tokens)
+    calibration_id: str | None = opt(None, "names the calibration data in the caches", cli=False)
+    # read by the calibration hook (`calibrate`), which turns them into run_model and the cache files
+    calibration: str | None = opt(None, "CorDA: JSONL (any supported format) whose inputs orient the "
+                                        "decomposition (default: the training data)", flag="--calibration")
+    calibration_samples: int = opt(256, "CorDA: how many --calibration examples to run (a seeded random subset)",
+                                   flag="--calibration-samples")
+    cache_dir: str | None = opt(None, "CorDA: folder for the covariance and decomposition caches; a later run on "
+                                      "the same model and calibration data skips the calibration",
+                                flag="--corda-cache")
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +102,9 @@ class CordaConfig(LoraConfig):
         if self.covariance is not None and not (
                 isinstance(self.covariance, dict) and all(torch.is_tensor(v) for v in self.covariance.values())):
             raise ValueError("CordaConfig.covariance must be a dict of module name -> (in, in) tensor")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise ValueError(f"CordaConfig.calibration_samples (--calibration-samples) must be an int >= 1, "
+                             f"got {self.calibration_samples!r}")
         for name in ("covariance_file", "cache_file", "calibration_id"):
             value = getattr(self, name)
             if value == "" or (value is not None and not isinstance(value, (str, os.PathLike))):
@@ -352,4 +368,22 @@ def apply_corda(model: nn.Module, config: CordaConfig, adapter_name: str) -> nn.
     return model
 
 
-register_method("corda", CordaConfig, apply_corda)
+def calibrate(config: CordaConfig, ctx: CalibrationContext) -> CordaConfig:
+    """The calibration hook: forwards over a seeded subset of `config.calibration` (default: the training
+    examples), named by a hash of their tokens so `cache_dir` is reused only for the same data."""
+    examples = ctx.load(config.calibration) if config.calibration else ctx.examples
+    if len(examples) > config.calibration_samples:
+        keep = sorted(random.Random(ctx.seed).sample(range(len(examples)), config.calibration_samples))
+        examples = [examples[i] for i in keep]
+    samples = [ex.input_ids for ex in examples]
+    ctx.log(f"corda: calibration data is {len(samples)} examples of {config.calibration or 'the training data'}")
+    updates = {"run_model": run_on(samples), "calibration_id": calibration_id(samples)}
+    if config.cache_dir:
+        updates.update(covariance_file=str(Path(config.cache_dir) / "covariance.safetensors"),
+                       cache_file=str(Path(config.cache_dir) / "eigens.safetensors"))
+    return dataclasses.replace(config, **updates)
+
+
+register_method("corda", CordaConfig, apply_corda, calibrate=calibrate,
+                help="CorDA (Yang et al. 2024): LoRA initialized from a decomposition oriented by --calibration "
+                     "data; saved as a plain LoRA on the original base")

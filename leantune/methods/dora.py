@@ -209,4 +209,3 @@ class DoraMagnitude(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.weight.shape[0]}"
-

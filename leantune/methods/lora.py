@@ -1,5 +1,4 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732); DoRA's
-config and registration (its arithmetic is `dora.py`, which this module imports).
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
 
 `y = base(x) + s * B(A(dropout(x)))` with `A: in -> r` (no bias), `B: r -> out` (bias only with
 `lora_bias`), `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`). Init as PEFT's `init_lora_weights=True`:
@@ -13,11 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..fields import opt
 from ..ops.fusable import fused_linear_params, is_plain_linear
 from ..ops.lora_linear import lora_linear
 from ..precision import native_bf16_cpu
@@ -28,7 +28,7 @@ from .base import (
 )
 from .dora import DoraMagnitude
 from .registry import register_method
-from .targets import is_all_linear, pattern_value, resolve_targets
+from .targets import is_all_linear, parse_targets, pattern_value, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
 # Below this many tokens (decode steps) a routed forward gathers each token's adapter weights; above it,
@@ -49,19 +49,20 @@ INIT_MODES = ("default", "gaussian")
 class LoraConfig:
     """LoRA options (PEFT names in brackets where they differ)."""
 
-    r: int = 8
-    alpha: float = 16  # [lora_alpha]
-    dropout: float = 0.0  # [lora_dropout], on the LoRA branch only
+    r: int = opt(8, "LoRA rank r", flag="--rank")
+    alpha: float = opt(16, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --rslora)", flag="--alpha")  # [lora_alpha]
+    dropout: float = opt(0.0, "dropout on the adapter branch", flag="--dropout")  # [lora_dropout]
     # "all-linear", a list of module-name suffixes, or a regex fully matched against full names
-    targets: str | list[str] = "all-linear"  # [target_modules]
-    exclude: str | list[str] | None = None  # [exclude_modules], same two forms
-    use_rslora: bool = False
-    use_dora: bool = False  # DoRA's magnitude vector (dora.py)
-    bias: str = "none"  # which base biases train too: "none" | "all" | "lora_only"
-    lora_bias: bool = False  # a trainable bias on B
-    init: str = "default"  # [init_lora_weights]: "default" (True) | "gaussian"
-    rank_pattern: dict = field(default_factory=dict)  # regex key -> r
-    alpha_pattern: dict = field(default_factory=dict)  # regex key -> alpha
+    targets: str | list[str] = opt("all-linear", "modules to adapt: all-linear, a comma list of names, or a regex",
+                                   flag="--targets", parse=parse_targets)  # [target_modules]
+    exclude: str | list[str] | None = opt(None, "[exclude_modules], same two forms", cli=False)
+    use_rslora: bool = opt(False, "rank-stabilized LoRA scaling alpha / sqrt(r)", flag="--rslora")
+    use_dora: bool = opt(False, "DoRA's magnitude vector (dora.py)", cli=False)
+    bias: str = opt("none", 'which base biases train too: "none" | "all" | "lora_only"', cli=False)
+    lora_bias: bool = opt(False, "a trainable bias on B", cli=False)
+    init: str = opt("default", '[init_lora_weights]: "default" (True) | "gaussian"', cli=False)
+    rank_pattern: dict = opt({}, "regex key -> r", cli=False)
+    alpha_pattern: dict = opt({}, "regex key -> alpha", cli=False)
 
     def __post_init__(self):
         _check_positive_int("r", self.r)
@@ -95,14 +96,15 @@ class LoraConfig:
 class RsLoraConfig(LoraConfig):
     """LoRA with rank-stabilized scaling `alpha / sqrt(r)` on by default."""
 
-    use_rslora: bool = True
+    use_rslora: bool = opt(True, "rank-stabilized LoRA scaling alpha / sqrt(r)", flag="--rslora")
 
 
 @dataclass
 class DoraConfig(LoraConfig):
-    """LoRA options with DoRA's magnitude vector on (PEFT: `LoraConfig(use_dora=True)`; dora.py)."""
+    """LoRA options with DoRA's magnitude vector on (PEFT: `LoraConfig(use_dora=True)`; its arithmetic is
+    dora.py, which this module imports)."""
 
-    use_dora: bool = True
+    use_dora: bool = opt(True, "DoRA's magnitude vector", cli=False)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -495,6 +497,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     return model
 
 
-register_method("lora", LoraConfig, apply_lora)
-register_method("rslora", RsLoraConfig, apply_lora)
-register_method("dora", DoraConfig, apply_lora)
+register_method("lora", LoraConfig, apply_lora, lora_shaped=True,
+                help="LoRA (Hu et al. 2021): y = W x + (alpha / r) B A x, B zero at init")
+register_method("rslora", RsLoraConfig, apply_lora, lora_shaped=True,
+                help="LoRA with rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)")
+register_method("dora", DoraConfig, apply_lora,
+                help="DoRA (Liu et al. 2024): LoRA's direction with a trained magnitude vector; PEFT format")

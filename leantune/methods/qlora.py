@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..fields import opt
 from .lora import LoraConfig, apply_lora
 
 SIDECAR = "leantune.json"
@@ -20,9 +21,9 @@ SIDECAR = "leantune.json"
 
 @dataclass
 class QLoraConfig(LoraConfig):
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
+    quant_type: str = opt("nf4", "4-bit data type of the base: nf4 or fp4", cli=False)
+    blocksize: int = opt(64, "weights per absmax block", cli=False)
+    double_quant: bool = opt(True, "quantize the absmax values too (double quantization)", cli=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,10 +68,19 @@ def read_sidecar(adapter_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()).get("base_quantization")
 
 
+def load_quantization(config: QLoraConfig):
+    """The base quantization QLoRA loads the model with, so the fp32 model is never resident in full."""
+    from ..quant import Quant4bitConfig
+
+    return Quant4bitConfig(config.quant_type, config.blocksize, config.double_quant)
+
+
 def _register() -> None:
     from .registry import register_method
 
-    register_method("qlora", QLoraConfig, apply_qlora)
+    register_method("qlora", QLoraConfig, apply_qlora, quantize=load_quantization, extra_files=write_sidecar,
+                    lora_shaped=True, help="LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers "
+                                           "et al. 2023), quantized while loading; PEFT format + leantune.json")
 
 
 _register()

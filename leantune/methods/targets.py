@@ -37,6 +37,18 @@ def module_index(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def parse_targets(targets):
+    """--targets as the methods take it: "all-linear", a list of module-name suffixes (a comma list of plain
+    dotted names), or a regex; a list (from Python or YAML) is kept as it is."""
+    if not isinstance(targets, str):
+        return targets
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    # plain (dotted) names are a list of module-name suffixes; anything else is a regex, commas and all
+    if targets.lower() != ALL_LINEAR and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
+        return names
+    return targets
+
+
 def is_all_linear(targets) -> bool:
     return isinstance(targets, str) and targets.lower() == ALL_LINEAR
 

@@ -40,7 +40,6 @@ from ..fields import opt
 
 MiB = 2**20
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = ("lora", "qlora")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -54,11 +53,18 @@ RUNTIME = {"cpu": 300 * MiB, "cuda": 600 * MiB}
 FIRST_STEP = {"cpu": 38 * MiB, "cuda": 32 * MiB}
 
 
+def lora_shaped_methods() -> list[str]:
+    from ..methods.registry import method_specs
+
+    return [s.name for s in method_specs() if s.lora_shaped]
+
+
 @dataclass
 class EstimateConfig:
     model: str | None = opt(None, "HF model folder or .gguf file (only its config is read; default: the embedded "
                                   "SmolLM2-135M-Instruct)")
-    method: str = opt("lora", "lora, or qlora (4-bit NF4 base with double quantization)")
+    method: str = opt("lora", "lora, rslora, or qlora (4-bit NF4 base with double quantization): the methods "
+                              "registered as lora_shaped")
     seq: int = opt(512, "tokens per example (a micro-batch's padded length)")
     batch: int = opt(4, "examples per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step (gradients then live through the forward)")
@@ -75,7 +81,9 @@ class EstimateConfig:
 
     def __post_init__(self):
         checks = [
-            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
+            (self.method in lora_shaped_methods(),
+             f"--method must be one of {lora_shaped_methods()} (methods whose adapters are LoRA's rank-r "
+             f"pairs, which this estimate models), got {self.method!r}"),
             (self.seq >= 2, f"--seq must be >= 2, got {self.seq}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
@@ -271,7 +279,7 @@ def _match(name: str, targets) -> bool:
 
 def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_bytes: int,
               device: str = "cpu") -> _Plan:
-    from .finetune import parse_targets
+    from ..methods.targets import parse_targets
 
     tg = parse_targets(targets)
     per_layer = []
@@ -284,7 +292,9 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                          f"end with {sorted(ATTN + MLP)} (and lm_head)")
     from ..precision import native_bf16_cpu
 
-    quantized = method == "qlora"
+    from ..methods.registry import get_method
+
+    quantized = get_method(method).quantize is not None  # the method loads its base 4-bit
     a = 4 if (quantized or dtype_bytes < 4) else dtype_bytes  # methods/lora.py: fp32 adapters on half/4-bit bases
     return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
                  V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,
