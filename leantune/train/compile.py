@@ -15,11 +15,12 @@ from torch import nn
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """`torch.compile` every block of `model.model.layers` in place (kwargs go to torch.compile)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"compile_blocks needs a model with decoder blocks at model.model.layers; "
-                         f"{type(model).__name__} has none")
-    for layer in layers:
-        layer.compile(**compile_kwargs)
+    """`torch.compile` every decoder block of `model` in place, through its stages (`num_layers`,
+    `layer_module(i)`); kwargs go to torch.compile."""
+    n = getattr(model, "num_layers", 0)
+    if not hasattr(model, "layer_module") or not n:
+        raise ValueError(f"compile_blocks needs a model that shows its decoder blocks (num_layers, "
+                         f"layer_module); {type(model).__name__} does not")
+    for i in range(n):
+        model.layer_module(i).compile(**compile_kwargs)
     return model
