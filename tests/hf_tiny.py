@@ -8,6 +8,7 @@ FAMILIES = {
     "llama-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
     "mistral": dict(model_type="mistral", sliding_window=8),
     "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=32),  # q/k RMSNorm; head_dim != hidden / heads, as in Qwen3
     "smollm2-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
 }
 
@@ -22,10 +23,12 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
                 rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     base.update(spec)
     base.update(overrides)
-    cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[mt]
+    cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}[mt]
     cfg = cfg_cls(**base)
     torch.manual_seed(seed)
-    m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[mt](cfg)
+    m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+         "qwen3": tf.Qwen3ForCausalLM}[mt](cfg)
     with torch.no_grad():  # random non-trivial norms and biases so parity covers them
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):

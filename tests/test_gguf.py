@@ -174,6 +174,27 @@ def test_tiny_qwen2_is_not_unpermuted_and_has_qkv_bias(tmp_path):
         assert torch.equal(sd[k], torch.from_numpy(orig[k]))
 
 
+def test_tiny_qwen3_reads_its_qk_norms_and_runs_as_its_hf_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    norms = {f"blk.{i}.attn_{w}_norm.weight": (rng.standard_normal(16).astype(np.float32), None)
+             for i in range(2) for w in ("q", "k")}
+    orig = tiny_llama(tmp_path / "q3.gguf", arch="qwen3", extra=norms)
+    cfg, sd, _ = read_gguf(tmp_path / "q3.gguf")
+    assert cfg.model_type == "qwen3" and cfg.qk_norm and not cfg.qkv_bias
+    assert torch.equal(sd["model.layers.1.self_attn.k_norm.weight"], torch.from_numpy(norms["blk.1.attn_k_norm.weight"][0]))
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(sd[q], torch.from_numpy(orig[q]))  # qwen3, like qwen2, is stored unpermuted
+    from leantune.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(cfg)
+    model.load_hf_state_dict(sd)  # every tensor has its place, q_norm/k_norm included
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        out = model(ids)
+        model.model.layers[0].self_attn.q_norm.weight.mul_(2.0)
+        assert not torch.allclose(model(ids), out)  # the norms are used
+
+
 def test_gqa_single_kv_head_and_mistral_name(tmp_path):
     orig = tiny_llama(tmp_path / "m.gguf", head_count=2, head_count_kv=1, name="Mistral 7B Instruct v0.3")
     cfg, sd, _ = read_gguf(tmp_path / "m.gguf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
     o_bias: bool = False  # Llama's attention_bias=True puts a bias on o_proj too
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -76,8 +77,8 @@ class ModelConfig:
         }
         att_bias = bool(d.get("attention_bias", False))
         sw = d.get("sliding_window")
-        if mt == "qwen2" and not d.get("use_sliding_window", False):
-            sw = None  # Qwen2 writes a window but only uses it with use_sliding_window
+        if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+            sw = None  # Qwen2/3 write a window but only use it with use_sliding_window
         if mt == "llama":
             sw = None
         return cls(
@@ -97,6 +98,7 @@ class ModelConfig:
             qkv_bias=att_bias or mt == "qwen2",
             o_bias=att_bias and mt != "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
             sliding_window=sw,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -106,7 +108,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads as the matching architecture."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}
         d = {k: v for k, v in self.extra.items() if k not in ("architectures", "quantization_config", "dtype", "torch_dtype")}
         rope_params = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:

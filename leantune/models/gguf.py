@@ -10,7 +10,7 @@ tensor data aligned to `general.alignment`. The header is parsed here with `stru
 block layouts and sizes come from the `gguf` package (`GGML_QUANT_SIZES`), and types without a fast
 torch path here are dequantized with `gguf.quants.dequantize`.
 
-Llama family only (GGUF archs `llama` -- which also covers Mistral -- and `qwen2`). llama.cpp's converter
+Llama family only (GGUF archs `llama` -- which also covers Mistral --, `qwen2` and `qwen3`). llama.cpp's converter
 permutes the rows of q_proj/k_proj for `llama` files (interleaved RoPE pairs instead of Hugging Face's
 half-split ones); `_unpermute_rope` undoes it so leantune's HF-layout model reproduces HF's logits.
 The tokenizer is rebuilt from `tokenizer.ggml.*` the way transformers' GGUF loader builds it, so the ids match.
@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _MAGIC = b"GGUF"
 
 # GGUF metadata value types -> struct format (scalars) and numpy dtype (array items).
@@ -309,6 +309,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
+    "attn_k_norm": "self_attn.k_norm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _DROPPED = {"rope_freqs.weight"}  # llama3 RoPE factors: folded into config.rope_scaling instead
@@ -388,7 +390,8 @@ def _check_types(infos) -> None:
 def _check_complete(sd: dict, cfg: ModelConfig, path: Path) -> None:
     want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     for i in range(cfg.num_layers):
-        want += [f"model.layers.{i}.{p}.weight" for p in _LAYER_NAMES.values()]
+        want += [f"model.layers.{i}.{p}.weight" for p in _LAYER_NAMES.values()
+                 if cfg.qk_norm or not p.endswith(("q_norm", "k_norm"))]
     missing = [k for k in want if k not in sd]
     if missing:
         raise ValueError(
@@ -455,7 +458,7 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        model_type="qwen2" if arch == "qwen2" else ("mistral" if "mistral" in name else "llama"),
+        model_type=arch if arch in ("qwen2", "qwen3") else ("mistral" if "mistral" in name else "llama"),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
         rope_scaling=_rope_scaling(md, arch, header, buf, theta, head_dim),
@@ -464,6 +467,7 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         qkv_bias="blk.0.attn_q.bias" in t,
         o_bias="blk.0.attn_output.bias" in t,
         mlp_bias="blk.0.ffn_up.bias" in t,
+        qk_norm="blk.0.attn_q_norm.weight" in t,
         bos_token_id=_opt_int(md.get("tokenizer.ggml.bos_token_id")),
         eos_token_id=_opt_int(eos),
         pad_token_id=_opt_int(md.get("tokenizer.ggml.padding_token_id")),

@@ -130,12 +130,18 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalized (weights over D) before RoPE
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, meta: ForwardMeta):
         B, T, _ = x.shape
         hd, a = self.cfg.head_dim, meta.adapter_ids
-        q = self.q_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x, a).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x, a).view(B, T, -1, hd)  # (B, T, H, D)
+        k = self.k_proj(x, a).view(B, T, -1, hd)  # (B, T, Hkv, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x, a).view(B, T, -1, hd).transpose(1, 2)
         rope = kfused.apply_rope if use_triton(self.kernel_backend, q) else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
