@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from ..precision import Precision
 from .config import ModelConfig
+from .hub_cache import local_model_path
 from .llama import LlamaForCausalLM
 from .safetensors_reader import FolderTensors, read_hf_weights
 from .tokenizer import Tokenizer
@@ -54,9 +55,17 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
 
     `quantize="nf4"|"fp4"` (or a `leantune.quant.Quant4bitConfig`) quantizes the decoder's linear
     layers to 4 bits while loading; a bitsandbytes 4-bit folder (transformers `load_in_4bit`) loads
-    as 4-bit whatever `quantize` says.
+    as 4-bit whatever `quantize` says. `path` may also be a model id ("ORG/NAME" or "ORG/NAME@REVISION")
+    found in the local Hugging Face cache (`hub_cache`; nothing is downloaded).
     """
-    p = Path(path) if path is not None else default_model_path()
+    p = local_model_path(path) if path is not None else default_model_path()
+    model, tok = _load_path(p, dtype, device, quantize)
+    if path is not None and p != Path(path):  # a model id from the cache: an adapter records the id, as PEFT does
+        model.name_or_path = str(path).partition("@")[0]
+    return model, tok
+
+
+def _load_path(p: Path, dtype: torch.dtype, device: str, quantize):
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist; pass a Hugging Face folder or a .gguf file")
     from .load4bit import is_bnb_folder, load_4bit
@@ -91,7 +100,7 @@ def load_model(path: str | os.PathLike | None, precision: Precision, quantize=No
     the precision's dtype, the float rest (embeddings, norms, head) cast to it."""
     from .load4bit import is_bnb_folder
 
-    p = Path(path) if path is not None else None
+    p = local_model_path(path) if path is not None else None
     if quantize is None and not (p is not None and p.is_dir() and is_bnb_folder(p)):
         return load(path, dtype=precision.dtype, device=precision.device)
     from ..quant import Quant4bitConfig

@@ -34,7 +34,6 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..fields import opt
 
@@ -369,7 +368,9 @@ def read_model_config(path: str | None):
     from ..models.config import ModelConfig
     from ..models.loader import default_model_path
 
-    p = Path(path) if path is not None else default_model_path()
+    from ..models.hub_cache import local_model_path
+
+    p = local_model_path(path) if path is not None else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"--model {p} does not exist; pass a Hugging Face folder or a .gguf file")
     if p.is_file():

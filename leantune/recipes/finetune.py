@@ -38,7 +38,8 @@ class FinetuneConfig(TrainConfig):
     class (`FinetuneConfig(method="adalora", options=AdaLoraConfig(init_r=6, target_r=2))`; None: its
     defaults); on the command line and in YAML they are flags of their own (`--init-r`, `init_r:`)."""
 
-    model: str | None = opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
+                                           "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     data: str = opt(facts_mod.BUILTIN, "training JSONL: chat `messages`, alpaca, prompt/completion or text")
     eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")

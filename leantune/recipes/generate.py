@@ -10,7 +10,8 @@ from ..precision import Precision, parse_dtype, resolve_precision
 
 @dataclass
 class GenerateConfig:
-    model: str | None = opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
+                                           "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     adapter: str | None = opt(None, "PEFT-format adapter folder to apply")
     prompt: list[str] = opt([], "prompt text; repeat the flag for a batch", metavar="TEXT")
     system: str | None = opt(None, "system message for chat-template models")

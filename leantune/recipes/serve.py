@@ -14,7 +14,8 @@ from ..serve.ft_defaults import FineTuneDefaults, invalid
 
 @dataclass
 class ServeConfig:
-    model: str | None = opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
+                                           "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     adapter: list[str] = opt([], "serve a PEFT adapter folder as NAME=DIR; repeat for several", metavar="NAME=DIR")
     host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
@@ -85,7 +86,11 @@ def base_name(model_path: str | None, override: str | None) -> str:
         return override
     if model_path is None:
         return "SmolLM2-135M-Instruct"
+    from ..models.hub_cache import looks_like_model_id
+
     p = Path(model_path)
+    if not p.exists() and looks_like_model_id(model_path):
+        return model_path.partition("@")[0]  # a model id from the Hugging Face cache
     return p.stem if p.suffix == ".gguf" else p.resolve().name
 
 
