@@ -90,6 +90,17 @@ def test_activation_rules_equal_what_autograd_saves(one_thread, dtype, targets, 
         assert activation_bytes(plan, batch, seq)["total"] == saved_bytes(model, batch, seq), (batch, seq)
 
 
+@pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float32, "v_proj,o_proj"),
+                                           (torch.float32, "q_proj"), (torch.bfloat16, "all-linear")])
+def test_activation_rules_for_qwen3_qk_norms(one_thread, dtype, targets):
+    cfg = tiny_cfg(model_type="qwen3", qk_norm=True, head_dim=32)
+    model = tiny_model(cfg, dtype, targets)
+    plan = make_plan(cfg, "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    assert activation_bytes(plan, 2, 16)["total"] == saved_bytes(model, 2, 16)
+    plain = make_plan(tiny_cfg(head_dim=32), "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    assert activation_bytes(plan, 2, 16)["total"] > activation_bytes(plain, 2, 16)["total"]
+
+
 def test_activation_rules_for_a_4bit_base(one_thread):
     pytest.importorskip("leantune.quant")
     from leantune import quant

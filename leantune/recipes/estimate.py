@@ -16,6 +16,7 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
   dtype, `LoraLinear.adapter_math`) and no dropout; otherwise each adapted layer
   keeps its own cast/dropped copy (a), and dropout its mask when the input needs grad (CPU: a float noise
   tensor, s bytes; CUDA's fused dropout: 1 byte);
+- Qwen3's q/k norms keep, per head of q (k) that needs grad, their fp32 input and 1/rms;
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
   logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once;
 - the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (a plain float or 4-bit
@@ -156,6 +157,7 @@ class _Plan:
     head_adapted: bool
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
     adapter_math_in_activation: bool = False  # CUDA, native-bf16 CPU: fp32 adapters in the input's dtype (lora.py)
+    qk_norm: bool = False  # Qwen3: q and k RMS-normalized per head before RoPE
 
     @property
     def shared_input(self) -> bool:
@@ -192,6 +194,9 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]
     attn = grad_in or bool(qkv)  # SDPA saves q, k, v, out, lse when any of them needs grad
     if attn:
         saved += (2 * H * D + 2 * K * D) * s + H * 4
+    if p.qk_norm:  # an RMSNorm per head of q (k): its fp32 input and 1/rms, when q (k) needs grad
+        heads = H * (grad_in or "q_proj" in t) + K * (grad_in or "k_proj" in t)
+        saved += heads * (max(s, 4) * D + 4)
     saved += _lora_inputs(p, int("o_proj" in t), H * D, kept=attn, grad=attn)
     grad_mid = attn or "o_proj" in t
     saved += _norm(p) if grad_mid else 0
@@ -236,7 +241,7 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
     dims = p.linear_dims()
     bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
             "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
-    per_layer = 2 * p.C * p.s  # the two norms
+    per_layer = 2 * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # the two norms (+ Qwen3's q/k norms)
     for name, (i, o) in dims.items():
         per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
     emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
@@ -300,7 +305,8 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  quantized=quantized, targets=per_layer, head_adapted=head,
                  mask_bytes=1 if device == "cuda" else dtype_bytes,
                  adapter_math_in_activation=device == "cuda" or (device == "cpu" and dtype_bytes == 2
-                                                                 and native_bf16_cpu()))
+                                                                 and native_bf16_cpu()),
+                 qk_norm=cfg.qk_norm)
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
