@@ -149,3 +149,13 @@ def test_generate_and_serve_take_dtype(folder, tmp_path, capsys):
     assert engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype"):
         ServeConfig(dtype="float16")
+
+
+def test_load_model_takes_a_4bit_folder_as_it_is_stored(folder, tmp_path, one_thread):
+    """A prequantized FP4 folder loads at any precision with its own quant type; its layers decode to bf16."""
+    q, tok = leantune.load(folder, quantize="fp4")
+    saved = leantune.save_hf_folder(q, tok, tmp_path / "fp4")
+    model, _ = load_model(saved, resolve_precision("bf16", "cpu"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.quant_type == "fp4" and layer.compute_dtype == torch.bfloat16
+    assert torch.equal(layer.weight, q.model.layers[0].self_attn.q_proj.weight)

@@ -6,7 +6,6 @@ never unpickled.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -103,13 +102,12 @@ def load_model(path: str | os.PathLike | None, precision: Precision, quantize=No
     p = local_model_path(path) if path is not None else None
     if quantize is None and not (p is not None and p.is_dir() and is_bnb_folder(p)):
         return load(path, dtype=precision.dtype, device=precision.device)
-    from ..quant import Quant4bitConfig
+    from ..quant import Linear4bit
 
-    q = Quant4bitConfig.coerce(quantize) or Quant4bitConfig()
-    q = dataclasses.replace(q, compute_dtype=precision.quant_compute_dtype)
-    model, tok = load(path, dtype=torch.float32, device=precision.device, quantize=q)
-    for m in model.modules():  # a prequantized folder's layers are built with its own settings
-        if hasattr(m, "compute_dtype"):
+    # `quantize` as given: a 4-bit folder keeps the quant type it was stored with
+    model, tok = load(path, dtype=torch.float32, device=precision.device, quantize=quantize)
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
             m.compute_dtype = precision.quant_compute_dtype
     return model.to(precision.dtype), tok
 
