@@ -35,15 +35,20 @@ class CpuInfo:
     threads: int  # torch's intra-op threads
 
     @property
+    def bf16_flags(self) -> list[str]:
+        """The flags that make bf16 native here (empty: it is emulated)."""
+        return [f for f in NATIVE_BF16_FLAGS if f in self.flags]
+
+    @property
     def native_bf16(self) -> bool:
-        return any(f in self.flags for f in NATIVE_BF16_FLAGS)
+        return bool(self.bf16_flags)
 
     def as_dict(self) -> dict:
         return {"cpu": self.name, "capability": self.capability, "native_bf16": self.native_bf16,
-                "bf16_flags": sorted(f for f in NATIVE_BF16_FLAGS if f in self.flags), "threads": self.threads}
+                "bf16_flags": sorted(self.bf16_flags), "threads": self.threads}
 
     def describe(self) -> str:
-        bf16 = ("native bf16 (" + ", ".join(f for f in NATIVE_BF16_FLAGS if f in self.flags) + ")"
+        bf16 = (f"native bf16 ({', '.join(self.bf16_flags)})"
                 if self.native_bf16 else "no native bf16 (bf16 matmuls emulated, far slower than fp32)")
         return f"{self.name}, {self.capability}, {bf16}, {self.threads} threads"
 
@@ -155,7 +160,7 @@ def _resolve(dtype: str, device: str, cpu: CpuInfo | None) -> Precision:
                 if slow else ""))
         if cpu.native_bf16:
             return Precision(torch.bfloat16, device, f"auto: {cpu.name} computes bf16 natively "
-                             f"({', '.join(f for f in NATIVE_BF16_FLAGS if f in cpu.flags)})")
+                             f"({', '.join(cpu.bf16_flags)})")
         return Precision(torch.float32, device, f"auto: {cpu.name} has no AVX512_BF16/AMX, so bf16 would be "
                          "emulated and far slower than fp32")
     if forced is not None:

@@ -82,7 +82,7 @@ def count_loss_tokens(batch) -> int:
     return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
 
 
-def check_fp32_trainable(model, params: list[torch.nn.Parameter]) -> None:
+def check_fp32_trainable(model) -> None:
     """Trainable weights must be fp32 (an AdamW update below 2^-8 of a bf16 weight rounds away); a bf16
     base trains adapters, which methods create in fp32."""
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
@@ -105,7 +105,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
-        check_fp32_trainable(model, self.params)
+        check_fp32_trainable(model)
         self.opt = build_optimizer(cfg.optimizer, optimizer_params(model, self.params, cfg), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
         n_batches = len(self._batches(0))
