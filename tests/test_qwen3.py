@@ -1,10 +1,8 @@
 """Qwen3 (q/k RMSNorm per head, head_dim apart from hidden/heads): an HF folder loads, trains LoRA through
 the CLI, and the adapter gives PEFT's logits on transformers' Qwen3 (recipe tier, tiny random model)."""
-import json
-
 import pytest
 import torch
-from test_recipes import assert_peft_parity
+from test_recipes import assert_peft_parity, chat_row, step_records, write_jsonl
 from tiny_folder import make_tiny_model_folder
 
 from leantune import cli, methods
@@ -31,14 +29,11 @@ def test_qwen3_folder_loads_with_its_qk_norms(qwen3):
 
 
 def test_qwen3_lora_trains_and_loads_in_peft(qwen3, tmp_path, one_thread):
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}?"},
-                          {"role": "assistant", "content": f"It is {i}."}]} for i in range(8)]
-    data = tmp_path / "t.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "t.jsonl", [chat_row(f"What is {i}?", f"It is {i}.") for i in range(8)])
     out = tmp_path / "run"
     assert cli.run(["finetune", "--model", str(qwen3), "--data", str(data), "--output", str(out), "--no-progress",
                     "--eval-fraction", "0", "--max-steps", "4", "--lr", "1e-2", "--dtype", "fp32"]) == 0
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [r["loss"] for r in step_records(out)]
     assert losses[-1] < losses[0]
     _, tok = load(qwen3)
     assert_peft_parity(qwen3, out, tok)  # the adapter changes the logits, and PEFT's equal leantune's
