@@ -12,7 +12,8 @@ attention_mask + labels). Four runs:
 
 It prints each step's losses, and per side the largest and the mean |bf16 - fp32| loss gap; leantune's
 bf16 is as right as the peer's when its gap is no larger than the peer's. On a CPU without native bf16
-(AVX2) the bf16 runs are ~50x slower than fp32: keep --steps small there.
+(AVX2) bf16 GEMMs are ~75x slower than fp32 (bench/gemm.py) and leantune's bf16 run took 3x its fp32 run's
+time at --steps 8 --batch 2: keep --steps small there.
 
     .venv/bin/python bench/bf16_check.py [--steps 12] [--batch 2] [--max-length 96] [--lr 5e-4]
 

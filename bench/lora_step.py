@@ -12,7 +12,8 @@ Precision: leantune runs at `--dtype` (auto: bf16 on a CPU with AVX512_BF16/AMX,
 leantune.precision). The peer is measured in its two modes, so a ratio is always against the best it does
 on this machine: `peer` in fp32, and `peer-autocast`, fp32 weights under
 `torch.autocast("cpu", torch.bfloat16)` (bnb compute dtype bf16 for QLoRA). The autocast anchor runs by
-default only where bf16 is native (`--anchors` chooses): elsewhere it is ~50x slower and never the best.
+default only where bf16 is native (`--anchors` chooses): elsewhere its bf16 GEMMs are ~75x slower
+(bench/gemm.py) and it is never the best.
 
 Each side runs in its own subprocess (clean peak-RSS accounting, load included); the driver prints the
 CPU, a table, the ratios and one JSON line.

@@ -18,3 +18,13 @@ def test_decode_bench_runs_both_precisions_and_names_the_cpu():
     for dt in ("float32", "bfloat16"):
         assert res[dt]["gen_tokens"] > 0
     assert res["bf16_over_fp32"] > 0
+
+
+def test_gemm_bench_measures_both_dtypes_and_names_the_cpu():
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gemm.py"), "--m", "16", "--k", "32", "--n", "48",
+                        "--reps", "2"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("cpu: ")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "gemm" and res["shape"] == [16, 32, 48] and "native_bf16" in res["cpu"]
+    assert res["gflops"]["float32"] > 0 and res["gflops"]["bfloat16"] > 0 and res["bf16_over_fp32"] > 0
