@@ -63,3 +63,23 @@ def test_cli_takes_a_model_id(cache, tmp_path):
     assert cli.run(["finetune", "--model", "tiny-org/tiny-model", "--data", str(data), "--output", str(out),
                     "--max-steps", "1", "--eval-fraction", "0", "--no-progress"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-model"
+
+
+def test_revision_option_folds_into_the_model_id(cache, tmp_path):
+    from leantune.recipes.finetune import FinetuneConfig
+    from leantune.recipes.generate import GenerateConfig
+
+    assert GenerateConfig(model="tiny-org/tiny-model", revision="v1").model == "tiny-org/tiny-model@v1"
+    with pytest.raises(ValueError, match=r"--revision 'v1' applies to a model id .*not to --model './here'"):
+        GenerateConfig(model="./here", revision="v1")
+    with pytest.raises(ValueError, match=r"already names a revision"):
+        FinetuneConfig(model="tiny-org/tiny-model@main", revision="v1")
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "The capital of Veloria is Amberhold."}) + "\n")
+    out = tmp_path / "run"
+    assert cli.run(["finetune", "--model", "tiny-org/tiny-model", "--revision", "v1", "--data", str(data),
+                    "--output", str(out), "--max-steps", "1", "--eval-fraction", "0", "--no-progress"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert (saved["base_model_name_or_path"], saved["revision"]) == ("tiny-org/tiny-model", "v1")
+    with pytest.raises(FileNotFoundError, match=r"revision 'v2' is not in the cache"):
+        cli.run(["generate", "--model", "tiny-org/tiny-model", "--revision", "v2", "--prompt", "hi"])

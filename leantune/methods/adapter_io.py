@@ -187,6 +187,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str = "default",
         alpha_pattern=dict(cfg.alpha_pattern),
         init_lora_weights=True if cfg.init == "default" else cfg.init,
         base_model_name_or_path=base_model_name_or_path or _model_name(model),
+        revision=getattr(model, "revision", None),
     )
     if initial_lora(model, adapter_name) is not None:
         out.update(_doubled_ranks(cfg))

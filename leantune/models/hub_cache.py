@@ -5,7 +5,8 @@ The cache layout (huggingface_hub): `<cache>/models--ORG--NAME/refs/<revision>` 
 `$HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. Nothing is downloaded:
 a model that is not in the cache is one error naming the cache and the folder looked for.
 
-`--model ORG/NAME` takes revision `main`; `--model ORG/NAME@REVISION` a branch, tag or commit hash.
+`--model ORG/NAME` takes revision `main`; `--model ORG/NAME@REVISION` or `--model ORG/NAME --revision REVISION`
+a branch, tag or commit hash.
 """
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ def hub_cache_dir() -> Path:
 def looks_like_model_id(spec: str) -> bool:
     """"ORG/NAME" or "ORG/NAME@REV" that is not a local path (no leading ./, / or ~)."""
     return bool(_ID.fullmatch(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def with_revision(model: str | None, revision: str | None) -> str | None:
+    """`--model` with `--revision` folded in ("ORG/NAME" + "v1" -> "ORG/NAME@v1"), as the recipes take it.
+
+    A revision only means something for a model id: with a local path, a .gguf file, the embedded default or
+    an id that already names one (`@REV`) it is an error naming both options, not silently dropped."""
+    if revision is None:
+        return model
+    if model is None or not looks_like_model_id(model) or Path(model).exists():
+        raise ValueError(f"--revision {revision!r} applies to a model id in the Hugging Face cache (ORG/NAME), "
+                         f"not to --model {model or '(the embedded default)'!r}")
+    if "@" in model:
+        raise ValueError(f"--model {model!r} already names a revision; drop --revision {revision!r} or the @ part")
+    return f"{model}@{revision}"
 
 
 def local_model_path(spec: str | os.PathLike) -> Path:

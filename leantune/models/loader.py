@@ -60,7 +60,8 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
     p = local_model_path(path) if path is not None else default_model_path()
     model, tok = _load_path(p, dtype, device, quantize)
     if path is not None and p != Path(path):  # a model id from the cache: an adapter records the id, as PEFT does
-        model.name_or_path = str(path).partition("@")[0]
+        model.name_or_path, _, rev = str(path).partition("@")
+        model.revision = rev or None  # recorded as adapter_config.json's "revision", as PEFT records it
     return model, tok
 
 

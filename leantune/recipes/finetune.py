@@ -40,6 +40,7 @@ class FinetuneConfig(TrainConfig):
 
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
+    revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
     data: str = opt(facts_mod.BUILTIN, "training JSONL: chat `messages`, alpaca, prompt/completion or text")
     eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")
@@ -66,6 +67,9 @@ class FinetuneConfig(TrainConfig):
         elif not isinstance(self.options, cls):
             raise TypeError(f"FinetuneConfig(method={self.method!r}) takes options={cls.__name__}(...), "
                             f"got {type(self.options).__name__}")
+        from ..models.hub_cache import with_revision
+
+        self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         parse_dtype(self.dtype)

@@ -12,6 +12,7 @@ from ..precision import Precision, parse_dtype, resolve_precision
 class GenerateConfig:
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
+    revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
     adapter: str | None = opt(None, "PEFT-format adapter folder to apply")
     prompt: list[str] = opt([], "prompt text; repeat the flag for a batch", metavar="TEXT")
     system: str | None = opt(None, "system message for chat-template models")
@@ -27,6 +28,9 @@ class GenerateConfig:
 
     def __post_init__(self):
         parse_dtype(self.dtype)
+        from ..models.hub_cache import with_revision
+
+        self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
 
     def generation(self):
         from ..models.generate import GenerationConfig

@@ -16,6 +16,7 @@ from ..serve.ft_defaults import FineTuneDefaults, invalid
 class ServeConfig:
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
+    revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
     adapter: list[str] = opt([], "serve a PEFT adapter folder as NAME=DIR; repeat for several", metavar="NAME=DIR")
     host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
@@ -52,6 +53,9 @@ class ServeConfig:
         if self.max_upload_mb < 1:
             raise ValueError(f"--max-upload-mb must be >= 1, got {self.max_upload_mb}")
         parse_dtype(self.dtype)
+        from ..models.hub_cache import with_revision
+
+        self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
         if not self.ft_time_share > 0:  # also refuses nan
             raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.1, or inf for no bound), got {self.ft_time_share}")
         bad = invalid(self._finetune(), lambda f: "--ft-" + f.replace("_", "-"))
