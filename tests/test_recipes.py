@@ -399,18 +399,24 @@ def _assert_complete_checkpoints(out: Path):
                 "adapter_config.json", "adapter_model.safetensors"} <= files, p
 
 
-def test_resume_after_interrupt_is_exact(folder, chat_data, tmp_path, monkeypatch, capsys, uninterrupted):
-    out = tmp_path / "out"
+def run_interrupted(argv, done: int, monkeypatch) -> int:
+    """`leantune main(argv)` interrupted (Ctrl-C) once `done` steps are done; its exit code."""
     real = Trainer.train_step
 
-    def interrupt_at_7(self, window):
-        if self.step == 6:  # steps 1..6 done, checkpoint step-5 on disk
+    def interrupt(self, window):
+        if self.step == done:
             raise KeyboardInterrupt
         return real(self, window)
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "train_step", interrupt_at_7)
-        assert _main(_argv(folder, chat_data, out, "--save-every", "5")) == 130
+        m.setattr(Trainer, "train_step", interrupt)
+        return _main(argv)
+
+
+def test_resume_after_interrupt_is_exact(folder, chat_data, tmp_path, monkeypatch, capsys, uninterrupted):
+    out = tmp_path / "out"
+    # steps 1..6 done, checkpoint step-5 on disk
+    assert run_interrupted(_argv(folder, chat_data, out, "--save-every", "5"), 6, monkeypatch) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     assert [r["step"] for r in step_records(out)] == [1, 2, 3, 4, 5, 6]

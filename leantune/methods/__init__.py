@@ -29,6 +29,7 @@ from .combine import add_weighted_adapter, load_adapter_states, merge_task_adapt
 from .dora import DoraMagnitude
 from .lora import DoraConfig
 from .allora import AlloraConfig, allora_coefficient, apply_allora
+from .full import FullConfig, apply_full
 
 __all__ = [
     "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
@@ -47,3 +48,4 @@ __all__ += ["AdaLoraConfig", "AdaLoraLinear", "RankAllocator", "apply_adalora", 
 __all__ += ["AlloraConfig", "DoraConfig", "DoraMagnitude", "allora_coefficient", "apply_allora"]
 __all__ += ["CordaConfig", "apply_corda", "collect_covariance", "run_on"]
 __all__ += ["CalibrationContext", "MethodOption", "method_options", "save"]
+__all__ += ["FullConfig", "apply_full"]

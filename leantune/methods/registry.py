@@ -14,7 +14,8 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
 - `peft_state_dict(model, adapter_name)` and `peft_config(model, adapter_name, base_model_name_or_path)`: a
   PEFT format of its own (AdaLoRA's ADALORA), the tensors and `adapter_config.json` that `save_adapter`
   writes instead of LoRA's;
-- `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models.
+- `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
+- `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights.
 
 Nothing here knows about a particular method: each method's file registers itself when `leantune.methods`
 is imported, and other packages add methods through the `leantune.methods` entry-point group, loaded once on
@@ -52,6 +53,7 @@ class MethodSpec:
     peft_state_dict: Callable[[nn.Module, str], dict] | None = None
     peft_config: Callable[[nn.Module, str, str | None], dict] | None = None
     lora_shaped: bool = False
+    trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it
 
 
@@ -88,7 +90,7 @@ _plugins: dict[str, Any] = {"loaded": False, "error": None}
 
 
 def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: str = "",  # noqa: A002
-                    lora_shaped: bool = False, **hooks) -> MethodSpec:
+                    lora_shaped: bool = False, trains_base: bool = False, **hooks) -> MethodSpec:
     """Register (or replace) a method under `name`; `config_cls` must be a dataclass; hooks: see the module
     docstring. Returns the spec."""
     if not isinstance(name, str) or not name:
@@ -103,7 +105,8 @@ def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: st
     bad = [k for k in HOOKS if hooks.get(k) is not None and not callable(hooks[k])]
     if bad:
         raise TypeError(f"register_method({name!r}): hook(s) {bad} must be callable")
-    spec = MethodSpec(name.lower(), config_cls, apply_fn, help=help, lora_shaped=lora_shaped, **hooks)
+    spec = MethodSpec(name.lower(), config_cls, apply_fn, help=help, lora_shaped=lora_shaped,
+                      trains_base=trains_base, **hooks)
     method_options(spec)  # an option the command line cannot take is a registration error, not a late one
     _METHODS[spec.name] = spec
     return spec

@@ -126,6 +126,27 @@ def _inv_freq(cfg):
     return rope_inv_freq(cfg)
 
 
+def write_hf_model_files(model: LlamaForCausalLM, folder: str | os.PathLike,
+                         dtype: torch.dtype | None = None) -> None:
+    """config.json, model.safetensors and generation_config.json of `model` into an existing `folder` (no
+    tokenizer, not atomic: `save_hf_folder` wraps it, and a method's save hook writes into a temp folder)."""
+    from ..quant import hf_quantization_config, is_quant_state_key
+
+    folder = Path(folder)
+    sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
+          for k, v in model.base_state_dict().items()}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_hf()
+    cfg["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    qc = hf_quantization_config(model)  # a 4-bit model saves as transformers' load_in_4bit folder
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+           "pad_token_id": model.config.pad_token_id}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
+
 def save_hf_folder(model: LlamaForCausalLM, tokenizer: Tokenizer, out: str | os.PathLike,
                    dtype: torch.dtype | None = None) -> Path:
     """Write a plain HF folder (config.json, model.safetensors, tokenizer) atomically."""
@@ -133,20 +154,7 @@ def save_hf_folder(model: LlamaForCausalLM, tokenizer: Tokenizer, out: str | os.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        from ..quant import hf_quantization_config, is_quant_state_key
-
-        sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
-              for k, v in model.base_state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config.to_hf()
-        cfg["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-        qc = hf_quantization_config(model)  # a 4-bit model saves as transformers' load_in_4bit folder
-        if qc is not None:
-            cfg["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-               "pad_token_id": model.config.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        write_hf_model_files(model, tmp, dtype)
         tokenizer.save(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -1,23 +1,29 @@
 """Optimizers and schedules: `build_optimizer(name, ...)` is the one place a recipe's `--optimizer` becomes
-an optimizer (torch AdamW, or PagedAdamW with large states kept off the device / working set); every
-optimizer leantune builds comes from this file (`plain_sgd` for probes that need raw gradient steps)."""
+an optimizer (torch AdamW, PagedAdamW with large states kept off the device / working set, or GaLoreAdamW
+with low-rank projected moments); every optimizer leantune builds comes from this file (`plain_sgd` for
+probes that need raw gradient steps)."""
 from __future__ import annotations
 
 from . import paged_adamw
+from .galore import GaLoreAdamW, galore_param_groups
 from .paged_adamw import PagedAdamW, PagedStateStore
 
-OPTIMIZERS = ("adamw", "paged_adamw")
+OPTIMIZERS = ("adamw", "paged_adamw", "galore_adamw")
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW (torch's math in both cases) over `params`."""
+def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                    eps: float | None = None):
+    """The optimizer `name` over `params` (a list, or parameter groups); eps None: the optimizer's own default
+    (torch's 1e-8 for the AdamWs, galore-torch's 1e-6 for GaLore)."""
     import torch
 
     if name == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps or 1e-8)
     elif name == "paged_adamw":
-        opt = PagedAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+        opt = PagedAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps or 1e-8,
                          page_threshold=paged_adamw.PAGE_THRESHOLD)
+    elif name == "galore_adamw":  # groups with `rank` are projected (galore_param_groups builds them)
+        opt = GaLoreAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps)
     else:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if any("lr_scale" in g for g in opt.param_groups):
@@ -50,4 +56,4 @@ def apply_lr_scale(opt) -> None:
     opt.register_step_post_hook(unscale)
 
 
-__all__ = ["OPTIMIZERS", "PagedAdamW", "PagedStateStore", "apply_lr_scale", "build_optimizer", "plain_sgd"]
+__all__ = ["OPTIMIZERS", "GaLoreAdamW", "galore_param_groups", "PagedAdamW", "PagedStateStore", "apply_lr_scale", "build_optimizer", "plain_sgd"]

@@ -70,6 +70,10 @@ class FinetuneConfig(TrainConfig):
         from ..models.hub_cache import with_revision
 
         self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
+        if self.optimizer == "galore_adamw" and not self.spec.trains_base:
+            raise ValueError(f"--optimizer galore_adamw projects the gradients of whole weight matrices; use it "
+                             f"with --method full (a method that trains the model's own weights), not "
+                             f"--method {self.method}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         parse_dtype(self.dtype)
@@ -145,9 +149,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    precision = resolve_precision(cfg.dtype, "cpu", full_weights="--reinit-top" if cfg.reinit_top else None)
-    _log(precision.describe())
     spec = cfg.spec
+    full = "--reinit-top" if cfg.reinit_top else (f"--method {cfg.method}" if spec.trains_base else None)
+    precision = resolve_precision(cfg.dtype, "cpu", full_weights=full)
+    _log(precision.describe())
     # a method may quantize the base while loading (QLoRA), so the fp32 model is never resident in full
     model, tok = load_model(cfg.model, precision, quantize=spec.quantize(cfg.options) if spec.quantize else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
@@ -172,6 +177,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     def save_artifacts(d: Path) -> None:
         # the method's format (PEFT's by default) and its extra files (QLoRA: the 4-bit base's settings)
         methods.save(model, d, base_model_name_or_path=model.name_or_path)
+        tok.save(d)  # beside every output, as TRL does: a full run's folder is then a complete model folder
         if cfg.reinit_top:  # re-initialized blocks trained in full: the adapter alone does not hold them
             save_reinit_blocks(model, d, cfg.reinit_top)
 

@@ -19,6 +19,7 @@ import torch
 
 from ..fields import opt
 from ..optim import OPTIMIZERS, build_optimizer
+from ..optim.galore import PROJ_TYPES
 from ..optim.schedules import SCHEDULES
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
@@ -42,8 +43,13 @@ class TrainConfig:
     schedule: str = opt("cosine", "lr decay after warmup: cosine, linear or constant")
     min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    optimizer: str = opt("adamw", "adamw or paged_adamw (optimizer states of large tensors kept off the "
-                         "device/working set)")
+    optimizer: str = opt("adamw", "adamw, paged_adamw (optimizer states of large tensors kept off the "
+                         "device/working set) or galore_adamw (GaLore: moments of attention/MLP weight matrices "
+                         "in a rank --galore-rank projection of their gradients; with --method full)")
+    galore_rank: int = opt(128, "GaLore: rank of the gradient projection")
+    galore_update_proj_gap: int = opt(200, "GaLore: recompute each projection (SVD of the gradient) every N steps")
+    galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update (alpha)")
+    galore_proj_type: str = opt("std", "GaLore: std (project the smaller side), reverse_std, right, left or full")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = opt(0, "seed for init, shuffling and dropout")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward to save memory")
@@ -72,6 +78,13 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
+            (self.galore_rank >= 1, f"--galore-rank must be >= 1, got {self.galore_rank}"),
+            (self.galore_update_proj_gap >= 1,
+             f"--galore-update-proj-gap must be >= 1, got {self.galore_update_proj_gap}"),
+            (self.galore_proj_type in PROJ_TYPES,
+             f"--galore-proj-type must be one of {PROJ_TYPES}, got {self.galore_proj_type!r}"),
+            (not (self.llrd and self.optimizer == "galore_adamw"),
+             "--llrd and --optimizer galore_adamw cannot be combined (both set the parameter groups)"),
         ]
         for ok, msg in checks + option_checks(self):
             if not ok:

@@ -90,7 +90,13 @@ def param_groups_llrd(model: nn.Module, lr: float, decay: float, weight_decay: f
 
 
 def optimizer_params(model: nn.Module, params: list[nn.Parameter], cfg) -> list:
-    """What the Trainer hands its optimizer: the plain list, or LLRD groups with --llrd."""
+    """What the Trainer hands its optimizer: the plain list, LLRD groups with --llrd, or GaLore's projected and
+    plain groups with --optimizer galore_adamw."""
+    if cfg.optimizer == "galore_adamw":
+        from ..optim import galore_param_groups
+
+        return galore_param_groups(model, params, cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale,
+                                   cfg.galore_proj_type)
     if not cfg.llrd:
         return params
     return param_groups_llrd(model, cfg.lr, cfg.llrd, cfg.weight_decay)
