@@ -110,3 +110,29 @@ def test_multimodal_gemma3_and_bidirectional_are_refused():
              num_attention_heads=1, use_bidirectional_attention=True)
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         ModelConfig.from_hf(d)
+
+
+def test_engine_serves_gemma_as_transformers_generates_past_the_window(gemma, tmp_path, one_thread):
+    """The paged engine (chunked prefill, batched decode, per-layer windows, soft-capped scores) gives
+    transformers' greedy tokens, for prompts longer than the window of 8."""
+    from leantune.serve.engine import Engine, EngineConfig
+    from leantune.serve.requests import GenRequest
+    from leantune.serve.store import Store
+
+    model, tok = load(gemma)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (13, 5, 21)]
+    engine = Engine(model, tok, "model", Store(tmp_path / "data"),
+                    EngineConfig(num_blocks=32, block_size=4, max_tokens_per_step=16))
+    out = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(GenRequest(p, "model", max_tokens=8, temperature=0, ignore_eos=True),
+                           out.setdefault(i, []).append)
+    for _ in range(1000):
+        if not engine.iteration():
+            break
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert "".join(ev["text"] for ev in out[i]) == tok.decode(ref)
