@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from hf_tiny import tiny_hf_model
 from test_recipes import assert_peft_parity, chat_row, step_records, write_jsonl
 from tiny_folder import make_tiny_model_folder
 
@@ -136,3 +137,53 @@ def test_engine_serves_gemma_as_transformers_generates_past_the_window(gemma, tm
         ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(p):].tolist()
         assert "".join(ev["text"] for ev in out[i]) == tok.decode(ref)
+
+
+def write_gemma_gguf(hf, path, arch):
+    """`hf` as llama.cpp's convert_hf_to_gguf writes a Gemma 2/3: gguf's own HF -> GGUF tensor names, +1 on
+    every norm weight, no lm_head (tied), the metadata keys its Gemma2Model / Gemma3Model write; fp32 tensors."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import add_byte_level_tokenizer, write_gguf
+
+    c = hf.config
+    hp = dict(context_length=c.max_position_embeddings, embedding_length=c.hidden_size,
+              block_count=c.num_hidden_layers, feed_forward_length=c.intermediate_size,
+              head_count=c.num_attention_heads, head_count_kv=c.num_key_value_heads,
+              layer_norm_rms_eps=c.rms_norm_eps, key_length=c.head_dim, value_length=c.head_dim,
+              sliding_window=c.sliding_window)
+    if arch == "gemma2":
+        hp.update(attn_logit_softcapping=c.attn_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping)
+    else:
+        full = c.rope_parameters["full_attention"]
+        hp.update(rope_freq_base=full["rope_theta"])
+        if full.get("rope_type") == "linear":
+            hp.update(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=full["factor"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3,
+                                     c.num_hidden_layers)
+    tensors = {}
+    for k, v in hf.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        v = v.float() + 1.0 if k.endswith("norm.weight") else v.float()
+        tensors[names.get_name(k, try_suffixes=(".weight",))] = (v.numpy(), None)
+    return write_gguf(path, arch, tensors, hp, add_byte_level_tokenizer)
+
+
+@pytest.mark.parametrize("family,arch", [("gemma2", "gemma2"), ("gemma3", "gemma3")])
+def test_gemma_gguf_reads_as_llamacpp_writes_it(family, arch, tmp_path):
+    from test_gguf import byte_level_vocab
+
+    vocab = len(byte_level_vocab()[0])
+    # what llama.cpp hard-codes rather than stores: scale 1/sqrt(head_dim), every 2nd (Gemma 2) / 6th (Gemma 3)
+    # layer global, Gemma 3's local RoPE base 10000; the tiny models are built to match
+    over = dict(query_pre_attn_scalar=32) if arch == "gemma2" else dict(
+        num_hidden_layers=6, layer_types=None, sliding_window_pattern=6, rope_local_base_freq=10000.0)
+    ref = tiny_hf_model(family, vocab_size=vocab, **over)
+    path = write_gemma_gguf(ref, tmp_path / f"{arch}.gguf", arch)
+    model, _ = load(path)
+    cfg = model.config
+    assert cfg.model_type == ref.config.model_type and cfg.layer_types == ref.config.layer_types
+    assert "full_attention" in cfg.layer_types and cfg.sliding_window == 8
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(0))  # past the window
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
