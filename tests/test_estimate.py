@@ -285,3 +285,15 @@ def test_activation_rules_for_cuda_adapter_math(one_thread, monkeypatch):
         cpu_plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cpu")
         cpu, cuda = activation_bytes(cpu_plan, 2, 16)["total"], activation_bytes(plan, 2, 16)["total"]
         assert cpu == cuda if native else cpu > cuda
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "llama-bias"])
+def test_weight_bytes_equal_the_transformers_parameter_count(family):
+    """The config alone gives the weights of transformers' own model: Gemma's four norms per layer, Gemma 3's
+    and Qwen3's q/k norms, tied embeddings counted once, biases."""
+    from hf_tiny import tiny_hf_model
+
+    hf = tiny_hf_model(family)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    est = estimate_memory(cfg, "lora", batch=1, seq=8, rank=4)
+    assert est.weights == 4 * sum(p.numel() for p in hf.parameters())

@@ -157,7 +157,8 @@ class _Plan:
     head_adapted: bool
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
     adapter_math_in_activation: bool = False  # CUDA, native-bf16 CPU: fp32 adapters in the input's dtype (lora.py)
-    qk_norm: bool = False  # Qwen3: q and k RMS-normalized per head before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: q and k RMS-normalized per head before RoPE
+    sandwich: bool = False  # Gemma: four norms per layer (attention and MLP outputs normed too)
 
     @property
     def shared_input(self) -> bool:
@@ -241,7 +242,8 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
     dims = p.linear_dims()
     bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
             "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
-    per_layer = 2 * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # the two norms (+ Qwen3's q/k norms)
+    norms = 4 if p.sandwich else 2  # Gemma: + post-attention and pre/post-feedforward norms
+    per_layer = norms * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # (+ Qwen3's / Gemma 3's q/k norms)
     for name, (i, o) in dims.items():
         per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
     emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
@@ -306,7 +308,7 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  mask_bytes=1 if device == "cuda" else dtype_bytes,
                  adapter_math_in_activation=device == "cuda" or (device == "cpu" and dtype_bytes == 2
                                                                  and native_bf16_cpu()),
-                 qk_norm=cfg.qk_norm)
+                 qk_norm=cfg.qk_norm, sandwich=cfg.sandwich_norms)
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
