@@ -101,6 +101,27 @@ def test_activation_rules_for_qwen3_qk_norms(one_thread, dtype, targets):
     assert activation_bytes(plan, 2, 16)["total"] > activation_bytes(plain, 2, 16)["total"]
 
 
+GEMMA2 = dict(model_type="gemma2", head_dim=32, hidden_act="gelu_pytorch_tanh", norm_unit_offset=True,
+              embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+              final_logit_softcapping=3.0, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+GEMMA3 = dict(GEMMA2, model_type="gemma3_text", qk_norm=True, attn_logit_softcapping=None,
+              final_logit_softcapping=None, rope_local_theta=100.0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float32, "q_proj,v_proj"),
+                                           (torch.float32, "down_proj"), (torch.bfloat16, "all-linear"),
+                                           (torch.bfloat16, "q_proj,v_proj")])
+def test_activation_rules_for_gemma(one_thread, family, dtype, targets):
+    """Gemma's four (1 + w) norms, GeGLU, a window shorter than the sequence on the local layers; Gemma 2's
+    soft-capped attention (math path) and head; Gemma 3's q/k norms and second RoPE table."""
+    cfg = tiny_cfg(**(GEMMA2 if family == "gemma2" else GEMMA3))
+    model = tiny_model(cfg, dtype, targets)
+    plan = make_plan(cfg, "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    for batch, seq in ((2, 16), (1, 24)):
+        assert activation_bytes(plan, batch, seq)["total"] == saved_bytes(model, batch, seq), (batch, seq)
+
+
 def test_activation_rules_for_a_4bit_base(one_thread):
     pytest.importorskip("leantune.quant")
     from leantune import quant
