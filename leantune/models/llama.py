@@ -116,6 +116,7 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x):
+        # The Triton kernel rounds as Llama does (cast, then weight); Gemma's norm stays on this path.
         if not self.unit_offset and use_triton(self.kernel_backend, x):
             return kfused.rms_norm(x, self.weight, self.eps)  # one pass each way, same math
         # Normalize in fp32 (parity in bf16 too).
