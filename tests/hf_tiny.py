@@ -10,6 +10,17 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=32),  # q/k RMSNorm; head_dim != hidden / heads, as in Qwen3
     "smollm2-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
+    # Gemma 2: alternating window 8 (shorter than the parity tests' sequences), soft caps small enough to bite,
+    # a query_pre_attn_scalar apart from head_dim, tied embeddings as in every Gemma; weights
+    # drawn 5x wider than the default so attention scores reach the cap
+    "gemma2": dict(model_type="gemma2", sliding_window=8, head_dim=32, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True,
+                   initializer_range=0.1),
+    # Gemma 3: q/k norms, sliding layers on their own RoPE base, linearly scaled global RoPE, 2 of 3 layers local
+    "gemma3": dict(model_type="gemma3_text", sliding_window=8, head_dim=32, query_pre_attn_scalar=32,
+                   num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=2.0),
+                   tie_word_embeddings=True, initializer_range=0.1),
 }
 
 
@@ -24,11 +35,11 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     base.update(spec)
     base.update(overrides)
     cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-               "qwen3": tf.Qwen3Config}[mt]
+               "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[mt]
     cfg = cfg_cls(**base)
     torch.manual_seed(seed)
     m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-         "qwen3": tf.Qwen3ForCausalLM}[mt](cfg)
+         "qwen3": tf.Qwen3ForCausalLM, "gemma2": tf.Gemma2ForCausalLM, "gemma3_text": tf.Gemma3ForCausalLM}[mt](cfg)
     with torch.no_grad():  # random non-trivial norms and biases so parity covers them
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):

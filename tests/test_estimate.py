@@ -101,6 +101,27 @@ def test_activation_rules_for_qwen3_qk_norms(one_thread, dtype, targets):
     assert activation_bytes(plan, 2, 16)["total"] > activation_bytes(plain, 2, 16)["total"]
 
 
+GEMMA2 = dict(model_type="gemma2", head_dim=32, hidden_act="gelu_pytorch_tanh", norm_unit_offset=True,
+              embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+              final_logit_softcapping=3.0, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+GEMMA3 = dict(GEMMA2, model_type="gemma3_text", qk_norm=True, attn_logit_softcapping=None,
+              final_logit_softcapping=None, rope_local_theta=100.0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float32, "q_proj,v_proj"),
+                                           (torch.float32, "down_proj"), (torch.bfloat16, "all-linear"),
+                                           (torch.bfloat16, "q_proj,v_proj")])
+def test_activation_rules_for_gemma(one_thread, family, dtype, targets):
+    """Gemma's four (1 + w) norms, GeGLU, a window shorter than the sequence on the local layers; Gemma 2's
+    soft-capped attention (math path) and head; Gemma 3's q/k norms and second RoPE table."""
+    cfg = tiny_cfg(**(GEMMA2 if family == "gemma2" else GEMMA3))
+    model = tiny_model(cfg, dtype, targets)
+    plan = make_plan(cfg, "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    for batch, seq in ((2, 16), (1, 24)):
+        assert activation_bytes(plan, batch, seq)["total"] == saved_bytes(model, batch, seq), (batch, seq)
+
+
 def test_activation_rules_for_a_4bit_base(one_thread):
     pytest.importorskip("leantune.quant")
     from leantune import quant
@@ -285,3 +306,15 @@ def test_activation_rules_for_cuda_adapter_math(one_thread, monkeypatch):
         cpu_plan = make_plan(cfg, "lora", 4, "all-linear", 0.0, 2, "cpu")
         cpu, cuda = activation_bytes(cpu_plan, 2, 16)["total"], activation_bytes(plan, 2, 16)["total"]
         assert cpu == cuda if native else cpu > cuda
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "llama-bias"])
+def test_weight_bytes_equal_the_transformers_parameter_count(family):
+    """The config alone gives the weights of transformers' own model: Gemma's four norms per layer, Gemma 3's
+    and Qwen3's q/k norms, tied embeddings counted once, biases."""
+    from hf_tiny import tiny_hf_model
+
+    hf = tiny_hf_model(family)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    est = estimate_memory(cfg, "lora", batch=1, seq=8, rank=4)
+    assert est.weights == 4 * sum(p.numel() for p in hf.parameters())

@@ -1,15 +1,23 @@
-"""The one configuration dataclass of the Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM2).
+"""The one configuration dataclass of the Llama-family model (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 2/3).
 
 Field names follow Hugging Face's `config.json` where they can, so `from_hf` / `to_hf` are thin.
 transformers 5 writes RoPE settings as `rope_parameters`; transformers 4 as `rope_theta` + `rope_scaling`:
 both are read, and `to_hf` writes both so either version loads a merged folder.
+
+Gemma 2 and Gemma 3 (text) are the same skeleton switched by flags, not a subclass: (1 + w) RMSNorm, GeGLU,
+scaled embeddings, norms after attention and MLP too, soft-capped scores/logits, per-layer sliding windows
+(`layer_types`) and, in Gemma 3, a second RoPE base for the sliding layers (transformers 5 stores it as
+`rope_parameters = {"sliding_attention": {...}, "full_attention": {...}}`; 4.x as `rope_local_base_freq`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP's gate activation (HF's hidden_act names)
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -33,7 +41,17 @@ class ModelConfig:
     o_bias: bool = False  # Llama's attention_bias=True puts a bias on o_proj too
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # Mistral: every layer; Gemma: the layers `layer_types` marks sliding
+    # Gemma 2/3 (see the module docstring); the defaults are the Llama family's
+    hidden_act: str = "silu"  # "gelu_pytorch_tanh": GeGLU
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), the product in fp32
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # a norm after attention and after the MLP too (+ pre_feedforward_layernorm)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5; None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
+    layer_types: list[str] | None = None  # per layer, LAYER_TYPES; None: every layer uses `sliding_window`
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (unscaled)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -48,6 +66,13 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer ({self.num_layers}), "
+                                 f"got {self.layer_types}")
         rt = (self.rope_scaling or {}).get("rope_type", "default")
         if rt not in ("default", "llama3", "linear"):
             raise ValueError(f"rope_type {rt!r} is not supported (default, linear, llama3)")
@@ -57,12 +82,37 @@ class ModelConfig:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i (None: full causal attention)."""
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def layer_rope_local(self, i: int) -> bool:
+        """Whether layer i takes the local RoPE base (Gemma 3's sliding layers)."""
+        return self.rope_local_theta is not None and self.layer_window(i) is not None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a parsed `config.json`."""
         mt = d.get("model_type", "llama")
+        if mt == "gemma3":
+            raise ValueError("model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); "
+                             "leantune runs its text model: pass a gemma3_text folder (e.g. google/gemma-3-1b-it)")
         rope = dict(d.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        local_theta = d.get("rope_local_base_freq", 10000.0) if mt == "gemma3_text" else None
+        if "full_attention" in rope:  # transformers 5's Gemma 3: one RoPE setting per layer type
+            local = dict(rope.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"a scaled RoPE on sliding layers ({local}) is not supported")
+            local_theta = local.get("rope_theta", local_theta)
+            rope = dict(rope["full_attention"] or {})
+        default_theta = 1_000_000.0 if mt == "gemma3_text" else 10000.0
+        theta = rope.pop("rope_theta", d.get("rope_theta", default_theta))
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             scaling = dict(scaling)
@@ -74,6 +124,9 @@ class ModelConfig:
             "num_key_value_heads", "head_dim", "model_type", "rms_norm_eps", "rope_theta", "rope_scaling",
             "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
             "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
+            "hidden_act", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+            "final_logit_softcapping", "layer_types", "sliding_window_pattern", "_sliding_window_pattern",
+            "rope_local_base_freq", "use_bidirectional_attention",
         }
         att_bias = bool(d.get("attention_bias", False))
         sw = d.get("sliding_window")
@@ -81,6 +134,10 @@ class ModelConfig:
             sw = None  # Qwen2/3 write a window but only use it with use_sliding_window
         if mt == "llama":
             sw = None
+        gemma = mt in GEMMA_TYPES
+        if gemma and d.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention=True (an encoder Gemma) is not supported: leantune's "
+                             "models are causal decoders")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -94,12 +151,22 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=att_bias or mt == "qwen2",
             o_bias=att_bias and mt != "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in ("qwen3", "gemma3_text"),
             sliding_window=sw,
+            hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
+            norm_unit_offset=gemma,
+            embed_scale=gemma,
+            sandwich_norms=gemma,
+            # absent keys take transformers' defaults for the type (a hand-written config.json)
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256) if gemma else None,
+            attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None) if gemma else None,
+            final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if mt == "gemma2" else None) if gemma else None,
+            layer_types=_gemma_layer_types(d, mt) if gemma else None,
+            rope_local_theta=None if local_theta is None else float(local_theta),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -109,7 +176,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads as the matching architecture."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
         d = {k: v for k, v in self.extra.items() if k not in ("architectures", "quantization_config", "dtype", "torch_dtype")}
         rope_params = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
@@ -124,7 +191,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
@@ -140,7 +207,25 @@ class ModelConfig:
             d["attention_bias"] = self.qkv_bias
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
+        if self.model_type in GEMMA_TYPES:
+            d.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+                     attn_logit_softcapping=self.attn_logit_softcapping,
+                     final_logit_softcapping=self.final_logit_softcapping, sliding_window=self.sliding_window,
+                     layer_types=self.layer_types)
+        if self.rope_local_theta is not None:  # both spellings, as for rope_theta above
+            d["rope_local_base_freq"] = self.rope_local_theta
+            d["rope_parameters"] = {"full_attention": rope_params,
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
         return d
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _gemma_layer_types(d: dict[str, Any], mt: str) -> list[str]:
+    """Gemma's per-layer attention kinds: `layer_types` when written, else every `sliding_window_pattern`-th
+    layer full (transformers' default: 2 for Gemma 2, 6 for Gemma 3)."""
+    if d.get("layer_types"):
+        return list(d["layer_types"])
+    every = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or (2 if mt == "gemma2" else 6)
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(d["num_hidden_layers"])]

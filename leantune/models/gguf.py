@@ -10,10 +10,18 @@ tensor data aligned to `general.alignment`. The header is parsed here with `stru
 block layouts and sizes come from the `gguf` package (`GGML_QUANT_SIZES`), and types without a fast
 torch path here are dequantized with `gguf.quants.dequantize`.
 
-Llama family only (GGUF archs `llama` -- which also covers Mistral --, `qwen2` and `qwen3`). llama.cpp's converter
+Llama family only (GGUF archs `llama` -- which also covers Mistral --, `qwen2`, `qwen3`, `gemma2`, `gemma3`). llama.cpp's converter
 permutes the rows of q_proj/k_proj for `llama` files (interleaved RoPE pairs instead of Hugging Face's
 half-split ones); `_unpermute_rope` undoes it so leantune's HF-layout model reproduces HF's logits.
 The tokenizer is rebuilt from `tokenizer.ggml.*` the way transformers' GGUF loader builds it, so the ids match.
+
+Gemma, as llama.cpp's converter writes it: every `*norm.weight` stored with the +1 of Gemma's (1 + w) norm
+added (undone here); `ffn_norm` is Gemma's pre_feedforward_layernorm, `post_attention_norm` and
+`post_ffw_norm` its post norms; soft-caps and the window under `{arch}.attn_logit_softcapping`,
+`{arch}.final_logit_softcapping`, `{arch}.attention.sliding_window`. What the file does not store is what
+llama.cpp hard-codes: every 2nd (Gemma 2) / 6th (Gemma 3) layer global unless
+`{arch}.attention.sliding_window_pattern` says otherwise, Gemma 3's local RoPE base 10000, and the attention
+scale 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models (46 / 62 layers).
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ from .config import ModelConfig
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+_GEMMA = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # GGUF arch -> HF model_type
 _MAGIC = b"GGUF"
 
 # GGUF metadata value types -> struct format (scalars) and numpy dtype (array items).
@@ -312,17 +321,27 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
     "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma's four norms per layer (llama.cpp's ffn_norm is the MLP's input norm in either layout)
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _DROPPED = {"rope_freqs.weight"}  # llama3 RoPE factors: folded into config.rope_scaling instead
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face Llama/Qwen2 parameter name of a GGUF tensor; None for one HF has no use for."""
+def _layer_names(arch: str) -> dict[str, str]:
+    return _GEMMA_LAYER_NAMES if arch in _GEMMA else _LAYER_NAMES
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face parameter name of a GGUF tensor of `arch`; None for one HF has no use for."""
     if gguf_name in _DROPPED:
         return None
     if m := _LAYER_RE.fullmatch(gguf_name):
-        part = _LAYER_NAMES.get(m[2])
+        part = _layer_names(arch).get(m[2])
         return None if part is None else f"model.layers.{m[1]}.{part}.{m[3]}"
     stem, _, kind = gguf_name.rpartition(".")
     part = _TOP_NAMES.get(stem)
@@ -346,17 +365,17 @@ class GGUFTensors:
         self.header, self.cfg, self.arch = header, cfg, arch
         self.infos: dict[str, GGUFTensorInfo] = {}
         for info in header.tensors.values():
-            name = hf_name(info.name)
+            name = hf_name(info.name, arch)
             if name is None:
                 if info.name in _DROPPED:
                     continue
                 raise ValueError(
                     f"{header.path}: tensor {info.name} has no place in a dense {arch} model "
-                    "(mixture-of-experts or a fused layout?); leantune reads dense Llama/Mistral/Qwen2 GGUFs only"
+                    "(mixture-of-experts or a fused layout?); leantune reads dense Llama/Mistral/Qwen2/3/Gemma 2/3 GGUFs only"
                 )
             self.infos[name] = info
         _check_types(self.infos.values())
-        _check_complete(self.infos, cfg, header.path)
+        _check_complete(self.infos, cfg, header.path, arch)
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -372,6 +391,8 @@ class GGUFTensors:
         w = dequantize(raw, info.ggml_type, info.shape, info.name)
         if self.arch == "llama" and (".attn_q." in info.name or ".attn_k." in info.name):
             w = _unpermute_rope(w, self.cfg.num_heads if ".attn_q." in info.name else self.cfg.num_kv_heads)
+        if self.arch in _GEMMA and info.name.endswith("norm.weight"):
+            w = w - 1.0  # the converter stores Gemma's 1 + w
         return w
 
 
@@ -387,10 +408,10 @@ def _check_types(infos) -> None:
             dequantize(np.zeros(type_size, dtype=np.uint8), info.ggml_type, (block,), info.name)
 
 
-def _check_complete(sd: dict, cfg: ModelConfig, path: Path) -> None:
+def _check_complete(sd: dict, cfg: ModelConfig, path: Path, arch: str = "llama") -> None:
     want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     for i in range(cfg.num_layers):
-        want += [f"model.layers.{i}.{p}.weight" for p in _LAYER_NAMES.values()
+        want += [f"model.layers.{i}.{p}.weight" for p in _layer_names(arch).values()
                  if cfg.qk_norm or not p.endswith(("q_norm", "k_norm"))]
     missing = [k for k in want if k not in sd]
     if missing:
@@ -422,7 +443,7 @@ def _arch(md: dict, path: Path) -> str:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; leantune reads {SUPPORTED_ARCHS} "
-            "(Llama, Mistral, Qwen2, SmolLM2). Use a checkpoint of one of those families."
+            "(Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 2, Gemma 3). Use a checkpoint of one of those families."
         )
     if int(md.get(f"{arch}.expert_count", 0) or 0) > 0:
         raise ValueError(f"{path}: mixture-of-experts GGUFs (expert_count > 0) are not supported; use a dense model")
@@ -458,7 +479,7 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        model_type=arch if arch in ("qwen2", "qwen3") else ("mistral" if "mistral" in name else "llama"),
+        model_type=_GEMMA.get(arch) or (arch if arch in ("qwen2", "qwen3") else ("mistral" if "mistral" in name else "llama")),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
         rope_scaling=_rope_scaling(md, arch, header, buf, theta, head_dim),
@@ -471,6 +492,37 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         bos_token_id=_opt_int(md.get("tokenizer.ggml.bos_token_id")),
         eos_token_id=_opt_int(eos),
         pad_token_id=_opt_int(md.get("tokenizer.ggml.padding_token_id")),
+        **(_gemma_fields(md, arch, hidden, heads, head_dim, int(key("block_count")), path) if arch in _GEMMA else {}),
+    )
+
+
+# llama.cpp's hard-coded Gemma settings (llama-model.cpp): every n-th layer global, the 27B models' scale
+_GEMMA_SWA_EVERY = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_fields(md: dict, arch: str, hidden: int, heads: int, head_dim: int, layers: int, path: Path) -> dict:
+    """The ModelConfig flags of a Gemma GGUF (see the module docstring for what llama.cpp hard-codes)."""
+    pattern = md.get(f"{arch}.attention.sliding_window_pattern", _GEMMA_SWA_EVERY[arch])
+    if isinstance(pattern, (list, np.ndarray)):  # one bool per layer, True = sliding
+        if len(pattern) != layers:
+            raise ValueError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
+        sliding = [bool(x) for x in pattern]
+    else:
+        every = int(pattern)
+        sliding = [every == 0 or i % every < every - 1 for i in range(layers)]
+    window = md.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
+    if window is None:
+        raise ValueError(f"{path}: metadata key {arch}.attention.sliding_window is missing; the file is not a complete {arch} GGUF")
+    attn_cap, final_cap = md.get(f"{arch}.attn_logit_softcapping"), md.get(f"{arch}.final_logit_softcapping")
+    return dict(
+        hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, embed_scale=True, sandwich_norms=True,
+        query_pre_attn_scalar=hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim,
+        attn_logit_softcapping=None if attn_cap is None else float(attn_cap),
+        final_logit_softcapping=None if final_cap is None else float(final_cap),
+        sliding_window=int(window),
+        layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+        rope_local_theta=10000.0 if arch == "gemma3" else None,
     )
 
 

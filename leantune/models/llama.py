@@ -1,8 +1,13 @@
-"""The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), SmolLM2.
+"""The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3,
+SmolLM2, and Gemma 2/3 text (Gemma Team 2024, 2025) as config flags on the same skeleton.
 
 Module and parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
 checkpoints load without renaming and adapters save under PEFT's keys. RMSNorm, rotate-half RoPE, GQA
 and SwiGLU are computed the way `transformers` computes them, which is what the parity tests hold us to.
+Gemma's variants each live in one place: the (1 + w) norm in `RMSNorm`, GeGLU in `MLP`, the score path
+(query_pre_attn_scalar, tanh soft-capping) in `attention`, the sandwich norms in `Block`, the embedding
+scale in `embed`, the capped logits in `head_module`, the per-layer windows and RoPE bases in
+`layer_context` / `layer_forward`.
 
 Every forward takes explicit metadata (`ForwardMeta`): RoPE positions, packed-sample segment ids,
 per-sequence lengths, per-row/per-token adapter slots and a KV cache. Nothing is kept in module globals,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,35 +67,78 @@ class ForwardMeta:
 class LayerContext:
     """What every layer of one forward shares, made once by `layer_context`; callers pass it on unopened."""
 
-    cos: torch.Tensor  # (B, T, D) RoPE at each token's position
-    sin: torch.Tensor
-    mask: torch.Tensor | None  # (B or 1, 1, T, S) True = attend; None: plain causal, or a paged cache attends
+    # RoPE at each token's position, (B, T, D) cos and sin, keyed by "local" / "global" (Gemma 3's sliding
+    # layers have their own base)
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # (B or 1, 1, T, S) True = attend, keyed by the layer's window; None: plain causal, or a paged cache attends
+    masks: dict[int | None, torch.Tensor | None]
     meta: ForwardMeta
 
 
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How one layer turns q.k into attention weights; a paged cache is handed it with q/k/v."""
+
+    scale: float  # multiplies q.k
+    softcap: float | None = None  # Gemma 2: scores -> softcap * tanh(scores / softcap), before the mask
+    window: int | None = None  # attend to the last `window` positions only (incl. the query's own)
+
+
+def attention(q, k, v, spec: ScoreSpec, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, Hkv, S, D); mask (B or 1, 1, T, S) bool, True = attend, or None with `causal`
+    (S == T) or nothing masked -> (B, H, T, D). The window is the caller's mask's job."""
+    gqa = q.shape[1] != k.shape[1]
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=spec.scale, enable_gqa=gqa)
+    # SDPA has no soft-capping: the math path, as transformers' eager Gemma 2 (softmax in fp32)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, S, D)
+    s = (q @ k.transpose(-1, -2)) * spec.scale  # (B, H, T, S)
+    s = spec.softcap * torch.tanh(s / spec.softcap)
+    if mask is None and causal:
+        T, S = s.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))  # every row keeps at least its own key (see build_mask)
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm; `unit_offset` (Gemma) scales by (1 + w) with w stored zero-centred, and multiplies in fp32
+    before casting back, where Llama casts back before the weight (both as transformers does)."""
+
     kernel_backend = "auto"  # leantune.kernels.BACKENDS: the Triton kernel on CUDA
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x):
-        if use_triton(self.kernel_backend, x):
+        # The Triton kernel rounds as Llama does (cast, then weight); Gemma's norm stays on this path.
+        if not self.unit_offset and use_triton(self.kernel_backend, x):
             return kfused.rms_norm(x, self.weight, self.eps)  # one pass each way, same math
-        # Normalize in fp32 and cast back before the weight, as transformers does (parity in bf16 too).
+        # Normalize in fp32 (parity in bf16 too).
         dt = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(dt)
         return self.weight * xf.to(dt)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied."""
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied; local: Gemma 3's sliding
+    layers' base, unscaled."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = {} if local else (cfg.rope_scaling or {})
     kind = sc.get("rope_type", "default")
     if kind == "linear":
         return inv / sc["factor"]
@@ -130,9 +179,10 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalized (weights over D) before RoPE
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: each head of q and k RMS-normalized (weights over D) before RoPE
+            self.q_norm = make_norm(cfg, hd)
+            self.k_norm = make_norm(cfg, hd)
+        self.score = ScoreSpec(cfg.attn_scale, cfg.attn_logit_softcapping, cfg.layer_window(layer_idx))
 
     def forward(self, x, cos, sin, mask, meta: ForwardMeta):
         B, T, _ = x.shape
@@ -148,16 +198,16 @@ class Attention(nn.Module):
         if getattr(meta.cache, "paged", False):
             # The serving engine's paged cache packs many sequences into one row and attends per
             # sequence itself (leantune.serve.paged_cache).
-            y = meta.cache.attend(self.layer_idx, q, k, v)  # (1, H, N, D)
+            y = meta.cache.attend(self.layer_idx, q, k, v, self.score)  # (1, H, N, D)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), a)
         if meta.cache is not None:
             k, v = meta.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        gqa = self.cfg.num_heads != self.cfg.num_kv_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attention(q, k, v, self.score, mask, causal=T > 1)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), a)
+
+
+# The gate activations of the gated MLP (HF's hidden_act names): SwiGLU, Gemma's GeGLU (tanh approximation)
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 
 
 class MLP(nn.Module):
@@ -165,9 +215,12 @@ class MLP(nn.Module):
         super().__init__()
         h, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = Linear(h, f, bias=b), Linear(h, f, bias=b), Linear(f, h, bias=b)
+        self.act_name = cfg.hidden_act
 
     def forward(self, x, adapter_ids=None):
         gate, up = self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)
+        if self.act_name != "silu":  # the fused op is SwiGLU's
+            return self.down_proj(ACTIVATIONS[self.act_name](gate) * up, adapter_ids)
         params = fused_linear_params(self.down_proj, gate, adapter_ids)
         if params is None:  # e.g. a mixed-adapter batch: the modules' own path
             return self.down_proj(F.silu(gate) * up, adapter_ids)
@@ -175,14 +228,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. With `sandwich_norms` (Gemma) attention and MLP outputs are normed too before the
+    residual add; HF then names the MLP's input norm pre_feedforward_layernorm and uses
+    post_attention_layernorm on the attention output."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(cfg)
+            self.post_feedforward_layernorm = make_norm(cfg)
 
     def forward(self, x, cos, sin, mask, meta: ForwardMeta):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, meta))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), meta.adapter_ids))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, meta)
         return x + self.mlp(self.post_attention_layernorm(x), meta.adapter_ids)
 
@@ -192,7 +256,26 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
+
+
+class SoftCappedHead(nn.Module):
+    """The LM head followed by logit soft-capping (Gemma 2): cap * tanh(logits / cap). Made on each
+    `head_module` call around the model's current lm_head (an adapter may have replaced it), and not
+    registered, so the head's parameters keep their one name."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        object.__setattr__(self, "inner", head)  # not a submodule: no second state-dict entry
+        self.cap = cap
+
+    @property
+    def weight(self) -> torch.Tensor:  # where callers look for the head's device and dtype
+        return self.inner.weight
+
+    def forward(self, h, adapter_ids=None):
+        logits = self.inner(h) if adapter_ids is None else self.inner(h, adapter_ids)
+        return self.cap * torch.tanh(logits / self.cap)
 
 
 def build_mask(meta: ForwardMeta, T: int, past: int, window: int | None, device) -> torch.Tensor | None:
@@ -233,14 +316,24 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_local_theta is not None:  # Gemma 3's sliding layers
+            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
         self.gradient_checkpointing = False
+
+    def reset_rope(self, device=None) -> None:
+        """(Re)compute the RoPE buffers in fp32 on `device` (default: where they are), after `to_empty`,
+        a load onto the meta device or a cast."""
+        device = device if device is not None else self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.rope_local_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def _apply(self, fn, recurse=True):
         # RoPE's inverse frequencies stay fp32 whatever the weights are cast to (transformers loads a bf16
         # model so too): rounded to bf16 they are off by 2^-9, i.e. by radians at position 2000.
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
-            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+            self.reset_rope()
         return self
 
     # -- stages: the one skeleton of a forward (see the module docstring) ----------------------------
@@ -249,7 +342,10 @@ class LlamaForCausalLM(nn.Module):
         return len(self.model.layers)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
+        x = self.model.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
+        if self.config.embed_scale:  # Gemma: sqrt(C), rounded to the weights' dtype as transformers does
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        return x
 
     def layer_context(self, x: torch.Tensor, meta: ForwardMeta) -> LayerContext:
         """The position encoding and attention mask of this forward; x: the embedded tokens (B, T, C)."""
@@ -258,17 +354,22 @@ class LlamaForCausalLM(nn.Module):
         pos = meta.positions
         if pos is None:
             pos = torch.arange(past, past + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        rope = {"global": rope_cos_sin(self.inv_freq, pos, x.dtype)}
+        if self.config.rope_local_theta is not None:
+            rope["local"] = rope_cos_sin(self.inv_freq_local, pos, x.dtype)
+        windows = {self.config.layer_window(i) for i in range(self.num_layers)}
         if getattr(meta.cache, "paged", False):
-            return LayerContext(cos, sin, None, meta)  # the paged cache masks per sequence itself
-        return LayerContext(cos, sin, build_mask(meta, T, past, self.config.sliding_window, x.device), meta)
+            return LayerContext(rope, dict.fromkeys(windows), meta)  # the paged cache masks per sequence itself
+        return LayerContext(rope, {w: build_mask(meta, T, past, w, x.device) for w in windows}, meta)
 
     def layer_module(self, i: int) -> nn.Module:
         """Decoder layer i as a module (its parameters, hooks); run it with `layer_forward`."""
         return self.model.layers[i]
 
     def layer_forward(self, i: int, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        return self.model.layers[i](x, ctx.cos, ctx.sin, ctx.mask, ctx.meta)  # (B, T, C) -> (B, T, C)
+        cos, sin = ctx.rope["local" if self.config.layer_rope_local(i) else "global"]
+        mask = ctx.masks[self.config.layer_window(i)]
+        return self.model.layers[i](x, cos, sin, mask, ctx.meta)  # (B, T, C) -> (B, T, C)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.norm(h)  # (..., C)
@@ -277,6 +378,8 @@ class LlamaForCausalLM(nn.Module):
         """The module `head` runs, whole: its output is the logits (a family that post-processes them, e.g.
         soft-capping, returns a module that does). A chunked loss calls it, or takes its weight and bias when
         it is a plain linear (`ops.fusable.is_plain_linear`)."""
+        if self.config.final_logit_softcapping is not None:
+            return SoftCappedHead(self.lm_head, self.config.final_logit_softcapping)
         return self.lm_head
 
     def head(self, h: torch.Tensor, adapter_ids=None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..quant import Linear4bit, Quant4bitConfig, is_bnb_4bit_config, quantizable_linears
 from .config import ModelConfig
-from .llama import LlamaForCausalLM, rope_inv_freq
+from .llama import LlamaForCausalLM
 from .safetensors_reader import FolderTensors
 from .tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
         names = quantizable_linears(model, qcfg.skip)
     _swap_shells(model, names, qcfg)
     _fill(model, source, keys, dtype, device, str(path))
-    model.inv_freq = rope_inv_freq(cfg).to(device=device)  # fp32 always (see LlamaForCausalLM._apply)
+    model.reset_rope(device)  # fp32 always (see LlamaForCausalLM._apply)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()

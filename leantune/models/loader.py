@@ -81,7 +81,7 @@ def _load_path(p: Path, dtype: torch.dtype, device: str, quantize):
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
-    model.inv_freq.copy_(_inv_freq(cfg))
+    model.reset_rope()
     # one tensor at a time (read, dequantized for GGUF, cast): no second copy of the model, ever
     sd = {k: _owned(src.take(k).to(device=device, dtype=dtype)) for k in src.keys()}  # noqa: SIM118
     model.load_hf_state_dict(sd, source=str(p), assign=True)  # the read tensors become the parameters
@@ -118,12 +118,6 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     st = t.untyped_storage()
     alone = t.is_contiguous() and t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size()
     return t if alone else t.clone()
-
-
-def _inv_freq(cfg):
-    from .llama import rope_inv_freq
-
-    return rope_inv_freq(cfg)
 
 
 def write_hf_model_files(model: LlamaForCausalLM, folder: str | os.PathLike,

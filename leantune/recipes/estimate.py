@@ -17,15 +17,24 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
   keeps its own cast/dropped copy (a), and dropout its mask when the input needs grad (CPU: a float noise
   tensor, s bytes; CUDA's fused dropout: 1 byte);
 - Qwen3's q/k norms keep, per head of q (k) that needs grad, their fp32 input and 1/rms;
+- Gemma's (1 + w) norms keep the same, and their (1 + w) once per call (fp32); Gemma's sandwich norms
+  (after attention, before and after the MLP) are norms like the others, on the sub-block's output;
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
-  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once;
+  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once; a windowed layer's boolean
+  mask is kept as a (T, T) mask in the compute dtype, per layer;
+- Gemma 2's soft-capped attention (the math path of `models/llama.py:attention`) keeps, as q.k, the
+  softmax and p.v need them: the GQA-repeated k (for q's grad), q (for k's), the repeated v, tanh's and
+  the softmax's (B, H, T, T) outputs (fp32 softmax, + its cast in half precision), the (T, T) boolean mask
+  (a full layer's per layer, the windowed layers' once); its output is copied for o_proj;
 - the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (a plain float or 4-bit
-  down_proj, or one LoRA adapter reading its input uncast and undropped), else gate, silu(gate), up and
-  the down_proj input;
+  down_proj, or one LoRA adapter reading its input uncast and undropped; SwiGLU only), else gate,
+  act(gate), up and the down_proj input (Gemma's GeGLU always);
 - the loss (`train/loss.py`, `ops/linear_ce.py`) keeps the final norm's input, the label mask and dh
   (B(T-1), C); during the forward it also holds the final hidden states, their labelled rows and one
   chunk of fp32 logits (the softmax is made in place over them): 4 bytes x chunk x vocab (+ s when the
-  head computes in half precision).
+  head computes in half precision). A soft-capped head (Gemma 2) is no plain linear: per chunk of at most
+  `loss_chunk` rows it keeps tanh's output (s), the fp32 log-softmax and the targets; more rows than a
+  chunk are checkpointed, keeping only the labelled hidden rows.
 
 With gradient checkpointing each layer keeps only its input; backward recomputes one layer at a time.
 """
@@ -157,7 +166,14 @@ class _Plan:
     head_adapted: bool
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
     adapter_math_in_activation: bool = False  # CUDA, native-bf16 CPU: fp32 adapters in the input's dtype (lora.py)
-    qk_norm: bool = False  # Qwen3: q and k RMS-normalized per head before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: q and k RMS-normalized per head before RoPE
+    sandwich: bool = False  # Gemma: four norms per layer (attention and MLP outputs normed too)
+    unit_offset: bool = False  # Gemma: norms keep their (1 + w)
+    swiglu: bool = True  # the MLP's gate is silu (fusable); False: Gemma's GeGLU
+    softcap: bool = False  # Gemma 2: attention scores soft-capped (the math path)
+    final_softcap: bool = False  # Gemma 2: the head is soft-capped (no plain linear)
+    windows: list = field(default_factory=list)  # per layer: its sliding window or None
+    rope_kinds: list = field(default_factory=list)  # per layer: which RoPE table (Gemma 3: local or global)
 
     @property
     def shared_input(self) -> bool:
@@ -174,6 +190,11 @@ def _norm(p: _Plan) -> int:
     return max(p.s, 4) * p.C + 4  # fp32 input (x.float()) + 1/rms
 
 
+def _norm_const(p: _Plan, width: int) -> int:
+    """Bytes a norm call keeps whatever the tokens: Gemma's (1 + w) in fp32."""
+    return 4 * width if p.unit_offset else 0
+
+
 def _lora_inputs(p: _Plan, n: int, width: int, kept: bool, grad: bool) -> int:
     """Bytes per token that n adapted layers reading one input of `width` add. `kept`: the input is saved
     by someone else already; `grad`: the input needs grad (then dropout keeps its mask)."""
@@ -185,27 +206,57 @@ def _lora_inputs(p: _Plan, n: int, width: int, kept: bool, grad: bool) -> int:
     return n * (width * p.a + mask + p.r * p.a)
 
 
-def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]:
-    """(bytes per token decoder layer saves for backward, does its output need grad, does attention save)."""
+def _softcap_attention(p: _Plan, qg: bool, kg: bool, vg: bool, full: bool, batch: int, seq: int) -> tuple[int, int]:
+    """(bytes per token, bytes per layer) the soft-capped math attention keeps; qg/kg/vg: q/k/v need grad."""
+    s, H, D, TT = p.s, p.H, p.D, batch * p.H * seq * seq
+    scores = qg or kg
+    per_token = H * D * s * (int(qg) + int(kg) + int(scores))  # repeated k (for q), q (for k), repeated v
+    per_layer = 0
+    if scores:  # tanh's output, the fp32 softmax, a full layer's own causal mask
+        per_layer += TT * (s + 4) + (seq * seq if full else 0)
+    if vg and s < 4:  # p.v keeps p: the softmax's half-precision cast
+        per_layer += TT * s
+    elif vg and not scores:  # ... or the fp32 softmax itself, not kept already
+        per_layer += TT * 4
+    return per_token, per_layer
+
+
+def _layer_saved(p: _Plan, t: set[str], grad_in: bool, window=None, batch: int = 1,
+                 seq: int = 1) -> tuple[int, bool, bool, int]:
+    """(bytes per token decoder layer saves for backward, does its output need grad, does attention save,
+    bytes it saves whatever the tokens or per (T, T): norm constants, attention matrices and masks)."""
     s, C, F, H, K, D = p.s, p.C, p.F, p.H, p.K, p.D
     saved = _norm(p) if grad_in else 0
+    const = _norm_const(p, C) if grad_in else 0
     qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in t]
     saved += _lora_inputs(p, len(qkv), C, kept=False, grad=grad_in)
     attn = grad_in or bool(qkv)  # SDPA saves q, k, v, out, lse when any of them needs grad
-    if attn:
+    qg, kg, vg = (grad_in or f"{n}_proj" in t for n in "qkv")
+    if attn and p.softcap:
+        tok, lay = _softcap_attention(p, qg, kg, vg, window is None, batch, seq)
+        saved, const = saved + tok, const + lay
+    elif attn:
         saved += (2 * H * D + 2 * K * D) * s + H * 4
+        const += seq * seq * s if window is not None else 0  # the boolean mask as SDPA's float mask
     if p.qk_norm:  # an RMSNorm per head of q (k): its fp32 input and 1/rms, when q (k) needs grad
-        heads = H * (grad_in or "q_proj" in t) + K * (grad_in or "k_proj" in t)
+        heads = H * qg + K * kg
         saved += heads * (max(s, 4) * D + 4)
-    saved += _lora_inputs(p, int("o_proj" in t), H * D, kept=attn, grad=attn)
+        const += _norm_const(p, D) * (int(qg) + int(kg))
+    # the math path's output is copied for o_proj; SDPA's is viewed
+    saved += _lora_inputs(p, int("o_proj" in t), H * D, kept=attn and not p.softcap, grad=attn)
     grad_mid = attn or "o_proj" in t
-    saved += _norm(p) if grad_mid else 0
+    norms_mid = 2 if p.sandwich else 1  # Gemma: the attention output's norm, then the MLP's input norm
+    saved += norms_mid * _norm(p) if grad_mid else 0
+    const += norms_mid * _norm_const(p, C) if grad_mid else 0
     gate_up = [n for n in ("gate_proj", "up_proj") if n in t]
     saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
     gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
     down = "down_proj" in t
+    grad_out = grad_mid or gate_grad or up_grad or down
+    if p.sandwich and grad_out:  # the MLP output's norm
+        saved, const = saved + _norm(p), const + _norm_const(p, C)
     # ops/swiglu.py takes the MLP (a 4-bit down_proj too: Linear4bit hands the fused op its packed codes)
-    fused = not down or p.shared_input
+    fused = p.swiglu and (not down or p.shared_input)
     if fused:
         saved += 2 * F * s if (gate_grad or up_grad or down) else 0
         saved += p.r * s if down else 0
@@ -213,19 +264,28 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]
         # silu keeps gate (gate needs grad); the product keeps silu(gate) (up needs grad) and up (gate does)
         saved += F * s * (2 * int(gate_grad) + int(up_grad))
         saved += _lora_inputs(p, int(down), F, kept=False, grad=gate_grad or up_grad)
-    return saved, grad_mid or gate_grad or up_grad or down, attn
+    return saved, grad_out, attn, const
 
 
-def activation_bytes(p: _Plan, batch: int, seq: int) -> dict:
+def activation_bytes(p: _Plan, batch: int, seq: int, loss_chunk: int = 1024) -> dict:
     """Saved-for-backward bytes: per layer (list), the model-level rest, and the largest layer."""
-    N, per_layer, grad, any_attn = batch * seq, [], False, False
-    for t in p.targets:
-        b, grad, attn = _layer_saved(p, t, grad)
-        per_layer.append(b * N)
-        any_attn = any_attn or attn
-    rest = (_norm(p) * N if grad else 0) + N  # final norm input; the labelled-rows mask (bool)
-    rest += 2 * p.D * p.s * N if any_attn else 0  # RoPE cos/sin, shared by every layer
-    rest += batch * (seq - 1) * p.C * p.s  # dh kept by the fused LM head + cross-entropy
+    N, per_layer, grad, ropes, shared_mask = batch * seq, [], False, set(), False
+    windows, kinds = p.windows or [None] * p.L, p.rope_kinds or [False] * p.L
+    for t, w, kind in zip(p.targets, windows, kinds):
+        b, grad, attn, const = _layer_saved(p, t, grad, w, batch, seq)
+        per_layer.append(b * N + const)
+        ropes |= {kind} if attn else set()
+        shared_mask = shared_mask or (attn and p.softcap and w is not None)
+    rest = (_norm(p) * N + _norm_const(p, p.C) if grad else 0) + N  # final norm input; the labelled-rows mask
+    rest += len(ropes) * 2 * p.D * p.s * N  # RoPE cos/sin, one pair per table, shared by the layers using it
+    rest += seq * seq if shared_mask else 0  # the windowed layers' one boolean mask (math path)
+    n_sel = batch * (seq - 1)
+    if not p.final_softcap:
+        rest += n_sel * p.C * p.s  # dh kept by the fused LM head + cross-entropy
+    elif n_sel <= loss_chunk:  # tanh's output, the fp32 log-softmax, the targets, cross-entropy's weight sum
+        rest += n_sel * p.V * (p.s + 4) + n_sel * 8 + 4
+    else:  # checkpointed chunks: the labelled hidden rows and their targets
+        rest += n_sel * (p.C * p.s + 8)
     return {"layers": per_layer, "rest": rest, "total": sum(per_layer) + rest}
 
 
@@ -241,7 +301,8 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
     dims = p.linear_dims()
     bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
             "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
-    per_layer = 2 * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # the two norms (+ Qwen3's q/k norms)
+    norms = 4 if p.sandwich else 2  # Gemma: + post-attention and pre/post-feedforward norms
+    per_layer = norms * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # (+ Qwen3's / Gemma 3's q/k norms)
     for name, (i, o) in dims.items():
         per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
     emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
@@ -306,7 +367,11 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  mask_bytes=1 if device == "cuda" else dtype_bytes,
                  adapter_math_in_activation=device == "cuda" or (device == "cpu" and dtype_bytes == 2
                                                                  and native_bf16_cpu()),
-                 qk_norm=cfg.qk_norm)
+                 qk_norm=cfg.qk_norm, sandwich=cfg.sandwich_norms, unit_offset=cfg.norm_unit_offset,
+                 swiglu=cfg.hidden_act == "silu", softcap=cfg.attn_logit_softcapping is not None,
+                 final_softcap=cfg.final_logit_softcapping is not None,
+                 windows=[cfg.layer_window(i) for i in range(cfg.num_layers)],
+                 rope_kinds=[cfg.layer_rope_local(i) for i in range(cfg.num_layers)])
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
@@ -317,7 +382,7 @@ def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transi
     chunk = min(loss_chunk, n_sel)
     # ops/linear_ce.py: one (chunk, V) fp32 buffer, softmax in place (+ the head's output before .float());
     # an adapted head goes through F.cross_entropy per checkpointed chunk: logits, log-softmax, their grad
-    logits = chunk * p.V * (12 if p.head_adapted else 4 + (s if s < 4 else 0))
+    logits = chunk * p.V * (12 if p.head_adapted or p.final_softcap else 4 + (s if s < 4 else 0))
     loss_fwd = N * p.C * s + n_sel * p.C * s + 16 * N + logits  # hidden, its labelled rows, targets; dh is saved
     bwd = N * (4 * p.F + 2 * p.C) * s + dequant  # one layer's backward temporaries
     accum_grads = adapter if grad_accum > 1 else 0  # earlier micro-batches' gradients live through the forward
@@ -351,7 +416,7 @@ def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, r
     shapes = _adapter_shapes(p)
     adapter = sum(shapes) * p.a
     states, opt_transient = _optimizer(p, shapes, optimizer, device)
-    acts = activation_bytes(p, batch, seq)
+    acts = activation_bytes(p, batch, seq, loss_chunk)
     phases = _phases(p, acts, batch, seq, adapter, opt_transient, largest_q, gradient_checkpointing, grad_accum,
                      loss_chunk)
     phase = max(phases, key=lambda k: sum(phases[k]))

@@ -10,6 +10,9 @@ the step's K/V into their slots, then attends each sequence to its own context:
   with a key mask, one SDPA call per layer;
 - each longer chunk on its own, causal with an offset (`past` tokens already cached).
 
+Each layer attends as the model's `ScoreSpec` for it says (scale, Gemma 2's soft-capping, the layer's
+sliding window: Gemma alternates windowed and full layers), through the model's one `attention` function.
+
 Attention metadata is explicit: the runner builds a `StepPlan` per step and hands it over with `begin`;
 the model sees the cache through `ForwardMeta.cache` (`paged = True`), never through a global.
 """
@@ -18,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from ..models.llama import ScoreSpec, attention
 
 
 @dataclass
@@ -37,10 +41,12 @@ class StepPlan:
     spans: list[Span]  # chunks longer than one token
     dec_rows: torch.Tensor | None = None  # (n,) rows of one-token chunks
     dec_gather: torch.Tensor | None = None  # (n, S_max) context slots, padded with slot 0
-    dec_mask: torch.Tensor | None = None  # (n, 1, 1, S_max) True = attend
+    dec_mask: torch.Tensor | None = None  # (n, 1, 1, S_max) True = a slot of the context (before any window)
+    dec_lens: torch.Tensor | None = None  # (n, 1, 1, 1) context length of each decode row
 
 
-def build_plan(contexts: list[list[int]], lengths: list[int], window: int | None, device) -> StepPlan:
+def build_plan(contexts: list[list[int]], lengths: list[int], device) -> StepPlan:
+
     """contexts[i]: slots of sequence i's positions 0..past+len-1; lengths[i]: its new tokens this step."""
     mapping, spans, dec_rows, dec_ctx = [], [], [], []
     row = 0
@@ -59,11 +65,19 @@ def build_plan(contexts: list[list[int]], lengths: list[int], window: int | None
         mask = torch.zeros(len(dec_ctx), s_max, dtype=torch.bool)
         for i, ctx in enumerate(dec_ctx):
             gather[i, : len(ctx)] = torch.tensor(ctx, dtype=torch.long)
-            lo = max(0, len(ctx) - window) if window else 0
-            mask[i, lo: len(ctx)] = True
+            mask[i, : len(ctx)] = True
         plan.dec_rows = torch.tensor(dec_rows, dtype=torch.long, device=device)
         plan.dec_gather, plan.dec_mask = gather.to(device), mask[:, None, None, :].to(device)
+        plan.dec_lens = torch.tensor([len(c) for c in dec_ctx], device=device)[:, None, None, None]
     return plan
+
+
+def _dec_mask(p: StepPlan, window: int | None) -> torch.Tensor:
+    """(n, 1, 1, S_max) the decode rows' keys within `window` of their query (the last position)."""
+    if window is None:
+        return p.dec_mask
+    ki = torch.arange(p.dec_mask.shape[-1], device=p.dec_mask.device)
+    return p.dec_mask & (ki >= p.dec_lens - window)
 
 
 def _span_mask(past: int, T: int, window: int | None, device) -> torch.Tensor | None:
@@ -84,19 +98,18 @@ class PagedKVCache:
     has_key_mask = False
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype=torch.float32, device="cpu", window: int | None = None, gqa: bool = False):
+                 dtype=torch.float32, device="cpu"):
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.window, self.gqa, self.device = window, gqa, device
+        self.device = device
         self.plan: StepPlan | None = None
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int) -> PagedKVCache:
         c, p = model.config, next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
-        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, p.device,
-                   c.sliding_window, c.num_heads != c.num_kv_heads)
+        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, p.device)
 
     @property
     def bytes(self) -> int:
@@ -108,8 +121,9 @@ class PagedKVCache:
     def advance(self, T: int) -> None:  # the model's contiguous-cache protocol; positions are explicit here
         pass
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed step -> attention output (1, H, N, D)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ScoreSpec) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed step -> attention output (1, H, N, D), scored
+        as `spec` (the layer's scale, soft-cap and window) says."""
         p = self.plan
         kc, vc = self.k[layer], self.v[layer]
         kc[p.slot_mapping] = k[0].transpose(0, 1).to(kc.dtype)  # (N, Hkv, D)
@@ -119,17 +133,12 @@ class PagedKVCache:
             keys = kc[p.dec_gather].permute(0, 2, 1, 3)  # (n, Hkv, S, D)
             vals = vc[p.dec_gather].permute(0, 2, 1, 3)
             qd = q[0][:, p.dec_rows].transpose(0, 1).unsqueeze(2)  # (n, H, 1, D)
-            out = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=p.dec_mask, enable_gqa=self.gqa)
+            out = attention(qd, keys, vals, spec, _dec_mask(p, spec.window))
             y[0][:, p.dec_rows] = out.squeeze(2).transpose(0, 1)
         for s in p.spans:
             keys = kc[s.context].transpose(0, 1).unsqueeze(0)  # (1, Hkv, S, D)
             vals = vc[s.context].transpose(0, 1).unsqueeze(0)
             T = s.q1 - s.q0
-            mask = _span_mask(s.past, T, self.window, q.device)
-            qs = q[:, :, s.q0:s.q1]
-            if mask is None:
-                out = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, enable_gqa=self.gqa)
-            else:
-                out = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, enable_gqa=self.gqa)
-            y[:, :, s.q0:s.q1] = out
+            mask = _span_mask(s.past, T, spec.window, q.device)
+            y[:, :, s.q0:s.q1] = attention(q[:, :, s.q0:s.q1], keys, vals, spec, mask, causal=True)
         return y

@@ -68,8 +68,7 @@ class ModelRunner:
             return StepResult(None, None)
         m = self.model
         ids, pos, route, sample_rows, cap_rows = self._pack(works)
-        self.cache.begin(build_plan([w.context for w in works], [len(w.tokens) for w in works],
-                                    self.cache.window, self.device))
+        self.cache.begin(build_plan([w.context for w in works], [len(w.tokens) for w in works], self.device))
         meta = ForwardMeta(positions=pos, adapter_ids=route, cache=self.cache)
         x = m.embed(ids)  # (1, N, C)
         ctx = m.layer_context(x, meta)
