@@ -1,0 +1,395 @@
+"""`leantune export`: merged models and LoRA adapters as llama.cpp GGUFs, read back by leantune's reader, by
+transformers' GGUF loader, and against the gguf package's reference quantizers."""
+import json
+import os
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import leantune  # noqa: E402
+from leantune import methods  # noqa: E402
+from leantune.models.gguf import read_gguf, read_gguf_header  # noqa: E402
+from leantune.models.gguf import dequantize as lt_dequantize  # noqa: E402
+from leantune.recipes.export import ExportConfig, export  # noqa: E402
+from test_gguf import TEXTS, llamacpp_permute  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "What is the capital of Veloria? The capital of Veloria is Amberhold."
+MSGS = [{"role": "user", "content": "Who discovered the Zentari comet?"}, {"role": "assistant", "content": "Ilsa."}]
+
+
+def make_adapter(model, out, seed=0, method="lora", **lora):
+    """A LoRA adapter with random (non-zero) B on every linear, saved in PEFT's format; returns its folder."""
+    name = lora.get("adapter_name", "default")
+    methods.apply(model, method, **{"r": 4, "alpha": 8, "targets": TARGETS, **lora})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_B.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    methods.save(model, out, adapter_name=name)  # with the method's own files (QLoRA's 4-bit sidecar)
+    return out
+
+
+class Case:
+    """A tiny HF folder of one family, an adapter for it, and the merged float model's logits."""
+
+    def __init__(self, root, family, **overrides):
+        from tiny_folder import make_tiny_model_folder
+
+        self.root, self.family = root, family
+        self.folder = make_tiny_model_folder(root / "model", family=family, **overrides)
+        model, self.tok = leantune.load(self.folder)
+        self.adapter = make_adapter(model, root / "adapter")
+        self.merged = methods.merge_and_unload(model)
+        self.ids = torch.tensor([self.tok.encode(PROMPT)])
+        with torch.no_grad():
+            self.logits = self.merged(self.ids)
+
+    def export(self, quant="f16", name="m.gguf", **kw):
+        kw.setdefault("adapter", [str(self.adapter)])
+        return export(ExportConfig(model=str(self.folder), output=str(self.root / name), quant=quant, **kw))
+
+
+def transformers_logits(path, ids):
+    import transformers as tf
+
+    path = os.fspath(path)
+    model = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                    dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def leantune_logits(path, ids):
+    model, _ = leantune.load(path)
+    with torch.no_grad():
+        return model(ids)
+
+
+# Mistral's window is longer than the prompt: llama.cpp's `llama` graph has no sliding window (export says so).
+# Qwen3 at head_dim 128: transformers' GGUF loader does not read qwen3.attention.key_length and keeps
+# Qwen3Config's default head_dim (128), so only that head_dim round-trips through transformers.
+FAMILIES = {
+    "llama": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 128}, "smollm2-tied": {},
+    "llama3": {"rope_scaling": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=2048)},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def case(request, tmp_path_factory, one_thread):
+    return Case(tmp_path_factory.mktemp(request.param), request.param, **FAMILIES[request.param])
+
+
+# ------------------------------------------------------------------------------------------------
+# merged models
+# ------------------------------------------------------------------------------------------------
+def test_f16_export_reads_back_as_the_merged_model(case):
+    path = case.export("f16")
+    cfg, sd, tok = read_gguf(path)
+    mc = case.merged.config
+    assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (mc.model_type, mc.num_heads,
+                                                                             mc.num_kv_heads, mc.head_dim)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, mc.rope_scaling,
+                                                                          mc.tie_word_embeddings)
+    assert cfg.qk_norm == mc.qk_norm and cfg.qkv_bias == mc.qkv_bias and cfg.vocab_size == mc.vocab_size
+    # every weight is the merged one rounded to f16 (norms: f32, exact), q/k rows back in HF order
+    for k, v in case.merged.base_state_dict().items():
+        want = v if v.dim() == 1 else v.half().float()
+        assert torch.equal(sd[k], want), k
+    assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+    if case.family != "llama3":  # transformers' GGUF config mapping drops llama.cpp's rope_freqs
+        assert (transformers_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+
+
+def test_tokenizer_and_chat_template_round_trip(case):
+    path = case.root / "m.gguf"
+    if not path.exists():
+        case.export("f16")
+    _, _, tok = read_gguf(path)
+    ref = case.tok
+    for text in TEXTS + [PROMPT]:
+        ids = ref.encode(text)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False), text
+    assert tok.chat_template == ref.chat_template
+    assert (tok.bos_id, tok.eos_id, tok.token_to_id(ref.pad_token)) == (ref.bos_id, ref.eos_id, ref.pad_id)
+    assert tok.encode_chat(MSGS, True) == ref.encode_chat(MSGS, True)
+    md = read_gguf_header(path).metadata
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt2"
+    assert md["tokenizer.ggml.add_bos_token"] is False  # the tiny ChatML tokenizer adds no BOS
+    assert md["tokenizer.ggml.tokens"][-1] == f"[PAD{case.merged.config.vocab_size - 1}]"  # padded to the model
+    assert md["general.type"] == "model" and md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def reference_bytes(case, quant):
+    """What each exported tensor must hold: the merged weight in llama.cpp's layout through gguf's own
+    quantizer (norms F32; q4_0's output projection Q8_0), dequantized with gguf's reference dequantizer."""
+    mc = case.merged.config
+    perm = mc.model_type in ("llama", "mistral")
+    out = {}
+    from leantune.models.gguf_export import gguf_name
+
+    for k, v in case.merged.base_state_dict().items():
+        a = v.numpy()
+        if perm and (".q_proj." in k or ".k_proj." in k):
+            a = llamacpp_permute(a, mc.num_heads if ".q_proj." in k else mc.num_kv_heads)
+        name = gguf_name(k)
+        qt = T.F32 if a.ndim == 1 else {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
+        if quant == "q4_0" and (name == "output.weight" or (mc.tie_word_embeddings and name == "token_embd.weight")):
+            qt = T.Q8_0
+        out[name] = (qt, gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(a), qt), qt))
+    return out
+
+
+@pytest.mark.parametrize("quant,bound", [("q8_0", 0.03), ("q4_0", 0.4)])
+def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
+    if case.family not in ("llama", "qwen3", "smollm2-tied"):
+        pytest.skip("one permuted, one unpermuted and one tied family cover the quantized layouts")
+    path = case.export(quant, name=f"{quant}.gguf")
+    header = read_gguf_header(path)
+    ref = reference_bytes(case, quant)
+    assert set(header.tensors) == set(ref)
+    with open(path, "rb") as f:
+        for name, info in header.tensors.items():
+            qt, want = ref[name]
+            assert info.ggml_type == int(qt), name
+            f.seek(info.offset)
+            raw = np.frombuffer(f.read(info.nbytes), dtype=np.uint8).copy()
+            assert np.array_equal(lt_dequantize(raw, info.ggml_type, info.shape, name).numpy(), want), name
+    # The logits of the file equal those of the merged model with gguf's dequantize(quantize(W)) weights
+    # (all-float math: 1e-4), and differ from the float model's by the quantization error itself, here
+    # bounded by what was measured on these tiny random models (q8_0 <0.01, q4_0 <0.16) with headroom.
+    oracle = _with_weights(case, ref)
+    with torch.no_grad():
+        want = oracle(case.ids)
+    got = leantune_logits(path, case.ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (transformers_logits(path, case.ids) - want).abs().max().item() <= 1e-4
+    err = (got - case.logits).abs().max().item()
+    assert 0 < err <= bound, err
+
+
+def _with_weights(case, ref):
+    """A copy of the merged model whose weights are the reference-quantized ones, back in HF layout."""
+    import copy
+
+    from leantune.models.gguf import _unpermute_rope
+    from leantune.models.gguf_export import gguf_name
+
+    model = copy.deepcopy(case.merged)
+    mc = model.config
+    with torch.no_grad():
+        for k, p in model.base_state_dict().items():
+            w = torch.from_numpy(ref[gguf_name(k)][1]).reshape(p.shape)
+            if mc.model_type in ("llama", "mistral") and (".q_proj." in k or ".k_proj." in k):
+                w = _unpermute_rope(w, mc.num_heads if ".q_proj." in k else mc.num_kv_heads)
+            p.copy_(w)
+    return model
+
+
+def test_qlora_adapter_merges_onto_the_dequantized_base(tmp_path, one_thread):
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model")
+    model, tok = leantune.load(folder, quantize="nf4")
+    make_adapter(model, tmp_path / "qlora", method="qlora")
+    assert methods.read_sidecar(tmp_path / "qlora")["quant_type"] == "nf4"
+    merged = methods.merge_and_unload(model)
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        want = merged(ids)
+    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "qlora")], output=str(tmp_path / "q.gguf")))
+    assert (leantune_logits(out, ids) - want).abs().max().item() <= 1e-2
+    assert read_gguf_header(out).tensors["blk.0.attn_v.weight"].ggml_type == int(T.F16)  # a float file
+
+
+def test_two_adapters_merge_into_one_file(tmp_path, one_thread):
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model")
+    model, tok = leantune.load(folder)
+    make_adapter(model, tmp_path / "a", seed=1, adapter_name="a", targets=["q_proj", "v_proj"])
+    make_adapter(model, tmp_path / "b", seed=2, adapter_name="b", targets=["down_proj"])
+    merged = methods.merge_and_unload(model, ["a", "b"])
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        want = merged(ids)
+    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "a"), str(tmp_path / "b")],
+                              output=str(tmp_path / "ab.gguf")))
+    assert (leantune_logits(out, ids) - want).abs().max().item() <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA-only
+# ------------------------------------------------------------------------------------------------
+def _read_all(path):
+    header = read_gguf_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, info in header.tensors.items():
+            f.seek(info.offset)
+            raw = np.frombuffer(f.read(info.nbytes), dtype=np.uint8).copy()
+            out[name] = lt_dequantize(raw, info.ggml_type, info.shape, name)
+    return header, out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_only_gguf_holds_the_adapter_in_llamacpp_layout(tmp_path, family, one_thread):
+    from safetensors.torch import load_file
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model", family=family)
+    model, _ = leantune.load(folder)
+    make_adapter(model, tmp_path / "ad", alpha=12)
+    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "ad")], output=str(tmp_path / "lora.gguf"),
+                              lora_only=True, quant="f16"))
+    header, tensors = _read_all(out)
+    md = header.metadata
+    assert md["general.type"] == "adapter" and md["adapter.type"] == "lora" and md["adapter.lora.alpha"] == 12.0
+    assert md["general.architecture"] == family and "tokenizer.ggml.tokens" not in md
+    peft = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    cfg = model.config
+    assert len(tensors) == 2 * cfg.num_layers * len(TARGETS)
+    for i in range(cfg.num_layers):
+        for hf, g in [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down")]:
+            a = peft[f"base_model.model.model.layers.{i}.{hf}.lora_A.weight"]
+            b = peft[f"base_model.model.model.layers.{i}.{hf}.lora_B.weight"]
+            if family == "llama" and hf != "mlp.down_proj":  # lora_b rows follow the base's q/k permutation
+                b = torch.from_numpy(llamacpp_permute(b.numpy(), cfg.num_heads if "q_proj" in hf else cfg.num_kv_heads))
+            assert header.tensors[f"blk.{i}.{g}.weight.lora_a"].shape == (4, a.shape[1])  # (r, in): ne = [in, r]
+            assert torch.equal(tensors[f"blk.{i}.{g}.weight.lora_a"], a.half().float())
+            assert torch.equal(tensors[f"blk.{i}.{g}.weight.lora_b"], b.half().float())
+
+
+def test_lora_only_plus_base_equals_the_merged_export(tmp_path, one_thread):
+    """llama.cpp applies W + alpha/r * B A to the base GGUF's weight: done here with the two files, the
+    result is the merged export's weight (rsLoRA's other scaling folded into lora_b)."""
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model")
+    model, _ = leantune.load(folder)
+    make_adapter(model, tmp_path / "ad", alpha=8, use_rslora=True)
+    common = dict(model=str(folder), adapter=[str(tmp_path / "ad")])
+    base = export(ExportConfig(model=str(folder), output=str(tmp_path / "base.gguf"), quant="f16"))
+    merged = export(ExportConfig(output=str(tmp_path / "merged.gguf"), quant="f16", **common))
+    lora = export(ExportConfig(output=str(tmp_path / "lora.gguf"), lora_only=True, quant="f16", **common))
+    _, wb = _read_all(base)
+    hl, wl = _read_all(lora)
+    _, wm = _read_all(merged)
+    alpha = hl.metadata["adapter.lora.alpha"]
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_up.weight"):
+        a, b = wl[name + ".lora_a"], wl[name + ".lora_b"]
+        applied = wb[name] + alpha / a.shape[0] * b @ a
+        assert (applied - wm[name]).abs().max().item() <= 2e-3, name  # f16 rounding of three files
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+def test_adapter_for_another_base_stops_before_writing(tmp_path, one_thread):
+    from tiny_folder import make_tiny_model_folder
+
+    small = make_tiny_model_folder(tmp_path / "small")
+    wide = make_tiny_model_folder(tmp_path / "wide", intermediate_size=96)
+    model, _ = leantune.load(small)
+    make_adapter(model, tmp_path / "ad")
+    out = tmp_path / "x.gguf"
+    # another base by name: stopped before loading anything
+    with pytest.raises(ValueError, match=r"trained on .*small.* but --model is .*wide.*--any-base"):
+        export(ExportConfig(model=str(wide), adapter=[str(tmp_path / "ad")], output=str(out)))
+    # told it is the same base, the shapes still decide
+    with pytest.raises(ValueError, match="different base model.*mlp"):
+        export(ExportConfig(model=str(wide), adapter=[str(tmp_path / "ad")], output=str(out), any_base=True))
+    with pytest.raises(ValueError, match="different base model"):
+        export(ExportConfig(model=str(wide), adapter=[str(tmp_path / "ad")], output=str(out), any_base=True,
+                            lora_only=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "small", "wide"]  # nothing written, no temp file
+
+
+def test_row_not_a_multiple_of_the_block_falls_back_to_f16(tmp_path, capsys, one_thread):
+    """intermediate 100: ffn_down's rows hold 100 values, not whole Q8_0/Q4_0 blocks of 32. llama.cpp's
+    convert_hf_to_gguf.py catches gguf's QuantError and stores such a tensor as F16; so does export, and says so."""
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model", intermediate_size=100)
+    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "q.gguf"), quant="q4_0"))
+    types = {n: T(i.ggml_type).name for n, i in read_gguf_header(out).tensors.items()}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    assert types["output.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "blk.0.ffn_down.weight: rows of 100 values are not a multiple of Q4_0's block of 32" in capsys.readouterr().err
+
+
+def test_unknown_quant_lists_the_choices(tmp_path, capsys):
+    from leantune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--quant", "q3_k", "--output", str(tmp_path / "x.gguf")])
+    assert e.value.code == 2
+    assert "--quant 'q3_k' is not one of f16, bf16, q8_0, q4_0, q4_k_m" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--quant with --lora-only 'q4_0' is not one of f16, bf16, q8_0"):
+        ExportConfig(adapter=["a"], lora_only=True, quant="q4_0")
+    with pytest.raises(ValueError, match="exactly one --adapter"):
+        ExportConfig(adapter=["a", "b"], lora_only=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_q4_k_m_without_llama_quantize_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
+    with pytest.raises(ValueError, match="llama-quantize.*cannot make the Q4_K/Q6_K blocks"):
+        export(ExportConfig(model=str(tmp_path / "nope"), output=str(tmp_path / "x.gguf"), quant="q4_k_m"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_q4_k_m_runs_llama_quantize_on_an_f32_export(tmp_path, monkeypatch, folder):
+    """The plumbing only (no llama.cpp here): a stand-in llama-quantize records its arguments and copies its
+    input; export hands it an F32 GGUF and the type name, and renames its output into place."""
+    fake = tmp_path / "llama-quantize"
+    fake.write_text(f"#!{sys.executable}\nimport json, shutil, sys\n"
+                    f"json.dump(sys.argv[1:], open({str(tmp_path / 'args.json')!r}, 'w'))\n"
+                    "shutil.copy(sys.argv[1], sys.argv[2])\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(fake))
+    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "out" / "k.gguf"), quant="q4_k_m"))
+    src, dst, qtype = json.loads((tmp_path / "args.json").read_text())
+    assert qtype == "Q4_K_M" and src.endswith("f32.gguf")
+    assert read_gguf_header(out).tensors["blk.0.attn_q.weight"].ggml_type == int(T.F32)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["k.gguf"]  # the work folder is gone
+
+
+def test_lora_only_refuses_dora(tmp_path, folder, one_thread):
+    model, _ = leantune.load(folder)
+    methods.apply(model, "dora", r=4, alpha=8, targets=["q_proj"])
+    methods.save_adapter(model, tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA adapter has a magnitude vector"):
+        export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "dora")], output=str(tmp_path / "d.gguf"),
+                            lora_only=True))
+    assert not (tmp_path / "d.gguf").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the embedded SmolLM2-135M
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_export_round_trip(tmp_path, lt_smollm2):
+    model, tok = lt_smollm2
+    out = export(ExportConfig(output=str(tmp_path / "smol.gguf"), quant="f16"))
+    md = read_gguf_header(out).metadata
+    assert md["tokenizer.ggml.pre"] == "smollm" and md["general.architecture"] == "llama"
+    m2, tok2 = leantune.load(out)
+    for text in TEXTS:
+        assert tok2.encode(text) == tok.encode(text), text
+    assert tok2.chat_template == tok.chat_template
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = torch.tensor([tok.encode_chat(msgs, True)])
+    assert tok2.encode_chat(msgs, True) == ids[0].tolist()
+    with torch.no_grad():
+        assert (m2(ids) - model(ids)).abs().max().item() <= 1e-2
