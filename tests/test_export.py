@@ -142,14 +142,14 @@ def reference_bytes(case, quant):
         if perm and (".q_proj." in k or ".k_proj." in k):
             a = llamacpp_permute(a, mc.num_heads if ".q_proj." in k else mc.num_kv_heads)
         name = gguf_name(k)
-        qt = T.F32 if a.ndim == 1 else {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
+        qt = T.F32 if a.ndim == 1 else {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
         if quant == "q4_0" and (name == "output.weight" or (mc.tie_word_embeddings and name == "token_embd.weight")):
             qt = T.Q8_0
         out[name] = (qt, gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(a), qt), qt))
     return out
 
 
-@pytest.mark.parametrize("quant,bound", [("q8_0", 0.03), ("q4_0", 0.4)])
+@pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("q8_0", 0.03), ("q4_0", 0.4)])
 def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
     if case.family not in ("llama", "qwen3", "smollm2-tied"):
         pytest.skip("one permuted, one unpermuted and one tied family cover the quantized layouts")
@@ -166,7 +166,7 @@ def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
             assert np.array_equal(lt_dequantize(raw, info.ggml_type, info.shape, name).numpy(), want), name
     # The logits of the file equal those of the merged model with gguf's dequantize(quantize(W)) weights
     # (all-float math: 1e-4), and differ from the float model's by the quantization error itself, here
-    # bounded by what was measured on these tiny random models (q8_0 <0.01, q4_0 <0.16) with headroom.
+    # bounded by what was measured on these tiny random models (bf16 <0.004, q8_0 <0.01, q4_0 <0.16) with headroom.
     oracle = _with_weights(case, ref)
     with torch.no_grad():
         want = oracle(case.ids)
@@ -324,7 +324,8 @@ def test_row_not_a_multiple_of_the_block_falls_back_to_f16(tmp_path, capsys, one
     types = {n: T(i.ggml_type).name for n, i in read_gguf_header(out).tensors.items()}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
     assert types["output.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
-    assert "blk.0.ffn_down.weight: rows of 100 values are not a multiple of Q4_0's block of 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "blk.0.ffn_down.weight: rows of 100 values are not a multiple of Q4_0's block of 32" in err
 
 
 def test_unknown_quant_lists_the_choices(tmp_path, capsys):
@@ -380,11 +381,19 @@ def test_lora_only_refuses_dora(tmp_path, folder, one_thread):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_export_round_trip(tmp_path, lt_smollm2):
+    """The real 135M model (30 layers) as f16: every weight read back is the f16 rounding of the original, the
+    tokenizer (pre-tokenizer `smollm`, as llama.cpp names it) and chat template survive, and the logits move by
+    the f16 rounding only (measured 0.04 on logits of magnitude ~30; the writer is the one the recipe uses)."""
+    from leantune.models.gguf_export import write_model_gguf
+
     model, tok = lt_smollm2
-    out = export(ExportConfig(output=str(tmp_path / "smol.gguf"), quant="f16"))
+    out = write_model_gguf(model, tok, tmp_path / "smol.gguf", "f16")
     md = read_gguf_header(out).metadata
     assert md["tokenizer.ggml.pre"] == "smollm" and md["general.architecture"] == "llama"
+    assert md["tokenizer.ggml.add_bos_token"] is False and md["tokenizer.ggml.bos_token_id"] == 1
     m2, tok2 = leantune.load(out)
+    for k, v in model.base_state_dict().items():
+        assert torch.equal(m2.get_parameter(k), v if v.dim() == 1 else v.half().float()), k
     for text in TEXTS:
         assert tok2.encode(text) == tok.encode(text), text
     assert tok2.chat_template == tok.chat_template
@@ -392,4 +401,4 @@ def test_smollm2_export_round_trip(tmp_path, lt_smollm2):
     ids = torch.tensor([tok.encode_chat(msgs, True)])
     assert tok2.encode_chat(msgs, True) == ids[0].tolist()
     with torch.no_grad():
-        assert (m2(ids) - model(ids)).abs().max().item() <= 1e-2
+        assert (m2(ids) - model(ids)).abs().max().item() <= 0.1

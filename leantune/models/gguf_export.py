@@ -443,30 +443,6 @@ def write_k_quant_gguf(model, tok: Tokenizer, path, quant: str = "q4_k_m", name:
 # ================================================================================================
 # LoRA adapters (llama.cpp's LoRA GGUF)
 # ================================================================================================
-def lora_factors(model, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{HF module name: (A (r, in), B (out, r), scaling)} of a plain LoRA adapter loaded into `model`."""
-    from ..methods import adapter_layers
-
-    out = {}
-    for module, layer in adapter_layers(model):
-        if not layer.has_adapter(adapter_name):
-            continue
-        if not hasattr(layer, "lora_A") or adapter_name not in layer.lora_A:
-            raise ValueError(f"{module}: not a LoRA layer; a llama.cpp LoRA GGUF holds plain LoRA only "
-                             "(export the merged model instead: drop --lora-only)")
-        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):
-            raise ValueError(f"{module}: a DoRA adapter has a magnitude vector llama.cpp's LoRA GGUF cannot hold; "
-                             "export the merged model instead (drop --lora-only)")
-        if layer.lora_B[adapter_name].bias is not None:
-            raise ValueError(f"{module}: a LoRA bias (lora_bias=true) has no place in llama.cpp's LoRA GGUF; "
-                             "export the merged model instead (drop --lora-only)")
-        out[module] = (layer.lora_A[adapter_name].weight.detach().float(),
-                       layer.lora_B[adapter_name].weight.detach().float(), float(layer.scaling[adapter_name]))
-    if not out:
-        raise ValueError(f"the model has no layer with adapter {adapter_name!r}")
-    return out
-
-
 def lora_tensors(factors: dict, cfg: ModelConfig, alpha: float) -> dict[str, torch.Tensor]:
     """llama.cpp-named lora_a (r, in) / lora_b (out, r) tensors, as convert_lora_to_gguf.py lays them out.
 
@@ -488,15 +464,15 @@ def lora_tensors(factors: dict, cfg: ModelConfig, alpha: float) -> dict[str, tor
     return out
 
 
-def write_lora_gguf(model, adapter_name: str, path, alpha: float, quant: str = "f16",
+def write_lora_gguf(factors: dict, cfg: ModelConfig, path, alpha: float, quant: str = "f16",
                     name: str | None = None) -> Path:
-    """Write the LoRA adapter `adapter_name` of `model` as llama.cpp's LoRA GGUF (general.type adapter)."""
+    """Write a LoRA adapter, {HF module name: (A (r, in), B (out, r), scaling)} of a model with config `cfg`,
+    as llama.cpp's LoRA GGUF (general.type adapter)."""
     check_quant(quant, LORA_QUANTS, "--quant with --lora-only")
     if not alpha:
         raise ValueError("lora_alpha is 0: llama.cpp reads adapter.lora.alpha 0 as 'scale 1', not 0")
-    cfg = model.config
     spec = export_arch(cfg)
-    tensors = lora_tensors(lora_factors(model, adapter_name), cfg, alpha)
+    tensors = lora_tensors(factors, cfg, alpha)
     planned = [plan_tensor(n, t, quant) for n, t in tensors.items()]
     _report(planned)
 

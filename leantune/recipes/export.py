@@ -34,7 +34,8 @@ class ExportConfig:
         if self.lora_only:
             check_quant(self.quant, LORA_QUANTS, "--quant with --lora-only")
             if len(self.adapter) != 1:
-                raise ValueError(f"--lora-only writes one adapter; pass exactly one --adapter (got {len(self.adapter)})")
+                raise ValueError(f"--lora-only writes one adapter; pass exactly one --adapter "
+                                 f"(got {len(self.adapter)})")
         else:
             check_quant(self.quant)
         if not self.output.endswith(".gguf"):
@@ -123,6 +124,32 @@ def export(cfg: ExportConfig) -> str:
     return str(out)
 
 
+def lora_factors(model, adapter_name: str) -> dict:
+    """{HF module name: (A (r, in), B (out, r), scaling)} of a plain LoRA adapter loaded into `model`; any
+    other kind of adapter layer (DoRA, LoRA bias, AdaLoRA, bottleneck, ...) is refused, llama.cpp's LoRA GGUF
+    holds only W + alpha/r * B A."""
+    from ..methods import LoraLinear, adapter_layers
+
+    out = {}
+    for module, layer in adapter_layers(model):
+        if not layer.has_adapter(adapter_name):
+            continue
+        if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
+            raise ValueError(f"{module}: a {type(layer).__name__}, not a LoRA layer; a llama.cpp LoRA GGUF holds "
+                             "plain LoRA only (export the merged model instead: drop --lora-only)")
+        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):
+            raise ValueError(f"{module}: a DoRA adapter has a magnitude vector llama.cpp's LoRA GGUF cannot hold; "
+                             "export the merged model instead (drop --lora-only)")
+        if layer.lora_B[adapter_name].bias is not None:
+            raise ValueError(f"{module}: a LoRA bias (lora_bias=true) has no place in llama.cpp's LoRA GGUF; "
+                             "export the merged model instead (drop --lora-only)")
+        out[module] = (layer.lora_A[adapter_name].weight.detach().float(),
+                       layer.lora_B[adapter_name].weight.detach().float(), float(layer.scaling[adapter_name]))
+    if not out:
+        raise ValueError(f"the model has no layer with adapter {adapter_name!r}")
+    return out
+
+
 def _export_lora(cfg: ExportConfig):
     from .. import methods
     from ..models import gguf_export as gx
@@ -132,4 +159,4 @@ def _export_lora(cfg: ExportConfig):
     model, _ = load_model(cfg.model, resolve_precision("fp32"))  # the float base: only its shapes and names matter
     methods.load_adapter(model, cfg.adapter[0], adapter_name="export")
     alpha = methods.adapter_configs(model)["export"].alpha
-    return gx.write_lora_gguf(model, "export", cfg.output, alpha, cfg.quant, cfg.name)
+    return gx.write_lora_gguf(lora_factors(model, "export"), model.config, cfg.output, alpha, cfg.quant, cfg.name)
