@@ -73,11 +73,13 @@ def leantune_logits(path, ids):
         return model(ids)
 
 
+# llama-bias: q/k biases are permuted as their weights' rows (convert_hf_to_gguf permutes q_proj.bias too).
 # Mistral's window is longer than the prompt: llama.cpp's `llama` graph has no sliding window (export says so).
 # Qwen3 at head_dim 128: transformers' GGUF loader does not read qwen3.attention.key_length and keeps
 # Qwen3Config's default head_dim (128), so only that head_dim round-trips through transformers.
 FAMILIES = {
-    "llama": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 128}, "smollm2-tied": {},
+    "llama": {}, "llama-bias": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 128},
+    "smollm2-tied": {},
     "llama3": {"rope_scaling": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                     original_max_position_embeddings=2048)},
 }
@@ -105,7 +107,8 @@ def test_f16_export_reads_back_as_the_merged_model(case):
         want = v if v.dim() == 1 else v.half().float()
         assert torch.equal(sd[k], want), k
     assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
-    if case.family != "llama3":  # transformers' GGUF config mapping drops llama.cpp's rope_freqs
+    # transformers' GGUF config mapping drops llama.cpp's rope_freqs, and has no attention_bias/mlp_bias key
+    if case.family not in ("llama3", "llama-bias"):
         assert (transformers_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
 
 
@@ -402,3 +405,40 @@ def test_smollm2_export_round_trip(tmp_path, lt_smollm2):
     assert tok2.encode_chat(msgs, True) == ids[0].tolist()
     with torch.no_grad():
         assert (m2(ids) - model(ids)).abs().max().item() <= 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# a SentencePiece vocabulary (Llama 2 / Mistral style)
+# ------------------------------------------------------------------------------------------------
+def test_sentencepiece_tokenizer_round_trip(tmp_path, one_thread):
+    """test_gguf's SentencePiece GGUF vocabulary (scores, byte tokens, <unk>) as a model's tokenizer: the
+    export writes model 'llama' with scores and byte types, and both leantune and transformers read back a
+    tokenizer that encodes and decodes as the original file's does."""
+    import transformers as tf
+    from test_gguf import spm_tokenizer, write_gguf
+    from tiny_folder import make_tiny_model_folder
+
+    from leantune.models.gguf import tokenizer_from_metadata
+
+    src = write_gguf(tmp_path / "spm.gguf", tokenizer=spm_tokenizer)
+    tok = tokenizer_from_metadata(read_gguf_header(src).metadata, src)
+    folder = make_tiny_model_folder(tmp_path / "model", bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    tok.save(folder)
+    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "m.gguf")))
+    md = read_gguf_header(out).metadata
+    assert md["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in md
+    assert list(md["tokenizer.ggml.token_type"][:5]) == [2, 3, 3, 6, 6]  # unk, control, control, bytes
+    assert md["tokenizer.ggml.add_bos_token"] is True and md["tokenizer.ggml.add_space_prefix"] is True
+    assert md["tokenizer.ggml.unknown_token_id"] == 0
+    # llama.cpp merges the adjacent pair whose result scores highest: scores must fall along the merge order
+    merges = json.loads(tok.tk.to_str())["model"]["merges"]
+    firsts = list(dict.fromkeys("".join(m) for m in merges))
+    scores = [float(md["tokenizer.ggml.scores"][md["tokenizer.ggml.tokens"].index(t)]) for t in firsts]
+    assert len(firsts) > 5 and all(a > b for a, b in zip(scores, scores[1:]))
+    _, _, back = read_gguf(out)
+    ref = tf.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    ref_back = tf.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in TEXTS:
+        ids = ref(text).input_ids
+        assert back.encode(text) == ids == ref_back(text).input_ids, text
+        assert back.decode(ids) == ref.decode(ids, skip_special_tokens=True), text

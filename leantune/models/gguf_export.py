@@ -195,13 +195,11 @@ def _pre_name(tok: Tokenizer) -> str | None:
     """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer: the name the source GGUF had, else
     one recognized from the pre-tokenizer's split regex. llama.cpp names pre-tokenizers by a hash of their
     output; here only the regexes the reader also knows are recognized (None: unknown)."""
-    import json
-
     from .gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
 
     if getattr(tok, "gguf_pre", None):
         return tok.gguf_pre
-    pre = json.loads(tok.tk.to_str()).get("pre_tokenizer") or {}
+    pre = _tokenizer_json(tok.tk).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -214,18 +212,27 @@ def _pre_name(tok: Tokenizer) -> str | None:
     return None
 
 
-def _is_byte_level(tk) -> bool:
+def _tokenizer_json(tk) -> dict:
     import json
 
-    d = json.loads(tk.to_str())
-    return (d.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(d.get("pre_tokenizer"))
+    return json.loads(tk.to_str())
 
 
-def _merges(tk) -> list[str]:
+def _tokenizer_kind(d: dict) -> str | None:
+    """llama.cpp's tokenizer.ggml.model for a tokenizer.json: 'gpt2' (byte-level BPE), 'llama' (SentencePiece
+    BPE with byte fallback, as transformers converts Llama 2 / Mistral tokenizers), else None."""
     import json
 
-    merges = json.loads(tk.to_str())["model"].get("merges", [])
-    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+    model = d.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    if "ByteLevel" in json.dumps(d.get("pre_tokenizer")):
+        return "gpt2"
+    return "llama" if model.get("byte_fallback") else None
+
+
+def _merges(d: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in d["model"].get("merges", [])]
 
 
 def _adds_special(tok: Tokenizer) -> tuple[bool, bool]:
@@ -239,25 +246,17 @@ def _adds_special(tok: Tokenizer) -> tuple[bool, bool]:
 @dataclass
 class Vocab:
     model: str  # tokenizer.ggml.model
-    pre: str
     tokens: list[str]
     types: list[int]
-    merges: list[str]
+    pre: str | None = None  # byte-level BPE: the pre-tokenizer's llama.cpp name
+    merges: list[str] | None = None  # byte-level BPE
+    scores: list[float] | None = None  # SentencePiece
+    add_space_prefix: bool | None = None  # SentencePiece
 
 
-def vocab_of(tok: Tokenizer, vocab_size: int, pre: str | None = None) -> Vocab:
-    """The `tokenizer.ggml.*` vocabulary of a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen, SmolLM), padded
-    to the model's vocab_size with `[PAD{i}]` UNUSED tokens as convert_hf_to_gguf pads it."""
-    if not _is_byte_level(tok.tk):
-        raise ValueError(
-            "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM: tokenizer.ggml.model "
-            "'gpt2'); this tokenizer is not one (a SentencePiece vocabulary, e.g. Llama 2 or Mistral v0.1-0.3). "
-            "Convert it with llama.cpp's convert_hf_to_gguf.py from the merged folder (leantune merge)"
-        )
-    pre = pre or _pre_name(tok)
-    if pre is None:
-        raise ValueError("the tokenizer's pre-tokenizer is not one leantune recognizes; pass --tokenizer-pre NAME "
-                         "with llama.cpp's name for it (e.g. gpt2, llama-bpe, qwen2, smollm)")
+def _token_table(tok: Tokenizer, vocab_size: int, kind_of: Callable[[int, str], int]):
+    """Tokens and token types in id order, padded to the model's vocab_size with `[PAD{i}]` UNUSED tokens as
+    convert_hf_to_gguf pads them; added tokens CONTROL (special) or USER_DEFINED, the rest `kind_of`."""
     by_id = {i: t for t, i in tok.tk.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
         raise ValueError(f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}; "
@@ -265,26 +264,74 @@ def vocab_of(tok: Tokenizer, vocab_size: int, pre: str | None = None) -> Vocab:
     added = tok.tk.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(_UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(_CONTROL if added[i].special else _USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(_NORMAL)
-    return Vocab("gpt2", pre, tokens, types, _merges(tok.tk))
+        t = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if t is None else t)
+        types.append(_UNUSED if t is None else (_CONTROL if added[i].special else _USER_DEFINED) if i in added
+                     else kind_of(i, t))
+    return tokens, types
+
+
+def _byte_level_vocab(tok: Tokenizer, d: dict, vocab_size: int, pre: str | None) -> Vocab:
+    pre = pre or _pre_name(tok)
+    if pre is None:
+        raise ValueError("the tokenizer's pre-tokenizer is not one leantune recognizes; pass --tokenizer-pre NAME "
+                         "with llama.cpp's name for it (e.g. gpt2, llama-bpe, qwen2, smollm)")
+    tokens, types = _token_table(tok, vocab_size, lambda i, t: _NORMAL)
+    return Vocab("gpt2", tokens, types, pre=pre, merges=_merges(d))
+
+
+def _sentencepiece_vocab(tok: Tokenizer, d: dict, vocab_size: int, pre: str | None) -> Vocab:
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral v0.1-0.3): llama.cpp merges the adjacent pair whose
+    result has the highest score, so a piece made by the k-th merge scores -k (earlier merges win, as in
+    BPE); bytes `<0xXX>` are BYTE tokens, the unknown token UNKNOWN."""
+    import re
+
+    unk = d["model"].get("unk_token")
+    made_by = {}
+    for k, m in enumerate(_merges(d)):
+        made_by.setdefault(m.replace(" ", ""), k)
+    byte = re.compile(r"<0x[0-9A-F]{2}>")
+    tokens, types = _token_table(tok, vocab_size, lambda i, t: _BYTE if byte.fullmatch(t) else _NORMAL)
+    if unk in tokens:  # UNKNOWN even where the tokenizer lists it as a special added token
+        types[tokens.index(unk)] = _UNKNOWN
+    scores = [-float(made_by[t]) if ty == _NORMAL and t in made_by else 0.0 for t, ty in zip(tokens, types)]
+    meta = d.get("pre_tokenizer") or {}
+    prefix = meta.get("prepend_scheme", "first") != "never" if meta.get("type") == "Metaspace" else \
+        "Prepend" in str(d.get("normalizer"))  # older tokenizer.json: Prepend("▁") + Replace in the normalizer
+    return Vocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
+
+
+_VOCABS = {"gpt2": _byte_level_vocab, "llama": _sentencepiece_vocab}
+
+
+def vocab_of(tok: Tokenizer, vocab_size: int, pre: str | None = None) -> Vocab:
+    """The `tokenizer.ggml.*` vocabulary of a BPE tokenizer: byte-level (GPT-2, Llama 3, Qwen, SmolLM: model
+    'gpt2', with merges) or SentencePiece-style with byte fallback (Llama 2, Mistral: model 'llama', scores)."""
+    d = _tokenizer_json(tok.tk)
+    kind = _tokenizer_kind(d)
+    if kind is None:
+        raise ValueError(
+            f"GGUF export writes BPE tokenizers (byte-level, or SentencePiece-style with byte fallback); this one is "
+            f"a {(d.get('model') or {}).get('type')!r} model. Convert the merged folder (leantune merge) with "
+            "llama.cpp's convert_hf_to_gguf.py instead"
+        )
+    return _VOCABS[kind](tok, d, vocab_size, pre)
 
 
 def _add_tokenizer(w, tok: Tokenizer, vocab: Vocab) -> None:
     w.add_tokenizer_model(vocab.model)
-    w.add_tokenizer_pre(vocab.pre)
+    if vocab.pre is not None:
+        w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
+    if vocab.merges is not None:
+        w.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    unk = vocab.tokens[vocab.types.index(_UNKNOWN)] if _UNKNOWN in vocab.types else None
     for add, token in ((w.add_bos_token_id, tok.bos_token), (w.add_eos_token_id, tok.eos_token),
-                       (w.add_pad_token_id, tok.pad_token)):
+                       (w.add_pad_token_id, tok.pad_token), (w.add_unk_token_id, unk)):
         i = tok.token_to_id(token)
         if i is not None:
             add(i)
