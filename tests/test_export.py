@@ -225,9 +225,23 @@ def test_two_adapters_merge_into_one_file(tmp_path, one_thread):
     ids = torch.tensor([tok.encode(PROMPT)])
     with torch.no_grad():
         want = merged(ids)
-    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "a"), str(tmp_path / "b")],
-                              output=str(tmp_path / "ab.gguf")))
+    from leantune.cli import run
+
+    out = tmp_path / "ab.gguf"  # through the real command line: --adapter repeated
+    assert run(["export", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b"),
+                "--output", str(out)]) == 0
     assert (leantune_logits(out, ids) - want).abs().max().item() <= 1e-2
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, folder, monkeypatch):
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        export(ExportConfig(model=str(folder), output=str(tmp_path / "out" / "m.gguf")))
+    assert not list((tmp_path / "out").iterdir())  # neither the file nor its temporary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,14 +383,21 @@ def test_q4_k_m_runs_llama_quantize_on_an_f32_export(tmp_path, monkeypatch, fold
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["k.gguf"]  # the work folder is gone
 
 
-def test_lora_only_refuses_dora(tmp_path, folder, one_thread):
+@pytest.mark.parametrize("method,options,message", [
+    ("dora", dict(r=4, alpha=8), "DoRA adapter has a magnitude vector"),
+    ("adalora", dict(init_r=4, target_r=2), "AdaLoraLinear is not a LoRA layer"),
+])
+def test_lora_only_refuses_what_a_llamacpp_lora_cannot_hold(tmp_path, folder, one_thread, method, options, message):
     model, _ = leantune.load(folder)
-    methods.apply(model, "dora", r=4, alpha=8, targets=["q_proj"])
-    methods.save_adapter(model, tmp_path / "dora")
-    with pytest.raises(ValueError, match="DoRA adapter has a magnitude vector"):
-        export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "dora")], output=str(tmp_path / "d.gguf"),
+    methods.apply(model, method, targets=["q_proj"], **options)
+    methods.save(model, tmp_path / method)
+    with pytest.raises(ValueError, match=message):
+        export(ExportConfig(model=str(folder), adapter=[str(tmp_path / method)], output=str(tmp_path / "d.gguf"),
                             lora_only=True))
     assert not (tmp_path / "d.gguf").exists()
+    # the merged model takes them
+    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / method)], output=str(tmp_path / "m.gguf")))
+    assert read_gguf_header(out).metadata["general.type"] == "model"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -145,8 +145,9 @@ class PlannedTensor:
 def _wanted_type(name: str, shape: tuple, quant: str, tied: bool):
     """The ggml type convert_hf_to_gguf gives tensor `name` for `--quant`: 1-D tensors and norms F32
     (llama.cpp reads them as F32), every other weight the asked type. q4_0 follows llama-quantize's Q4_0
-    mix, which stores the output projection (the tied embedding when there is none) as Q6_K; gguf cannot
-    make Q6_K, so it gets Q8_0, llama.cpp's own fallback for Q6_K."""
+    mix (llama-quant.cpp), which stores the output projection (the tied embedding when there is none) as
+    Q6_K, or as Q8_0 where its rows are not whole 256-blocks; gguf cannot make Q6_K, so it is Q8_0 here
+    always (for hidden sizes like SmolLM2's 576 that is llama-quantize's own choice)."""
     from gguf import GGMLQuantizationType as T
 
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
@@ -468,8 +469,9 @@ def require_llama_quantize(quant: str) -> str:
 def write_k_quant_gguf(model, tok: Tokenizer, path, quant: str = "q4_k_m", name: str | None = None,
                        pre: str | None = None) -> Path:
     """Q4_K_M: write an F32 GGUF beside `path`, then llama.cpp's `llama-quantize` makes the per-tensor
-    K-quant mix (its own choice of Q6_K for output/attn_v/ffn_down halves, Q4_K elsewhere) into a temporary
-    name that is renamed to `path` when it succeeds."""
+    K-quant mix (llama-quant.cpp: Q6_K for the output projection, and for attn_v and ffn_down in the first and
+    last eighth of the layers and every third between; Q4_K elsewhere; its own fallbacks for rows that are
+    not whole 256-blocks) into a temporary name that is renamed to `path` when it succeeds."""
     exe = require_llama_quantize(quant)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def lora_factors(model, adapter_name: str) -> dict:
         if not layer.has_adapter(adapter_name):
             continue
         if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
-            raise ValueError(f"{module}: a {type(layer).__name__}, not a LoRA layer; a llama.cpp LoRA GGUF holds "
+            raise ValueError(f"{module}: {type(layer).__name__} is not a LoRA layer; a llama.cpp LoRA GGUF holds "
                              "plain LoRA only (export the merged model instead: drop --lora-only)")
         if adapter_name in getattr(layer, "lora_magnitude_vector", {}):
             raise ValueError(f"{module}: a DoRA adapter has a magnitude vector llama.cpp's LoRA GGUF cannot hold; "
