@@ -69,6 +69,11 @@ def _llama_hparams(cfg: ModelConfig) -> dict:
 
 @dataclass(frozen=True)
 class ExportArch:
+    """How llama.cpp stores one leantune model_type. A new family adds an entry to EXPORT_ARCHS: its GGUF
+    architecture, its `{arch}.*` keys, and names for tensors the common table lacks (e.g. Gemma 2's
+    post-attention norms); a family whose tensors llama.cpp also transforms (Gemma's norm offset, Phi-3's
+    fused qkv, MoE expert stacks) adds that step here as a field too, next to `permute_qk`."""
+
     gguf_arch: str  # general.architecture
     permute_qk: bool  # llama.cpp's `llama` graph wants q/k rows as interleaved RoPE pairs
     hparams: Callable[[ModelConfig], dict] = _common_hparams
@@ -367,7 +372,8 @@ def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None):
     sd = model.base_state_dict()
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
-        raise ValueError(f"{bad[0]} is not a float tensor (a 4-bit base?); merge onto the float base first")
+        raise ValueError(f"{bad[0]} is not a float tensor (a 4-bit layer?): GGUF export needs float weights; "
+                         "`leantune export` dequantizes 4-bit layers first")
     tensors = _model_tensors(sd, cfg, spec)
     return spec, vocab, [plan_tensor(n, t, quant, cfg.tie_word_embeddings) for n, t in tensors.items()]
 

@@ -98,7 +98,18 @@ def load_merged(model_path: str | None, adapters: list[str]):
         methods.load_adapter(model, path, adapter_name=names[-1])
     if names:
         methods.merge_and_unload(model, names)
+    _dequantize_rest(model)
     return model, tok
+
+
+def _dequantize_rest(model) -> None:
+    """4-bit layers no adapter touched (or a 4-bit --model) become float linears holding the dequantized
+    weights they compute with: a GGUF holds float (then ggml-quantized) weights, never bitsandbytes codes."""
+    from ..methods.base import replace_module
+    from ..quant import linear4bit_layers
+
+    for name, layer in linear4bit_layers(model):
+        replace_module(model, name, layer.to_float_linear())
 
 
 def _model_name(cfg: ExportConfig) -> str:
