@@ -404,17 +404,34 @@ def test_lora_only_refuses_what_a_llamacpp_lora_cannot_hold(tmp_path, folder, on
 # the embedded SmolLM2-135M
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_export_round_trip(tmp_path, lt_smollm2):
-    """The real 135M model (30 layers) as f16: every weight read back is the f16 rounding of the original, the
-    tokenizer (pre-tokenizer `smollm`, as llama.cpp names it) and chat template survive, and the logits move by
-    the f16 rounding only (measured 0.04 on logits of magnitude ~30; the writer is the one the recipe uses)."""
+def test_smollm2_export_round_trip(tmp_path, lt_smollm2, smollm2_path):
+    """The real 135M model (30 layers) as f16. Its source file was written by llama.cpp's tools, so it is the
+    oracle for the layout: the export has the same metadata (beyond general.* descriptions and file type),
+    the same vocabulary, merges and token types, the same tensor names and shapes. Every weight read back is
+    the f16 rounding of the original, the tokenizer and chat template survive, and the logits move by the f16
+    rounding only (measured 0.04 on logits of magnitude ~30; the writer is the one the recipe uses)."""
     from leantune.models.gguf_export import write_model_gguf
 
     model, tok = lt_smollm2
     out = write_model_gguf(model, tok, tmp_path / "smol.gguf", "f16")
-    md = read_gguf_header(out).metadata
+    ours, theirs = read_gguf_header(out), read_gguf_header(smollm2_path)
+    md = ours.metadata
     assert md["tokenizer.ggml.pre"] == "smollm" and md["general.architecture"] == "llama"
-    assert md["tokenizer.ggml.add_bos_token"] is False and md["tokenizer.ggml.bos_token_id"] == 1
+    # llama.cpp's file also states an unknown token and add_space_prefix (unused by a gpt2 vocabulary)
+    extra = {"tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_eos_token"}
+    keys = {k for k in set(md) | set(theirs.metadata) if not k.startswith("general.")} - extra
+    for k in sorted(keys):
+        a, b = md.get(k), theirs.metadata.get(k)
+        assert (np.array_equal(a, b) if isinstance(a, (list, np.ndarray)) else a == b), k
+    assert {n: i.shape for n, i in ours.tensors.items()} == {n: i.shape for n, i in theirs.tensors.items()}
+    assert all(i.ggml_type == int(T.F32) for n, i in ours.tensors.items() if n.endswith("norm.weight"))
+    # the source is llama-quantize's Q4_1 mix, whose per-tensor choice is the Q4_0 mix's with Q4_1 for Q4_0:
+    # q4_0's plan gives every tensor the type llama.cpp gave it (the tied embedding Q8_0, norms F32)
+    from leantune.models.gguf_export import _wanted_type
+
+    for name, info in theirs.tensors.items():
+        want = _wanted_type(name, info.shape, "q4_0", tied=True)
+        assert (T.Q4_1 if want == T.Q4_0 else want) == T(info.ggml_type), name
     m2, tok2 = leantune.load(out)
     for k, v in model.base_state_dict().items():
         assert torch.equal(m2.get_parameter(k), v if v.dim() == 1 else v.half().float()), k
