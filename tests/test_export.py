@@ -152,10 +152,10 @@ def reference_bytes(case, quant):
     return out
 
 
+# one permuted, one unpermuted and one tied family cover the quantized layouts
+@pytest.mark.parametrize("case", ["llama", "qwen3", "smollm2-tied"], indirect=True)
 @pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("q8_0", 0.03), ("q4_0", 0.4)])
 def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
-    if case.family not in ("llama", "qwen3", "smollm2-tied"):
-        pytest.skip("one permuted, one unpermuted and one tied family cover the quantized layouts")
     path = case.export(quant, name=f"{quant}.gguf")
     header = read_gguf_header(path)
     ref = reference_bytes(case, quant)
@@ -363,6 +363,9 @@ def test_q4_k_m_without_llama_quantize_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
     with pytest.raises(ValueError, match="llama-quantize.*cannot make the Q4_K/Q6_K blocks"):
+        export(ExportConfig(model=str(tmp_path / "nope"), output=str(tmp_path / "x.gguf"), quant="q4_k_m"))
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="LLAMA_QUANTIZE=.*missing is not an executable file"):
         export(ExportConfig(model=str(tmp_path / "nope"), output=str(tmp_path / "x.gguf"), quant="q4_k_m"))
     assert not list(tmp_path.iterdir())
 

@@ -434,9 +434,7 @@ def write_model_gguf(model, tok: Tokenizer, path, quant: str = "f16", name: str 
 
 
 def _default_name(model) -> str:
-    stem = Path(str(getattr(model, "name_or_path", "") or "model")).name
-    for suffix in (".gguf",):
-        stem = stem.removesuffix(suffix)
+    stem = Path(str(getattr(model, "name_or_path", "") or "model")).name.removesuffix(".gguf")
     if model.config.model_type == "mistral" and "mistral" not in stem.lower():
         stem = f"Mistral {stem}"  # llama.cpp stores Mistral as `llama`; the name tells the reader it is Mistral
     return stem
@@ -457,7 +455,11 @@ def _add_value(w, key: str, value) -> None:
 # Q4_K_M through llama.cpp's llama-quantize
 # ================================================================================================
 def llama_quantize_path() -> str | None:
-    return os.environ.get(LLAMA_QUANTIZE_ENV) or shutil.which("llama-quantize")
+    given = os.environ.get(LLAMA_QUANTIZE_ENV)
+    if given and not (Path(given).is_file() and os.access(given, os.X_OK)):
+        raise ValueError(f"{LLAMA_QUANTIZE_ENV}={given} is not an executable file; point it at llama.cpp's "
+                         "llama-quantize, or unset it to look on PATH")
+    return given or shutil.which("llama-quantize")
 
 
 def require_llama_quantize(quant: str) -> str:

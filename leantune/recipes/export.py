@@ -169,5 +169,9 @@ def _export_lora(cfg: ExportConfig):
 
     model, _ = load_model(cfg.model, resolve_precision("fp32"))  # the float base: only its shapes and names matter
     methods.load_adapter(model, cfg.adapter[0], adapter_name="export")
+    if methods.read_sidecar(cfg.adapter[0]):
+        print(f"leantune export: {cfg.adapter[0]} was trained on a 4-bit base; llama.cpp adds it to whatever base "
+              "GGUF it is given, so its result differs from leantune's by that base's rounding (export the merged "
+              "model to keep exactly the merge leantune computes)", file=sys.stderr)
     alpha = methods.adapter_configs(model)["export"].alpha
     return gx.write_lora_gguf(lora_factors(model, "export"), model.config, cfg.output, alpha, cfg.quant, cfg.name)
