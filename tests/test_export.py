@@ -483,3 +483,23 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path, one_thread):
         ids = ref(text).input_ids
         assert back.encode(text) == ids == ref_back(text).input_ids, text
         assert back.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def test_unrecognized_pre_tokenizer_asks_for_its_llamacpp_name(tmp_path, one_thread):
+    """llama.cpp names pre-tokenizers (by a hash of their output); one leantune cannot name stops the export
+    before writing, and --tokenizer-pre names it."""
+    from tiny_folder import make_tiny_model_folder
+    from tokenizers import pre_tokenizers
+
+    from leantune.models.tokenizer import Tokenizer
+
+    folder = make_tiny_model_folder(tmp_path / "model")
+    tok = Tokenizer.from_folder(folder)
+    tok.tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.save(folder)
+    with pytest.raises(ValueError, match="pass --tokenizer-pre NAME"):
+        export(ExportConfig(model=str(folder), output=str(tmp_path / "x.gguf")))
+    assert not (tmp_path / "x.gguf").exists()
+    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "x.gguf"), tokenizer_pre="deepseek-coder"))
+    assert read_gguf_header(out).metadata["tokenizer.ggml.pre"] == "deepseek-coder"
