@@ -503,3 +503,12 @@ def test_unrecognized_pre_tokenizer_asks_for_its_llamacpp_name(tmp_path, one_thr
     assert not (tmp_path / "x.gguf").exists()
     out = export(ExportConfig(model=str(folder), output=str(tmp_path / "x.gguf"), tokenizer_pre="deepseek-coder"))
     assert read_gguf_header(out).metadata["tokenizer.ggml.pre"] == "deepseek-coder"
+
+
+def test_base_names_that_name_the_same_model(tmp_path):
+    from leantune.recipes.export import _model_name, _same_base
+
+    assert _same_base("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B") and _same_base("Qwen/Qwen3-0.6B", "/models/Qwen3-0.6B")
+    assert _same_base(str(tmp_path), str(tmp_path / ".." / tmp_path.name))  # one folder, two spellings
+    assert not _same_base("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B")
+    assert _model_name(ExportConfig(model="Qwen/Qwen3-0.6B@abc123")) == "Qwen/Qwen3-0.6B"  # a revision of it

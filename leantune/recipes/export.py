@@ -115,7 +115,10 @@ def _dequantize_rest(model) -> None:
 def _model_name(cfg: ExportConfig) -> str:
     from ..models.loader import default_model_path
 
-    return cfg.model if cfg.model is not None else str(default_model_path())
+    if cfg.model is None:
+        return str(default_model_path())
+    # a model id with a revision (ORG/NAME@REV) names the same base as ORG/NAME, which an adapter records
+    return cfg.model if Path(cfg.model).exists() else cfg.model.partition("@")[0]
 
 
 def export(cfg: ExportConfig) -> str:
