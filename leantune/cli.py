@@ -15,6 +15,8 @@ COMMANDS = {
               "merge an adapter into its base and write a plain Hugging Face folder"),
     "serve": ("leantune.recipes.serve", "ServeConfig", "serve",
               "serve the model and adapters over an OpenAI-compatible API; fine-tune inside the serving loop"),
+    "export": ("leantune.recipes.export", "ExportConfig", "export",
+               "write the merged model (or, with --lora-only, the adapter) as a GGUF file for llama.cpp / Ollama"),
     "estimate": ("leantune.recipes.estimate", "EstimateConfig", "estimate",
                  "predict the peak memory of a training step from the model's config (no weights read)"),
 }

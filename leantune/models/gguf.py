@@ -738,7 +738,9 @@ def tokenizer_from_metadata(md: dict, path: str | Path = "GGUF file") -> Tokeniz
     add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     tk.post_processor = _post_processor(bos, eos, add_bos, bool(md.get("tokenizer.ggml.add_eos_token", False)), tk)
     extra_eos = [int(md[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in md]
-    return Tokenizer(tk, md.get("tokenizer.chat_template"), bos_token=bos, eos_token=eos, pad_token=pad, extra_eos_ids=extra_eos)
+    tok = Tokenizer(tk, md.get("tokenizer.chat_template"), bos_token=bos, eos_token=eos, pad_token=pad, extra_eos_ids=extra_eos)
+    tok.gguf_pre = md.get("tokenizer.ggml.pre")  # kept for GGUF export: llama.cpp names pre-tokenizers, no regex
+    return tok
 
 
 # ================================================================================================

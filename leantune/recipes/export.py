@@ -1,0 +1,180 @@
+"""`leantune export`: the merged model (base + adapters, merged as `leantune merge` merges them) as a GGUF
+file for llama.cpp / Ollama, or with --lora-only the adapter itself as llama.cpp's LoRA GGUF.
+
+The writer is `models/gguf_export.py`; this recipe checks the inputs (adapters made for this base, a
+quant type that can be written here) before anything is loaded or written.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fields import opt
+from ..models.gguf_export import LORA_QUANTS, QUANTS, check_quant
+
+
+@dataclass
+class ExportConfig:
+    model: str | None = opt(None, "base model: HF folder, .gguf file, or model id in the local Hugging Face cache "
+                                  "(default: the embedded SmolLM2-135M-Instruct)")
+    adapter: list[str] = opt([], "PEFT-format adapter folder to merge in; repeat for several (QLoRA adapters "
+                                 "merge onto the dequantized base)", metavar="DIR")
+    output: str = opt("out/model.gguf", "the .gguf file to write")
+    quant: str = opt("f16", f"tensor type: {', '.join(QUANTS)} (q4_k_m runs llama.cpp's llama-quantize; "
+                            f"with --lora-only: {', '.join(LORA_QUANTS)})")
+    lora_only: bool = opt(False, "write the (single) adapter as a llama.cpp LoRA GGUF instead of a merged model")
+    name: str | None = opt(None, "general.name in the file (default: the model's folder or file name)")
+    tokenizer_pre: str | None = opt(None, "llama.cpp pre-tokenizer name (tokenizer.ggml.pre), when leantune "
+                                          "does not recognize the tokenizer's (e.g. gpt2, llama-bpe, qwen2)")
+    any_base: bool = opt(False, "export even when an adapter's base_model_name_or_path names another model "
+                                "(shapes are still checked)")
+
+    def __post_init__(self):
+        if self.lora_only:
+            check_quant(self.quant, LORA_QUANTS, "--quant with --lora-only")
+            if len(self.adapter) != 1:
+                raise ValueError(f"--lora-only writes one adapter; pass exactly one --adapter "
+                                 f"(got {len(self.adapter)})")
+        else:
+            check_quant(self.quant)
+        if not self.output.endswith(".gguf"):
+            raise ValueError(f"--output {self.output!r} must name a .gguf file")
+
+
+def _same_base(recorded: str, given: str) -> bool:
+    """Do two names of a base model (a path, a hub id, a .gguf file) name the same model? Equal strings,
+    the same file or folder, or the same last name part (`Qwen/Qwen3-0.6B` and `.../Qwen3-0.6B`)."""
+    if recorded == given:
+        return True
+    a, b = Path(recorded), Path(given)
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    stem = lambda p: p.name.lower().removesuffix(".gguf")  # noqa: E731
+    return stem(a) == stem(b)
+
+
+def check_adapters_base(adapters: list[str], model_name: str) -> None:
+    """Each adapter's `base_model_name_or_path` (when it records one) names the model given."""
+    import json
+
+    for path in adapters:
+        cfg_path = Path(path) / "adapter_config.json"
+        if not cfg_path.is_file():
+            continue  # load_adapter says what is missing
+        recorded = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if recorded and not _same_base(str(recorded), model_name):
+            raise ValueError(
+                f"adapter {path} was trained on {recorded!r}, but --model is {model_name!r}; export it onto its own "
+                "base (--model), or pass --any-base if the two are the same weights under other names"
+            )
+
+
+def _quant_sidecar(adapters: list[str]) -> dict | None:
+    """The 4-bit base the adapters were trained on (QLoRA): all of them must agree."""
+    from .. import methods
+
+    found = {a: methods.read_sidecar(a) for a in adapters}
+    kinds = {repr(v) for v in found.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"the adapters were trained on different bases (4-bit and float, or other 4-bit settings): "
+                         f"{found}; export them separately")
+    return next(iter(found.values()), None)
+
+
+def load_merged(model_path: str | None, adapters: list[str]):
+    """The float model with every adapter merged in, as `leantune merge` merges (fp32; QLoRA adapters onto
+    the dequantized 4-bit base they were trained against)."""
+    from .. import methods
+    from ..models.loader import load_model
+    from ..precision import resolve_precision
+    from ..quant import Quant4bitConfig
+
+    quant = _quant_sidecar(adapters)
+    model, tok = load_model(model_path, resolve_precision("fp32"), quantize=Quant4bitConfig(**quant) if quant else None)
+    names = []
+    for i, path in enumerate(adapters):
+        names.append(f"adapter{i}")
+        methods.load_adapter(model, path, adapter_name=names[-1])
+    if names:
+        methods.merge_and_unload(model, names)
+    _dequantize_rest(model)
+    return model, tok
+
+
+def _dequantize_rest(model) -> None:
+    """4-bit layers no adapter touched (or a 4-bit --model) become float linears holding the dequantized
+    weights they compute with: a GGUF holds float (then ggml-quantized) weights, never bitsandbytes codes."""
+    from ..methods.base import replace_module
+    from ..quant import linear4bit_layers
+
+    for name, layer in linear4bit_layers(model):
+        replace_module(model, name, layer.to_float_linear())
+
+
+def _model_name(cfg: ExportConfig) -> str:
+    from ..models.loader import default_model_path
+
+    if cfg.model is None:
+        return str(default_model_path())
+    # a model id with a revision (ORG/NAME@REV) names the same base as ORG/NAME, which an adapter records
+    return cfg.model if Path(cfg.model).exists() else cfg.model.partition("@")[0]
+
+
+def export(cfg: ExportConfig) -> str:
+    from ..models import gguf_export as gx
+
+    if not cfg.any_base:
+        check_adapters_base(cfg.adapter, _model_name(cfg))
+    if cfg.quant == "q4_k_m":
+        gx.require_llama_quantize(cfg.quant)  # before minutes of loading, not after
+    if cfg.lora_only:
+        out = _export_lora(cfg)
+    else:
+        model, tok = load_merged(cfg.model, cfg.adapter)
+        write = gx.write_k_quant_gguf if cfg.quant == "q4_k_m" else gx.write_model_gguf
+        out = write(model, tok, cfg.output, cfg.quant, cfg.name, cfg.tokenizer_pre)
+    print(f"GGUF written to {out}", file=sys.stderr)
+    return str(out)
+
+
+def lora_factors(model, adapter_name: str) -> dict:
+    """{HF module name: (A (r, in), B (out, r), scaling)} of a plain LoRA adapter loaded into `model`; any
+    other kind of adapter layer (DoRA, LoRA bias, AdaLoRA, bottleneck, ...) is refused, llama.cpp's LoRA GGUF
+    holds only W + alpha/r * B A."""
+    from ..methods import LoraLinear, adapter_layers
+
+    out = {}
+    for module, layer in adapter_layers(model):
+        if not layer.has_adapter(adapter_name):
+            continue
+        if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
+            raise ValueError(f"{module}: {type(layer).__name__} is not a LoRA layer; a llama.cpp LoRA GGUF holds "
+                             "plain LoRA only (export the merged model instead: drop --lora-only)")
+        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):
+            raise ValueError(f"{module}: a DoRA adapter has a magnitude vector llama.cpp's LoRA GGUF cannot hold; "
+                             "export the merged model instead (drop --lora-only)")
+        if layer.lora_B[adapter_name].bias is not None:
+            raise ValueError(f"{module}: a LoRA bias (lora_bias=true) has no place in llama.cpp's LoRA GGUF; "
+                             "export the merged model instead (drop --lora-only)")
+        out[module] = (layer.lora_A[adapter_name].weight.detach().float(),
+                       layer.lora_B[adapter_name].weight.detach().float(), float(layer.scaling[adapter_name]))
+    if not out:
+        raise ValueError(f"the model has no layer with adapter {adapter_name!r}")
+    return out
+
+
+def _export_lora(cfg: ExportConfig):
+    from .. import methods
+    from ..models import gguf_export as gx
+    from ..models.loader import load_model
+    from ..precision import resolve_precision
+
+    model, _ = load_model(cfg.model, resolve_precision("fp32"))  # the float base: only its shapes and names matter
+    methods.load_adapter(model, cfg.adapter[0], adapter_name="export")
+    if methods.read_sidecar(cfg.adapter[0]):
+        print(f"leantune export: {cfg.adapter[0]} was trained on a 4-bit base; llama.cpp adds it to whatever base "
+              "GGUF it is given, so its result differs from leantune's by that base's rounding (export the merged "
+              "model to keep exactly the merge leantune computes)", file=sys.stderr)
+    alpha = methods.adapter_configs(model)["export"].alpha
+    return gx.write_lora_gguf(lora_factors(model, "export"), model.config, cfg.output, alpha, cfg.quant, cfg.name)
