@@ -57,6 +57,10 @@ def method_name_uses(source: str, names: set[str]) -> list[tuple[int, str]]:
     return sorted(hits)
 
 
+# the same word meaning something else in a file: (file under leantune/, word) -> what it means there
+OTHER_MEANINGS = {("optim/galore.py", "full"): "GaLore's proj_type 'full' (project both sides), galore-torch's name"}
+
+
 def test_nothing_outside_methods_names_a_method():
     names = set(lm.list_methods())
     assert set(BUILTIN_METHODS) <= names
@@ -65,7 +69,8 @@ def test_nothing_outside_methods_names_a_method():
         rel = path.relative_to(ROOT / "leantune")
         if rel.parts[0] == "methods":
             continue
-        bad += [f"leantune/{rel}:{line}: {name!r}" for line, name in method_name_uses(path.read_text(), names)]
+        bad += [f"leantune/{rel}:{line}: {name!r}" for line, name in method_name_uses(path.read_text(), names)
+                if (rel.as_posix(), name) not in OTHER_MEANINGS]
     assert not bad, "method names compared outside leantune/methods/ (ask the registry instead):\n" + "\n".join(bad)
 
 
