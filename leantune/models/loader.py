@@ -134,8 +134,10 @@ def save_hf_folder(model: LlamaForCausalLM, tokenizer: Tokenizer, out: str | os.
     try:
         from ..quant import hf_quantization_config, is_quant_state_key
 
+        from .moe import unfuse_expert_keys
+
         sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
-              for k, v in model.base_state_dict().items()}
+              for k, v in unfuse_expert_keys(model.base_state_dict(), model.config).items()}  # MoE: Hub layout
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_hf()
         cfg["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
