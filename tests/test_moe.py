@@ -181,3 +181,53 @@ def test_engine_serves_greedy_tokens_equal_to_transformers(folder, tmp_path, one
                           pad_token_id=0)[0, len(p):].tolist()
         assert "".join(ev["text"] for ev in events[i]) == tok.decode(ref)
         assert events[i][-1]["completion_tokens"] == 8
+
+
+def test_peft_expert_adapter_loads_in_leantune_on_both_paths(folder, tmp_path, monkeypatch):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    pm = peft.get_peft_model(hf, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    model, _ = load(folder)
+    base_logits = model(_ids()).detach()
+    methods.load_adapter(model, tmp_path / "peft")
+    wrapped = {n for n, _ in methods.adapter_layers(model)}
+    assert "model.layers.0.mlp.experts" in wrapped and "model.layers.0.mlp.experts.base_layer" in wrapped
+    with torch.no_grad():
+        theirs = pm(_ids()).logits
+        for path in ("loop", "grouped"):
+            monkeypatch.setattr(moe.Experts, "path", path)
+            ours = model(_ids())
+            assert (ours - theirs).abs().max().item() <= 1e-4, path
+    assert (ours - base_logits).abs().max().item() > 1e-3
+    # and back: leantune's save of what it loaded is PEFT's file, key for key
+    from safetensors.torch import load_file
+
+    again = methods.save_adapter(model, tmp_path / "again")
+    a, b = load_file(again / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    saved = json.loads((again / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_adapter_for_other_expert_shapes_is_refused(folder, tmp_path):
+    model, _ = load(folder)
+    methods.apply(model, "lora", r=4, alpha=8, targets="all-linear")
+    adapter = methods.save_adapter(model, tmp_path / "a")
+    fresh, _ = load(folder)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(adapter / "adapter_model.safetensors")
+    k = next(k for k in t if k.endswith("mlp.experts.lora_A.weight"))
+    t[k] = t[k][:-1]
+    save_file(t, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="expert weights .* expect lora_A"):
+        methods.load_adapter(fresh, adapter)

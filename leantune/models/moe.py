@@ -61,6 +61,7 @@ class Experts(nn.Module):
     """E SwiGLU experts as two stacked weights (transformers 5's `...Experts` layout)."""
 
     path = "auto"  # one of EXPERT_PATHS (class attribute: a benchmark or test may set it per instance)
+    stacked_experts = True  # methods.lora_experts wraps this module's 3-D weights (PEFT's target_parameters)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,9 +75,12 @@ class Experts(nn.Module):
         (methods.lora_experts) adds its (A (E, r, in), B (E, out, r), scale) terms to the list."""
         return {"gate_up_proj": (self.gate_up_proj, []), "down_proj": (self.down_proj, [])}
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x (N, C), idx (N, k) expert ids, w (N, k) their weights -> (N, C)."""
-        return run_experts(self.expert_weights(), x, idx, w, self.num_experts, self.path)
+    def run(self, weights: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (N, C), idx (N, k) expert ids, w (N, k) their weights -> (N, C), with `weights` as `expert_weights`."""
+        return run_experts(weights, x, idx, w, self.num_experts, self.path)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, adapter_ids=None) -> torch.Tensor:  # noqa: ARG002
+        return self.run(self.expert_weights(), x, idx, w)
 
 
 def run_experts(weights: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, E: int, path: str = "auto"):
@@ -139,7 +143,8 @@ def _native_grouped_ok(xs: torch.Tensor, W: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (xs.requires_grad or W.requires_grad):
         return False  # torch 2.13's CPU backward of _grouped_mm fails: the padded bmm has autograd
     align = 16 // xs.element_size()
-    return xs.shape[1] % align == 0 and W.shape[1] % align == 0 and xs.is_contiguous()
+    return (xs.shape[1] % align == 0 and W.shape[1] % align == 0 and xs.is_contiguous() and W.stride(-1) == 1
+            and W.stride(1) % align == 0)
 
 
 class SparseMoeBlock(nn.Module):
@@ -160,7 +165,7 @@ class SparseMoeBlock(nn.Module):
         logits, w, idx = self.gate(flat)
         if router_logits is not None:  # collected for the load-balancing loss
             router_logits.append(logits)
-        return self.experts(flat, idx, w).view(B, T, C)
+        return self.experts(flat, idx, w, adapter_ids).view(B, T, C)
 
 
 def _check_routing(adapter_ids) -> None:
