@@ -22,7 +22,10 @@ Two ways to run the experts, same numbers (tests hold them to each other and to 
 - `grouped`: the (token, expert) assignments are sorted by expert and all experts run in one batched op:
   `torch._grouped_mm` where it applies (no autograd: its CPU backward fails in torch 2.13; row strides a multiple of
   16 bytes), else the sorted rows padded to (E, max count, C) and one `bmm`.
-`EXPERT_PATH = "auto"` takes `loop` while tokens x top_k <= LOOP_MAX_ASSIGNMENTS, `grouped` above (bench/moe_decode.py).
+`Experts.path = "auto"` takes `loop` while tokens x top_k <= LOOP_MAX_ASSIGNMENTS, `grouped` above (bench/moe_decode.py),
+and `loop` under autograd (training): there the batches are large, so each expert's GEMM is large and the loop's
+Python cost is noise, and what it saves for backward does not depend on how evenly the router spreads the tokens
+(the padded bmm would pad every expert to the busiest one; `leantune estimate` counts the loop's tensors).
 """
 from __future__ import annotations
 
@@ -88,7 +91,9 @@ def run_experts(weights: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tens
     if path not in EXPERT_PATHS:
         raise ValueError(f"expert path {path!r} is not one of {EXPERT_PATHS}")
     if path == "auto":
-        path = "loop" if idx.numel() <= LOOP_MAX_ASSIGNMENTS else "grouped"
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for W, ts in weights.values()
+                                                                   for t in (W, *[f for term in ts for f in term[:2]])))
+        path = "loop" if grad or idx.numel() <= LOOP_MAX_ASSIGNMENTS else "grouped"
     flat = idx.reshape(-1)  # (N k,) assignment j belongs to token j // k
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens ascending in each
     counts = torch.bincount(flat, minlength=E)  # (E,)
