@@ -231,3 +231,28 @@ def test_adapter_for_other_expert_shapes_is_refused(folder, tmp_path):
     save_file(t, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="expert weights .* expect lora_A"):
         methods.load_adapter(fresh, adapter)
+
+
+def test_mixed_adapter_batch_routes_each_row_to_its_own_expert_lora(folder):
+    """A serving batch mixing two adapters and base rows: each row gets what its adapter alone gives."""
+    from leantune.methods.base import adapter_slots
+
+    model, _ = load(folder)
+    for name in ("a", "b"):
+        methods.apply(model, "lora", adapter_name=name, r=4, alpha=8, targets="all-linear")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in methods.adapter_layers(model):
+            for b in layer.lora_B.values():
+                b.weight.normal_(0, 0.1)
+    slots = adapter_slots(model)
+    ids = _ids(3, 12)
+    rows = torch.tensor([slots["a"], -1, slots["b"]])
+    with torch.no_grad():
+        mixed = model(ids, ForwardMeta(adapter_ids=rows))
+        for i, slot in enumerate(rows.tolist()):
+            alone = model(ids[i:i + 1], ForwardMeta(adapter_ids=torch.tensor([slot])))
+            assert (mixed[i] - alone[0]).abs().max().item() <= 1e-5, i
+        methods.set_adapter(model, "b")
+        assert (model(ids[2:]) - mixed[2:]).abs().max().item() <= 1e-5  # the active adapter, without slots
+        assert (mixed[0] - mixed[2]).abs().max().item() > 1e-3 or not torch.equal(ids[0], ids[2])

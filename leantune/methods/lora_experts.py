@@ -93,27 +93,31 @@ class LoraExperts(AdapterLayer):
         B = self.lora_B[name].weight.view(self.out_features, r, E).permute(2, 0, 1).contiguous()  # small
         return A, B, self.scaling[name]
 
-    def _names_for(self, adapter_ids) -> list[str]:
+    def _uses(self, slots: torch.Tensor | None) -> list[tuple[str, torch.Tensor | None]]:
+        """(adapter, token mask or None for every token) of the adapters this forward applies: the active ones
+        without slots; with slots (N,), each adapter on the tokens of its slot (a mixed serving batch)."""
         if self.disabled:
             return []
-        if adapter_ids is not None:  # one slot for the whole batch (the MoE block refuses mixed batches)
-            from ..routing import Routing
-
-            slot = next(iter(Routing.of(adapter_ids).slots))
-            names = [self.slot_to_name[slot]] if slot in self.slot_to_name else []
+        if slots is None:
+            used = [(n, None) for n in self.active_adapters]
         else:
-            names = self.active_adapters
-        return [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+            if self.merged_adapters:
+                raise ValueError(f"adapters {self.merged_adapters} are merged into the experts, so a forward with "
+                                 "adapter_ids would add them to every row; unmerge them first")
+            present = set(slots.unique().tolist())
+            used = [(n, None if len(present) == 1 else slots == s) for s, n in self.slot_to_name.items() if s in present]
+        return [(n, m) for n, m in used if n in self.lora_A and n not in self.merged_adapters]
 
-    def expert_weights(self, adapter_ids=None) -> dict:
+    def expert_weights(self, slots=None) -> dict:
         base = self.base_layer
-        weights = base.expert_weights(adapter_ids) if isinstance(base, LoraExperts) else base.expert_weights()
+        weights = base.expert_weights(slots) if isinstance(base, LoraExperts) else base.expert_weights()
         W, terms = weights[self.parameter_name]
-        weights[self.parameter_name] = (W, terms + [self.factors(n) for n in self._names_for(adapter_ids)])
+        weights[self.parameter_name] = (W, terms + [(*self.factors(n), m) for n, m in self._uses(slots)])
         return weights
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, adapter_ids=None) -> torch.Tensor:
-        return experts_core(self).run(self.expert_weights(adapter_ids), x, idx, w)
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, slots=None) -> torch.Tensor:
+        """x (N, C), idx/w (N, k) from the router, slots (N,) adapter slot per token (-1 = base) or None."""
+        return experts_core(self).run(self.expert_weights(slots), x, idx, w)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B, s = self.factors(name)
