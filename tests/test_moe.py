@@ -256,3 +256,14 @@ def test_mixed_adapter_batch_routes_each_row_to_its_own_expert_lora(folder):
         methods.set_adapter(model, "b")
         assert (model(ids[2:]) - mixed[2:]).abs().max().item() <= 1e-5  # the active adapter, without slots
         assert (mixed[0] - mixed[2]).abs().max().item() > 1e-3 or not torch.equal(ids[0], ids[2])
+
+
+def test_peft_all_linear_adapter_on_the_router_is_refused_clearly(folder, tmp_path):
+    """PEFT 0.21.2's all-linear on a transformers-5 MoE adapts the router (gate.weight) too; leantune keeps the
+    router frozen, so such an adapter is refused with the reason, not half-loaded."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path / "p")
+    model, _ = load(folder)
+    with pytest.raises(ValueError, match="LoRA on the router is not supported"):
+        methods.load_adapter(model, tmp_path / "p")

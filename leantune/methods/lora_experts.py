@@ -154,6 +154,10 @@ def expert_targets(model: nn.Module, target_parameters, all_linear: bool) -> lis
     parameter (the router is a separate module and never a target)."""
     pairs = []
     entries = list(target_parameters or [])
+    odd = [e for e in entries if e.rpartition(".")[2] not in EXPERT_PARAMS]
+    if odd:  # e.g. PEFT's all-linear on a transformers-5 MoE also adapts the router's "gate.weight"
+        raise ValueError(f"target_parameters {odd} are not stacked expert weights; leantune adapts {EXPERT_PARAMS} "
+                         "of MoE experts only (LoRA on the router is not supported: it stays frozen)")
     for mname, module in model.named_modules():
         if not is_experts(module) or ".base_layer" in mname:  # (a wrapped one: its outermost wrapper)
             continue
