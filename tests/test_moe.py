@@ -267,3 +267,22 @@ def test_peft_all_linear_adapter_on_the_router_is_refused_clearly(folder, tmp_pa
     model, _ = load(folder)
     with pytest.raises(ValueError, match="LoRA on the router is not supported"):
         methods.load_adapter(model, tmp_path / "p")
+
+
+def test_mixtral_sliding_window_longer_than_the_window_equals_transformers():
+    hf = tiny_hf_model("mixtral", sliding_window=6)
+    model, _ = _ours(hf)
+    assert model.config.sliding_window == 6
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    from leantune.models.generate import GenerationConfig, generate
+
+    # greedy decode past the window (through the KV cache) picks what transformers' full forward ranks first at
+    # every step. (transformers 5.24's own generate() disagrees with its forward here after 5 tokens: its cached
+    # sliding-window decode, not the model, so its forward is the oracle.)
+    prompt = ids[0, :9].tolist()
+    ours = generate(model, [prompt], GenerationConfig(max_new_tokens=8))[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + ours])).logits[0, 8:-1].argmax(-1).tolist()
+    assert ours == ref
