@@ -21,6 +21,10 @@ FAMILIES = {
                    num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=2.0),
                    tie_word_embeddings=True, initializer_range=0.1),
+    # MoE: 4 experts, top-2; Qwen3-MoE without renormalization and with one dense layer (mlp_only_layers)
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    "qwen3-moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1]),
 }
 
 
@@ -35,17 +39,21 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     base.update(spec)
     base.update(overrides)
     cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-               "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[mt]
+               "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
+               "mixtral": tf.MixtralConfig, "qwen3_moe": tf.Qwen3MoeConfig}[mt]
     cfg = cfg_cls(**base)
     torch.manual_seed(seed)
     m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-         "qwen3": tf.Qwen3ForCausalLM, "gemma2": tf.Gemma2ForCausalLM, "gemma3_text": tf.Gemma3ForCausalLM}[mt](cfg)
+         "qwen3": tf.Qwen3ForCausalLM, "gemma2": tf.Gemma2ForCausalLM, "gemma3_text": tf.Gemma3ForCausalLM,
+         "mixtral": tf.MixtralForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM}[mt](cfg)
     with torch.no_grad():  # random non-trivial norms and biases so parity covers them
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn_like(p))
             elif n.endswith(".bias"):
                 p.normal_(0, 0.02)
+            elif n.endswith("mlp.gate.weight"):  # MoE router: spread logits, so no near-tie decides a top-k
+                p.normal_(0, 0.3)
     return m.eval()
 
 

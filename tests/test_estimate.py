@@ -318,3 +318,44 @@ def test_weight_bytes_equal_the_transformers_parameter_count(family):
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     est = estimate_memory(cfg, "lora", batch=1, seq=8, rank=4)
     assert est.weights == 4 * sum(p.numel() for p in hf.parameters())
+
+
+MOE = {"mixtral": dict(model_type="mixtral", num_experts=4, num_experts_per_tok=2),
+       "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                         norm_topk_prob=False, qk_norm=True, head_dim=16, mlp_only_layers=[1])}
+
+
+@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float32, "q_proj,v_proj"),
+                                           (torch.bfloat16, "all-linear")])
+def test_activation_rules_for_moe(one_thread, family, dtype, targets):
+    """The router, the routed copies and the experts' LoRA (all-linear adapts the stacked experts)."""
+    cfg = tiny_cfg(**MOE[family])
+    model = tiny_model(cfg, dtype, targets)
+    plan = make_plan(cfg, "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    for batch, seq in ((2, 16), (1, 24)):
+        assert activation_bytes(plan, batch, seq)["total"] == saved_bytes(model, batch, seq), (batch, seq)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_parameter_counts_and_weights_equal_the_models(family):
+    """Total parameters equal transformers' model; active ones are those of top-k experts; weights and adapter
+    bytes equal leantune's model with LoRA applied."""
+    from hf_tiny import tiny_hf_model
+
+    from leantune.recipes.estimate import param_counts
+
+    hf = tiny_hf_model(family)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    total, active = param_counts(cfg)
+    assert total == sum(p.numel() for p in hf.parameters())
+    experts = [m for n, m in hf.named_modules() if n.endswith("mlp.experts")]
+    per_expert = experts[0].gate_up_proj[0].numel() + experts[0].down_proj[0].numel()
+    assert active == total - len(experts) * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert < total
+    model = tiny_model(cfg)
+    est = estimate_memory(cfg, "lora", batch=1, seq=8, rank=4)
+    base = [t for n, t in model.named_parameters() if "lora_" not in n]
+    assert est.weights == sum(t.numel() * t.element_size() for t in base)
+    assert est.adapter == sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="4-bit base is not supported"):
+        estimate_memory(cfg, "qlora", batch=1, seq=8, rank=4)

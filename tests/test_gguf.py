@@ -418,3 +418,79 @@ def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm2):
             assert text == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
             assert tok.encode_chat(msgs, gen) == ref(text, add_special_tokens=False).input_ids
             assert tok.encode_chat(msgs, gen)[0] == tok.token_to_id("<|im_start|>")
+
+
+# ------------------------------------------------------------------------------------------------
+# mixture of experts: Mixtral (arch llama + expert_count) and qwen3moe, written as llama.cpp's converter does
+# ------------------------------------------------------------------------------------------------
+def moe_gguf(path, family: str, qtype=None):
+    """A GGUF of a tiny transformers MoE model as convert_hf_to_gguf writes it: q/k permuted for `llama`, the
+    experts stacked per weight as ffn_gate_exps / ffn_up_exps / ffn_down_exps (E, out, in), the router as
+    ffn_gate_inp, and expert_count / expert_used_count (/ expert_feed_forward_length for qwen3moe)."""
+    from hf_tiny import tiny_hf_model
+
+    vocab = len(byte_level_vocab()[0])
+    over = dict(norm_topk_prob=True, mlp_only_layers=[]) if family == "qwen3-moe" else {}
+    hf = tiny_hf_model(family, vocab_size=vocab, **over)  # llama.cpp's qwen3moe renormalizes, every layer sparse
+    c = hf.config
+    arch = "llama" if family == "mixtral" else "qwen3moe"
+    tensors = {}
+    names = {"embed_tokens": "token_embd", "norm": "output_norm"}
+    for k, v in hf.state_dict().items():
+        a = v.numpy()
+        if k == "lm_head.weight":
+            tensors["output.weight"] = (a, None)
+        elif k.startswith("model.layers."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            b = f"blk.{i}."
+            if rest.endswith("experts.gate_up_proj"):
+                gate, up = np.split(a, 2, axis=1)
+                tensors[b + "ffn_gate_exps.weight"] = (np.ascontiguousarray(gate), qtype)
+                tensors[b + "ffn_up_exps.weight"] = (np.ascontiguousarray(up), qtype)
+            elif rest.endswith("experts.down_proj"):
+                tensors[b + "ffn_down_exps.weight"] = (a, qtype)
+            else:
+                g = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+                     "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+                     "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
+                     "mlp.gate.weight": "ffn_gate_inp", "input_layernorm.weight": "attn_norm",
+                     "post_attention_layernorm.weight": "ffn_norm"}[rest]
+                if arch == "llama" and g in ("attn_q", "attn_k"):
+                    a = llamacpp_permute(a, c.num_attention_heads if g == "attn_q" else c.num_key_value_heads)
+                tensors[b + g + ".weight"] = (np.ascontiguousarray(a), None)
+        else:
+            tensors[names[k.split(".")[1]] + ".weight"] = (a, None)
+    hp = dict(HP, head_count=c.num_attention_heads, head_count_kv=c.num_key_value_heads, embedding_length=c.hidden_size,
+              feed_forward_length=c.intermediate_size, expert_count=c.num_experts, expert_used_count=c.num_experts_per_tok,
+              layer_norm_rms_eps=c.rms_norm_eps, rope_freq_base=c.rope_parameters["rope_theta"])
+    if arch == "qwen3moe":
+        hp.update(expert_feed_forward_length=c.moe_intermediate_size, key_length=c.head_dim, value_length=c.head_dim)
+    write_gguf(path, arch, tensors, hp)
+    return hf
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_gguf_loads_with_transformers_logits(tmp_path, family):
+    import leantune
+
+    hf = moe_gguf(tmp_path / "moe.gguf", family)
+    model, _ = leantune.load(tmp_path / "moe.gguf")
+    cfg = model.config
+    assert cfg.model_type == ("mixtral" if family == "mixtral" else "qwen3_moe")
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.expert_intermediate_size) == (
+        hf.config.num_experts, hf.config.num_experts_per_tok,
+        hf.config.intermediate_size if family == "mixtral" else hf.config.moe_intermediate_size)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 60, 2]])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_moe_gguf_quantized_experts_dequantize_per_expert(tmp_path):
+    """Q8_0 experts: each stacked expert row-block quantized as gguf's reference quantizer does."""
+    import leantune
+
+    hf = moe_gguf(tmp_path / "q.gguf", "mixtral", qtype=Q8)
+    model, _ = leantune.load(tmp_path / "q.gguf")
+    want = hf.state_dict()["model.layers.1.mlp.experts.down_proj"].numpy()
+    got = model.model.layers[1].mlp.experts.down_proj.detach().numpy()
+    assert np.array_equal(got, gguf.quants.dequantize(gguf.quants.quantize(want, Q8), Q8))

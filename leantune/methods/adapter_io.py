@@ -36,6 +36,7 @@ from .base import (
     set_adapter_trainable,
 )
 from .lora import LoraConfig, LoraLinear, is_lora_target
+from .lora_experts import LoraExperts, expert_targets, saved_target_parameters
 from .registry import apply, spec_for_config, spec_for_folder
 from .targets import is_all_linear, linear_sample, module_index, resolve_targets, suffix_targets
 
@@ -70,6 +71,7 @@ _INFORMATIONAL = {
 _READ = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
     "use_rslora", "use_dora", "bias", "lora_bias", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "target_parameters",
 }
 # options leantune does not implement: refused when set, with the reason shown
 _UNSUPPORTED = {
@@ -79,7 +81,6 @@ _UNSUPPORTED = {
     "layers_to_transform": "layers_to_transform is not supported yet",
     "layer_replication": "layer_replication is not supported",
     "trainable_token_indices": "trainable_token_indices is not supported",
-    "target_parameters": "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
     "arrow_config": "Arrow routing is not supported",
     "velora_config": "VeLoRA is not supported",
@@ -146,7 +147,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     cfg = _lora_config(model, adapter_name)
     out = {}
     for name, layer in adapter_layers(model):
-        if isinstance(layer, LoraLinear) and layer.has_adapter(adapter_name):
+        if isinstance(layer, (LoraLinear, LoraExperts)) and layer.has_adapter(adapter_name):
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
             if layer.lora_B[adapter_name].bias is not None:
@@ -188,6 +189,7 @@ def peft_config_dict(model: nn.Module, adapter_name: str = "default",
         init_lora_weights=True if cfg.init == "default" else cfg.init,
         base_model_name_or_path=base_model_name_or_path or _model_name(model),
         revision=getattr(model, "revision", None),
+        target_parameters=saved_target_parameters(model, adapter_name),
     )
     if initial_lora(model, adapter_name) is not None:
         out.update(_doubled_ranks(cfg))
@@ -197,7 +199,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str = "default",
 def _saved_targets(model: nn.Module, adapter_name: str, cfg: LoraConfig):
     if not is_all_linear(cfg.targets):
         return cfg.targets if isinstance(cfg.targets, str) else sorted(set(cfg.targets))
-    wrapped = [n for n, layer in adapter_layers(model) if layer.has_adapter(adapter_name)]
+    wrapped = [n for n, layer in adapter_layers(model)
+               if layer.has_adapter(adapter_name) and not isinstance(layer, LoraExperts)]  # (target_parameters)
     return suffix_targets(model, wrapped, cfg.exclude, is_lora_target) or sorted(wrapped)
 
 
@@ -357,6 +360,7 @@ def lora_config_from_peft(config: dict, path="adapter") -> LoraConfig:
             bias=config.get("bias", "none"), lora_bias=config.get("lora_bias", False),
             init="gaussian" if init == "gaussian" else "default",
             rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+            target_parameters=config.get("target_parameters") or None,
         )
     except ValueError as e:
         raise ValueError(f"{path}: bad {CONFIG_NAME}: {e}") from None
@@ -390,6 +394,7 @@ def _other_model(path, what: str) -> ValueError:
 def check_fits(model: nn.Module, cfg: LoraConfig, lora: dict, biases: dict, path) -> None:
     """Every tensor names a module of `model` with matching shapes, and covers the config's targets."""
     index = module_index(model)
+    lora = _check_expert_lora(model, cfg, lora, path)
     for name, parts in lora.items():
         module = index.get(name)
         if module is None or not is_lora_target(module):
@@ -400,6 +405,37 @@ def check_fits(model: nn.Module, cfg: LoraConfig, lora: dict, biases: dict, path
     for key, value in biases.items():
         _check_bias(index, key, value, path)
     _check_coverage(model, cfg, set(lora), path)
+
+
+def expert_lora_keys(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, int, int]]:
+    """{PEFT module path of each expert wrapper cfg makes: (E, out, in)}; nested as PEFT nests them (the first
+    targeted parameter of a module innermost, one `.base_layer` per wrapper outside it)."""
+    pairs = expert_targets(model, cfg.target_parameters, is_all_linear(cfg.targets))
+    out = {}
+    for mname, pname in pairs:
+        params = [p for m, p in pairs if m == mname]
+        core = model.get_submodule(mname)
+        while isinstance(core, LoraExperts):
+            core = core.base_layer
+        key = mname + ".base_layer" * (len(params) - 1 - params.index(pname))
+        out[key] = tuple(getattr(core, pname).shape)
+    return out
+
+
+def _check_expert_lora(model: nn.Module, cfg: LoraConfig, lora: dict, path) -> dict:
+    """Check the expert LoRA tensors (target_parameters) and return the other (module) ones."""
+    want = expert_lora_keys(model, cfg)
+    missing = sorted(set(want) - set(lora))
+    if missing:
+        raise ValueError(f"{path}: {WEIGHTS_NAME} has no weights for the expert parameters {missing[:3]}, which "
+                         f"target_parameters={cfg.target_parameters} in {CONFIG_NAME} adapts")
+    for key, (E, n_out, n_in) in want.items():
+        parts, r = lora[key], cfg.rank_for(key)
+        a, b = tuple(parts["lora_A.weight"].shape), tuple(parts["lora_B.weight"].shape)
+        if a != (r * E, n_in) or b != (n_out, r * E) or set(parts) != {"lora_A.weight", "lora_B.weight"}:
+            raise _other_model(path, f"expert weights {key!r} ({E} experts, {n_out}x{n_in}, rank {r}) expect lora_A "
+                                     f"{(r * E, n_in)} and lora_B {(n_out, r * E)}, but the adapter has {a} and {b}")
+    return {k: v for k, v in lora.items() if k not in want}
 
 
 def _check_lora_shapes(module: nn.Module, name: str, parts: dict, cfg: LoraConfig, path) -> None:
@@ -480,7 +516,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainabl
 def _copy_weights(model: nn.Module, adapter_name: str, lora: dict, biases: dict) -> None:
     index = module_index(model)
     for name, parts in lora.items():
-        layer = index[name]
+        layer = index[name] if name in index else model.get_submodule(name)  # (an inner expert wrapper)
         layer.lora_A[adapter_name].weight.copy_(parts["lora_A.weight"])
         layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
         if "lora_B.bias" in parts:

@@ -27,6 +27,7 @@ from .base import (
     replace_module, set_adapter,
 )
 from .dora import DoraMagnitude
+from .lora_experts import expert_targets, wrap_expert_params
 from .registry import register_method
 from .targets import is_all_linear, parse_targets, pattern_value, resolve_targets
 
@@ -61,6 +62,9 @@ class LoraConfig:
     bias: str = opt("none", 'which base biases train too: "none" | "all" | "lora_only"', cli=False)
     lora_bias: bool = opt(False, "a trainable bias on B", cli=False)
     init: str = opt("default", '[init_lora_weights]: "default" (True) | "gaussian"', cli=False)
+    # PEFT's LoRA on stacked MoE expert weights (lora_experts.py), e.g. ["mlp.experts.gate_up_proj",
+    # "mlp.experts.down_proj"]; None: every expert weight with all-linear, none otherwise
+    target_parameters: list[str] | None = opt(None, "[target_parameters] MoE expert weights to adapt", cli=False)
     rank_pattern: dict = opt({}, "regex key -> r", cli=False)
     alpha_pattern: dict = opt({}, "regex key -> alpha", cli=False)
 
@@ -84,6 +88,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, (int, float))
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters):
+                raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names such as "
+                                 f"'mlp.experts.gate_up_proj', got {self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -481,10 +490,19 @@ def _token_ids(adapter_ids, x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
-    """Wrap every target of `config` with `LoraLinear` and add adapter `adapter_name` to it."""
+    """Wrap every target of `config` with `LoraLinear` and add adapter `adapter_name` to it; MoE expert weights
+    (all-linear, or `target_parameters`) get `LoraExperts` (lora_experts.py)."""
     names = resolve_targets(model, config.targets, config.exclude, is_lora_target)
+    experts = expert_targets(model, config.target_parameters, is_all_linear(config.targets))
+    if experts and (config.use_dora or config.lora_bias or config.dropout):
+        raise ValueError("LoRA on MoE expert weights takes no use_dora, lora_bias or dropout (PEFT refuses them "
+                         "there too); set them off, or target attention only (targets='q_proj,k_proj,v_proj,o_proj')")
     slot = register_adapter(model, adapter_name, config)
     active = list(getattr(model, ACTIVE_ATTR, []))
+    for (mname, pname), layer in wrap_expert_params(model, experts, active).items():
+        name = f"{mname}.{pname}"
+        layer.add_adapter(adapter_name, slot, config.rank_for(name), config.alpha_for(name), config.use_rslora,
+                          config.init)
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):

@@ -102,6 +102,8 @@ def resolve_targets(
     index = module_index(model)
     if is_all_linear(targets):
         skip = output_layer_names(model, index)
+        # names a model keeps out of all-linear (MoE: see LlamaForCausalLM.all_linear_excluded)
+        skip |= set(getattr(model, "all_linear_excluded", lambda: ())())
         names = [n for n, m in index.items() if is_target(m) and n not in skip]
     elif isinstance(targets, str):
         names = [n for n in index if re.fullmatch(targets, n)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP's gate activation (HF's hidden_act names)
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -55,6 +55,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (moe.py; Mixtral, Qwen3-MoE): 0 experts = dense MLPs everywhere
+    num_experts: int = 0  # HF: num_local_experts (Mixtral), num_experts (Qwen3-MoE)
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0  # an expert's F; 0 -> intermediate_size (Mixtral)
+    norm_topk_prob: bool = True  # renormalize the top-k router weights (always on for Mixtral)
+    decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight, added in training when
+    output_router_logits: bool = False  # ... this is on (as transformers adds it)
+    router_jitter_noise: float = 0.0  # Mixtral: multiplicative noise on the MoE input in training
     extra: dict = field(default_factory=dict)  # unknown HF keys, kept so `to_hf` round-trips
 
     def __post_init__(self):
@@ -73,6 +83,8 @@ class ModelConfig:
             if bad or len(self.layer_types) != self.num_layers:
                 raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer ({self.num_layers}), "
                                  f"got {self.layer_types}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
         rt = (self.rope_scaling or {}).get("rope_type", "default")
         if rt not in ("default", "llama3", "linear"):
             raise ValueError(f"rope_type {rt!r} is not supported (default, linear, llama3)")
@@ -95,6 +107,14 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Does decoder layer i hold experts (moe.SparseMoeBlock) rather than a dense MLP? (Qwen3-MoE's rule.)"""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % max(self.decoder_sparse_step, 1) == 0)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -127,10 +147,11 @@ class ModelConfig:
             "hidden_act", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
             "final_logit_softcapping", "layer_types", "sliding_window_pattern", "_sliding_window_pattern",
             "rope_local_base_freq", "use_bidirectional_attention",
+            *_MOE_KEYS,
         }
         att_bias = bool(d.get("attention_bias", False))
         sw = d.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window", False):
             sw = None  # Qwen2/3 write a window but only use it with use_sliding_window
         if mt == "llama":
             sw = None
@@ -155,7 +176,7 @@ class ModelConfig:
             qkv_bias=att_bias or mt == "qwen2",
             o_bias=att_bias and mt != "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=mt in ("qwen3", "gemma3_text"),
+            qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=sw,
             hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
             norm_unit_offset=gemma,
@@ -170,13 +191,15 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            **_moe_from_hf(d, mt),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads as the matching architecture."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
         d = {k: v for k, v in self.extra.items() if k not in ("architectures", "quantization_config", "dtype", "torch_dtype")}
         rope_params = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
@@ -205,7 +228,7 @@ class ModelConfig:
         )
         if self.model_type != "qwen2":
             d["attention_bias"] = self.qkv_bias
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             d["sliding_window"] = self.sliding_window
         if self.model_type in GEMMA_TYPES:
             d.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
@@ -216,6 +239,19 @@ class ModelConfig:
             d["rope_local_base_freq"] = self.rope_local_theta
             d["rope_parameters"] = {"full_attention": rope_params,
                                     "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
+        if self.num_experts:
+            d.update(self._moe_to_hf())
+        return d
+
+    def _moe_to_hf(self) -> dict[str, Any]:
+        d = dict(num_experts_per_tok=self.num_experts_per_tok, router_aux_loss_coef=self.router_aux_loss_coef,
+                 output_router_logits=self.output_router_logits)
+        if self.model_type == "mixtral":
+            d.update(num_local_experts=self.num_experts, router_jitter_noise=self.router_jitter_noise)
+        else:
+            d.update(num_experts=self.num_experts, moe_intermediate_size=self.expert_intermediate_size,
+                     norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                     mlp_only_layers=list(self.mlp_only_layers))
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,3 +265,27 @@ def _gemma_layer_types(d: dict[str, Any], mt: str) -> list[str]:
         return list(d["layer_types"])
     every = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or (2 if mt == "gemma2" else 6)
     return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(d["num_hidden_layers"])]
+
+
+_MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+             "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits",
+             "router_jitter_noise")
+
+
+def _moe_from_hf(d: dict[str, Any], mt: str) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen3-MoE `config.json` (with transformers' defaults); none for dense types."""
+    if mt == "mixtral":
+        return dict(num_experts=d.get("num_local_experts", d.get("num_experts", 8)), num_experts_per_tok=d.get("num_experts_per_tok", 2),
+                    norm_topk_prob=True, router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                    output_router_logits=bool(d.get("output_router_logits", False)),
+                    router_jitter_noise=d.get("router_jitter_noise", 0.0) or 0.0)
+    if mt == "qwen3_moe":
+        # the Hub's configs write num_experts; transformers 5 saves it as num_local_experts (its attribute_map)
+        return dict(num_experts=d.get("num_experts", d.get("num_local_experts", 128)), num_experts_per_tok=d.get("num_experts_per_tok", 8),
+                    moe_intermediate_size=d.get("moe_intermediate_size", 768),
+                    norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                    decoder_sparse_step=d.get("decoder_sparse_step", 1),
+                    mlp_only_layers=list(d.get("mlp_only_layers") or []),
+                    router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                    output_router_logits=bool(d.get("output_router_logits", False)))
+    return {}

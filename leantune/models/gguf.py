@@ -40,7 +40,7 @@ from .config import ModelConfig
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")  # llama + expert_count: Mixtral
 _GEMMA = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # GGUF arch -> HF model_type
 _MAGIC = b"GGUF"
 
@@ -320,6 +320,7 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",  # MoE router (E, C)
 }
 # Gemma's four norms per layer (llama.cpp's ffn_norm is the MLP's input norm in either layout)
 _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
@@ -327,6 +328,10 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# llama.cpp stacks the experts per weight (convert_hf_to_gguf: Mixtral's w1/w3/w2, Qwen3-MoE's gate/up/down_proj)
+# as 3-D tensors (E, out, in); leantune's gate_up_proj is the gate and up stacks concatenated along out
+_EXPS_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+_DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _DROPPED = {"rope_freqs.weight"}  # llama3 RoPE factors: folded into config.rope_scaling instead
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -364,25 +369,38 @@ class GGUFTensors:
     def __init__(self, header: GGUFHeader, cfg: ModelConfig, arch: str):
         self.header, self.cfg, self.arch = header, cfg, arch
         self.infos: dict[str, GGUFTensorInfo] = {}
+        self.stacked: dict[str, list[GGUFTensorInfo]] = {}  # MoE: in-memory name -> the GGUF stacks it is made of
         for info in header.tensors.values():
+            if cfg.num_experts and (m := _EXPS_RE.fullmatch(info.name)):
+                fused = "gate_up_proj" if m[2] in ("gate", "up") else "down_proj"
+                self.stacked.setdefault(f"model.layers.{m[1]}.mlp.experts.{fused}", []).append(info)
+                continue
             name = hf_name(info.name, arch)
             if name is None:
                 if info.name in _DROPPED:
                     continue
                 raise ValueError(
-                    f"{header.path}: tensor {info.name} has no place in a dense {arch} model "
-                    "(mixture-of-experts or a fused layout?); leantune reads dense Llama/Mistral/Qwen2/3/Gemma 2/3 GGUFs only"
+                    f"{header.path}: tensor {info.name} has no place in a {arch} model "
+                    "(a fused layout?); leantune reads Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE/Gemma 2/Gemma 3 GGUFs"
                 )
             self.infos[name] = info
-        _check_types(self.infos.values())
-        _check_complete(self.infos, cfg, header.path, arch)
+        for k, parts in self.stacked.items():  # gate before up, whatever order the file lists them in
+            parts.sort(key=lambda i: i.name.endswith("ffn_up_exps.weight"))
+            if k.endswith("gate_up_proj") and len(parts) != 2:
+                raise ValueError(f"{header.path}: layer {k.split('.')[2]} lacks ffn_gate_exps or ffn_up_exps")
+        _check_types([*self.infos.values(), *(i for p in self.stacked.values() for i in p)])
+        _check_complete({**self.infos, **self.stacked}, cfg, header.path, arch)
 
     def keys(self) -> list[str]:
-        return list(self.infos)
+        return [*self.infos, *self.stacked]
 
     def take(self, key: str) -> torch.Tensor:
         """The fp32 tensor `key` (torch order; q/k rows in HF's RoPE layout for `llama` files)."""
-        info = self.infos[key]
+        if key in self.stacked:
+            return torch.cat([self._read(i) for i in self.stacked[key]], dim=1)  # (E, 2F, C) or (E, C, F)
+        return self._read(self.infos[key])
+
+    def _read(self, info: GGUFTensorInfo) -> torch.Tensor:
         raw = np.empty(info.nbytes, dtype=np.uint8)
         with open(self.header.path, "rb") as f:
             f.seek(info.offset)
@@ -411,8 +429,11 @@ def _check_types(infos) -> None:
 def _check_complete(sd: dict, cfg: ModelConfig, path: Path, arch: str = "llama") -> None:
     want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     for i in range(cfg.num_layers):
+        moe = cfg.is_moe_layer(i)
         want += [f"model.layers.{i}.{p}.weight" for p in _layer_names(arch).values()
-                 if cfg.qk_norm or not p.endswith(("q_norm", "k_norm"))]
+                 if (cfg.qk_norm or not p.endswith(("q_norm", "k_norm"))) and (p != "mlp.gate" or moe)
+                 and not (moe and p in _DENSE_MLP)]
+        want += [f"model.layers.{i}.mlp.experts.{w}" for w in ("gate_up_proj", "down_proj") if moe]
     missing = [k for k in want if k not in sd]
     if missing:
         raise ValueError(
@@ -445,8 +466,9 @@ def _arch(md: dict, path: Path) -> str:
             f"{path}: GGUF architecture {arch!r} is not supported; leantune reads {SUPPORTED_ARCHS} "
             "(Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 2, Gemma 3). Use a checkpoint of one of those families."
         )
-    if int(md.get(f"{arch}.expert_count", 0) or 0) > 0:
-        raise ValueError(f"{path}: mixture-of-experts GGUFs (expert_count > 0) are not supported; use a dense model")
+    if int(md.get(f"{arch}.expert_count", 0) or 0) > 0 and arch not in ("llama", "qwen3moe"):
+        raise ValueError(f"{path}: mixture-of-experts {arch} GGUFs are not supported; leantune reads Mixtral "
+                         "(llama with expert_count) and qwen3moe")
     return arch
 
 
@@ -479,7 +501,7 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        model_type=_GEMMA.get(arch) or (arch if arch in ("qwen2", "qwen3") else ("mistral" if "mistral" in name else "llama")),
+        model_type=_GEMMA.get(arch) or _model_type(arch, name, key),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
         rope_scaling=_rope_scaling(md, arch, header, buf, theta, head_dim),
@@ -493,6 +515,7 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         eos_token_id=_opt_int(eos),
         pad_token_id=_opt_int(md.get("tokenizer.ggml.padding_token_id")),
         **(_gemma_fields(md, arch, hidden, heads, head_dim, int(key("block_count")), path) if arch in _GEMMA else {}),
+        **_moe_metadata(key, t, int(key("block_count"))),
     )
 
 
@@ -524,6 +547,29 @@ def _gemma_fields(md: dict, arch: str, hidden: int, heads: int, head_dim: int, l
         layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
         rope_local_theta=10000.0 if arch == "gemma3" else None,
     )
+
+
+def _model_type(arch: str, name: str, key) -> str:
+    if arch in ("qwen2", "qwen3"):
+        return arch
+    if arch == "qwen3moe":
+        return "qwen3_moe"
+    if int(key("expert_count", 0) or 0) > 0:
+        return "mixtral"
+    return "mistral" if "mistral" in name else "llama"
+
+
+def _moe_metadata(key, tensors: dict, n_layers: int) -> dict:
+    """MoE fields as llama.cpp's converter writes them: expert_count, expert_used_count, expert_feed_forward_length
+    (Qwen3-MoE; Mixtral's experts are feed_forward_length wide), expert_weights_norm where written (llama.cpp
+    renormalizes the top-k weights of both families otherwise); layers without a router are dense."""
+    E = int(key("expert_count", 0) or 0)
+    if not E:
+        return {}
+    return dict(num_experts=E, num_experts_per_tok=int(key("expert_used_count", 2)),
+                moe_intermediate_size=int(key("expert_feed_forward_length", 0) or 0),
+                norm_topk_prob=bool(key("expert_weights_norm", True)),
+                mlp_only_layers=[i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors])
 
 
 def _opt_int(v) -> int | None:

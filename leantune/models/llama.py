@@ -1,5 +1,6 @@
 """The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3,
-SmolLM2, and Gemma 2/3 text (Gemma Team 2024, 2025) as config flags on the same skeleton.
+SmolLM2, and Gemma 2/3 text (Gemma Team 2024, 2025) as config flags on the same skeleton; Mixtral and
+Qwen3-MoE take their sparse MoE feed-forward from moe.py.
 
 Module and parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
 checkpoints load without renaming and adapters save under PEFT's keys. RMSNorm, rotate-half RoPE, GQA
@@ -38,6 +39,7 @@ from ..ops.fusable import fused_linear_params
 from ..ops.swiglu import swiglu_linear
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .moe import SparseMoeBlock, fuse_expert_keys
 
 if TYPE_CHECKING:
     from ..routing import Routing
@@ -61,6 +63,7 @@ class ForwardMeta:
     # (B,) or (B, T) adapter slots, -1 = base model; or a leantune.routing.Routing of them (built once per step)
     adapter_ids: torch.Tensor | Routing | None = None
     cache: KVCache | None = None  # or a paged cache (`paged = True`) that attends itself
+    router_logits: list | None = None  # a list: MoE layers append their (N, E) router logits (aux loss)
 
 
 @dataclass
@@ -237,7 +240,8 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = SparseMoeBlock(cfg) if self.moe else MLP(cfg)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = make_norm(cfg)
@@ -248,6 +252,8 @@ class Block(nn.Module):
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, meta))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), meta.adapter_ids))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, meta)
+        if self.moe:
+            return x + self.mlp(self.post_attention_layernorm(x), meta.adapter_ids, meta.router_logits)
         return x + self.mlp(self.post_attention_layernorm(x), meta.adapter_ids)
 
 
@@ -404,6 +410,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: ForwardMeta | None = None) -> torch.Tensor:
         return self.head(self.hidden(input_ids, meta))  # (B, T, V)
 
+    def all_linear_excluded(self) -> list[str]:
+        """Linear modules LoRA's "all-linear" leaves out. MoE models: the dense MLPs of Qwen3-MoE's
+        `mlp_only_layers`, because PEFT 0.21.2 on transformers 5 maps any target named gate_proj/up_proj/down_proj
+        (w1/w2/w3 for Mixtral) onto the stacked experts, so an adapter on those MLPs would not load in PEFT. The
+        router is not a linear module, so it is never a target."""
+        if not self.config.num_experts:
+            return []
+        return [f"model.layers.{i}.mlp.{p}" for i in range(self.config.num_layers) if not self.config.is_moe_layer(i)
+                for p in ("gate_proj", "up_proj", "down_proj")]
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named weights; the tied lm_head is left out as transformers leaves it out."""
         sd = self.state_dict()
@@ -417,6 +433,7 @@ class LlamaForCausalLM(nn.Module):
 
         assign=True makes the given tensors the parameters (no copy; they must have the model's dtype)."""
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        sd = fuse_expert_keys(sd, self.config)  # MoE: per-expert Hub tensors -> stacked (moe.py)
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         expected = set(self.base_state_dict())

@@ -56,6 +56,9 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
                              "leantune reads bitsandbytes 4-bit checkpoints")
         prequant = qc if qc else None
         cfg, source, tok = ModelConfig.from_hf(raw), FolderTensors(path), Tokenizer.from_folder(path)
+    if cfg.num_experts:
+        raise ValueError(f"{path}: 4-bit loading (QLoRA, --quantize) is not supported for {cfg.model_type} yet: its "
+                         "experts are stacked 3-D weights, not linear layers; load it in bf16/fp32 and use LoRA")
     if prequant and qcfg and qcfg.quant_type != prequant.get("bnb_4bit_quant_type"):
         raise ValueError(f"{path} is already quantized to {prequant.get('bnb_4bit_quant_type')!r}; "
                          f"pass quantize=None (or {prequant.get('bnb_4bit_quant_type')!r}) to load it as it is")

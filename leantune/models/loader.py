@@ -125,10 +125,11 @@ def write_hf_model_files(model: LlamaForCausalLM, folder: str | os.PathLike,
     """config.json, model.safetensors and generation_config.json of `model` into an existing `folder` (no
     tokenizer, not atomic: `save_hf_folder` wraps it, and a method's save hook writes into a temp folder)."""
     from ..quant import hf_quantization_config, is_quant_state_key
+    from .moe import unfuse_expert_keys
 
     folder = Path(folder)
     sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
-          for k, v in model.base_state_dict().items()}
+          for k, v in unfuse_expert_keys(model.base_state_dict(), model.config).items()}  # MoE: Hub layout
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_hf()
     cfg["dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")

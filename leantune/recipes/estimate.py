@@ -174,6 +174,14 @@ class _Plan:
     final_softcap: bool = False  # Gemma 2: the head is soft-capped (no plain linear)
     windows: list = field(default_factory=list)  # per layer: its sliding window or None
     rope_kinds: list = field(default_factory=list)  # per layer: which RoPE table (Gemma 3: local or global)
+    # MoE (models/moe.py): E experts of width Fe, top-k; which layers hold them; experts adapted (all-linear)
+    E: int = 0
+    k: int = 0
+    Fe: int = 0
+    moe_layers: list = field(default_factory=list)
+    experts_adapted: bool = False
+    fp32_router_weights: bool = False  # Mixtral keeps its top-k weights in fp32; Qwen3-MoE casts them
+    renorm: bool = True  # the top-k weights renormalized (a division autograd keeps both sides of)
 
     @property
     def shared_input(self) -> bool:
@@ -248,6 +256,8 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool, window=None, batch: int =
     norms_mid = 2 if p.sandwich else 1  # Gemma: the attention output's norm, then the MLP's input norm
     saved += norms_mid * _norm(p) if grad_mid else 0
     const += norms_mid * _norm_const(p, C) if grad_mid else 0
+    if "moe" in t:  # the experts' per-step constant (their B copies) joins the layer's constant
+        return saved + _moe_saved(p, grad_mid), True, attn, const + _moe_constant(p)
     gate_up = [n for n in ("gate_proj", "up_proj") if n in t]
     saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
     gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
@@ -265,6 +275,26 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool, window=None, batch: int =
         saved += F * s * (2 * int(gate_grad) + int(up_grad))
         saved += _lora_inputs(p, int(down), F, kept=False, grad=gate_grad or up_grad)
     return saved, grad_out, attn, const
+
+
+def _moe_saved(p: _Plan, grad_in: bool) -> int:
+    """Bytes per token a MoE feed-forward saves (moe.py's `loop` path, which training takes): the router's fp32
+    softmax, top-k ids and (renormalized) weights; per assignment (k per token) the gather index, the gate_up
+    output (silu keeps it), silu(gate), the expert output and its weight before the weighted sum, the weighted
+output (index_add_ keeps its source); with expert
+    LoRA, the routed input and silu(gate)*up (cast to the adapter dtype where it differs) and x A^T of both
+    weights. The transposed B copies (per step, not per token) are in `_moe_constant`."""
+    s, a, k, E, C, F, r = p.s, p.a, p.k, p.E, p.C, p.Fe, p.r
+    router = (E * 4 + k * 8 + (k * 4 + 4 if p.renorm else 0)) if grad_in else 0
+    per = 8 + 2 * F * s + F * s + C * s + (4 if p.fp32_router_weights else s) + 8 + C * s  # (+ index_add_'s source)
+    if p.experts_adapted:
+        per += C * a + F * a + 2 * r * a
+    return router + k * per
+
+
+def _moe_constant(p: _Plan) -> int:
+    """Bytes per MoE layer per step whatever the tokens: each adapted weight's B as (E, out, r), contiguous."""
+    return (p.E * (2 * p.Fe + p.C) * p.r * p.a) if p.experts_adapted else 0
 
 
 def activation_bytes(p: _Plan, batch: int, seq: int, loss_chunk: int = 1024) -> dict:
@@ -303,19 +333,26 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
             "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
     norms = 4 if p.sandwich else 2  # Gemma: + post-attention and pre/post-feedforward norms
     per_layer = norms * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # (+ Qwen3's / Gemma 3's q/k norms)
+    mlp = 0
     for name, (i, o) in dims.items():
-        per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
+        b = (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
+        per_layer += b if name not in MLP else 0
+        mlp += b if name in MLP else 0
+    n_moe = sum(p.moe_layers)
+    experts = p.E * (p.C + 3 * p.C * p.Fe) * p.s  # the router and the stacked experts (float: 4-bit is refused)
     emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
     largest = max(i * o for i, o in dims.values()) if p.quantized else 0
-    return p.L * per_layer + emb + p.C * p.s, largest
+    return p.L * per_layer + (p.L - n_moe) * mlp + n_moe * experts + emb + p.C * p.s, largest
 
 
 def _adapter_shapes(p: _Plan) -> list[int]:
     dims, out = p.linear_dims(), []
     for t in p.targets:
-        for name in t:
+        for name in t - {"moe"}:
             i, o = dims[name]
             out += [p.r * i, o * p.r]
+        if "moe" in t and p.experts_adapted:  # PEFT's (r E, in) and (out, r E) per stacked weight
+            out += [p.r * p.E * p.C, 2 * p.Fe * p.r * p.E, p.r * p.E * p.Fe, p.C * p.r * p.E]
     if p.head_adapted:
         out += [p.r * p.C, p.V * p.r]
     return out
@@ -344,15 +381,19 @@ def _match(name: str, targets) -> bool:
 
 def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_bytes: int,
               device: str = "cpu") -> _Plan:
-    from ..methods.targets import parse_targets
+    from ..methods.targets import is_all_linear, parse_targets
 
     tg = parse_targets(targets)
     per_layer = []
+    moe = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
     for i in range(cfg.num_layers):
-        names = {n: f"model.layers.{i}.{'self_attn' if n in ATTN else 'mlp'}.{n}" for n in ATTN + MLP}
-        per_layer.append({n for n, full in names.items() if _match(full, tg)})
+        names = {n: f"model.layers.{i}.{'self_attn' if n in ATTN else 'mlp'}.{n}" for n in ATTN + (() if moe[i] else MLP)}
+        # a Qwen3-MoE dense layer's MLP is left out of all-linear (LlamaForCausalLM.all_linear_excluded)
+        per_layer.append({n for n, full in names.items() if _match(full, tg) and not (n in MLP and any(moe))})
+        if moe[i]:
+            per_layer[-1].add("moe")
     head = _match("lm_head", tg)
-    if not head and not any(per_layer):
+    if not head and not any(t - {"moe"} for t in per_layer) and not (any(moe) and is_all_linear(tg)):
         raise ValueError(f"--targets {targets!r} matches no linear module of this model; its linear modules "
                          f"end with {sorted(ATTN + MLP)} (and lm_head)")
     from ..precision import native_bf16_cpu
@@ -360,6 +401,9 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
     from ..methods.registry import get_method
 
     quantized = get_method(method).quantize is not None  # the method loads its base 4-bit
+    if quantized and any(moe):
+        raise ValueError(f"--method {method}: a 4-bit base is not supported for {cfg.model_type} (its experts are "
+                         "stacked weights, and loading refuses it too); use --method lora")
     a = 4 if (quantized or dtype_bytes < 4) else dtype_bytes  # methods/lora.py: fp32 adapters on half/4-bit bases
     return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
                  V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,
@@ -371,7 +415,10 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  swiglu=cfg.hidden_act == "silu", softcap=cfg.attn_logit_softcapping is not None,
                  final_softcap=cfg.final_logit_softcapping is not None,
                  windows=[cfg.layer_window(i) for i in range(cfg.num_layers)],
-                 rope_kinds=[cfg.layer_rope_local(i) for i in range(cfg.num_layers)])
+                 rope_kinds=[cfg.layer_rope_local(i) for i in range(cfg.num_layers)],
+                 E=cfg.num_experts, k=cfg.num_experts_per_tok, Fe=cfg.expert_intermediate_size,
+                 moe_layers=moe, experts_adapted=any(moe) and is_all_linear(tg),
+                 fp32_router_weights=cfg.model_type == "mixtral", renorm=cfg.norm_topk_prob)
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
@@ -384,7 +431,8 @@ def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transi
     # an adapted head goes through F.cross_entropy per checkpointed chunk: logits, log-softmax, their grad
     logits = chunk * p.V * (12 if p.head_adapted or p.final_softcap else 4 + (s if s < 4 else 0))
     loss_fwd = N * p.C * s + n_sel * p.C * s + 16 * N + logits  # hidden, its labelled rows, targets; dh is saved
-    bwd = N * (4 * p.F + 2 * p.C) * s + dequant  # one layer's backward temporaries
+    width = max(p.F, p.k * p.Fe)  # a MoE layer's k routed copies of each token through width-Fe experts
+    bwd = N * (4 * width + 2 * p.C) * s + dequant  # one layer's backward temporaries
     accum_grads = adapter if grad_accum > 1 else 0  # earlier micro-batches' gradients live through the forward
     if gradient_checkpointing:
         kept = (p.L * N * p.C * s) + acts["rest"]  # each layer's input
@@ -406,6 +454,22 @@ def _warnings(p: _Plan, device: str, batch: int, seq: int) -> list[str]:
     return out
 
 
+def param_counts(cfg) -> tuple[int, int]:
+    """(parameters of the model, parameters a token passes through): they differ for MoE, where each token uses
+    num_experts_per_tok of the num_experts experts (all experts are in memory all the same)."""
+    C, F, H, K, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    attn = C * (H * D + 2 * K * D) + H * D * C + (H * D + 2 * K * D) * cfg.qkv_bias + C * cfg.o_bias
+    norms = 2 * C + (2 * D if cfg.qk_norm else 0)
+    dense = 3 * C * F + (2 * F + C) * cfg.mlp_bias
+    moe = [cfg.is_moe_layer(i) for i in range(L)]
+    expert = 3 * C * cfg.expert_intermediate_size
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    emb = cfg.vocab_size * C * (1 if cfg.tie_word_embeddings else 2) + C
+    total = emb + L * (attn + norms) + sum(E * (C + expert) if m else dense for m in moe)
+    active = total - sum(moe) * (E - k) * expert
+    return total, active
+
+
 def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, rank: int = 8,
                     targets: str = "all-linear", dropout: float = 0.0, dtype: str = "fp32", device: str = "cpu",
                     gradient_checkpointing: bool = False, optimizer: str = "adamw", grad_accum: int = 1,
@@ -422,7 +486,8 @@ def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, r
     phase = max(phases, key=lambda k: sum(phases[k]))
     grads, act, transient = phases[phase]
     N = batch * seq
-    notes = {"tokens": N, "adapter_params": sum(shapes), "bytes_per_token_layer": [b // N for b in acts["layers"]],
+    total_params, active_params = param_counts(cfg)
+    notes = {"tokens": N, "adapter_params": sum(shapes), "params": total_params, "active_params": active_params, "bytes_per_token_layer": [b // N for b in acts["layers"]],
              "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)), "adapter_dtype_bytes": p.a, "dtype_bytes": p.s,
              "warnings": _warnings(p, device, batch, seq)}
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=states, gradients=grads, activations=act,
@@ -485,6 +550,9 @@ def estimate(cfg: EstimateConfig) -> dict:
     title = (f"{path.name}: {cfg.method} r={cfg.rank} ({cfg.targets}), batch {cfg.batch} x seq {cfg.seq}, "
              f"{dtype} on {device}, {cfg.optimizer}{gc}")
     print(format_table(est, title))
+    if model_cfg.num_experts:
+        print(f"  parameters: {est.notes['params'] / 1e6:.1f}M, of which {est.notes['active_params'] / 1e6:.1f}M active per "
+              f"token ({model_cfg.num_experts_per_tok} of {model_cfg.num_experts} experts; all experts are in memory)")
     for w in est.notes["warnings"]:
         print(f"  warning: {w}")
     if device == "cpu":

@@ -54,14 +54,28 @@ def lm_loss_sum(model, batch, chunk: int = 1024, adapter_ids=None) -> tuple[torc
     the adapter slot of each row (a multi-adapter model), as `ForwardMeta` takes them."""
     from ..models.llama import ForwardMeta
 
-    meta = ForwardMeta(positions=batch.positions, segment_ids=batch.segment_ids, adapter_ids=adapter_ids)
+    cfg = getattr(model, "config", None)
+    aux = bool(getattr(cfg, "output_router_logits", False) and getattr(cfg, "num_experts", 0))
+    meta = ForwardMeta(positions=batch.positions, segment_ids=batch.segment_ids, adapter_ids=adapter_ids,
+                       router_logits=[] if aux else None)
     hidden = model.hidden(batch.input_ids, meta)  # (B, T, C)
     tgt = shifted_targets(batch.labels, batch.segment_ids)
     sel = tgt != -100
     n = int(sel.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    return chunked_ce_sum(hidden[sel], model.head_module(), tgt[sel], chunk), n
+    loss = chunked_ce_sum(hidden[sel], model.head_module(), tgt[sel], chunk)
+    if aux:  # MoE load balancing, as transformers adds it: mean CE + coef * aux, i.e. n * coef * aux to the sum
+        loss = loss + n * cfg.router_aux_loss_coef * moe_aux_loss(cfg, meta.router_logits, batch.segment_ids)
+    return loss, n
+
+
+def moe_aux_loss(cfg, router_logits: list, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """The load-balancing loss over this forward's router logits; a packed batch's padding (segment 0) left out."""
+    from ..models.moe import load_balancing_loss
+
+    valid = None if segment_ids is None else segment_ids.reshape(-1) > 0
+    return load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, valid)
 
 
 @torch.no_grad()
