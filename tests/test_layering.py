@@ -93,7 +93,7 @@ def graph(root: Path = ROOT) -> tuple[dict[str, Path], dict[str, list[tuple[str,
 def layer(module: str) -> str:
     """The layer a leantune module belongs to: its folder, or the top-level module's own name."""
     parts = module.split(".")
-    return "cli" if len(parts) == 1 else parts[1]
+    return "cli" if len(parts) == 1 or parts[1] == "__main__" else parts[1]  # `python -m leantune` is the CLI
 
 
 def rank(layer_name: str) -> int:

@@ -380,7 +380,7 @@ class GGUFTensors:
                 if info.name in _DROPPED:
                     continue
                 raise ValueError(
-                    f"{header.path}: tensor {info.name} has no place in a {arch} model "
+                    f"{header.path}: tensor {info.name} has no place in a {'' if cfg.num_experts else 'dense '}{arch} model "
                     "(a fused layout?); leantune reads Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE/Gemma 2/Gemma 3 GGUFs"
                 )
             self.infos[name] = info
