@@ -333,3 +333,17 @@ def test_progress_off_prints_nothing():
     p.close()
     assert s.getvalue() == ""
 
+
+def test_server_without_the_package_refuses_the_integration(monkeypatch):
+    """POST /v1/fine_tuning/jobs with a W&B integration on a server that lacks wandb: a 400 naming the extra."""
+    import importlib.util
+
+    from leantune.serve.api.common import APIError
+    from leantune.serve.api.fine_tuning import _integrations
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(APIError) as e:
+        _integrations({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]})
+    assert e.value.status == 400 and e.value.param == "integrations"
+    assert "pip install 'leantune[wandb]'" in e.value.message and "integrations[0].type wandb" in e.value.message
