@@ -291,6 +291,24 @@ def test_missing_extra_says_what_to_install(backend, monkeypatch, capsys, tmp_pa
         FinetuneConfig(report_to=["csv", backend])
 
 
+def test_wandb_without_a_login_says_how_to_go_offline(tmp_path):
+    """In a fresh process: W&B keeps the settings of its first run per process (offline, in this one)."""
+    need("wandb")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path))  # no ~/.netrc holding a W&B key
+    code = ("from leantune.train.report import open_loggers\n"
+            f"open_loggers('csv,wandb', {str(tmp_path / 'out')!r})")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parents[1], stdin=subprocess.DEVNULL)
+    assert p.returncode != 0 and "ValueError: --report-to wandb: could not start a W&B run" in p.stderr, p.stderr
+    assert "WANDB_MODE=offline" in p.stderr and "wandb login" in p.stderr
+    assert list((tmp_path / "out").iterdir()) == []  # no empty record left behind
+
+
 def test_python_api_takes_a_list():
     from leantune.recipes.finetune import FinetuneConfig
 

@@ -186,8 +186,9 @@ def test_wandb_integration_logs_the_job_offline(folder, tmp_path, monkeypatch):
         job = _wait_job(c, job.id)
         assert job.status == "succeeded", job.error
         events = list(reversed(c.fine_tuning.jobs.list_events(job.id, limit=100).data))
-        losses = {e.data["step"]: e.data["train_loss"] for e in events if e.type == "metrics" and "train_loss" in e.data}
-        valid = [e.data["valid_loss"] for e in events if e.type == "metrics" and "valid_loss" in e.data]
+        metrics = [e.data for e in events if e.type == "metrics"]
+        losses = {m["step"]: m["train_loss"] for m in metrics if "train_loss" in m}
+        valid = [m["valid_loss"] for m in metrics if "valid_loss" in m]
     finally:
         srv.stop()
     series, config, run = read_wandb(tmp_path / "data" / "jobs" / job.id)

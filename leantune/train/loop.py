@@ -59,7 +59,8 @@ class TrainConfig:
     report_to: str = opt("csv", "where each step's metrics and the run config go besides metrics.jsonl: a comma "
                          "list of none, csv (metrics.csv), tensorboard (OUTPUT/tensorboard), wandb (W&B; "
                          "WANDB_MODE=offline keeps it on disk), mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db); "
-                         "tensorboard, wandb and mlflow are extras: pip install 'leantune[wandb]'")
+                         "tensorboard, wandb and mlflow are extras: pip install 'leantune[wandb]'",
+                         metavar="NAME[,NAME]")
     llrd: float = opt(0.0, "layer-wise lr decay xi: block l of L trains at lr * xi^(L-l), embeddings at lr * xi^L "
                       "(0 = off)")
     freeze_lower: int = opt(0, "freeze the embeddings and everything (adapters too) in the lowest K blocks")
@@ -206,7 +207,8 @@ class Trainer:
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               "loss_tokens": n_tok, "tokens": self.tokens, "peak_memory_mb": peak_memory_mb(window[0].input_ids.device)}
+               "loss_tokens": n_tok, "tokens": self.tokens,
+               "peak_memory_mb": peak_memory_mb(window[0].input_ids.device)}
         if reg_total is not None:
             rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
         return rec

@@ -252,21 +252,17 @@ def open_loggers(report_to, out: str | Path, name: str | None = None, resume_ste
     the folder's name); `resume_step`: the step a resumed run continues from (None: a fresh run); `wandb`: W&B
     settings (project, entity, tags); `jsonl`: also metrics.jsonl + run_config.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     name = name or out.resolve().name
+    make = {"tensorboard": lambda: TensorBoardLogger(out, resume_step),
+            "wandb": lambda: WandbLogger(out, name, **(wandb or {})), "mlflow": lambda: MlflowLogger(out, name),
+            "csv": lambda: CsvLogger(out, resume_step), "jsonl": lambda: JsonlLogger(out, resume_step)}
+    names = list(parse_report_to(report_to)) + (["jsonl"] if jsonl else [])
+    out.mkdir(parents=True, exist_ok=True)
     opened: list[Logger] = []
     try:
-        if jsonl:
-            opened.append(JsonlLogger(out, resume_step))
-        for n in parse_report_to(report_to):
-            if n == "csv":
-                opened.append(CsvLogger(out, resume_step))
-            elif n == "tensorboard":
-                opened.append(TensorBoardLogger(out, resume_step))
-            elif n == "wandb":
-                opened.append(WandbLogger(out, name, **(wandb or {})))
-            else:
-                opened.append(MlflowLogger(out, name))
+        # the plain files last: a backend that cannot start (W&B without a login) leaves no empty record behind
+        for n in sorted(names, key=lambda n: n in ("csv", "jsonl")):
+            opened.append(make[n]())
     except BaseException:
         Loggers(opened).close(success=False)
         raise
