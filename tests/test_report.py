@@ -96,10 +96,12 @@ def _wandb_records(path: Path):
             yield rec
 
 
-def read_wandb(out: Path) -> tuple[dict, dict, object]:
-    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+def read_wandb(out: Path, runs: int = 1) -> tuple[dict, dict, object]:
+    """What `runs` offline run folders (a resumed run adds one, with the same run id) hold together."""
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == runs, files
     series, config, run = {}, {}, None
-    for rec in _wandb_records(run_file):
+    for rec in (r for f in files for r in _wandb_records(f)):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
@@ -110,7 +112,9 @@ def read_wandb(out: Path) -> tuple[dict, dict, object]:
         elif kind in ("config", "run"):
             updates = rec.config.update if kind == "config" else rec.run.config.update
             config.update({i.key: json.loads(i.value_json) for i in updates})
-            run = rec.run if kind == "run" else run
+            if kind == "run":
+                assert run is None or run.run_id == rec.run.run_id  # one W&B run, however many folders
+                run = rec.run
     return series, config, run
 
 
@@ -239,6 +243,28 @@ def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path):
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}]
     report.open_loggers("csv", tmp_path).close()  # a fresh run into the same folder starts its records anew
     assert read_metrics(tmp_path) == [] and read_csv(tmp_path) == {}
+
+
+def test_a_resumed_run_continues_its_wandb_and_mlflow_run(tmp_path):
+    backends = _installed(["wandb", "mlflow"])
+    if not backends:
+        pytest.skip("neither wandb nor mlflow is installed (pip install 'leantune[wandb,mlflow]')")
+    out = tmp_path / "r"
+    lg = report.open_loggers(",".join(backends), out, jsonl=False)
+    for s in (1, 2, 3):
+        lg.log_metrics(s, {"loss": 1.0 / s})
+    lg.close(success=False)  # interrupted after step 3; its checkpoint is at step 2
+    lg = report.open_loggers(",".join(backends), out, resume_step=2, jsonl=False)
+    for s in (3, 4):  # step 3 again, to the same number (resume is exact)
+        lg.log_metrics(s, {"loss": 1.0 / s})
+    lg.close()
+    want = {"loss": {1: 1.0, 2: 0.5, 3: 1 / 3, 4: 0.25}}
+    if "mlflow" in backends:
+        series, _, status = read_mlflow(out, "r")  # one run, finished
+        assert_same_series(series, want, 1e-12, "mlflow")
+        assert status == "FINISHED"
+    if "wandb" in backends:
+        assert_same_series(read_wandb(out, runs=2)[0], want, 1e-12, "wandb")
 
 
 def test_report_to_none_writes_only_metrics_jsonl(folder, tmp_path):

@@ -65,7 +65,9 @@ def job_loggers(job: dict, out) -> Logger:
     if not wandb:
         return open_loggers("none", out, jsonl=False)
     w = wandb[0]
+    # a job found "running" resumes after a restart: it continues its W&B run (jsonl is off: nothing to truncate)
     return open_loggers("wandb", out, name=w.get("name") or job["id"], jsonl=False,
+                        resume_step=0 if job["status"] == "running" else None,
                         wandb={"project": w["project"], "entity": w.get("entity"), "tags": w.get("tags")})
 
 

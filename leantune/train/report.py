@@ -160,20 +160,42 @@ class TensorBoardLogger(Logger):
         self.w.close()
 
 
+def _run_ids(out: Path) -> Path:
+    """OUTPUT/run_ids.json: the W&B and MLflow run of the run in OUTPUT, which a resumed run continues."""
+    return out / "run_ids.json"
+
+
+def _resumed_id(out: Path, backend: str, resume_step: int | None) -> str | None:
+    path = _run_ids(out)
+    return json.loads(path.read_text()).get(backend) if resume_step is not None and path.exists() else None
+
+
+def _keep_id(out: Path, backend: str, run_id: str) -> None:
+    path = _run_ids(out)
+    ids = {**(json.loads(path.read_text()) if path.exists() else {}), backend: run_id}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ids))
+    tmp.replace(path)
+
+
 class WandbLogger(Logger):
     """A W&B run (project: `project`, else WANDB_PROJECT, else "leantune"), its files under OUTPUT/wandb; with
-    WANDB_MODE=offline nothing leaves the machine until `wandb sync`."""
+    WANDB_MODE=offline nothing leaves the machine until `wandb sync`. A resumed run continues the same W&B run
+    (W&B ignores the steps it already has: leantune's resume recomputes them to the same numbers)."""
 
-    def __init__(self, out: Path, name: str, project: str | None = None, entity: str | None = None,
-                 tags: list | None = None):
+    def __init__(self, out: Path, name: str, resume_step: int | None = None, project: str | None = None,
+                 entity: str | None = None, tags: list | None = None):
         import wandb
 
+        run_id = _resumed_id(out, "wandb", resume_step)
         try:
             self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "leantune", entity=entity,
-                                  name=name, tags=list(tags or []) or None, dir=str(out), reinit="create_new")
+                                  name=name, tags=list(tags or []) or None, dir=str(out), reinit="create_new",
+                                  id=run_id, resume="allow" if run_id else None)
         except Exception as e:  # wandb's own errors have no common base class; say how to go on without a login
             raise ValueError(f"--report-to wandb: could not start a W&B run ({e}); run `wandb login`, or set "
                              "WANDB_MODE=offline to keep the run on disk and `wandb sync` it later") from None
+        _keep_id(out, "wandb", self.run.id)
 
     def log_config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)
@@ -187,11 +209,12 @@ class WandbLogger(Logger):
 
 class MlflowLogger(Logger):
     """An MLflow run in experiment MLFLOW_EXPERIMENT_NAME (else "leantune") at MLFLOW_TRACKING_URI, else in a
-    SQLite store OUTPUT/mlflow.db (`mlflow ui --backend-store-uri sqlite:///OUTPUT/mlflow.db`)."""
+    SQLite store OUTPUT/mlflow.db (`mlflow ui --backend-store-uri sqlite:///OUTPUT/mlflow.db`). A resumed run
+    continues the same MLflow run (the steps it recomputes are logged again, with the same numbers)."""
 
     PARAM_CHARS = 500  # the shortest param value limit of MLflow's stores; longer values are cut to it
 
-    def __init__(self, out: Path, name: str):
+    def __init__(self, out: Path, name: str, resume_step: int | None = None):
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
@@ -201,7 +224,15 @@ class MlflowLogger(Logger):
         # artifacts of a local store stay in the output folder too, not in ./mlruns of whatever folder we run in
         artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri()
         exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name, artifact_location=artifacts)
-        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        self.run_id = _resumed_id(out, "mlflow", resume_step)
+        if self.run_id is not None:
+            try:
+                self.client.update_run(self.run_id, status="RUNNING")
+            except Exception:  # noqa: BLE001 - not in this store (MLFLOW_TRACKING_URI changed): a new run
+                self.run_id = None
+        if self.run_id is None:
+            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        _keep_id(out, "mlflow", self.run_id)
 
     def log_config(self, config: dict) -> None:
         from mlflow.entities import Param
@@ -254,7 +285,8 @@ def open_loggers(report_to, out: str | Path, name: str | None = None, resume_ste
     out = Path(out)
     name = name or out.resolve().name
     make = {"tensorboard": lambda: TensorBoardLogger(out, resume_step),
-            "wandb": lambda: WandbLogger(out, name, **(wandb or {})), "mlflow": lambda: MlflowLogger(out, name),
+            "wandb": lambda: WandbLogger(out, name, resume_step, **(wandb or {})),
+            "mlflow": lambda: MlflowLogger(out, name, resume_step),
             "csv": lambda: CsvLogger(out, resume_step), "jsonl": lambda: JsonlLogger(out, resume_step)}
     names = list(parse_report_to(report_to)) + (["jsonl"] if jsonl else [])
     out.mkdir(parents=True, exist_ok=True)
