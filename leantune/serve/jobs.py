@@ -193,9 +193,12 @@ class JobRunner:
     def _teardown(self, success: bool = True) -> None:
         a, self.active = self.active, None
         self.blocks.free(a.kv_id)
-        a.loggers.close(success)
         if a.adapter in list_adapters(self.model):
             delete_adapter(self.model, a.adapter)
+        try:
+            a.loggers.close(success)
+        except Exception as e:  # noqa: BLE001 - the job's own outcome stands; the event says what the logger lost
+            self.store.add_event(a.id, f"Could not finish the job's integration run: {e}", level="warn")
 
     def _finish(self, job_id: str, status: str, **fields) -> None:
         self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)

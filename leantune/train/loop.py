@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -93,13 +92,17 @@ def count_loss_tokens(batch) -> int:
     return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far in MiB: allocated CUDA memory on a GPU, else the process's peak RSS (what a CPU run
-    needs of the machine, weights and all)."""
+def peak_memory_mb(device: torch.device) -> dict:
+    """{"peak_memory_mb": peak so far in MiB}: allocated CUDA memory on a GPU, else the process's peak RSS (what a
+    CPU run needs of the machine, weights and all); {} where the OS does not tell it (Windows has no `resource`)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        import resource
+    except ImportError:
+        return {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    return {"peak_memory_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}  # macOS: bytes; Linux: KiB
 
 
 def check_fp32_trainable(model) -> None:
@@ -207,8 +210,7 @@ class Trainer:
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               "loss_tokens": n_tok, "tokens": self.tokens,
-               "peak_memory_mb": peak_memory_mb(window[0].input_ids.device)}
+               "loss_tokens": n_tok, "tokens": self.tokens, **peak_memory_mb(window[0].input_ids.device)}
         if reg_total is not None:
             rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
         return rec
