@@ -1,8 +1,9 @@
 """Run records (`--report-to`, `train.report`): each backend is read back with its own reader — csv, TensorBoard's
 EventAccumulator, MLflow's client on the local SQLite store, W&B's offline run file parsed with W&B's protobufs —
 and must hold the same per-step numbers as metrics.jsonl and the run's config. Also: any extra scalar a step
-returns flows through, a resumed run's records end where it resumed, bad --report-to values and missing extras
-stop before a model is loaded, and the progress display (tqdm on a terminal, plain lines elsewhere).
+returns flows through, a resumed run's records end where it resumed and it continues its W&B and MLflow run, bad
+--report-to values and missing extras stop before a model is loaded, a backend that cannot start says why, and
+the progress display (tqdm on a terminal, plain lines elsewhere).
 
 A backend's tests skip only when its package is missing, and say which extra installs it (CI installs them all).
 """
@@ -13,6 +14,7 @@ import io
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -96,10 +98,20 @@ def _wandb_records(path: Path):
             yield rec
 
 
+def _wandb_complete(files: list[Path], timeout: float = 60) -> None:
+    """Wait until each run file holds its exit record: `run.finish()` can return before W&B's service process has
+    written a run's last records (seen with wandb 0.31 offline: the last step, about one time in five)."""
+    deadline = time.monotonic() + timeout
+    while not all(any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(f)) for f in files):
+        assert time.monotonic() < deadline, f"a W&B run file has no exit record after {timeout} s: {files}"
+        time.sleep(0.2)
+
+
 def read_wandb(out: Path, runs: int = 1) -> tuple[dict, dict, object]:
     """What `runs` offline run folders (a resumed run adds one, with the same run id) hold together."""
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == runs, files
+    _wandb_complete(files)
     series, config, run = {}, {}, None
     for rec in (r for f in files for r in _wandb_records(f)):
         kind = rec.WhichOneof("record_type")
@@ -258,6 +270,10 @@ def test_a_resumed_run_continues_its_wandb_or_mlflow_run(backend, tmp_path):
     for s in (1, 2, 3):
         lg.log_metrics(s, {"loss": 1.0 / s})
     lg.close(success=False)  # interrupted after step 3; its checkpoint is at step 2
+    # W&B names an offline run's folder by the second it started: a resume within that second would share it
+    started = int(time.time())
+    while int(time.time()) == started:
+        time.sleep(0.05)
     lg = report.open_loggers(backend, out, resume_step=2, jsonl=False)
     for s in (3, 4):  # step 3 again, to the same number (resume is exact)
         lg.log_metrics(s, {"loss": 1.0 / s})
@@ -337,6 +353,14 @@ def test_wandb_without_a_login_says_how_to_go_offline(tmp_path):
     assert p.returncode != 0 and "ValueError: --report-to wandb: could not start a W&B run" in p.stderr, p.stderr
     assert "WANDB_MODE=offline" in p.stderr and "wandb login" in p.stderr
     assert list((tmp_path / "out").iterdir()) == []  # no empty record left behind
+
+
+def test_mlflow_store_that_does_not_work_is_named(tmp_path, monkeypatch):
+    need("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus-scheme://nowhere")
+    with pytest.raises(ValueError, match="--report-to mlflow: could not use the tracking store bogus-scheme://"):
+        report.open_loggers("mlflow", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_python_api_takes_a_list():

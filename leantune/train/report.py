@@ -218,12 +218,12 @@ class MlflowLogger(Logger):
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        self.client = MlflowClient(tracking_uri=uri)
-        exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "leantune"
-        exp = self.client.get_experiment_by_name(exp_name)
-        # artifacts of a local store stay in the output folder too, not in ./mlruns of whatever folder we run in
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri()
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name, artifact_location=artifacts)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            exp_id = self._experiment(out)
+        except Exception as e:  # MlflowException and the store's own (a server that is down, a `file:` store)
+            raise ValueError(f"--report-to mlflow: could not use the tracking store {uri} ({e}); set "
+                             "MLFLOW_TRACKING_URI to a store that works, or unset it for OUTPUT/mlflow.db") from None
         self.run_id = _resumed_id(out, "mlflow", resume_step)
         if self.run_id is not None:
             try:
@@ -233,6 +233,13 @@ class MlflowLogger(Logger):
         if self.run_id is None:
             self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         _keep_id(out, "mlflow", self.run_id)
+
+    def _experiment(self, out: Path) -> str:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "leantune"
+        exp = self.client.get_experiment_by_name(name)
+        # artifacts of a local store stay in the output folder too, not in ./mlruns of whatever folder we run in
+        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri()
+        return exp.experiment_id if exp else self.client.create_experiment(name, artifact_location=artifacts)
 
     def log_config(self, config: dict) -> None:
         from mlflow.entities import Param
