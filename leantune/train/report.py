@@ -8,7 +8,7 @@ MLflow are pip extras, imported only when asked for; `parse_report_to` refuses a
 package before any model is loaded.
 
 Offline: W&B honours WANDB_MODE=offline (the run is written under OUTPUT/wandb for `wandb sync`); MLflow writes to
-MLFLOW_TRACKING_URI when set, else to a SQLite store OUTPUT/mlflow.db (MLflow's own default backend since 3.x; its
+MLFLOW_TRACKING_URI when set, else to a SQLite store OUTPUT/mlflow.db (the database backend MLflow 3 asks for: its
 plain-folder `file:` store is in maintenance mode and refuses new runs unless MLFLOW_ALLOW_FILE_STORE is set).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
-    """Nested dicts -> {"options.r": 8, ...}: for backends whose params are flat (MLflow, csv)."""
+    """Nested dicts -> {"options.r": 8, ...}: for backends whose params are flat (MLflow)."""
     out = {}
     for k, v in config.items():
         if isinstance(v, dict):
