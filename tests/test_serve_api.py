@@ -166,6 +166,39 @@ def test_finetune_job_trains_in_the_loop_and_is_served_at_once(server):
     assert base != text
 
 
+def test_wandb_integration_logs_the_job_offline(folder, tmp_path, monkeypatch):
+    """OpenAI's `integrations` field: the job's config and each step's metrics go to a W&B run (offline here),
+    the same logger `finetune --report-to wandb` uses; read back from the run's file under the job's folder."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'leantune[wandb]'); CI installs it")
+    from test_report import read_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the server process inherits it
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    srv = Server(folder, tmp_path / "data", "--max-tokens-per-step", "64").start()
+    try:
+        c = srv.client()
+        f = c.files.create(file=("facts.jsonl", _train_file()), purpose="fine-tune")
+        wandb = {"project": "lt-jobs", "name": "facts-run", "tags": ["facts", "tiny"]}
+        job = c.fine_tuning.jobs.create(model="model", training_file=f.id, validation_file=f.id, seed=1,
+                                        hyperparameters={"n_epochs": 3, "batch_size": 2},
+                                        integrations=[{"type": "wandb", "wandb": wandb}])
+        assert job.integrations[0].type == "wandb" and job.integrations[0].wandb.project == "lt-jobs"
+        job = _wait_job(c, job.id)
+        assert job.status == "succeeded", job.error
+        events = list(reversed(c.fine_tuning.jobs.list_events(job.id, limit=100).data))
+        metrics = [e.data for e in events if e.type == "metrics"]
+        losses = {m["step"]: m["train_loss"] for m in metrics if "train_loss" in m}
+        valid = [m["valid_loss"] for m in metrics if "valid_loss" in m]
+    finally:
+        srv.stop()
+    series, config, run = read_wandb(tmp_path / "data" / "jobs" / job.id)
+    assert series["train_loss"] == pytest.approx(losses) and sorted(losses) == [1, 2, 3]
+    assert series["valid_loss"] == pytest.approx({3: valid[0]})
+    assert set(series) >= {"lr", "grad_norm", "epoch"}
+    assert config["n_epochs"] == 3 and config["batch_size"] == 2 and config["training_file"] == f.id
+    assert run.display_name == "facts-run" and run.project == "lt-jobs" and list(run.tags) == ["facts", "tiny"]
+
+
 def test_kill9_then_restart_keeps_files_adapters_and_resumes_the_job(folder, tmp_path):
     data = tmp_path / "data"
     args = ("--checkpoint-every", "2", "--ft-bwd-layers", "1")

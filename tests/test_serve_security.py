@@ -439,6 +439,15 @@ BAD_JOBS = {
     "unknown training file": ({"training_file": "file-nope"}, ["file-nope", "does not exist"], "training_file"),
     "unknown validation file": ({"validation_file": "file-nope"}, ["file-nope"], "validation_file"),
     "seed not an integer": ({"seed": "7"}, ["seed"], "seed"),
+    "integration of an unknown type": ({"integrations": [{"type": "comet", "comet": {"project": "p"}}]},
+                                       ["integrations[0].type 'comet'", "supported: wandb"], "integrations"),
+    "integrations not a list": ({"integrations": {"type": "wandb"}}, ["integrations"], "integrations"),
+    "wandb without a project": ({"integrations": [{"type": "wandb", "wandb": {"name": "x"}}]},
+                                ["integrations[0].wandb.project is required"], "integrations"),
+    "wandb with an unknown field": ({"integrations": [{"type": "wandb", "wandb": {"project": "p", "team": "t"}}]},
+                                    ["integrations[0].wandb.team", "project, name, entity, tags"], "integrations"),
+    "wandb tags not strings": ({"integrations": [{"type": "wandb", "wandb": {"project": "p", "tags": [1]}}]},
+                               ["tags must be a list of strings"], "integrations"),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.reinit_top:  # re-initialized blocks trained in full: the adapter alone does not hold them
             save_reinit_blocks(model, d, cfg.reinit_top)
 
-    trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts)
+    trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts,
+                      run_config=asdict(cfg))
     if cfg.resume and trainer.resume():
         _log(f"resumed at step {trainer.step}")
     result = trainer.fit()

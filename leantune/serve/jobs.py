@@ -6,7 +6,8 @@ One job trains at a time (FlexLLM's single fine-tuning slot); the others wait in
 format under the data dir, loaded as a new served adapter (a copy, so nothing a request is using
 changes under it) and the training copy is deleted. Checkpoints (adapter + optimizer state + progress,
 `train.checkpoint`) are written every `checkpoint_every` steps and at each epoch's end; after a crash
-the engine resumes a `running` job from its latest one.
+the engine resumes a `running` job from its latest one. A job's `integrations` (OpenAI's; W&B) get its config
+and each step's metrics through the loggers of `train.report`, as `finetune --report-to` does.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..methods.lora import LoraConfig
 from ..methods.registry import apply
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..train.loss import heldout_loss
+from ..train.report import Logger, open_loggers
 from .cotrain import CoTrainConfig, CoTrainer
 from .ft_defaults import FineTuneDefaults
 from .runner import Work
@@ -57,9 +59,22 @@ def _adapter_name(job_id: str) -> str:
     return f"job_{job_id.replace('-', '_')}"
 
 
+def job_loggers(job: dict, out) -> Logger:
+    """The loggers of a job's `integrations` (validated by the API: W&B only), writing under `out`."""
+    wandb = [i["wandb"] for i in job.get("integrations") or [] if i.get("type") == "wandb"]
+    if not wandb:
+        return open_loggers("none", out, jsonl=False)
+    w = wandb[0]
+    # a job found "running" resumes after a restart: it continues its W&B run (jsonl is off: nothing to truncate)
+    return open_loggers("wandb", out, name=w.get("name") or job["id"], jsonl=False,
+                        resume_step=0 if job["status"] == "running" else None,
+                        wandb={"project": w["project"], "entity": w.get("entity"), "tags": w.get("tags")})
+
+
 class ActiveJob:
-    def __init__(self, job: dict, owner: str, adapter: str, trainer: CoTrainer, valid: list):
+    def __init__(self, job: dict, owner: str, adapter: str, trainer: CoTrainer, valid: list, loggers: Logger):
         self.job, self.owner, self.adapter, self.trainer, self.valid = job, owner, adapter, trainer, valid
+        self.loggers = loggers
         self.id = job["id"]
         self.kv_id = f"ft:{self.id}"
 
@@ -101,15 +116,31 @@ class JobRunner:
             self.starting = None
             self._finish(jid, "failed", error={"code": "invalid_training_file", "message": str(e), "param": None})
             return
+        try:  # before the adapter exists: a logger that cannot start fails the job with nothing to undo
+            loggers = job_loggers(job, store.job_dir(jid))
+        except (ValueError, OSError) as e:
+            self.starting = None
+            self._finish(jid, "failed", error={"code": "invalid_integration", "message": str(e),
+                                               "param": "integrations"})
+            return
         adapter = _adapter_name(jid)
         if adapter in list_adapters(self.model):
             delete_adapter(self.model, adapter)
         ft = self.cfg.finetune
-        apply(self.model, "lora", adapter_name=adapter,
-              config=LoraConfig(r=ft.rank, alpha=ft.alpha, targets="all-linear", dropout=0.0))
-        trainer = CoTrainer(self.model, adapter, examples, cfg)
-        self.active = ActiveJob(job, owner, adapter, trainer, valid)
+        try:
+            apply(self.model, "lora", adapter_name=adapter,
+                  config=LoraConfig(r=ft.rank, alpha=ft.alpha, targets="all-linear", dropout=0.0))
+            trainer = CoTrainer(self.model, adapter, examples, cfg)
+        except BaseException:
+            loggers.close(success=False)  # fail_active then fails the job
+            raise
+        self.active = ActiveJob(job, owner, adapter, trainer, valid, loggers)
         self._resume_or_begin(job)
+        loggers.log_config({"model": job["model"], "training_file": job["training_file"],
+                            "validation_file": job.get("validation_file"), "seed": trainer.cfg.seed,
+                            **self.store.get_job(owner, jid)["hyperparameters"],
+                            "lora": {"r": ft.rank, "alpha": ft.alpha, "targets": "all-linear"},
+                            "total_steps": trainer.total_steps})
         self.starting = None
 
     def _examples(self, owner: str, file_id: str, what: str) -> list:
@@ -143,7 +174,7 @@ class JobRunner:
         if job is None or job["status"] not in ("validating_files", "queued", "running"):
             raise ValueError(f"job {job_id} is {job['status'] if job else 'unknown'} and cannot be cancelled")
         if self.active is not None and self.active.id == job_id:
-            self._teardown()
+            self._teardown(success=False)
         self._finish(job_id, "cancelled")
 
     def fail_active(self, message: str) -> None:
@@ -155,15 +186,19 @@ class JobRunner:
             self.starting = None
         if self.active is not None:
             jid = self.active.id
-            self._teardown()
+            self._teardown(success=False)
             self._finish(jid, "failed", error={"code": "internal_error", "message": message.splitlines()[-1],
                                                "param": None})
 
-    def _teardown(self) -> None:
+    def _teardown(self, success: bool = True) -> None:
         a, self.active = self.active, None
         self.blocks.free(a.kv_id)
         if a.adapter in list_adapters(self.model):
             delete_adapter(self.model, a.adapter)
+        try:
+            a.loggers.close(success)
+        except Exception as e:  # noqa: BLE001 - the job's own outcome stands; the event says what the logger lost
+            self.store.add_event(a.id, f"Could not finish the job's integration run: {e}", level="warn")
 
     def _finish(self, job_id: str, status: str, **fields) -> None:
         self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
@@ -228,6 +263,7 @@ class JobRunner:
                 return
         m = a.trainer.apply_step()
         self.stats.ft_steps += 1
+        a.loggers.log_metrics(m["step"], {k: v for k, v in m.items() if k not in ("step", "total_steps")})
         self.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",
                                data={k: m[k] for k in ("step", "train_loss", "lr", "total_steps")}, type="metrics")
         end_of_epoch = m["step"] % a.trainer.steps_per_epoch == 0
@@ -250,6 +286,8 @@ class JobRunner:
     def _publish(self) -> None:
         a, store, name = self.active, self.store, self._model_name()
         valid_loss = self._valid_loss()
+        if valid_loss is not None:
+            a.loggers.log_metrics(a.trainer.step, {"valid_loss": valid_loss})
         out = store.adapter_dir(name)
         save_adapter(self.model, out, adapter_name=a.adapter)
         if store.get_adapter(name) is None:

@@ -278,10 +278,11 @@ class Store:
     def add_job(
         self, owner: str, model: str, training_file: str, validation_file: str | None = None,
         hyperparameters: dict | None = None, suffix: str | None = None, seed: int | None = None,
-        method: dict | None = None,
+        method: dict | None = None, integrations: list | None = None,
     ) -> dict:
         """A new fine-tuning job of `owner` with status "queued". Returns the OpenAI fine_tuning.job object;
-        `suffix` appears as `user_provided_suffix`; `method` defaults to {"type": "supervised"}."""
+        `suffix` appears as `user_provided_suffix`; `method` defaults to {"type": "supervised"}; `integrations`:
+        OpenAI's list of experiment loggers ([{"type": "wandb", "wandb": {...}}])."""
         _check_text(owner, "owner")
         _check_text(model, "model")
         _check_text(training_file, "training_file")
@@ -291,7 +292,7 @@ class Store:
             "status": "queued", "validation_file": validation_file, "training_file": training_file,
             "hyperparameters": dict(hyperparameters or {}), "trained_tokens": None, "error": None,
             "seed": seed, "user_provided_suffix": suffix, "method": dict(method or {"type": "supervised"}),
-            "estimated_finish": None, "integrations": [],
+            "estimated_finish": None, "integrations": list(integrations or []),
         }
         self._write("INSERT INTO jobs (id, owner, status, obj) VALUES (?, ?, ?, ?)",
                     (job["id"], owner, job["status"], json.dumps(job)))

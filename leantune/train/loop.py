@@ -1,5 +1,6 @@
 """The training loop shared by every recipe: token-weighted gradient accumulation, clipping, AdamW (or paged
-AdamW), warmup + decay, periodic eval and checkpoints, exact resume, progress bar, metrics.jsonl and loss.png.
+AdamW), warmup + decay, periodic eval and checkpoints, exact resume, progress bar, run records (metrics.jsonl and
+the --report-to loggers of `train.report`) and loss.png.
 
 Exact resume: batches are a pure function of (seed, epoch); a checkpoint stores trainable weights,
 optimizer state, the RNG and the position in the epoch, so a resumed run computes the same losses as an
@@ -8,8 +9,9 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from .loss import heldout_loss, lm_loss_sum, shifted_targets
 from .trainable import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
 from .progress import Progress
+from .report import open_loggers, parse_report_to
 from .step import StepRule, before_step, optimizer_step, regularizer, train_hooks
 
 
@@ -57,7 +60,12 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps (0 = at the end only)")
     save_every: int = opt(0, "checkpoint every N steps (0 = at the end only)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar (a plain line every few steps when stderr is not a terminal)")
+    report_to: str = opt("csv", "where each step's metrics and the run config go besides metrics.jsonl: a comma "
+                         "list of none, csv (metrics.csv), tensorboard (OUTPUT/tensorboard), wandb (W&B; "
+                         "WANDB_MODE=offline keeps it on disk), mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db); "
+                         "tensorboard, wandb and mlflow are extras: pip install 'leantune[wandb]'",
+                         metavar="NAME[,NAME]")
     llrd: float = opt(0.0, "layer-wise lr decay xi: block l of L trains at lr * xi^(L-l), embeddings at lr * xi^L "
                       "(0 = off)")
     freeze_lower: int = opt(0, "freeze the embeddings and everything (adapters too) in the lowest K blocks")
@@ -89,10 +97,25 @@ class TrainConfig:
         for ok, msg in checks + option_checks(self):
             if not ok:
                 raise ValueError(msg)
+        # before any model is loaded: an unknown backend or a missing extra stops here
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
 
 
 def count_loss_tokens(batch) -> int:
     return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """{"peak_memory_mb": peak so far in MiB}: allocated CUDA memory on a GPU, else the process's peak RSS (what a
+    CPU run needs of the machine, weights and all); {} where the OS does not tell it (Windows has no `resource`)."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        import resource
+    except ImportError:
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}  # macOS: bytes; Linux: KiB
 
 
 def check_fp32_trainable(model) -> None:
@@ -108,10 +131,13 @@ class Trainer:
     """Holds the explicit state of one run; `fit()` drives it."""
 
     def __init__(self, model, train_examples, eval_examples, cfg: TrainConfig, out_dir: str | Path,
-                 save_artifacts: Callable[[Path], None] | None = None):
+                 save_artifacts: Callable[[Path], None] | None = None, run_config: dict | None = None):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         self.train_ex, self.eval_ex = train_examples, eval_examples
         self.save_artifacts = save_artifacts
+        # what the loggers record as the run's config (the recipe's whole config; default: the training one)
+        self.run_config = run_config if run_config is not None else dataclasses.asdict(cfg)
+        self.resumed_at: int | None = None
         self._epoch_cache: tuple[int, list] | None = None
         # --reinit-top, --freeze-lower, FPF: they decide which parameters train, so they come first
         self.options_report = prepare_model(model, train_examples, cfg)
@@ -147,14 +173,8 @@ class Trainer:
         self.step, self.epoch, self.batch_idx, self.tokens = st["step"], st["epoch"], st["batch_idx"], st["tokens"]
         self.history = [tuple(x) for x in st["history"]]
         self.eval_history = [tuple(x) for x in st["eval_history"]]
-        self._truncate_metrics()
+        self.resumed_at = self.step  # the run records keep what was logged up to here
         return True
-
-    def _truncate_metrics(self):
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
 
     # ---- the step -------------------------------------------------------------------------------
     def _window(self):
@@ -203,7 +223,7 @@ class Trainer:
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               "loss_tokens": n_tok, "tokens": self.tokens}
+               "loss_tokens": n_tok, "tokens": self.tokens, **peak_memory_mb(window[0].input_ids.device)}
         if reg_total is not None:
             rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
         return rec
@@ -225,8 +245,9 @@ class Trainer:
         if hasattr(self.model, "gradient_checkpointing"):
             self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         bar = Progress(self.total_steps, enabled=self.cfg.progress, start=self.step)
-        metrics = (self.out / "metrics.jsonl").open("a")
-        t0, tok0 = time.perf_counter(), self.tokens
+        loggers = open_loggers(self.cfg.report_to, self.out, resume_step=self.resumed_at)
+        loggers.log_config(self.run_config)
+        t0, tok0, ok = time.perf_counter(), self.tokens, False
         try:
             while self.step < self.total_steps:
                 window = self._window()
@@ -239,18 +260,18 @@ class Trainer:
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
                     rec["eval_loss"] = self.evaluate()
                     self.eval_history.append((self.step, rec["eval_loss"]))
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                loggers.log_metrics(rec["step"], {k: v for k, v in rec.items() if k != "step"})
                 bar.update(self.step, rec["loss"], rec["tokens_per_s"])
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
             final_eval = self.evaluate()
             if final_eval is not None:
                 self.eval_history.append((self.step, final_eval))
-                metrics.write(json.dumps({"step": self.step, "eval_loss": final_eval}) + "\n")
+                loggers.log_metrics(self.step, {"eval_loss": final_eval})
             self.save()
+            ok = True
         finally:
-            metrics.close()
+            loggers.close(success=ok)
             bar.close()
             if self.history:
                 plot_losses(self.history, self.eval_history, self.out / "loss.png")

@@ -6,6 +6,7 @@ import re
 
 from fastapi import APIRouter, Request
 
+from ...train.report import parse_report_to
 from ..jobs import hyperparameters
 from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
 
@@ -92,12 +93,14 @@ def _job_request(body: dict, who: str, engine) -> dict:
         raise APIError(400, "suffix must be 1-40 characters of letters, digits, '-' or '_'", param="suffix")
     seed = field(body, "seed", int)
     method = _method(body)
+    integrations = _integrations(body)
     hp = field(body, "hyperparameters", dict) or {}
     try:  # the same parsing the job runner does, with the server's defaults, so a bad value fails here
         hyperparameters({"hyperparameters": hp, "method": method, "seed": seed}, engine.cfg.finetune)
     except ValueError as e:
         raise APIError(400, str(e), param="hyperparameters") from None
-    return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method}
+    return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method,
+            "integrations": integrations}
 
 
 def _method(body: dict) -> dict:
@@ -108,3 +111,34 @@ def _method(body: dict) -> dict:
     if sup is not None and not (isinstance(sup, dict) and isinstance(sup.get("hyperparameters") or {}, dict)):
         raise APIError(400, "method.supervised must be an object like {\"hyperparameters\": {...}}", param="method")
     return method
+
+
+# OpenAI's integration types that a job here can log to (serve.jobs opens the same loggers as `finetune --report-to`)
+INTEGRATIONS = ("wandb",)
+_WANDB_KEYS = {"project": str, "name": str, "entity": str, "tags": list}
+
+
+def _integrations(body: dict) -> list:
+    """OpenAI's `integrations`: [{"type": "wandb", "wandb": {"project", "name", "entity", "tags"}}]; an unknown
+    type or field, or a server without the logger's package, is a 400 naming it."""
+    items = field(body, "integrations", list) or []
+    for i, item in enumerate(items):
+        where = f"integrations[{i}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in INTEGRATIONS:
+            raise APIError(400, f"{where}.type {kind!r} is not a supported integration; supported: "
+                                f"{', '.join(INTEGRATIONS)}", param="integrations")
+        settings = item.get(kind)
+        if not isinstance(settings, dict) or not isinstance(settings.get("project"), str) or not settings["project"]:
+            raise APIError(400, f"{where}.{kind}.project is required (a string)", param="integrations")
+        for key, value in settings.items():
+            if key not in _WANDB_KEYS or not (value is None or isinstance(value, _WANDB_KEYS[key])):
+                raise APIError(400, f"{where}.{kind}.{key} is not a known field or has the wrong type; fields: "
+                                    f"{', '.join(_WANDB_KEYS)} (tags: a list of strings)", param="integrations")
+        if not all(isinstance(t, str) for t in settings.get("tags") or []):
+            raise APIError(400, f"{where}.{kind}.tags must be a list of strings", param="integrations")
+        try:
+            parse_report_to(kind, flag=f"{where}.type")  # the server has the package (pip extra) for it
+        except ValueError as e:
+            raise APIError(400, f"this server cannot log to it: {e}", param="integrations") from None
+    return items
