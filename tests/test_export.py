@@ -293,6 +293,29 @@ def test_gemma_file_is_what_convert_hf_to_gguf_writes(case):
         assert ref(text).input_ids == case.tok.encode(text), text
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("gemma2", dict(query_pre_attn_scalar=32)),  # hf_tiny's caps 2 / 3, small enough to bite
+    ("gemma3", dict(num_hidden_layers=6, layer_types=None, sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                    query_pre_attn_scalar=32)),  # hf_tiny's linear RoPE scaling (factor 2) on global layers
+])
+def test_gemma_caps_and_rope_scaling_transformers_cannot_read(tmp_path, family, overrides, one_thread):
+    """What transformers' GGUF loader leaves at its config defaults (soft-caps, Gemma 3's RoPE scaling) goes
+    through leantune's reader: the caps that bite and the linear factor come back, and so do the logits."""
+    case = Case(tmp_path, family, **overrides)
+    path = case.export("f16")
+    md = read_gguf_header(path).metadata
+    cfg = read_gguf(path)[0]
+    mc = case.merged.config
+    if family == "gemma2":
+        assert (md["gemma2.attn_logit_softcapping"], md["gemma2.final_logit_softcapping"]) == (2.0, 3.0)
+        assert 2.4 < case.logits.abs().max().item() < 3.0  # in the cap's bend: 3 tanh(x / 3) > 2.4 means x > 3.3
+    else:
+        assert (md["gemma3.rope.scaling.type"], md["gemma3.rope.scaling.factor"]) == ("linear", 2.0)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.rope_scaling) == (
+        mc.attn_logit_softcapping, mc.final_logit_softcapping, mc.rope_scaling)
+    assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+
+
 @pytest.mark.parametrize("family,message", [
     ("gemma2", r"query_pre_attn_scalar 24: llama.cpp's gemma2 scales attention by 1/sqrt\(32\)"),
     ("gemma3", r"layer_types .*the last of every 6 layers global.*; rope_local_base_freq 100.0: llama.cpp's gemma3 uses 10000"),
