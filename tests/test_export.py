@@ -15,6 +15,7 @@ import leantune  # noqa: E402
 from leantune import methods  # noqa: E402
 from leantune.models.gguf import read_gguf, read_gguf_header  # noqa: E402
 from leantune.models.gguf import dequantize as lt_dequantize  # noqa: E402
+from leantune.models.gguf_export import export_arch, gguf_name  # noqa: E402
 from leantune.recipes.export import ExportConfig, export  # noqa: E402
 from test_gguf import TEXTS, llamacpp_permute  # noqa: E402
 
@@ -37,6 +38,35 @@ def make_adapter(model, out, seed=0, method="lora", **lora):
     return out
 
 
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+                  "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def save_gemma_tokenizer(folder):
+    """A Gemma-style tokenizer in `folder`: transformers' GemmaTokenizer (SentencePiece-style BPE with byte
+    fallback, spaces as ▁ with no prefix space, <bos> added) over Gemma's special tokens, the 256 byte tokens
+    and BPE pieces trained on the tiny corpus, with a Gemma-like chat template."""
+    from tiny_folder import CORPUS
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    from leantune.models.tokenizer import Tokenizer
+
+    tk = HFTokenizer(models.BPE())
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # training only: pieces within words
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    trained = json.loads(tk.to_str())["model"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(trained["vocab"], key=trained["vocab"].get)
+    gemma = GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[tuple(m) for m in trained["merges"]],
+                           additional_special_tokens=specials[5:], add_bos_token=True)
+    tok = Tokenizer(gemma.backend_tokenizer, GEMMA_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.save(folder)
+
+
 class Case:
     """A tiny HF folder of one family, an adapter for it, and the merged float model's logits."""
 
@@ -45,6 +75,8 @@ class Case:
 
         self.root, self.family = root, family
         self.folder = make_tiny_model_folder(root / "model", family=family, **overrides)
+        if family.startswith("gemma"):
+            save_gemma_tokenizer(self.folder)
         model, self.tok = leantune.load(self.folder)
         self.adapter = make_adapter(model, root / "adapter")
         self.merged = methods.merge_and_unload(model)
@@ -77,9 +109,17 @@ def leantune_logits(path, ids):
 # Mistral's window is longer than the prompt: llama.cpp's `llama` graph has no sliding window (export says so).
 # Qwen3 at head_dim 128: transformers' GGUF loader does not read qwen3.attention.key_length and keeps
 # Qwen3Config's default head_dim (128), so only that head_dim round-trips through transformers.
+# Gemma: what llama.cpp hard-codes rather than reads (every 2nd / 6th layer global, Gemma 3's local RoPE base
+# 10000, attention scale 1/sqrt(head_dim)) and what transformers' GGUF loader leaves at Gemma2Config's /
+# Gemma3TextConfig's defaults (it maps neither the soft-caps, nor query_pre_attn_scalar, nor Gemma 3's RoPE
+# scaling: transformers 5.24 integrations/ggml.py) are set to the values both assume: head_dim = scalar =
+# 256, Gemma 2's caps 50 / 30, Gemma 3 unscaled; the window of 8 stays shorter than the prompt.
 FAMILIES = {
     "llama": {}, "llama-bias": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 128},
     "smollm2-tied": {},
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
+                   sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_scaling=None),
     "llama3": {"rope_scaling": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                     original_max_position_embeddings=2048)},
 }
@@ -102,9 +142,17 @@ def test_f16_export_reads_back_as_the_merged_model(case):
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, mc.rope_scaling,
                                                                           mc.tie_word_embeddings)
     assert cfg.qk_norm == mc.qk_norm and cfg.qkv_bias == mc.qkv_bias and cfg.vocab_size == mc.vocab_size
-    # every weight is the merged one rounded to f16 (norms: f32, exact), q/k rows back in HF order
+    gemma = ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+             "final_logit_softcapping", "rope_local_theta", "hidden_act", "norm_unit_offset", "embed_scale",
+             "sandwich_norms")
+    if mc.model_type.startswith("gemma"):
+        assert "full_attention" in mc.layer_types and case.ids.shape[1] > mc.sliding_window  # both kinds matter
+        assert [getattr(cfg, k) for k in gemma] == [getattr(mc, k) for k in gemma]
+    # every weight is the merged one rounded to f16 (norms: f32, exact up to Gemma's stored 1 + w), q/k rows
+    # back in HF order
+    off = export_arch(mc).norm_offset
     for k, v in case.merged.base_state_dict().items():
-        want = v if v.dim() == 1 else v.half().float()
+        want = (v + off) - off if k.endswith("norm.weight") else v if v.dim() == 1 else v.half().float()
         assert torch.equal(sd[k], want), k
     assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
     # transformers' GGUF config mapping drops llama.cpp's rope_freqs, and has no attention_bias/mlp_bias key
@@ -126,8 +174,13 @@ def test_tokenizer_and_chat_template_round_trip(case):
     assert (tok.bos_id, tok.eos_id, tok.token_to_id(ref.pad_token)) == (ref.bos_id, ref.eos_id, ref.pad_id)
     assert tok.encode_chat(MSGS, True) == ref.encode_chat(MSGS, True)
     md = read_gguf_header(path).metadata
-    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt2"
-    assert md["tokenizer.ggml.add_bos_token"] is False  # the tiny ChatML tokenizer adds no BOS
+    if case.family.startswith("gemma"):  # as convert_hf_to_gguf's _set_vocab_sentencepiece + Gemma's no prefix
+        assert md["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in md
+        assert md["tokenizer.ggml.add_bos_token"] is True and md["tokenizer.ggml.add_space_prefix"] is False
+        assert tok.encode(PROMPT)[0] == tok.bos_id == md["tokenizer.ggml.bos_token_id"] == 2
+    else:
+        assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt2"
+        assert md["tokenizer.ggml.add_bos_token"] is False  # the tiny ChatML tokenizer adds no BOS
     assert md["tokenizer.ggml.tokens"][-1] == f"[PAD{case.merged.config.vocab_size - 1}]"  # padded to the model
     assert md["general.type"] == "model" and md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
 
@@ -137,14 +190,15 @@ def reference_bytes(case, quant):
     quantizer (norms F32; q4_0's output projection Q8_0), dequantized with gguf's reference dequantizer."""
     mc = case.merged.config
     perm = mc.model_type in ("llama", "mistral")
+    spec = export_arch(mc)
     out = {}
-    from leantune.models.gguf_export import gguf_name
-
     for k, v in case.merged.base_state_dict().items():
-        a = v.numpy()
+        if mc.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        a = (v + spec.norm_offset if k.endswith("norm.weight") else v).numpy()
         if perm and (".q_proj." in k or ".k_proj." in k):
             a = llamacpp_permute(a, mc.num_heads if ".q_proj." in k else mc.num_kv_heads)
-        name = gguf_name(k)
+        name = gguf_name(k, spec)
         qt = T.F32 if a.ndim == 1 else {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
         if quant == "q4_0" and (name == "output.weight" or (mc.tie_word_embeddings and name == "token_embd.weight")):
             qt = T.Q8_0
@@ -152,8 +206,8 @@ def reference_bytes(case, quant):
     return out
 
 
-# one permuted, one unpermuted and one tied family cover the quantized layouts
-@pytest.mark.parametrize("case", ["llama", "qwen3", "smollm2-tied"], indirect=True)
+# one permuted, one unpermuted, one tied family and Gemma's stored (1 + w) norms cover the quantized layouts
+@pytest.mark.parametrize("case", ["llama", "qwen3", "smollm2-tied", "gemma2"], indirect=True)
 @pytest.mark.parametrize("quant,bound", [("bf16", 0.01), ("q8_0", 0.03), ("q4_0", 0.4)])
 def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
     path = case.export(quant, name=f"{quant}.gguf")
@@ -177,6 +231,9 @@ def test_quantized_export_equals_gguf_reference_quantizer(case, quant, bound):
     assert (got - want).abs().max().item() <= 1e-4
     assert (transformers_logits(path, case.ids) - want).abs().max().item() <= 1e-4
     err = (got - case.logits).abs().max().item()
+    # the tiny Gemma's weights are drawn 5x wider (hf_tiny: initializer_range 0.1) and its embeddings scaled by
+    # sqrt(hidden): its logits move more under the same rounding (measured bf16 0.018, q8_0 0.064, q4_0 0.77)
+    bound = {"bf16": 0.04, "q8_0": 0.15, "q4_0": 1.5}[quant] if case.family.startswith("gemma") else bound
     assert 0 < err <= bound, err
 
 
@@ -185,17 +242,93 @@ def _with_weights(case, ref):
     import copy
 
     from leantune.models.gguf import _unpermute_rope
-    from leantune.models.gguf_export import gguf_name
 
     model = copy.deepcopy(case.merged)
     mc = model.config
+    spec = export_arch(mc)
     with torch.no_grad():
         for k, p in model.base_state_dict().items():
-            w = torch.from_numpy(ref[gguf_name(k)][1]).reshape(p.shape)
+            if mc.tie_word_embeddings and k == "lm_head.weight":
+                continue  # the embedding's, copied through the tie
+            w = torch.from_numpy(ref[gguf_name(k, spec)][1]).reshape(p.shape)
+            if k.endswith("norm.weight"):
+                w = w - spec.norm_offset
             if mc.model_type in ("llama", "mistral") and (".q_proj." in k or ".k_proj." in k):
                 w = _unpermute_rope(w, mc.num_heads if ".q_proj." in k else mc.num_kv_heads)
             p.copy_(w)
     return model
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3"], indirect=True)
+def test_gemma_file_is_what_convert_hf_to_gguf_writes(case):
+    """The Gemma keys and tensors of convert_hf_to_gguf.py's Gemma2Model / Gemma3Model: names from gguf's own
+    tensor map, every norm stored as 1 + w, no output tensor (tied), head_dim, window and soft-caps stated;
+    and transformers reads the tokenizer back (its Gemma SentencePiece builder) with leantune's ids."""
+    import transformers as tf
+
+    path = case.root / "m.gguf"
+    if not path.exists():
+        case.export("f16")
+    mc = case.merged.config
+    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[mc.model_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3,
+                                     mc.num_layers)
+    header, tensors = _read_all(path)
+    sd = case.merged.base_state_dict()
+    want = {names.get_name(k, try_suffixes=(".weight",)): v for k, v in sd.items() if k != "lm_head.weight"}
+    assert set(tensors) == set(want) and "output.weight" not in tensors
+    for name, v in want.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(tensors[name], v + 1), name
+    md = header.metadata
+    assert md["general.architecture"] == arch
+    assert (md[f"{arch}.attention.key_length"], md[f"{arch}.attention.value_length"]) == (mc.head_dim, mc.head_dim)
+    assert md[f"{arch}.attention.sliding_window"] == mc.sliding_window == 8
+    caps = {k: md.get(f"{arch}.{k}") for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+    assert caps == ({"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0} if arch == "gemma2"
+                    else {"attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert md[f"{arch}.rope.freq_base"] == mc.rope_theta
+    ref = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in TEXTS + [PROMPT]:
+        assert ref(text).input_ids == case.tok.encode(text), text
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("gemma2", dict(query_pre_attn_scalar=32)),  # hf_tiny's caps 2 / 3, small enough to bite
+    ("gemma3", dict(num_hidden_layers=6, layer_types=None, sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                    query_pre_attn_scalar=32)),  # hf_tiny's linear RoPE scaling (factor 2) on global layers
+])
+def test_gemma_caps_and_rope_scaling_transformers_cannot_read(tmp_path, family, overrides, one_thread):
+    """What transformers' GGUF loader leaves at its config defaults (soft-caps, Gemma 3's RoPE scaling) goes
+    through leantune's reader: the caps that bite and the linear factor come back, and so do the logits."""
+    case = Case(tmp_path, family, **overrides)
+    path = case.export("f16")
+    md = read_gguf_header(path).metadata
+    cfg = read_gguf(path)[0]
+    mc = case.merged.config
+    if family == "gemma2":
+        assert (md["gemma2.attn_logit_softcapping"], md["gemma2.final_logit_softcapping"]) == (2.0, 3.0)
+        assert 2.4 < case.logits.abs().max().item() < 3.0  # in the cap's bend: 3 tanh(x / 3) > 2.4 means x > 3.3
+    else:
+        assert (md["gemma3.rope.scaling.type"], md["gemma3.rope.scaling.factor"]) == ("linear", 2.0)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.rope_scaling) == (
+        mc.attn_logit_softcapping, mc.final_logit_softcapping, mc.rope_scaling)
+    assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+
+
+@pytest.mark.parametrize("family,message", [
+    ("gemma2", r"query_pre_attn_scalar 24: llama.cpp's gemma2 scales attention by 1/sqrt\(32\)"),
+    ("gemma3", r"layer_types .*the last of every 6 layers global.*; rope_local_base_freq 100.0: llama.cpp's gemma3 uses 10000"),
+])
+def test_gemma_llamacpp_would_run_differently_is_refused(tmp_path, family, message):
+    """hf_tiny's own Gemmas (a scale apart from head_dim; 3 layers with a global middle one, local RoPE base
+    100) are what llama.cpp hard-codes otherwise: the export stops before writing; the adapter alone goes."""
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model", family=family)
+    with pytest.raises(ValueError, match=message):
+        export(ExportConfig(model=str(folder), output=str(tmp_path / "x.gguf")))
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
 
 
 def test_qlora_adapter_merges_onto_the_dequantized_base(tmp_path, one_thread):
@@ -258,7 +391,7 @@ def _read_all(path):
     return header, out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
 def test_lora_only_gguf_holds_the_adapter_in_llamacpp_layout(tmp_path, family, one_thread):
     from safetensors.torch import load_file
     from tiny_folder import make_tiny_model_folder
@@ -512,3 +645,4 @@ def test_base_names_that_name_the_same_model(tmp_path):
     assert _same_base(str(tmp_path), str(tmp_path / ".." / tmp_path.name))  # one folder, two spellings
     assert not _same_base("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B")
     assert _model_name(ExportConfig(model="Qwen/Qwen3-0.6B@abc123")) == "Qwen/Qwen3-0.6B"  # a revision of it
+    assert ExportConfig(model="Qwen/Qwen3-0.6B", revision="abc123").model == "Qwen/Qwen3-0.6B@abc123"  # --revision

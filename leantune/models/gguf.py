@@ -519,9 +519,21 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
     )
 
 
-# llama.cpp's hard-coded Gemma settings (llama-model.cpp): every n-th layer global, the 27B models' scale
+# llama.cpp's hard-coded Gemma settings (llama-model.cpp): every n-th layer global, the 27B models' scale,
+# Gemma 3's local RoPE base; the GGUF writer (gguf_export.py) refuses a model that differs from them
 _GEMMA_SWA_EVERY = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+GEMMA3_LOCAL_THETA = 10000.0
+
+
+def gemma_layer_types(every: int, layers: int) -> list[str]:
+    """llama.cpp's sliding-window pattern `every`: each every-th layer global, the others sliding (0: all)."""
+    return ["sliding_attention" if every == 0 or i % every < every - 1 else "full_attention" for i in range(layers)]
+
+
+def gemma_attn_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp assumes: hidden / heads for the 27B models, else head_dim."""
+    return hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
 
 
 def _gemma_fields(md: dict, arch: str, hidden: int, heads: int, head_dim: int, layers: int, path: Path) -> dict:
@@ -530,22 +542,21 @@ def _gemma_fields(md: dict, arch: str, hidden: int, heads: int, head_dim: int, l
     if isinstance(pattern, (list, np.ndarray)):  # one bool per layer, True = sliding
         if len(pattern) != layers:
             raise ValueError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {layers} layers")
-        sliding = [bool(x) for x in pattern]
+        types = ["sliding_attention" if x else "full_attention" for x in pattern]
     else:
-        every = int(pattern)
-        sliding = [every == 0 or i % every < every - 1 for i in range(layers)]
+        types = gemma_layer_types(int(pattern), layers)
     window = md.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
     if window is None:
         raise ValueError(f"{path}: metadata key {arch}.attention.sliding_window is missing; the file is not a complete {arch} GGUF")
     attn_cap, final_cap = md.get(f"{arch}.attn_logit_softcapping"), md.get(f"{arch}.final_logit_softcapping")
     return dict(
         hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, embed_scale=True, sandwich_norms=True,
-        query_pre_attn_scalar=hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim,
+        query_pre_attn_scalar=gemma_attn_scalar(arch, layers, hidden, heads, head_dim),
         attn_logit_softcapping=None if attn_cap is None else float(attn_cap),
         final_logit_softcapping=None if final_cap is None else float(final_cap),
         sliding_window=int(window),
-        layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
-        rope_local_theta=10000.0 if arch == "gemma3" else None,
+        layer_types=types,
+        rope_local_theta=GEMMA3_LOCAL_THETA if arch == "gemma3" else None,
     )
 
 

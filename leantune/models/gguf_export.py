@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .gguf import _LAYER_NAMES, _TOP_NAMES, llama3_inv_freq_factors
+from .gguf import (_GEMMA_LAYER_NAMES, _GEMMA_SWA_EVERY, _LAYER_NAMES, _TOP_NAMES, GEMMA3_LOCAL_THETA,
+                   gemma_attn_scalar, gemma_layer_types, llama3_inv_freq_factors)
 from .tokenizer import Tokenizer
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
@@ -67,6 +68,49 @@ def _llama_hparams(cfg: ModelConfig) -> dict:
     return {**_common_hparams(cfg), "rope.dimension_count": cfg.head_dim}
 
 
+def _gemma_hparams(cfg: ModelConfig) -> dict:
+    """Gemma2Model / Gemma3Model's keys: head_dim always, the window and the soft-caps the config has. The
+    scaled embeddings are not stored: llama.cpp's gemma graphs always multiply by sqrt(hidden)."""
+    hp = {**_common_hparams(cfg), "attention.sliding_window": cfg.sliding_window}
+    hp["attention.key_length"] = hp["attention.value_length"] = cfg.head_dim
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, key) is not None:
+            hp[key] = float(getattr(cfg, key))
+    return hp
+
+
+def _gemma_check(arch: str) -> Callable[[ModelConfig], None]:
+    """What llama.cpp hard-codes for `arch` rather than reads from the file (llama-model.cpp): the
+    sliding/global layer pattern, the attention scale, Gemma 2's soft-caps (50 / 30 when absent), Gemma 3's
+    local RoPE base and its lack of attention soft-capping. A model that differs would run as another model
+    in llama.cpp, so it is refused."""
+
+    def check(cfg: ModelConfig) -> None:
+        n = cfg.num_layers
+        want_types = gemma_layer_types(_GEMMA_SWA_EVERY[arch], n)
+        scalar = gemma_attn_scalar(arch, n, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+        bad = []
+        if cfg.sliding_window is None or (cfg.layer_types or ["sliding_attention"] * n) != want_types:
+            bad.append(f"layer_types {cfg.layer_types} (window {cfg.sliding_window}): llama.cpp's {arch} makes "
+                       f"the last of every {_GEMMA_SWA_EVERY[arch]} layers global, the others sliding: {want_types}")
+        if cfg.query_pre_attn_scalar != scalar:
+            bad.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar}: llama.cpp's {arch} scales attention "
+                       f"by 1/sqrt({scalar})")
+        if arch == "gemma2" and None in (cfg.attn_logit_softcapping, cfg.final_logit_softcapping):
+            bad.append("soft-capping off: llama.cpp's gemma2 always caps (50 and 30 when the file has no value)")
+        if arch == "gemma3" and cfg.rope_local_theta != GEMMA3_LOCAL_THETA:
+            bad.append(f"rope_local_base_freq {cfg.rope_local_theta}: llama.cpp's gemma3 uses {GEMMA3_LOCAL_THETA:g} "
+                       "on sliding layers")
+        if arch == "gemma3" and cfg.attn_logit_softcapping is not None:
+            bad.append("attn_logit_softcapping: llama.cpp's gemma3 has no attention soft-capping")
+        if bad:
+            raise ValueError(f"GGUF export: this {cfg.model_type} cannot be written as llama.cpp's {arch} without "
+                             f"changing what it computes: {'; '.join(bad)}. Run it from its HF folder instead "
+                             "(leantune merge writes one)")
+
+    return check
+
+
 @dataclass(frozen=True)
 class ExportArch:
     """How llama.cpp stores one leantune model_type. A new family adds an entry to EXPORT_ARCHS: its GGUF
@@ -77,8 +121,10 @@ class ExportArch:
     gguf_arch: str  # general.architecture
     permute_qk: bool  # llama.cpp's `llama` graph wants q/k rows as interleaved RoPE pairs
     hparams: Callable[[ModelConfig], dict] = _common_hparams
-    # HF module suffix -> llama.cpp tensor stem, for tensors beyond the reader's common table
+    # HF module suffix -> llama.cpp tensor stem, for tensors beyond (or named apart from) the common table
     extra_names: dict = field(default_factory=dict)
+    norm_offset: float = 0.0  # added to every `*norm.weight`: Gemma's (1 + w) norms are stored as 1 + w
+    check: Callable[[ModelConfig], None] | None = None  # raises for a model llama.cpp's arch cannot hold
 
 
 # model_type -> how llama.cpp stores it. Mistral is `llama` in llama.cpp (convert_hf_to_gguf maps
@@ -88,6 +134,11 @@ EXPORT_ARCHS: dict[str, ExportArch] = {
     "mistral": ExportArch("llama", permute_qk=True, hparams=_llama_hparams),
     "qwen2": ExportArch("qwen2", permute_qk=False),
     "qwen3": ExportArch("qwen3", permute_qk=False),
+    # Gemma (convert_hf_to_gguf's Gemma2Model / Gemma3Model): no q/k permutation, +1 on every norm (q/k norms
+    # too), pre_feedforward_layernorm is ffn_norm and the post norms have their own names (the reader's table)
+    **{mt: ExportArch(arch, permute_qk=False, hparams=_gemma_hparams, norm_offset=1.0, check=_gemma_check(arch),
+                      extra_names={hf: g for g, hf in _GEMMA_LAYER_NAMES.items()})
+       for mt, arch in (("gemma2", "gemma2"), ("gemma3_text", "gemma3"))},
 }
 
 
@@ -358,6 +409,8 @@ def _model_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, spec: ExportAr
         if cfg.tie_word_embeddings and hf == "lm_head.weight":
             continue  # llama.cpp reads a missing `output` as tied to token_embd
         heads = _rope_heads(hf, cfg) if spec.permute_qk else None
+        if spec.norm_offset and hf.endswith("norm.weight"):
+            t = t + spec.norm_offset
         out[gguf_name(hf, spec)] = permute_rope(t, heads) if heads else t
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # llama.cpp's form of Llama 3 RoPE scaling
         out["rope_freqs.weight"] = llama3_inv_freq_factors(cfg.rope_scaling, cfg.rope_theta, cfg.head_dim).float()
@@ -368,6 +421,8 @@ def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None):
     """(spec, vocab, planned tensors) of a float leantune model: every check and every quantization, no I/O."""
     cfg = model.config
     spec = export_arch(cfg)
+    if spec.check:
+        spec.check(cfg)
     vocab = vocab_of(tok, cfg.vocab_size, pre)
     sd = model.base_state_dict()
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
@@ -414,7 +469,8 @@ def write_model_gguf(model, tok: Tokenizer, path, quant: str = "f16", name: str 
     cfg = model.config
     spec, vocab, planned = plan_model(model, tok, quant, pre)
     _report(planned)
-    if cfg.sliding_window:
+    hparams = spec.hparams(cfg)
+    if cfg.sliding_window and "attention.sliding_window" not in hparams:
         print(f"leantune export: sliding_window {cfg.sliding_window} is not stored: llama.cpp's {spec.gguf_arch} "
               f"architecture attends over the whole context, so outputs differ past {cfg.sliding_window} tokens",
               file=sys.stderr)
@@ -426,7 +482,7 @@ def write_model_gguf(model, tok: Tokenizer, path, quant: str = "f16", name: str 
         w.add_name(name or _default_name(model))
         w.add_file_type(file_type(quant))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in spec.hparams(cfg).items():
+        for key, value in hparams.items():
             _add_value(w, f"{spec.gguf_arch}.{key}", value)
         _add_tokenizer(w, tok, vocab)
 

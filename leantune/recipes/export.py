@@ -17,7 +17,8 @@ from ..models.gguf_export import LORA_QUANTS, QUANTS, check_quant
 @dataclass
 class ExportConfig:
     model: str | None = opt(None, "base model: HF folder, .gguf file, or model id in the local Hugging Face cache "
-                                  "(default: the embedded SmolLM2-135M-Instruct)")
+                                  "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
+    revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
     adapter: list[str] = opt([], "PEFT-format adapter folder to merge in; repeat for several (QLoRA adapters "
                                  "merge onto the dequantized base)", metavar="DIR")
     output: str = opt("out/model.gguf", "the .gguf file to write")
@@ -31,6 +32,9 @@ class ExportConfig:
                                 "(shapes are still checked)")
 
     def __post_init__(self):
+        from ..models.hub_cache import with_revision
+
+        self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
         if self.lora_only:
             check_quant(self.quant, LORA_QUANTS, "--quant with --lora-only")
             if len(self.adapter) != 1:
