@@ -1,0 +1,190 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj, longrope, partial rotary dims, tied head):
+HF folders load with transformers' logits, KV-cached generation crosses longrope's switch as transformers does,
+adapters cross to and from PEFT under its fused keys, QLoRA trains, merge writes a folder transformers loads,
+and the serving engine answers as transformers (recipe tier, tiny random models; logits and greedy tokens of the
+three tiny families against transformers are in test_models, which runs every hf_tiny family)."""
+import pytest
+import torch
+from hf_tiny import tiny_hf_model
+from test_models import ours_from
+from test_recipes import assert_peft_parity, chat_row, step_records, write_jsonl
+from safetensors.torch import load_file
+from tiny_folder import make_tiny_model_folder
+
+from leantune import cli, methods
+from leantune.models import generate as gen_mod
+from leantune.models.generate import GenerationConfig, generate
+from leantune.models.loader import load
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "phi3", family="phi3")
+
+
+@pytest.fixture(scope="module")
+def phi4(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "phi4", family="phi4-mini")
+
+
+def _ids(n=2, t=24, seed=0):
+    return torch.randint(3, 400, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("which", ["phi3", "phi4"])
+def test_folder_loads_fused_under_transformers_names(which, request):
+    folder = request.getfixturevalue(which)
+    model, _ = load(folder)
+    cfg, layer = model.config, model.model.layers[0]
+    assert cfg.model_type == "phi3" and cfg.fused_qkv and cfg.fused_gate_up
+    names = {n for n, _ in model.named_modules()}
+    assert "model.layers.0.self_attn.qkv_proj" in names and "model.layers.0.mlp.gate_up_proj" in names
+    assert not {n.rpartition(".")[2] for n in names} & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert layer.self_attn.qkv_proj.out_features == (H + 2 * K) * D
+    assert layer.mlp.gate_up_proj.out_features == 2 * cfg.intermediate_size
+    if which == "phi4":
+        assert cfg.rotary_dim == 12 and cfg.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    for t in (10, 24):  # phi4: under and over original_max_position_embeddings (16): short, then long factors
+        with torch.no_grad():
+            assert (model(_ids(t=t)) - hf(_ids(t=t)).logits).abs().max().item() <= 1e-4
+
+
+def test_fused_mlp_uses_the_swiglu_op(phi3, monkeypatch):
+    import leantune.models.llama as llama
+
+    model, _ = load(phi3)
+    calls = []
+    real = llama.swiglu_linear
+    monkeypatch.setattr(llama, "swiglu_linear", lambda *a: calls.append(1) or real(*a))
+    ids = _ids()
+    model(ids).sum().backward()  # the op's backward through the chunked gate/up views
+    assert len(calls) == model.config.num_layers
+    assert model.model.layers[0].mlp.gate_up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope", "phi4-mini"])
+def test_cached_generation_logits_equal_a_full_forward_across_the_longrope_switch(family, monkeypatch):
+    """Every step's logits (read where generate samples) equal transformers' full forward of the sequence so far,
+    also past original_max_position_embeddings (16), where the cached keys from the short factors are stale and
+    generate prefills again; greedy tokens alone cannot tell (a tiny random model is too flat)."""
+    hf = tiny_hf_model(family)
+    m = ours_from(hf)
+    seen = []
+    real = gen_mod.sample_next
+    monkeypatch.setattr(gen_mod, "sample_next", lambda logits, g, rng: seen.append(logits.clone()) or real(logits, g, rng))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (11, 14)]
+    out = generate(m, prompts, GenerationConfig(max_new_tokens=9), pad_id=0)
+    assert all(len(p) + len(o) > 17 for p, o in zip(prompts, out))  # both rows cross the switch
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            for row, (p, o) in enumerate(zip(prompts, out)):
+                ref = hf(torch.tensor([p + o[:step]])).logits[0, -1]
+                assert (logits[row] - ref).abs().max().item() <= 1e-4, (step, row)
+
+
+def test_lora_trains_through_the_cli_and_loads_in_peft(phi4, tmp_path, one_thread):
+    data = write_jsonl(tmp_path / "t.jsonl", [chat_row(f"What is {i}?", f"It is {i}.") for i in range(8)])
+    out = tmp_path / "run"
+    assert cli.run(["finetune", "--model", str(phi4), "--data", str(data), "--output", str(out), "--no-progress",
+                    "--eval-fraction", "0", "--max-steps", "4", "--lr", "1e-2", "--dtype", "fp32"]) == 0
+    losses = [r["loss"] for r in step_records(out)]
+    assert losses[-1] < losses[0]
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        assert f"base_model.model.model.layers.0.{name}.lora_A.weight" in keys
+    _, tok = load(phi4)
+    assert_peft_parity(phi4, out, tok)  # the adapter changes the logits, and PEFT's equal leantune's
+
+
+def test_a_peft_adapter_on_the_fused_linears_loads_in_leantune(phi3, tmp_path):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(phi3).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    pm = peft.get_peft_model(hf, cfg).eval()
+    pm.save_pretrained(tmp_path / "a")
+    ids = _ids()
+    model, _ = load(phi3)
+    with torch.no_grad():
+        base = model(ids)
+        methods.load_adapter(model, tmp_path / "a")
+        ours, theirs = model(ids), pm(ids).logits
+    assert {n.rpartition(".")[2] for n, _ in methods.adapter_layers(model)} == {"qkv_proj", "o_proj", "gate_up_proj",
+                                                                            "down_proj"}
+    assert (ours - base).abs().max().item() > 1e-3
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_qlora_quantizes_the_fused_linears_and_trains(phi3, tmp_path, one_thread):
+    q, _ = load(phi3, quantize="nf4")
+    layer = q.model.layers[0]
+    assert type(layer.self_attn.qkv_proj).__name__ == "Linear4bit" and type(layer.mlp.gate_up_proj).__name__ == "Linear4bit"
+    data = write_jsonl(tmp_path / "t.jsonl", [chat_row(f"What is {i}?", f"It is {i}.") for i in range(8)])
+    out = tmp_path / "run"
+    assert cli.run(["finetune", "--model", str(phi3), "--method", "qlora", "--data", str(data), "--output", str(out),
+                    "--no-progress", "--eval-fraction", "0", "--max-steps", "4", "--lr", "1e-2", "--dtype", "fp32"]) == 0
+    losses = [r["loss"] for r in step_records(out)]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("which", ["phi3", "phi4"])
+def test_merge_writes_a_folder_transformers_loads(which, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    model, tok = load(folder)
+    methods.apply(model, "lora", r=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for _, layer in methods.adapter_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    adapter = methods.save_adapter(model, tmp_path / "a")
+    assert cli.run(["merge", "--model", str(folder), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.model_type == "phi3"
+    ids = _ids(t=20)  # past phi4's original_max_position_embeddings: the merged config keeps longrope's switch
+    with torch.no_grad():
+        assert (merged(ids).logits - model(ids)).abs().max().item() <= 1e-4
+    back, _ = load(tmp_path / "m")
+    for k in ("rope_scaling", "partial_rotary_factor", "sliding_window", "tie_word_embeddings", "fused_qkv"):
+        assert getattr(back.config, k) == getattr(model.config, k), k
+
+
+@pytest.mark.parametrize("which", ["phi3", "phi4"])
+def test_the_engine_serves_what_transformers_generates(which, request, tmp_path, one_thread):
+    from test_engine import _run
+
+    from leantune.serve.engine import Engine, EngineConfig
+    from leantune.serve.ft_defaults import FineTuneDefaults
+    from leantune.serve.store import Store
+
+    folder = request.getfixturevalue(which)
+    model, tok = load(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    # phi4: longrope's switch is 16 (prompts and fine-tuning examples past it are refused, see the next test)
+    cfg = EngineConfig(num_blocks=32, block_size=4, max_model_len=16, finetune=FineTuneDefaults(max_length=16))
+    engine = Engine(model.eval(), tok, "model", Store(tmp_path / "data"), cfg)
+    out = _run(engine, prompts, max_tokens=6)
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert "".join(ev["text"] for ev in out[i]) == tok.decode(ref[0, len(p):].tolist())
+
+
+def test_the_engine_refuses_a_longrope_model_past_its_switch(phi4, tmp_path):
+    from leantune.serve.engine import Engine, EngineConfig
+    from leantune.serve.store import Store
+
+    from leantune.serve.ft_defaults import FineTuneDefaults
+
+    model, tok = load(phi4)
+    with pytest.raises(ValueError, match="--max-model-len 64 > 16.*pass --max-model-len 16 or less"):
+        Engine(model, tok, "model", Store(tmp_path / "data"), EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="--ft-max-length 1024 > 16"):
+        Engine(model, tok, "model", Store(tmp_path / "data"), EngineConfig(max_model_len=16))
+    with torch.no_grad(), pytest.raises(ValueError, match="paged engine serves sequences up to"):
+        from leantune.serve.runner import ModelRunner, Work  # the model itself refuses, should a caller skip the check
+
+        ModelRunner(model, 8, 4).step([Work(list(range(3, 21)), 0, list(range(18)), sample=True)])
