@@ -3,6 +3,9 @@ HF folders load with transformers' logits, KV-cached generation crosses longrope
 adapters cross to and from PEFT under its fused keys, QLoRA trains, merge writes a folder transformers loads,
 and the serving engine answers as transformers (recipe tier, tiny random models; logits and greedy tokens of the
 three tiny families against transformers are in test_models, which runs every hf_tiny family)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 from hf_tiny import tiny_hf_model
@@ -188,3 +191,64 @@ def test_the_engine_refuses_a_longrope_model_past_its_switch(phi4, tmp_path):
         from leantune.serve.runner import ModelRunner, Work  # the model itself refuses, should a caller skip the check
 
         ModelRunner(model, 8, 4).step([Work(list(range(3, 21)), 0, list(range(18)), sample=True)])
+
+
+def write_phi3_gguf(path, hf):
+    """`hf`'s weights and config as llama.cpp's convert_hf_to_gguf.py (Phi3MiniModel) writes them: tensor names from
+    gguf's own name map (fused attn_qkv, ffn_up holding gate and up), no q/k permutation, the longrope factors as
+    rope_factors_short/long with the attention factor, the rotated dims as rope.dimension_count, window 0 for none."""
+    import gguf
+    from test_gguf import add_byte_level_tokenizer
+
+    c, rp = hf.config, hf.config.rope_parameters
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_name("tiny phi")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(rp.get("original_max_position_embeddings", c.original_max_position_embeddings))
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads)
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_sliding_window(c.sliding_window or 0)
+    add_byte_level_tokenizer(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, c.num_hidden_layers)
+    sd = hf.state_dict()
+    for k, v in sd.items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        stem, _, kind = k.rpartition(".")
+        w.add_tensor(f"{names.get_name(stem)}.{kind}", v.float().numpy())
+    if rp.get("long_factor"):
+        scale = c.max_position_embeddings / rp["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(rp["original_max_position_embeddings"])))
+        for k in ("long", "short"):
+            w.add_tensor(f"rope_factors_{k}.weight", np.array(rp[f"{k}_factor"], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi4-mini"])
+def test_a_llamacpp_phi3_gguf_loads_with_transformers_logits(family, tmp_path):
+    pytest.importorskip("gguf")
+    from test_gguf import byte_level_vocab
+
+    hf = tiny_hf_model(family, vocab_size=len(byte_level_vocab()[0]))
+    path = write_phi3_gguf(tmp_path / "phi.gguf", hf)
+    model, _ = load(path)
+    cfg = model.config
+    assert cfg.model_type == "phi3" and cfg.fused_qkv and cfg.fused_gate_up
+    if family == "phi3":
+        assert cfg.sliding_window == 12 and cfg.rope_scaling is None and not cfg.tie_word_embeddings
+    else:
+        assert cfg.partial_rotary_factor == 0.75 and cfg.tie_word_embeddings and cfg.sliding_window is None
+        assert cfg.rope_scaling["long_factor"] == pytest.approx(hf.config.rope_parameters["long_factor"])
+    ids = torch.randint(3, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))  # past the switch
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
