@@ -154,7 +154,10 @@ def apply_partial_rope(rope, x, cos, sin):
     r = cos.shape[-1]
     if r == x.shape[-1]:
         return rope(x, cos, sin)
-    return torch.cat((rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)  # (B, H, T, D)
+    # joined along D in x's (B, T, H, D) memory order, as the full rotation leaves it: SDPA's output then keeps
+    # that order too and o_proj's input stays a view of it, not a copy that LoRA would save again
+    parts = (rope(x[..., :r], cos, sin).transpose(1, 2), x[..., r:].transpose(1, 2))
+    return torch.cat(parts, dim=-1).transpose(1, 2)  # (B, H, T, D)
 
 
 class Attention(nn.Module):

@@ -18,7 +18,10 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
   tensor, s bytes; CUDA's fused dropout: 1 byte);
 - Qwen3's q/k norms keep, per head of q (k) that needs grad, their fp32 input and 1/rms;
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
-  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once;
+  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin (of the rotated dims) are kept once; with
+  Phi-3's fused qkv_proj, v is a view of its whole (H + 2 Hkv) D output, which it keeps alive;
+- Phi-3's fused gate_up_proj: gate and up are views of its one (2F) output, so the rules below hold with
+  the two counted as one tensor (both need grad or neither);
 - the MLP keeps gate and up when `ops/swiglu.py` fuses it with down_proj (a plain float or 4-bit
   down_proj, or one LoRA adapter reading its input uncast and undropped), else gate, silu(gate), up and
   the down_proj input;
@@ -158,6 +161,9 @@ class _Plan:
     mask_bytes: int = 4  # dropout's saved mask per element: CPU keeps a float noise tensor, CUDA a bool mask
     adapter_math_in_activation: bool = False  # CUDA, native-bf16 CPU: fp32 adapters in the input's dtype (lora.py)
     qk_norm: bool = False  # Qwen3: q and k RMS-normalized per head before RoPE
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj
+    R: int = 0  # dims RoPE turns per head (Phi-4-mini: 3/4 of D); 0 -> D
 
     @property
     def shared_input(self) -> bool:
@@ -166,8 +172,10 @@ class _Plan:
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         C, F, H, K, D = self.C, self.F, self.H, self.K, self.D
-        return {"q_proj": (C, H * D), "k_proj": (C, K * D), "v_proj": (C, K * D), "o_proj": (H * D, C),
-                "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+        qkv = {"qkv_proj": (C, (H + 2 * K) * D)} if self.fused_qkv else {
+            "q_proj": (C, H * D), "k_proj": (C, K * D), "v_proj": (C, K * D)}
+        gate_up = {"gate_up_proj": (C, 2 * F)} if self.fused_gate_up else {"gate_proj": (C, F), "up_proj": (C, F)}
+        return {**qkv, "o_proj": (H * D, C), **gate_up, "down_proj": (F, C)}
 
 
 def _norm(p: _Plan) -> int:
@@ -189,20 +197,20 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool) -> tuple[int, bool, bool]
     """(bytes per token decoder layer saves for backward, does its output need grad, does attention save)."""
     s, C, F, H, K, D = p.s, p.C, p.F, p.H, p.K, p.D
     saved = _norm(p) if grad_in else 0
-    qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in t]
+    qkv = [n for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if n in t]
     saved += _lora_inputs(p, len(qkv), C, kept=False, grad=grad_in)
     attn = grad_in or bool(qkv)  # SDPA saves q, k, v, out, lse when any of them needs grad
-    if attn:
-        saved += (2 * H * D + 2 * K * D) * s + H * 4
+    if attn:  # a fused qkv_proj's v is a view that keeps the whole (H + 2K) D output
+        saved += (2 * H * D + 2 * K * D + ((H + K) * D if p.fused_qkv else 0)) * s + H * 4
     if p.qk_norm:  # an RMSNorm per head of q (k): its fp32 input and 1/rms, when q (k) needs grad
         heads = H * (grad_in or "q_proj" in t) + K * (grad_in or "k_proj" in t)
         saved += heads * (max(s, 4) * D + 4)
     saved += _lora_inputs(p, int("o_proj" in t), H * D, kept=attn, grad=attn)
     grad_mid = attn or "o_proj" in t
     saved += _norm(p) if grad_mid else 0
-    gate_up = [n for n in ("gate_proj", "up_proj") if n in t]
+    gate_up = [n for n in ("gate_proj", "up_proj", "gate_up_proj") if n in t]
     saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
-    gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
+    gate_grad, up_grad = (grad_mid or n in t or "gate_up_proj" in t for n in ("gate_proj", "up_proj"))
     down = "down_proj" in t
     # ops/swiglu.py takes the MLP (a 4-bit down_proj too: Linear4bit hands the fused op its packed codes)
     fused = not down or p.shared_input
@@ -224,7 +232,7 @@ def activation_bytes(p: _Plan, batch: int, seq: int) -> dict:
         per_layer.append(b * N)
         any_attn = any_attn or attn
     rest = (_norm(p) * N if grad else 0) + N  # final norm input; the labelled-rows mask (bool)
-    rest += 2 * p.D * p.s * N if any_attn else 0  # RoPE cos/sin, shared by every layer
+    rest += 2 * (p.R or p.D) * p.s * N if any_attn else 0  # RoPE cos/sin, shared by every layer
     rest += batch * (seq - 1) * p.C * p.s  # dh kept by the fused LM head + cross-entropy
     return {"layers": per_layer, "rest": rest, "total": sum(per_layer) + rest}
 
@@ -240,7 +248,8 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
     """(bytes of the model's weights, numel of its largest quantized linear)."""
     dims = p.linear_dims()
     bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
-            "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
+            "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias,
+            "qkv_proj": cfg.qkv_bias, "gate_up_proj": cfg.mlp_bias}
     per_layer = 2 * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # the two norms (+ Qwen3's q/k norms)
     for name, (i, o) in dims.items():
         per_layer += (nf4_bytes(i * o) if p.quantized else i * o * p.s) + (o * p.s if bias[name] else 0)
@@ -286,14 +295,16 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
     from ..methods.targets import parse_targets
 
     tg = parse_targets(targets)
+    attn = ("qkv_proj", "o_proj") if cfg.fused_qkv else ATTN
+    mlp = ("gate_up_proj", "down_proj") if cfg.fused_gate_up else MLP
     per_layer = []
     for i in range(cfg.num_layers):
-        names = {n: f"model.layers.{i}.{'self_attn' if n in ATTN else 'mlp'}.{n}" for n in ATTN + MLP}
+        names = {n: f"model.layers.{i}.{'self_attn' if n in attn else 'mlp'}.{n}" for n in attn + mlp}
         per_layer.append({n for n, full in names.items() if _match(full, tg)})
     head = _match("lm_head", tg)
     if not head and not any(per_layer):
         raise ValueError(f"--targets {targets!r} matches no linear module of this model; its linear modules "
-                         f"end with {sorted(ATTN + MLP)} (and lm_head)")
+                         f"end with {sorted(attn + mlp)} (and lm_head)")
     from ..precision import native_bf16_cpu
 
     from ..methods.registry import get_method
@@ -306,7 +317,7 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  mask_bytes=1 if device == "cuda" else dtype_bytes,
                  adapter_math_in_activation=device == "cuda" or (device == "cpu" and dtype_bytes == 2
                                                                  and native_bf16_cpu()),
-                 qk_norm=cfg.qk_norm)
+                 qk_norm=cfg.qk_norm, fused_qkv=cfg.fused_qkv, fused_gate_up=cfg.fused_gate_up, R=cfg.rotary_dim)
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,
