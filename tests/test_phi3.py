@@ -252,3 +252,40 @@ def test_a_llamacpp_phi3_gguf_loads_with_transformers_logits(family, tmp_path):
     ids = torch.randint(3, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))  # past the switch
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["phi-3.5-mini", "phi-4-mini", "phi-3-mini-128k-su"])
+def test_real_config_shapes_give_transformers_rope_and_round_trip(name, tmp_path):
+    """config.json as the hub's Phi-3.5-mini / Phi-4-mini / early Phi-3-128k ("su") write it (rope_scaling with `type`,
+    original_max_position_embeddings beside it, partial_rotary_factor at the top): leantune's short and long inverse
+    frequencies and attention factor equal transformers' longrope init, and to_hf loads back in transformers as the
+    same config."""
+    import json
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from leantune.models.config import ModelConfig
+    from leantune.models.llama import rope_attention_scale, rope_inv_freq
+
+    heads, partial = (24, 0.75) if name == "phi-4-mini" else (32, 1.0)
+    pairs = int(3072 // heads * partial) // 2
+    d = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "vocab_size": 32064, "hidden_size": 3072,
+         "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": heads, "num_key_value_heads": 8,
+         "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+         "rms_norm_eps": 1e-5, "sliding_window": 262144, "tie_word_embeddings": name == "phi-4-mini",
+         "rope_scaling": {"type": "su" if name.endswith("su") else "longrope",
+                          "short_factor": [1.0 + 0.01 * i for i in range(pairs)],
+                          "long_factor": [1.0 + 0.8 * i for i in range(pairs)]}}
+    if partial != 1.0:
+        d["partial_rotary_factor"] = partial
+    cfg = ModelConfig.from_hf(d)
+    assert cfg.rope_scaling["rope_type"] == "longrope" and cfg.rotary_dim == 2 * pairs
+    d["rope_scaling"]["type"] = "longrope"  # transformers 5.24 renames "su" too late to load such a file itself
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path)
+    short, scale = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu", seq_len=4097)
+    assert torch.equal(rope_inv_freq(cfg), torch.stack((short, long))) and rope_attention_scale(cfg) == scale
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    back = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(tmp_path).to_dict())
+    assert {**back.to_dict(), "extra": {}} == {**cfg.to_dict(), "extra": {}}
