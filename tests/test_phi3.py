@@ -17,6 +17,7 @@ from tiny_folder import make_tiny_model_folder
 from leantune import cli, methods
 from leantune.models import generate as gen_mod
 from leantune.models.generate import GenerationConfig, generate
+from leantune.models.llama import ForwardMeta
 from leantune.models.loader import load
 
 transformers = pytest.importorskip("transformers")
@@ -289,3 +290,17 @@ def test_real_config_shapes_give_transformers_rope_and_round_trip(name, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
     back = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(tmp_path).to_dict())
     assert {**back.to_dict(), "extra": {}} == {**cfg.to_dict(), "extra": {}}
+
+
+def test_packed_samples_each_get_their_own_longrope_factors():
+    """A packed row holds a short sample (short factors) and one past original_max_position_embeddings (long ones):
+    each equals its forward alone."""
+    m = ours_from(tiny_hf_model("phi3-longrope"))
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, 256, (1, 7), generator=g), torch.randint(3, 256, (1, 20), generator=g)
+    seg = torch.tensor([[1] * 7 + [2] * 20])
+    pos = torch.tensor([list(range(7)) + list(range(20))])
+    with torch.no_grad():
+        out = m(torch.cat([a, b], 1), ForwardMeta(positions=pos, segment_ids=seg))
+        assert (out[:, :7] - m(a)).abs().max().item() <= 1e-5
+        assert (out[:, 7:] - m(b)).abs().max().item() <= 1e-5

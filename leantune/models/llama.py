@@ -88,7 +88,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (rotary_dim/2,), with linear or llama3 scaling applied; for longrope (2, rotary_dim/2):
-    the short factors' row, then the long factors' (see `longrope_rows`)."""
+    the short factors' row, then the long factors' (see `longrope_choice`)."""
     d = cfg.rotary_dim
     base = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
     inv = 1.0 / base
@@ -124,18 +124,20 @@ def rope_attention_scale(cfg: ModelConfig) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
 
 
-def longrope_rows(cfg: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
-    """(B,) 0 where a row keeps the short factors, 1 where it takes the long ones: as transformers, the long
-    ones for a sequence longer than original_max_position_embeddings, i.e. whose last position reaches it.
-    Per row (transformers decides per forward), so a row of a batch gets what it gets alone."""
-    last = positions.amax(-1) if positions.dim() > 1 else positions.amax().reshape(1)
+def longrope_choice(cfg: ModelConfig, positions: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): 0 where a token keeps the short factors, 1 where it takes the long ones. As transformers: the long
+    ones for a sequence longer than original_max_position_embeddings, i.e. whose last position reaches it. It
+    decides once per forward; here per row, and per sample of a packed row, so each gets what it gets alone."""
+    last = positions.amax(-1, keepdim=True).expand_as(positions)  # (B, T): each token's sequence's last position
+    if segment_ids is not None:  # positions restart per sample: the last of each token's own sample
+        per_seg = positions.new_full((positions.shape[0], int(segment_ids.max()) + 1), -1)
+        last = per_seg.scatter_reduce(1, segment_ids, positions, "amax").gather(1, segment_ids)
     return (last + 1 > cfg.rope_scaling["original_max_position_embeddings"]).long()
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    # inv_freq (R/2,), or (B, R/2) per row; positions (B, T)
-    inv = inv_freq[:, None, :] if inv_freq.dim() == 2 else inv_freq
-    freqs = positions[..., None].float() * inv  # (B, T, R/2)
+    # inv_freq (R/2,), or (B, T, R/2) per token; positions (B, T)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, R/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, R)
     if scale != 1.0:  # longrope's attention factor, in fp32 before the cast as transformers does it
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -332,7 +334,7 @@ class LlamaForCausalLM(nn.Module):
         return sc["original_max_position_embeddings"] if sc.get("rope_type") == "longrope" else None
 
     def rope_freqs(self, pos: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
-        """inv_freq (R/2,), or (B, R/2) with each row's longrope factors (`longrope_rows`)."""
+        """inv_freq (R/2,), or (B, T, R/2) with each token's longrope factors (`longrope_choice`)."""
         if self.rope_switch_len is None:
             return self.inv_freq
         if getattr(meta.cache, "paged", False) and int(pos.max()) >= self.rope_switch_len:
@@ -341,7 +343,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"longrope RoPE: the paged engine serves sequences up to original_max_position_embeddings "
                              f"= {self.rope_switch_len} tokens (past it every cached key would need the long factors); "
                              f"use max_model_len <= {self.rope_switch_len}, or leantune generate")
-        return self.inv_freq[longrope_rows(self.config, pos)]  # (B, R/2)
+        return self.inv_freq[longrope_choice(self.config, pos, meta.segment_ids)]  # (B, T, R/2)
 
     def layer_module(self, i: int) -> nn.Module:
         """Decoder layer i as a module (its parameters, hooks); run it with `layer_forward`."""
