@@ -25,6 +25,16 @@ FAMILIES = {
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
     "qwen3-moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1]),
+    # Phi-3: fused qkv_proj / gate_up_proj; a window shorter than the tests' sequences, as Phi-3-mini-4k has one
+    "phi3": dict(model_type="phi3", sliding_window=12),
+    # Phi-3.5: longrope, the long factors used past original_max_position_embeddings (the tests run 20-40 tokens)
+    "phi3-longrope": dict(model_type="phi3", original_max_position_embeddings=16, rope_scaling=dict(
+        rope_type="longrope", short_factor=[1.0 + 0.05 * i for i in range(8)], long_factor=[4.0 + 6.0 * i for i in range(8)])),
+    # Phi-4-mini: RoPE on 3/4 of each head (12 of 16 dims: 6 factors), tied embeddings, longrope
+    "phi4-mini": dict(model_type="phi3", partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=1,
+                      original_max_position_embeddings=16, rope_scaling=dict(
+                          rope_type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                          long_factor=[4.0, 9.0, 16.0, 25.0, 36.0, 49.0])),
 }
 
 
@@ -40,12 +50,12 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     base.update(overrides)
     cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
                "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
-               "mixtral": tf.MixtralConfig, "qwen3_moe": tf.Qwen3MoeConfig}[mt]
+               "mixtral": tf.MixtralConfig, "qwen3_moe": tf.Qwen3MoeConfig, "phi3": tf.Phi3Config}[mt]
     cfg = cfg_cls(**base)
     torch.manual_seed(seed)
     m = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
          "qwen3": tf.Qwen3ForCausalLM, "gemma2": tf.Gemma2ForCausalLM, "gemma3_text": tf.Gemma3ForCausalLM,
-         "mixtral": tf.MixtralForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM}[mt](cfg)
+         "mixtral": tf.MixtralForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM, "phi3": tf.Phi3ForCausalLM}[mt](cfg)
     with torch.no_grad():  # random non-trivial norms and biases so parity covers them
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):

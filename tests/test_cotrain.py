@@ -59,7 +59,7 @@ def assert_plain_step_grads(model, batch, slot):
 @pytest.mark.parametrize("family,chunk,k,loss_share",
                          [("llama", 4, 1, 0.3), ("mistral", 5, 2, None), ("smollm2-tied", 64, 3, 0.05),
                           ("llama", 64, None, 0.3), ("mistral", 4, "mix", 0.3), ("qwen3", 6, 1, 0.3),
-                          ("gemma2", 5, 2, 0.3), ("gemma3", 4, 1, 0.3)])
+                          ("gemma2", 5, 2, 0.3), ("gemma3", 4, 1, 0.3), ("phi3", 5, 1, 0.3)])
 def test_chunked_forward_and_layer_sliced_backward_equal_a_plain_step(family, chunk, k, loss_share, one_thread):
     """Forward chunks, loss units of a few tokens (0.3 / 0.05 of a sequence: several units, some with no
     loss token at all, as prompt tokens have none) and k layers per iteration give a plain step's grads;

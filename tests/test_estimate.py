@@ -359,3 +359,36 @@ def test_moe_parameter_counts_and_weights_equal_the_models(family):
     assert est.adapter == sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="4-bit base is not supported"):
         estimate_memory(cfg, "qlora", batch=1, seq=8, rank=4)
+
+
+PHI3 = dict(model_type="phi3", fused_qkv=True, fused_gate_up=True)
+
+
+@pytest.mark.parametrize("dtype,targets,extra", [
+    (torch.float32, "all-linear", {}), (torch.float32, "qkv_proj", {}), (torch.float32, "o_proj,down_proj", {}),
+    (torch.float32, "gate_up_proj", {}), (torch.bfloat16, "all-linear", {}),
+    (torch.float32, "all-linear", {"partial_rotary_factor": 0.75})])  # Phi-4-mini: cos/sin of 3/4 of each head
+def test_activation_rules_for_phi3_fused_linears(one_thread, dtype, targets, extra):
+    cfg = tiny_cfg(**PHI3, **extra)
+    model = tiny_model(cfg, dtype, targets)
+    plan = make_plan(cfg, "lora", 4, targets, 0.0, 2 if dtype == torch.bfloat16 else 4, "cpu")
+    assert activation_bytes(plan, 2, 16)["total"] == saved_bytes(model, 2, 16)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_phi3_weight_and_adapter_counts_equal_the_loaded_model(one_thread, method):
+    cfg = tiny_cfg(**PHI3, hidden_size=128, intermediate_size=320, tie_word_embeddings=False)
+    model = tiny_model(cfg, quantize=method == "qlora")
+    assert {n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    base = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n and n != "inv_freq"]
+    held = sum(t.numel() * t.element_size() for t in base)
+    held += sum(m.quant_state.nbytes() + 4 for m in model.modules() if getattr(m, "quant_state", None) is not None)
+    est = estimate_memory(cfg, method, batch=1, seq=8, rank=4)
+    assert est.weights == held
+    assert est.adapter == sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    unfused = estimate_memory(tiny_cfg(hidden_size=128, intermediate_size=320, tie_word_embeddings=False), method,
+                              batch=1, seq=8, rank=4)
+    assert est.adapter < unfused.adapter  # one A per fused linear instead of three (two)
+    with pytest.raises(ValueError, match="qkv_proj"):
+        make_plan(cfg, "lora", 8, "q_proj", 0.0, 4)

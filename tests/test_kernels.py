@@ -309,6 +309,21 @@ def test_rope_matches_model():
     assert_rel(xg.grad, xr.grad, 1e-6)
 
 
+def test_rope_on_part_of_each_head_matches_model():
+    """Phi-4-mini turns the first 12 of 16 dims: the kernel on a D-slice of a transposed projection."""
+    llama = pytest.importorskip("leantune.models.llama")
+    x = randn(2, 5, 3, 16, seed=22).transpose(1, 2)  # (B, H, T, D), strided as the model's q
+    cos, sin = randn(2, 5, 12, seed=23), randn(2, 5, 12, seed=24)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = llama.apply_partial_rope(fused.apply_rope, xg, cos, sin)
+    yr = llama.apply_partial_rope(llama.apply_rope, xr, cos, sin)
+    assert torch.equal(y, yr) and torch.equal(y[..., 12:], x[..., 12:])
+    dy = randn(2, 3, 5, 16, seed=25)
+    y.backward(dy)
+    yr.backward(dy)
+    assert_rel(xg.grad, xr.grad, 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # the real (non-interpreted) compiler: every kernel builds for sm_90 without a GPU
 

@@ -31,7 +31,8 @@ class Pool:
         return [t[p // BS] * BS + p % BS for p in range(n)]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "smollm2-tied", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "smollm2-tied", "qwen2", "qwen3", "gemma2", "gemma3",
+                                    "phi3"])
 def test_chunked_prefill_and_decode_equal_plain_forward(family, one_thread):
     torch.manual_seed(0)
     model = _lt(family)

@@ -1,4 +1,5 @@
-"""The one configuration dataclass of the Llama-family model (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 2/3).
+"""The one configuration dataclass of the Llama-family model (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Phi-3,
+Gemma 2/3, Mixtral, Qwen3-MoE).
 
 Field names follow Hugging Face's `config.json` where they can, so `from_hf` / `to_hf` are thin.
 transformers 5 writes RoPE settings as `rope_parameters`; transformers 4 as `rope_theta` + `rope_scaling`:
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "phi3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP's gate activation (HF's hidden_act names)
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -33,15 +34,17 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # None, or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"} / {"rope_type": "linear", "factor"}
+    # "original_max_position_embeddings"} / {"rope_type": "linear", "factor"} / {"rope_type": "longrope",
+    # "short_factor", "long_factor", "original_max_position_embeddings", optional "factor", "attention_factor"}
     rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns the first 0.75 of each head, the rest passes
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
     o_bias: bool = False  # Llama's attention_bias=True puts a bias on o_proj too
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
-    sliding_window: int | None = None  # Mistral: every layer; Gemma: the layers `layer_types` marks sliding
+    sliding_window: int | None = None  # Mistral, Phi-3: every layer; Gemma: the layers `layer_types` marks sliding
     # Gemma 2/3 (see the module docstring); the defaults are the Llama family's
     hidden_act: str = "silu"  # "gelu_pytorch_tanh": GeGLU
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), the product in fp32
@@ -52,6 +55,8 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     layer_types: list[str] | None = None  # per layer, LAYER_TYPES; None: every layer uses `sliding_window`
     rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (unscaled)
+    fused_qkv: bool = False  # Phi-3: one self_attn.qkv_proj (rows q, k, v) instead of q/k/v_proj
+    fused_gate_up: bool = False  # Phi-3: one mlp.gate_up_proj (rows gate, up) instead of gate/up_proj
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -86,8 +91,24 @@ class ModelConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
         rt = (self.rope_scaling or {}).get("rope_type", "default")
-        if rt not in ("default", "llama3", "linear"):
-            raise ValueError(f"rope_type {rt!r} is not supported (default, linear, llama3)")
+        if rt not in ("default", "llama3", "linear", "longrope"):
+            raise ValueError(f"rope_type {rt!r} is not supported (default, linear, llama3, longrope)")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1] and turn an even "
+                             f"number of each head's {self.head_dim} dims (it gives {self.rotary_dim})")
+        if rt == "longrope":
+            for k in ("short_factor", "long_factor"):
+                n = len(self.rope_scaling.get(k) or ())
+                if n != self.rotary_dim // 2:
+                    raise ValueError(f"rope_scaling.{k} has {n} entries; longrope needs one per rotated pair "
+                                     f"({self.rotary_dim // 2} = head_dim * partial_rotary_factor / 2)")
+            if not self.rope_scaling.get("original_max_position_embeddings"):
+                raise ValueError("rope_scaling (longrope) needs original_max_position_embeddings")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE turns (the first ones), as transformers rounds it."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -133,10 +154,16 @@ class ModelConfig:
             rope = dict(rope["full_attention"] or {})
         default_theta = 1_000_000.0 if mt == "gemma3_text" else 10000.0
         theta = rope.pop("rope_theta", d.get("rope_theta", default_theta))
+        partial = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
-            scaling = dict(scaling)
+            scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            if scaling["rope_type"] in ("su", "yarn") and mt == "phi3":
+                scaling["rope_type"] = "longrope"  # Phi-3's early names for it, renamed as transformers does
+            if scaling["rope_type"] == "longrope" and d.get("original_max_position_embeddings"):
+                # Phi-3 keeps the pretraining length beside rope_scaling; transformers gives that one priority
+                scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
             if scaling["rope_type"] == "default":
                 scaling = None
         known = {
@@ -148,6 +175,7 @@ class ModelConfig:
             "final_logit_softcapping", "layer_types", "sliding_window_pattern", "_sliding_window_pattern",
             "rope_local_base_freq", "use_bidirectional_attention",
             *_MOE_KEYS,
+            "partial_rotary_factor", "original_max_position_embeddings",
         }
         att_bias = bool(d.get("attention_bias", False))
         sw = d.get("sliding_window")
@@ -171,6 +199,7 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
             rope_theta=float(theta),
             rope_scaling=scaling,
+            partial_rotary_factor=float(partial),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=att_bias or mt == "qwen2",
@@ -188,6 +217,8 @@ class ModelConfig:
             final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if mt == "gemma2" else None) if gemma else None,
             layer_types=_gemma_layer_types(d, mt) if gemma else None,
             rope_local_theta=None if local_theta is None else float(local_theta),
+            fused_qkv=mt == "phi3",
+            fused_gate_up=mt == "phi3",
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -199,9 +230,11 @@ class ModelConfig:
         """A `config.json` dict that transformers (4.x and 5.x) loads as the matching architecture."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
         d = {k: v for k, v in self.extra.items() if k not in ("architectures", "quantization_config", "dtype", "torch_dtype")}
         rope_params = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.partial_rotary_factor != 1.0:
+            rope_params["partial_rotary_factor"] = d["partial_rotary_factor"] = self.partial_rotary_factor
         if self.rope_scaling:
             rope_params.update(self.rope_scaling)
         d.update(
@@ -228,8 +261,11 @@ class ModelConfig:
         )
         if self.model_type != "qwen2":
             d["attention_bias"] = self.qkv_bias
-        if self.model_type in ("mistral", "mixtral"):
+        if self.model_type in ("mistral", "mixtral", "phi3"):
             d["sliding_window"] = self.sliding_window
+        if self.model_type == "phi3":  # transformers' Phi3Config reads this over rope_scaling's (default 4096)
+            d["original_max_position_embeddings"] = (self.rope_scaling or {}).get(
+                "original_max_position_embeddings", self.max_position_embeddings)
         if self.model_type in GEMMA_TYPES:
             d.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
                      attn_logit_softcapping=self.attn_logit_softcapping,

@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded into one batch; the cache masks the padding and each row
 keeps its own RoPE positions, so a row's tokens equal what it would get alone. Rows that finish leave the
-batch (their cache rows are dropped) so the remaining rows run faster.
+batch (their cache rows are dropped) so the remaining rows run faster. A model whose RoPE changes for the whole
+sequence once it grows past a length (longrope: `rope_switch_len`) has its batch prefilled again at that
+step, as transformers' generate drops its cache there.
 """
 from __future__ import annotations
 
@@ -84,21 +86,16 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ids, valid = _left_pad(prompts, pad_id, device)
-    B, L = ids.shape
-    cache = KVCache.for_model(model, B, L + gen.max_new_tokens)
-    cache.set_padding(valid)
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L) per-row positions, pads at 0
     rng = None
     if gen.seed is not None:
         rng = torch.Generator(device=device).manual_seed(gen.seed)
     stops = set(gen.stop_token_ids)
     out: list[list[int]] = [[] for _ in prompts]
-    alive = torch.arange(B, device=device)  # original row index of each live batch row
-    next_pos = pos[:, -1] + 1
+    alive = torch.arange(len(prompts), device=device)  # original row index of each live batch row
     a_ids = adapter_ids.to(device) if adapter_ids is not None else None
-    logits = model(ids, ForwardMeta(positions=pos, adapter_ids=_routing(a_ids), cache=cache))[:, -1]
-    for _ in range(gen.max_new_tokens):
+    logits, cache, next_pos = _prefill(model, prompts, gen.max_new_tokens, a_ids, pad_id, device)
+    switch = getattr(model, "rope_switch_len", None)
+    for step in range(gen.max_new_tokens):
         tok = sample_next(logits, gen, rng)
         keep = []
         for j, t in enumerate(tok.tolist()):
@@ -117,11 +114,27 @@ def generate(
             a_ids = a_ids[k] if a_ids is not None else None
         if cache.length >= cache.max_len:
             break
+        if switch is not None and bool((next_pos == switch).any()):  # a row's cached keys are stale from here
+            rows = [prompts[r] + out[r] for r in alive.tolist()]
+            logits, cache, next_pos = _prefill(model, rows, gen.max_new_tokens - step - 1, a_ids, pad_id, device)
+            continue
         meta = ForwardMeta(positions=next_pos[:, None], adapter_ids=_routing(a_ids), cache=cache)
         logits = model(tok[:, None], meta)[:, -1]
         next_pos = next_pos + 1
     model.train(was_training)
     return out
+
+
+def _prefill(model, prompts: list[list[int]], room: int, a_ids, pad_id: int, device):
+    """Left-pad `prompts` into a fresh cache with `room` more slots and run them: (last logits (B, V), cache,
+    (B,) position of each row's next token)."""
+    ids, valid = _left_pad(prompts, pad_id, device)
+    B, L = ids.shape
+    cache = KVCache.for_model(model, B, L + room)
+    cache.set_padding(valid)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L) per-row positions, pads at 0
+    logits = model(ids, ForwardMeta(positions=pos, adapter_ids=_routing(a_ids), cache=cache))[:, -1]
+    return logits, cache, pos[:, -1] + 1
 
 
 def generate_text(model, tokenizer, prompts: list[str] | list[list[int]], gen: GenerationConfig,

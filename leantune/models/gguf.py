@@ -10,7 +10,10 @@ tensor data aligned to `general.alignment`. The header is parsed here with `stru
 block layouts and sizes come from the `gguf` package (`GGML_QUANT_SIZES`), and types without a fast
 torch path here are dequantized with `gguf.quants.dequantize`.
 
-Llama family only (GGUF archs `llama` -- which also covers Mistral --, `qwen2`, `qwen3`, `gemma2`, `gemma3`). llama.cpp's converter
+Llama family only (GGUF archs `llama` -- which also covers Mistral and, with `expert_count`, Mixtral --, `qwen2`,
+`qwen3`, `qwen3moe`, `gemma2`, `gemma3` and `phi3`: Phi-3's fused `attn_qkv` and `ffn_up` (gate rows, then up
+rows) load as its `qkv_proj` / `gate_up_proj`, its longrope factors from `rope_factors_short/long`, partial
+rotary dims from `rope.dimension_count`). llama.cpp's converter
 permutes the rows of q_proj/k_proj for `llama` files (interleaved RoPE pairs instead of Hugging Face's
 half-split ones); `_unpermute_rope` undoes it so leantune's HF-layout model reproduces HF's logits.
 The tokenizer is rebuilt from `tokenizer.ggml.*` the way transformers' GGUF loader builds it, so the ids match.
@@ -40,7 +43,7 @@ from .config import ModelConfig
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")  # llama + expert_count: Mixtral
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")  # llama + expert_count: Mixtral
 _GEMMA = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # GGUF arch -> HF model_type
 _MAGIC = b"GGUF"
 
@@ -321,7 +324,11 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate_inp": "mlp.gate",  # MoE router (E, C)
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3's fused q/k/v, rows q, k, v as in the HF checkpoint
 }
+_PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # phi3's `ffn_up` holds the fused gate and up rows
+_FUSED_AWAY = {"fused_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "fused_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 # Gemma's four norms per layer (llama.cpp's ffn_norm is the MLP's input norm in either layout)
 _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_norm": "pre_feedforward_layernorm",
@@ -333,12 +340,18 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
 _EXPS_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 _DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_DROPPED = {"rope_freqs.weight"}  # llama3 RoPE factors: folded into config.rope_scaling instead
+# llama3 and longrope RoPE factors: folded into config.rope_scaling instead
+_DROPPED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+_PHI3_LAYER_NAMES = _LAYER_NAMES | _PHI3_NAMES
+
+
 def _layer_names(arch: str) -> dict[str, str]:
-    return _GEMMA_LAYER_NAMES if arch in _GEMMA else _LAYER_NAMES
+    if arch in _GEMMA:
+        return _GEMMA_LAYER_NAMES
+    return _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
@@ -428,11 +441,17 @@ def _check_types(infos) -> None:
 
 def _check_complete(sd: dict, cfg: ModelConfig, path: Path, arch: str = "llama") -> None:
     want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    parts = set(_layer_names(arch).values()) - {"self_attn.qkv_proj", "mlp.gate_up_proj"}
+    if not cfg.qk_norm:
+        parts -= {"self_attn.q_norm", "self_attn.k_norm"}
+    if cfg.fused_qkv:
+        parts = parts - set(_FUSED_AWAY["fused_qkv"]) | {"self_attn.qkv_proj"}
+    if cfg.fused_gate_up:
+        parts = parts - set(_FUSED_AWAY["fused_gate_up"]) | {"mlp.gate_up_proj"}
     for i in range(cfg.num_layers):
         moe = cfg.is_moe_layer(i)
-        want += [f"model.layers.{i}.{p}.weight" for p in _layer_names(arch).values()
-                 if (cfg.qk_norm or not p.endswith(("q_norm", "k_norm"))) and (p != "mlp.gate" or moe)
-                 and not (moe and p in _DENSE_MLP)]
+        want += [f"model.layers.{i}.{p}.weight" for p in sorted(parts)
+                 if (p != "mlp.gate" or moe) and not (moe and p in _DENSE_MLP)]
         want += [f"model.layers.{i}.mlp.experts.{w}" for w in ("gate_up_proj", "down_proj") if moe]
     missing = [k for k in want if k not in sd]
     if missing:
@@ -493,6 +512,8 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
     name = str(md.get("general.name", "")).lower()
     eos = md.get("tokenizer.ggml.eos_token_id")
     theta = float(key("rope.freq_base", 10000.0))
+    phi3 = arch == "phi3"
+    rot = int(key("rope.dimension_count") or head_dim) if phi3 else head_dim  # phi3: RoPE may turn part of a head
     return ModelConfig(
         vocab_size=emb.shape[0],
         hidden_size=hidden,
@@ -504,7 +525,11 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         model_type=_GEMMA.get(arch) or _model_type(arch, name, key),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
-        rope_scaling=_rope_scaling(md, arch, header, buf, theta, head_dim),
+        rope_scaling=_longrope(md, header, buf) if phi3 else _rope_scaling(md, arch, header, buf, theta, head_dim),
+        partial_rotary_factor=rot / head_dim,
+        sliding_window=(int(key("attention.sliding_window") or 0) or None) if phi3 else None,  # phi3: 0 for none
+        fused_qkv=phi3,
+        fused_gate_up=phi3,
         max_position_embeddings=int(key("context_length", 2048)),
         tie_word_embeddings="output.weight" not in t,
         qkv_bias="blk.0.attn_q.bias" in t,
@@ -561,7 +586,7 @@ def _gemma_fields(md: dict, arch: str, hidden: int, heads: int, head_dim: int, l
 
 
 def _model_type(arch: str, name: str, key) -> str:
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "phi3"):
         return arch
     if arch == "qwen3moe":
         return "qwen3_moe"
@@ -585,6 +610,25 @@ def _moe_metadata(key, tensors: dict, n_layers: int) -> dict:
 
 def _opt_int(v) -> int | None:
     return None if v is None else int(v)
+
+
+def _longrope(md: dict, header: GGUFHeader, buf) -> dict | None:
+    """Phi-3's longrope `rope_scaling` from llama.cpp's `rope_factors_short/long` tensors and metadata; None when the
+    file has no factors (Phi-3-mini-4k: plain RoPE)."""
+    infos = [header.tensors.get(f"rope_factors_{k}.weight") for k in ("short", "long")]
+    if infos == [None, None]:
+        return None
+    orig = md.get("phi3.rope.scaling.original_context_length")
+    if None in infos or not orig:
+        raise ValueError(f"{header.path}: longrope needs rope_factors_short, rope_factors_long and "
+                         "phi3.rope.scaling.original_context_length; the file is incomplete")
+    short, long = (_load_tensor(buf, i).float().tolist() for i in infos)
+    sc = {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+          "original_max_position_embeddings": int(orig)}
+    attn = md.get("phi3.rope.scaling.attn_factor")
+    if attn is not None:  # what llama.cpp multiplies cos/sin by: the converter's value, as it computed it
+        sc["attention_factor"] = float(attn)
+    return sc
 
 
 def _rope_scaling(md: dict, arch: str, header: GGUFHeader, buf, theta: float, head_dim: int) -> dict | None:

@@ -1,6 +1,7 @@
-"""The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3,
-SmolLM2, and Gemma 2/3 text (Gemma Team 2024, 2025) as config flags on the same skeleton; Mixtral and
-Qwen3-MoE take their sparse MoE feed-forward from moe.py.
+"""The Llama family in one file: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3 (q/k
+norm), SmolLM2, Phi-3/3.5/Phi-4-mini (fused qkv_proj and gate_up_proj, longrope RoPE, partial rotary dims), and
+Gemma 2/3 text (Gemma Team 2024, 2025) as config flags on the same skeleton; Mixtral and Qwen3-MoE take their
+sparse MoE feed-forward from moe.py.
 
 Module and parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
 checkpoints load without renaming and adapters save under PEFT's keys. RMSNorm, rotate-half RoPE, GQA
@@ -136,13 +137,17 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied; local: Gemma 3's sliding
-    layers' base, unscaled."""
-    d = cfg.head_dim
+    """Inverse frequencies (rotary_dim/2,), with linear or llama3 scaling applied; for longrope (2, rotary_dim/2):
+    the short factors' row, then the long factors' (see `longrope_choice`); local: Gemma 3's sliding layers'
+    base, unscaled."""
+    d = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    base = theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    inv = 1.0 / base
     sc = {} if local else (cfg.rope_scaling or {})
     kind = sc.get("rope_type", "default")
+    if kind == "longrope":  # Phi-3.5 / Phi-4-mini: each frequency slowed by its own factor (rounded as transformers)
+        return torch.stack([1.0 / (torch.tensor(sc[k], dtype=torch.float32) * base) for k in ("short_factor", "long_factor")])
     if kind == "linear":
         return inv / sc["factor"]
     if kind == "llama3":
@@ -158,9 +163,36 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     return inv
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """What longrope multiplies cos and sin by (so q.k by its square): sqrt(1 + ln(s) / ln(L0)) for the context
+    extension s = max_position_embeddings / L0 unless the config states `factor` or `attention_factor`."""
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type") != "longrope":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    old = sc["original_max_position_embeddings"]
+    factor = sc.get("factor") or cfg.max_position_embeddings / old
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+
+
+def longrope_choice(cfg: ModelConfig, positions: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): 0 where a token keeps the short factors, 1 where it takes the long ones. As transformers: the long
+    ones for a sequence longer than original_max_position_embeddings, i.e. whose last position reaches it. It
+    decides once per forward; here per row, and per sample of a packed row, so each gets what it gets alone."""
+    last = positions.amax(-1, keepdim=True).expand_as(positions)  # (B, T): each token's sequence's last position
+    if segment_ids is not None:  # positions restart per sample: the last of each token's own sample
+        per_seg = positions.new_full((positions.shape[0], int(segment_ids.max()) + 1), -1)
+        last = per_seg.scatter_reduce(1, segment_ids, positions, "amax").gather(1, segment_ids)
+    return (last + 1 > cfg.rope_scaling["original_max_position_embeddings"]).long()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    # inv_freq (R/2,), or (B, T, R/2) per token; positions (B, T)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, R/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, R)
+    if scale != 1.0:  # longrope's attention factor, in fp32 before the cast as transformers does it
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -171,6 +203,17 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def apply_partial_rope(rope, x, cos, sin):
+    """RoPE on the first R = cos.shape[-1] dims of each head, the other D - R passed through (Phi-4-mini)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return rope(x, cos, sin)
+    # joined along D in x's (B, T, H, D) memory order, as the full rotation leaves it: SDPA's output then keeps
+    # that order too and o_proj's input stays a view of it, not a copy that LoRA would save again
+    parts = (rope(x[..., :r], cos, sin).transpose(1, 2), x[..., r:].transpose(1, 2))
+    return torch.cat(parts, dim=-1).transpose(1, 2)  # (B, H, T, D)
+
+
 class Attention(nn.Module):
     kernel_backend = "auto"  # RoPE: the Triton kernel on CUDA (leantune.kernels.BACKENDS)
 
@@ -178,26 +221,36 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = Linear(cfg.hidden_size, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        if cfg.fused_qkv:  # Phi-3: one linear, output rows q (H*D), k (Hkv*D), v (Hkv*D), as the checkpoint stores it
+            self.qkv_proj = Linear(cfg.hidden_size, (nh + 2 * nkv) * hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, nh * hd, bias=cfg.qkv_bias)
+            self.k_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+            self.v_proj = Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3, Gemma 3: each head of q and k RMS-normalized (weights over D) before RoPE
             self.q_norm = make_norm(cfg, hd)
             self.k_norm = make_norm(cfg, hd)
         self.score = ScoreSpec(cfg.attn_scale, cfg.attn_logit_softcapping, cfg.layer_window(layer_idx))
 
+    def project(self, x, a):
+        """x (B, T, C) -> q (B, T, H*D), k, v (B, T, Hkv*D)."""
+        if self.cfg.fused_qkv:
+            kv = self.cfg.num_kv_heads * self.cfg.head_dim
+            return self.qkv_proj(x, a).split((self.cfg.num_heads * self.cfg.head_dim, kv, kv), dim=-1)
+        return self.q_proj(x, a), self.k_proj(x, a), self.v_proj(x, a)
+
     def forward(self, x, cos, sin, mask, meta: ForwardMeta):
         B, T, _ = x.shape
         hd, a = self.cfg.head_dim, meta.adapter_ids
-        q = self.q_proj(x, a).view(B, T, -1, hd)  # (B, T, H, D)
-        k = self.k_proj(x, a).view(B, T, -1, hd)  # (B, T, Hkv, D)
+        q, k, v = self.project(x, a)
+        q, k = q.view(B, T, -1, hd), k.view(B, T, -1, hd)  # (B, T, H, D), (B, T, Hkv, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
-        v = self.v_proj(x, a).view(B, T, -1, hd).transpose(1, 2)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
         rope = kfused.apply_rope if use_triton(self.kernel_backend, q) else apply_rope
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k = apply_partial_rope(rope, q, cos, sin), apply_partial_rope(rope, k, cos, sin)
         if getattr(meta.cache, "paged", False):
             # The serving engine's paged cache packs many sequences into one row and attends per
             # sequence itself (leantune.serve.paged_cache).
@@ -217,11 +270,19 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = Linear(h, f, bias=b), Linear(h, f, bias=b), Linear(f, h, bias=b)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # Phi-3: one linear whose output rows are gate (F), then up (F)
+            self.gate_up_proj = Linear(h, 2 * f, bias=b)
+        else:
+            self.gate_proj, self.up_proj = Linear(h, f, bias=b), Linear(h, f, bias=b)
+        self.down_proj = Linear(f, h, bias=b)
         self.act_name = cfg.hidden_act
 
     def forward(self, x, adapter_ids=None):
-        gate, up = self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)
+        if self.fused:
+            gate, up = self.gate_up_proj(x, adapter_ids).chunk(2, dim=-1)  # (B, T, F) views of (B, T, 2F)
+        else:
+            gate, up = self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)
         if self.act_name != "silu":  # the fused op is SwiGLU's
             return self.down_proj(ACTIVATIONS[self.act_name](gate) * up, adapter_ids)
         params = fused_linear_params(self.down_proj, gate, adapter_ids)
@@ -324,6 +385,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.rope_local_theta is not None:  # Gemma 3's sliding layers
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
+        self.rope_scale = rope_attention_scale(cfg)
         self.gradient_checkpointing = False
 
     def reset_rope(self, device=None) -> None:
@@ -360,13 +422,33 @@ class LlamaForCausalLM(nn.Module):
         pos = meta.positions
         if pos is None:
             pos = torch.arange(past, past + T, device=x.device).expand(B, T)
-        rope = {"global": rope_cos_sin(self.inv_freq, pos, x.dtype)}
+        rope = {"global": rope_cos_sin(self.rope_freqs(pos, meta), pos, x.dtype, self.rope_scale)}
         if self.config.rope_local_theta is not None:
             rope["local"] = rope_cos_sin(self.inv_freq_local, pos, x.dtype)
         windows = {self.config.layer_window(i) for i in range(self.num_layers)}
         if getattr(meta.cache, "paged", False):
             return LayerContext(rope, dict.fromkeys(windows), meta)  # the paged cache masks per sequence itself
         return LayerContext(rope, {w: build_mask(meta, T, past, w, x.device) for w in windows}, meta)
+
+    @property
+    def rope_switch_len(self) -> int | None:
+        """longrope: the sequence length past which every position of a sequence is turned by the long factors,
+        so the keys a KV cache holds from before it are stale and the sequence is prefilled again (as transformers'
+        generate does); None for the other RoPE types."""
+        sc = self.config.rope_scaling or {}
+        return sc["original_max_position_embeddings"] if sc.get("rope_type") == "longrope" else None
+
+    def rope_freqs(self, pos: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        """inv_freq (R/2,), or (B, T, R/2) with each token's longrope factors (`longrope_choice`)."""
+        if self.rope_switch_len is None:
+            return self.inv_freq
+        if getattr(meta.cache, "paged", False) and int(pos.max()) >= self.rope_switch_len:
+            # a packed row mixes sequences, and one that grew past the switch would need its cached keys
+            # re-turned with the long factors: the paged engine does not recompute them, so it stops here
+            raise ValueError(f"longrope RoPE: the paged engine serves sequences up to original_max_position_embeddings "
+                             f"= {self.rope_switch_len} tokens (past it every cached key would need the long factors); "
+                             f"use max_model_len <= {self.rope_switch_len}, or leantune generate")
+        return self.inv_freq[longrope_choice(self.config, pos, meta.segment_ids)]  # (B, T, R/2)
 
     def layer_module(self, i: int) -> nn.Module:
         """Decoder layer i as a module (its parameters, hooks); run it with `layer_forward`."""

@@ -20,8 +20,11 @@ dtype bytes, a = adapter dtype bytes: the base dtype for fp32 bases, fp32 for ha
 - Gemma's (1 + w) norms keep the same, and their (1 + w) once per call (fp32); Gemma's sandwich norms
   (after attention, before and after the MLP) are norms like the others, on the sub-block's output;
 - attention keeps RoPE'd q and k, v, the SDPA output (the o_proj input is a view of it) and the fp32
-  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin are kept once; a windowed layer's boolean
-  mask is kept as a (T, T) mask in the compute dtype, per layer;
+  logsumexp (flash/efficient SDPA, no (T, T) matrix); cos/sin (of the rotated dims) are kept once; a
+  windowed layer's boolean mask is kept as a (T, T) mask in the compute dtype, per layer; with Phi-3's fused
+  qkv_proj, v is a view of its whole (H + 2 Hkv) D output, which it keeps alive;
+- Phi-3's fused gate_up_proj: gate and up are views of its one (2F) output, so the rules below hold with
+  the two counted as one tensor (both need grad or neither);
 - Gemma 2's soft-capped attention (the math path of `models/llama.py:attention`) keeps, as q.k, the
   softmax and p.v need them: the GQA-repeated k (for q's grad), q (for k's), the repeated v, tanh's and
   the softmax's (B, H, T, T) outputs (fp32 softmax, + its cast in half precision), the (T, T) boolean mask
@@ -182,6 +185,9 @@ class _Plan:
     experts_adapted: bool = False
     fp32_router_weights: bool = False  # Mixtral keeps its top-k weights in fp32; Qwen3-MoE casts them
     renorm: bool = True  # the top-k weights renormalized (a division autograd keeps both sides of)
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj
+    R: int = 0  # dims RoPE turns per head (Phi-4-mini: 3/4 of D); 0 -> D
 
     @property
     def shared_input(self) -> bool:
@@ -190,8 +196,10 @@ class _Plan:
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         C, F, H, K, D = self.C, self.F, self.H, self.K, self.D
-        return {"q_proj": (C, H * D), "k_proj": (C, K * D), "v_proj": (C, K * D), "o_proj": (H * D, C),
-                "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+        qkv = {"qkv_proj": (C, (H + 2 * K) * D)} if self.fused_qkv else {
+            "q_proj": (C, H * D), "k_proj": (C, K * D), "v_proj": (C, K * D)}
+        gate_up = {"gate_up_proj": (C, 2 * F)} if self.fused_gate_up else {"gate_proj": (C, F), "up_proj": (C, F)}
+        return {**qkv, "o_proj": (H * D, C), **gate_up, "down_proj": (F, C)}
 
 
 def _norm(p: _Plan) -> int:
@@ -236,15 +244,15 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool, window=None, batch: int =
     s, C, F, H, K, D = p.s, p.C, p.F, p.H, p.K, p.D
     saved = _norm(p) if grad_in else 0
     const = _norm_const(p, C) if grad_in else 0
-    qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in t]
+    qkv = [n for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if n in t]
     saved += _lora_inputs(p, len(qkv), C, kept=False, grad=grad_in)
     attn = grad_in or bool(qkv)  # SDPA saves q, k, v, out, lse when any of them needs grad
-    qg, kg, vg = (grad_in or f"{n}_proj" in t for n in "qkv")
+    qg, kg, vg = (grad_in or f"{n}_proj" in t or "qkv_proj" in t for n in "qkv")
     if attn and p.softcap:
         tok, lay = _softcap_attention(p, qg, kg, vg, window is None, batch, seq)
         saved, const = saved + tok, const + lay
-    elif attn:
-        saved += (2 * H * D + 2 * K * D) * s + H * 4
+    elif attn:  # a fused qkv_proj's v is a view that keeps the whole (H + 2K) D output
+        saved += (2 * H * D + 2 * K * D + ((H + K) * D if p.fused_qkv else 0)) * s + H * 4
         const += seq * seq * s if window is not None else 0  # the boolean mask as SDPA's float mask
     if p.qk_norm:  # an RMSNorm per head of q (k): its fp32 input and 1/rms, when q (k) needs grad
         heads = H * qg + K * kg
@@ -258,9 +266,9 @@ def _layer_saved(p: _Plan, t: set[str], grad_in: bool, window=None, batch: int =
     const += norms_mid * _norm_const(p, C) if grad_mid else 0
     if "moe" in t:  # the experts' per-step constant (their B copies) joins the layer's constant
         return saved + _moe_saved(p, grad_mid), True, attn, const + _moe_constant(p)
-    gate_up = [n for n in ("gate_proj", "up_proj") if n in t]
+    gate_up = [n for n in ("gate_proj", "up_proj", "gate_up_proj") if n in t]
     saved += _lora_inputs(p, len(gate_up), C, kept=False, grad=grad_mid)
-    gate_grad, up_grad = grad_mid or "gate_proj" in t, grad_mid or "up_proj" in t
+    gate_grad, up_grad = (grad_mid or n in t or "gate_up_proj" in t for n in ("gate_proj", "up_proj"))
     down = "down_proj" in t
     grad_out = grad_mid or gate_grad or up_grad or down
     if p.sandwich and grad_out:  # the MLP output's norm
@@ -307,7 +315,7 @@ def activation_bytes(p: _Plan, batch: int, seq: int, loss_chunk: int = 1024) -> 
         ropes |= {kind} if attn else set()
         shared_mask = shared_mask or (attn and p.softcap and w is not None)
     rest = (_norm(p) * N + _norm_const(p, p.C) if grad else 0) + N  # final norm input; the labelled-rows mask
-    rest += len(ropes) * 2 * p.D * p.s * N  # RoPE cos/sin, one pair per table, shared by the layers using it
+    rest += len(ropes) * 2 * (p.R or p.D) * p.s * N  # RoPE cos/sin, one pair per table, shared by the layers using it
     rest += seq * seq if shared_mask else 0  # the windowed layers' one boolean mask (math path)
     n_sel = batch * (seq - 1)
     if not p.final_softcap:
@@ -330,7 +338,8 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
     """(bytes of the model's weights, numel of its largest quantized linear)."""
     dims = p.linear_dims()
     bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias, "o_proj": cfg.o_bias,
-            "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias}
+            "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias, "down_proj": cfg.mlp_bias,
+            "qkv_proj": cfg.qkv_bias, "gate_up_proj": cfg.mlp_bias}
     norms = 4 if p.sandwich else 2  # Gemma: + post-attention and pre/post-feedforward norms
     per_layer = norms * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)  # (+ Qwen3's / Gemma 3's q/k norms)
     mlp = 0
@@ -384,18 +393,20 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
     from ..methods.targets import is_all_linear, parse_targets
 
     tg = parse_targets(targets)
+    attn = ("qkv_proj", "o_proj") if cfg.fused_qkv else ATTN
+    mlp = ("gate_up_proj", "down_proj") if cfg.fused_gate_up else MLP
     per_layer = []
     moe = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
     for i in range(cfg.num_layers):
-        names = {n: f"model.layers.{i}.{'self_attn' if n in ATTN else 'mlp'}.{n}" for n in ATTN + (() if moe[i] else MLP)}
+        names = {n: f"model.layers.{i}.{'self_attn' if n in attn else 'mlp'}.{n}" for n in attn + (() if moe[i] else mlp)}
         # a Qwen3-MoE dense layer's MLP is left out of all-linear (LlamaForCausalLM.all_linear_excluded)
-        per_layer.append({n for n, full in names.items() if _match(full, tg) and not (n in MLP and any(moe))})
+        per_layer.append({n for n, full in names.items() if _match(full, tg) and not (n in mlp and any(moe))})
         if moe[i]:
             per_layer[-1].add("moe")
     head = _match("lm_head", tg)
     if not head and not any(t - {"moe"} for t in per_layer) and not (any(moe) and is_all_linear(tg)):
         raise ValueError(f"--targets {targets!r} matches no linear module of this model; its linear modules "
-                         f"end with {sorted(ATTN + MLP)} (and lm_head)")
+                         f"end with {sorted(attn + mlp)} (and lm_head)")
     from ..precision import native_bf16_cpu
 
     from ..methods.registry import get_method
@@ -418,7 +429,8 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
                  rope_kinds=[cfg.layer_rope_local(i) for i in range(cfg.num_layers)],
                  E=cfg.num_experts, k=cfg.num_experts_per_tok, Fe=cfg.expert_intermediate_size,
                  moe_layers=moe, experts_adapted=any(moe) and is_all_linear(tg),
-                 fp32_router_weights=cfg.model_type == "mixtral", renorm=cfg.norm_topk_prob)
+                 fp32_router_weights=cfg.model_type == "mixtral", renorm=cfg.norm_topk_prob,
+                 fused_qkv=cfg.fused_qkv, fused_gate_up=cfg.fused_gate_up, R=cfg.rotary_dim)
 
 
 def _phases(p: _Plan, acts: dict, batch: int, seq: int, adapter: int, opt_transient: int, largest_q: int,

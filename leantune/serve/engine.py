@@ -102,6 +102,12 @@ class Engine:
     def __init__(self, model, tokenizer, base_name: str, store: Store, cfg: EngineConfig | None = None):
         self.model, self.tk, self.base_name, self.store = model, tokenizer, base_name, store
         self.cfg = cfg or EngineConfig()
+        switch = getattr(model, "rope_switch_len", None)  # longrope: see LlamaForCausalLM.rope_switch_len
+        for flag, n in (("--max-model-len", self.cfg.max_model_len), ("--ft-max-length", self.cfg.finetune.max_length)):
+            if switch is not None and n > switch:
+                raise ValueError(f"{flag} {n} > {switch}: this model's longrope RoPE turns every position with other "
+                                 f"factors once a sequence is longer than {switch} tokens, which would need its cached "
+                                 f"keys recomputed (the paged engine does not); pass {flag} {switch} or less")
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
         self.sched = Scheduler(self.blocks, self.cfg.max_tokens_per_step, self.cfg.max_seqs, self.cfg.max_model_len)
         self.runner = ModelRunner(model, self.cfg.num_blocks, self.cfg.block_size)
