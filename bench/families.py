@@ -9,7 +9,7 @@ own subprocess. The first losses must agree (same weights, same data), or the ru
 
 What "all linear layers" covers differs by family and side: the trainable-parameter counts are printed.
 
-    .venv/bin/python bench/families.py [--families qwen3,gemma2,mixtral] [--steps 5] [--seq 256]
+    .venv/bin/python bench/families.py [--families qwen3,gemma2,mixtral] [--steps 5] [--seq 256] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def write_folder(family: str, path: Path) -> None:
 def run_side(who: str, folder: Path, args) -> dict:
     cmd = [sys.executable, str(HERE / "lora_step.py"), "--worker", who, "--folder", str(folder),
            "--method", "lora", "--dtype", "fp32", f"--steps={args.steps}", f"--warmup={args.warmup}",
-           f"--batch={args.batch}", f"--seq={args.seq}", f"--rank={args.rank}", "--clock=wall"]
+           f"--batch={args.batch}", f"--seq={args.seq}", f"--rank={args.rank}", f"--clock={args.clock}"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{who} on {folder.name} failed:\n{res.stderr[-3000:]}")
@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time steps by the process's CPU time, far less disturbed by other jobs on a shared "
+                         "machine (use with BENCH_THREADS=1)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(HERE))
@@ -96,7 +99,8 @@ def main() -> None:
     cpu = cpu_info()
     print(f"cpu: {cpu.describe()}")
     print(f"LoRA step per family, fp32, batch {args.batch}x{args.seq}, r={args.rank} all-linear, "
-          f"{os.environ.get('BENCH_THREADS', '2')} threads, median of {args.steps} after {args.warmup} warm-up; "
+          f"{os.environ.get('BENCH_THREADS', '2')} threads, median of {args.steps} after {args.warmup} warm-up, "
+          f"{args.clock} clock; "
           "peer: transformers+PEFT")
     print(f"{'family':<10}{'step s':>9}{'peer':>9}{'ratio':>7}{'RSS MiB':>10}{'peer':>9}{'ratio':>7}"
           f"{'trainable':>12}{'peer':>12}")

@@ -108,8 +108,14 @@ def run_peer(folder: str, args, autocast: bool = False) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
     load = {"load_s": time.perf_counter() - t0, "load_peak_rss_mib": peak_rss_mib()}
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    targets = {"target_modules": "all-linear"}
+    if getattr(model.config, "num_local_experts", 0) or getattr(model.config, "num_experts", 0):
+        # PEFT's all-linear would adapt the router and not the experts (3-D parameters, not Linears); leantune's
+        # adapts attention and the experts (PEFT's target_parameters layout): the same work, spelled out
+        targets = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                   "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, task_type="CAUSAL_LM",
+                                             **targets))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
