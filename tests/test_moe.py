@@ -386,3 +386,19 @@ def test_mixtral_sliding_window_longer_than_the_window_equals_transformers():
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + ours])).logits[0, 8:-1].argmax(-1).tolist()
     assert ours == ref
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_4bit_moe_gguf_loads_with_the_dequantized_float_logits(tmp_path, family):
+    """A MoE GGUF (experts already stacked per weight) quantizes to the same 4-bit experts as its float load."""
+    pytest.importorskip("gguf")
+    from test_gguf import moe_gguf
+
+    moe_gguf(tmp_path / "moe.gguf", family)
+    q, _ = load(tmp_path / "moe.gguf", quantize="nf4")
+    f, _ = load(tmp_path / "moe.gguf")
+    assert type(q.model.layers[0].mlp.experts.down_proj).__name__ == "Stacked4bit"
+    f.load_state_dict(_dequantized_state_dict(q), strict=False)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 60, 2]])
+    with torch.no_grad():
+        assert (q(ids) - f(ids)).abs().max().item() <= 1e-5

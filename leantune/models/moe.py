@@ -311,8 +311,9 @@ class StackedExpertSource:
         if key in self.pending:
             return self.pending.pop(key)
         out = fuse_expert_keys({k: self.source.take(k) for k in self.parts[key]}, self.cfg)
-        if ".mlp.experts." in key:
+        if ".mlp.experts." in key:  # (a source that holds the stacks already, as GGUF does, reads one at a time)
             sibling = key.replace("gate_up_proj", "down_proj") if key.endswith("gate_up_proj") else \
                 key.replace("down_proj", "gate_up_proj")
-            self.pending[sibling] = out[sibling]
+            if sibling in out:
+                self.pending[sibling] = out[sibling]
         return out[key]
