@@ -16,6 +16,9 @@ Routing as transformers computes it: softmax over the router logits in fp32, top
 (always for Mixtral; with `norm_topk_prob` for Qwen3-MoE). Mixtral keeps the top-k weights in fp32, Qwen3-MoE casts
 them to the activations' dtype; the experts' outputs are weighted and summed per token.
 
+QLoRA: `Experts.to_4bit` (or 4-bit loading) holds each stack as a `quant.Stacked4bit`, per-expert NF4 codes that the
+`loop` path decodes one expert at a time (the grouped op would decode the whole stack, so 4-bit stacks always loop).
+
 Two ways to run the experts, same numbers (tests hold them to each other and to transformers):
 - `loop`: one pair of matmuls per expert that got tokens (transformers' way); cheapest when few tokens are routed
   (decode of a small batch), as each expert touched costs one small GEMM and nothing is sorted or padded.
