@@ -261,13 +261,17 @@ def test_lora_leaves_the_router_frozen_and_merge_gives_a_folder_transformers_loa
         assert (merged(ids).logits - model(ids)).abs().max().item() <= 1e-4
 
 
-def test_engine_serves_greedy_tokens_equal_to_transformers(folder, tmp_path, one_thread):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_engine_serves_greedy_tokens_equal_to_transformers(folder, tmp_path, one_thread, quantize):
+    """nf4: the engine on the 4-bit MoE (4-bit experts) against transformers carrying its dequantized weights."""
     from leantune.serve.engine import Engine, EngineConfig
     from leantune.serve.requests import GenRequest
     from leantune.serve.store import Store
 
-    model, tok = load(folder)
+    model, tok = load(folder, quantize=quantize)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    if quantize:
+        assert not hf.load_state_dict(_dequantized_state_dict(model), strict=False).unexpected_keys
     engine = Engine(model.eval(), tok, "model", Store(tmp_path / "data"), EngineConfig(num_blocks=64, block_size=4))
     prompts = [_ids(1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
     events = {i: [] for i in range(len(prompts))}
