@@ -357,8 +357,11 @@ def test_moe_parameter_counts_and_weights_equal_the_models(family):
     base = [t for n, t in model.named_parameters() if "lora_" not in n]
     assert est.weights == sum(t.numel() * t.element_size() for t in base)
     assert est.adapter == sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
-    with pytest.raises(ValueError, match="4-bit base is not supported"):
-        estimate_memory(cfg, "qlora", batch=1, seq=8, rank=4)
+    q = tiny_model(cfg, quantize=True)  # QLoRA: 4-bit attention and per-expert 4-bit stacks, float router
+    held = sum(t.numel() * t.element_size() for n, t in [*q.named_parameters(), *q.named_buffers()]
+               if "lora_" not in n and n != "inv_freq")
+    held += sum(m.quant_state.nbytes() + 4 for m in q.modules() if getattr(m, "quant_state", None) is not None)
+    assert estimate_memory(cfg, "qlora", batch=1, seq=8, rank=4).weights == held
 
 
 PHI3 = dict(model_type="phi3", fused_qkv=True, fused_gate_up=True)

@@ -2,6 +2,8 @@
 both checkpoint layouts load, the grouped and the looped expert paths agree with each other and with
 transformers, the load-balancing loss equals transformers', LoRA crosses with PEFT, merge writes a folder
 transformers loads, `finetune` trains, the engine serves greedy tokens equal to transformers'."""
+import json
+
 import pytest
 import torch
 from hf_tiny import tiny_hf_model
@@ -126,9 +128,107 @@ def test_config_roundtrips_through_transformers(folder):
     assert hf_cfg.num_experts_per_tok == model.config.num_experts_per_tok
 
 
-def test_qlora_is_refused_clearly(folder):
-    with pytest.raises(ValueError, match="4-bit loading .* not supported"):
-        load(folder, quantize="nf4")
+def _dequantized_state_dict(q) -> dict:
+    """The float weights a 4-bit model computes with: its Linear4bit and Stacked4bit weights dequantized to fp32."""
+    from leantune.quant import Linear4bit, Stacked4bit
+
+    sd = {}
+    for n, m in q.named_modules():
+        if isinstance(m, Linear4bit):
+            sd[n.replace(".base_layer", "") + ".weight"] = m.dequantized_weight(torch.float32)
+        elif isinstance(m, Stacked4bit):
+            sd[n.replace(".base_layer", "")] = m.dequantized(torch.float32)
+    return sd
+
+
+def test_4bit_moe_codes_are_quantize_4bit_per_expert_and_logits_equal_the_dequantized_float_model(folder):
+    from leantune.quant import Linear4bit, Stacked4bit, quantize_4bit
+
+    q, _ = load(folder, quantize="nf4")
+    f, _ = load(folder)
+    mlp = q.model.layers[0].mlp
+    assert isinstance(mlp.experts.gate_up_proj, Stacked4bit) and isinstance(mlp.experts.down_proj, Stacked4bit)
+    assert isinstance(q.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert mlp.gate.weight.dtype == torch.float32  # the router stays float
+    for name in ("gate_up_proj", "down_proj"):
+        st, W = getattr(mlp.experts, name), getattr(f.model.layers[0].mlp.experts, name).detach()
+        for e in range(W.shape[0]):
+            packed, state = quantize_4bit(W[e])  # nf4, blocksize 64, double quantization: QLoRA's
+            assert torch.equal(st.packed[e], packed.reshape(-1)) and torch.equal(st.absmax[e], state.absmax)
+            assert torch.equal(st.offset[e], state.offset) and torch.equal(st.absmax2[e], state.state2.absmax)
+    f.load_state_dict(_dequantized_state_dict(q), strict=False)
+    ids = _ids()
+    with torch.no_grad():
+        assert (q(ids) - f(ids)).abs().max().item() <= 1e-5
+    x = torch.randn(5, q.config.hidden_size, requires_grad=True)  # the 4-bit loop's backward decodes again
+    idx = torch.randint(0, 4, (5, 2))
+    w = torch.rand(5, 2)
+    q_out = mlp.experts(x, idx, w)
+    (g_q,) = torch.autograd.grad(q_out.square().sum(), x)
+    f_out = f.model.layers[0].mlp.experts(x, idx, w)
+    (g_f,) = torch.autograd.grad(f_out.square().sum(), x)
+    assert (q_out - f_out).abs().max().item() <= 1e-5 and (g_q - g_f).abs().max().item() <= 1e-5
+
+
+def test_4bit_load_quantizes_the_experts_layer_by_layer(folder, monkeypatch):
+    """Peak memory: a layer's expert stacks are quantized before any later layer's expert tensor is read, so one
+    layer's fp32 stack is the most ever resident."""
+    from leantune.models.safetensors_reader import FolderTensors
+    from leantune.quant import Stacked4bit
+
+    read, seen = [], []
+    take, set_ = FolderTensors.take, Stacked4bit.set_
+    monkeypatch.setattr(FolderTensors, "take", lambda self, k: read.append(k) or take(self, k))
+    monkeypatch.setattr(Stacked4bit, "set_", lambda self, w: seen.append(list(read)) or set_(self, w))
+    q, _ = load(folder, quantize="nf4")
+    moe_layers = [i for i, layer in enumerate(q.model.layers) if isinstance(layer.mlp, moe.SparseMoeBlock)]
+    assert len(seen) == 2 * len(moe_layers)
+    for n, keys in enumerate(seen):  # gate_up_proj then down_proj of each MoE layer in order
+        layers_read = {int(k.split(".")[2]) for k in keys if ".experts." in k}
+        assert max(layers_read) == moe_layers[n // 2]
+
+
+def test_qlora_finetune_trains_loads_in_peft_on_the_dequantized_base_and_merges(folder, tmp_path, one_thread):
+    data = write_jsonl(tmp_path / "t.jsonl", [chat_row(f"What is {i}?", f"It is {i}.") for i in range(8)])
+    out = tmp_path / "run"
+    assert cli.run(["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--no-progress",
+                    "--eval-fraction", "0", "--max-steps", "4", "--lr", "1e-2", "--method", "qlora"]) == 0
+    losses = [r["loss"] for r in step_records(out)]
+    assert losses[-1] < losses[0]
+    assert methods.read_sidecar(out) == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+    q, tok = load(folder, quantize="nf4")  # the base the sidecar rebuilds
+    ids = torch.tensor([tok.encode("What is 7?")])
+    with torch.no_grad():
+        base = q(ids)
+    methods.load_adapter(q, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    missing, unexpected = hf.load_state_dict(_dequantized_state_dict(q), strict=False)
+    assert not unexpected
+    ref = peft.PeftModel.from_pretrained(hf, out).eval()
+    assert any("experts" in n and "lora_A" in n for n, _ in ref.named_parameters())  # the experts are adapted
+    assert cli.run(["merge", "--model", str(folder), "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())  # plain float
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        ours = q(ids)
+        assert (ours - base).abs().max().item() > 1e-3  # the adapter does something, so parity means something
+        assert (ours - ref(ids).logits).abs().max().item() <= 1e-4
+        assert (ours - merged(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_qlora_estimate_counts_the_4bit_experts(folder):
+    from leantune.quant import Stacked4bit
+    from leantune.recipes.estimate import estimate_memory
+
+    model, _ = load(folder, quantize="nf4")
+    methods.apply(model, "qlora", r=4, alpha=8, targets="all-linear")
+    base = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n and n != "inv_freq"]
+    held = sum(t.numel() * t.element_size() for t in base)
+    held += sum(m.quant_state.nbytes() + 4 for m in model.modules() if getattr(m, "quant_state", None) is not None)
+    est = estimate_memory(model.config, "qlora", batch=1, seq=8, rank=4)
+    assert est.weights == held
+    stacks = [m for m in model.modules() if isinstance(m, Stacked4bit)]
+    assert stacks and sum(m.nbytes() for m in stacks) < sum(m.shape.numel() * 4 for m in stacks) / 6  # vs fp32
 
 
 def test_lora_trains_and_loads_in_peft(folder, tmp_path, one_thread):
@@ -161,13 +261,17 @@ def test_lora_leaves_the_router_frozen_and_merge_gives_a_folder_transformers_loa
         assert (merged(ids).logits - model(ids)).abs().max().item() <= 1e-4
 
 
-def test_engine_serves_greedy_tokens_equal_to_transformers(folder, tmp_path, one_thread):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_engine_serves_greedy_tokens_equal_to_transformers(folder, tmp_path, one_thread, quantize):
+    """nf4: the engine on the 4-bit MoE (4-bit experts) against transformers carrying its dequantized weights."""
     from leantune.serve.engine import Engine, EngineConfig
     from leantune.serve.requests import GenRequest
     from leantune.serve.store import Store
 
-    model, tok = load(folder)
+    model, tok = load(folder, quantize=quantize)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    if quantize:
+        assert not hf.load_state_dict(_dequantized_state_dict(model), strict=False).unexpected_keys
     engine = Engine(model.eval(), tok, "model", Store(tmp_path / "data"), EngineConfig(num_blocks=64, block_size=4))
     prompts = [_ids(1, n, seed=n)[0].tolist() for n in (5, 9, 3)]
     events = {i: [] for i in range(len(prompts))}
@@ -286,3 +390,19 @@ def test_mixtral_sliding_window_longer_than_the_window_equals_transformers():
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + ours])).logits[0, 8:-1].argmax(-1).tolist()
     assert ours == ref
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_4bit_moe_gguf_loads_with_the_dequantized_float_logits(tmp_path, family):
+    """A MoE GGUF (experts already stacked per weight) quantizes to the same 4-bit experts as its float load."""
+    pytest.importorskip("gguf")
+    from test_gguf import moe_gguf
+
+    moe_gguf(tmp_path / "moe.gguf", family)
+    q, _ = load(tmp_path / "moe.gguf", quantize="nf4")
+    f, _ = load(tmp_path / "moe.gguf")
+    assert type(q.model.layers[0].mlp.experts.down_proj).__name__ == "Stacked4bit"
+    f.load_state_dict(_dequantized_state_dict(q), strict=False)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 60, 2]])
+    with torch.no_grad():
+        assert (q(ids) - f(ids)).abs().max().item() <= 1e-5

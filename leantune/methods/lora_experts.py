@@ -125,6 +125,9 @@ class LoraExperts(AdapterLayer):
 
     def merged_tensors(self, name: str, sign: int) -> tuple[torch.Tensor, None]:
         p = self.param()
+        if not isinstance(p, torch.Tensor):  # a 4-bit stack (QLoRA): W + dW would be re-rounded to 4 bits
+            raise ValueError(f"{self.parameter_name} is stored in 4 bits; merge_and_unload merges onto its "
+                             "dequantized float stack instead")
         new = p.float() + sign * self.delta_weight(name).to(p.device)
         if not torch.isfinite(new).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite values in {self.parameter_name}; nothing was merged")

@@ -74,3 +74,5 @@ def _dequantize_bases(model: nn.Module) -> None:
         to_float = getattr(layer.base_layer, "to_float_linear", None)
         if to_float is not None:
             layer.base_layer = to_float()
+        elif any(getattr(c, "packed_experts", False) for c in layer.base_layer.children()):  # MoE: 4-bit stacks
+            layer.base_layer = layer.base_layer.to_float()

@@ -2,7 +2,8 @@
 
 `apply(model, "qlora", ...)` quantizes the model's decoder linears (unless it was loaded 4-bit already,
 e.g. `leantune.load(path, quantize="nf4")`, which never holds the fp32 model) and then adds LoRA to
-them. The adapter is a plain LoRA adapter in PEFT's format; `base_quantization()` is recorded next to it
+them. On Mixtral / Qwen3-MoE the stacked experts are 4-bit too (`quant.Stacked4bit`, one NF4 tensor per
+expert matrix) under expert LoRA (`lora_experts.py`); the router stays float. The adapter is a plain LoRA adapter in PEFT's format; `base_quantization()` is recorded next to it
 (`leantune.json`) so that generate and merge rebuild the same 4-bit base it was trained against.
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant import Linear4bit, Quant4bitConfig, is_bnb_4bit_config, quantizable_linears
+from ..quant import Linear4bit, Quant4bitConfig, Stacked4bit, is_bnb_4bit_config, quantizable_linears
+from ..quant.model import stacked_expert_modules
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 from .safetensors_reader import FolderTensors
@@ -56,9 +57,13 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
                              "leantune reads bitsandbytes 4-bit checkpoints")
         prequant = qc if qc else None
         cfg, source, tok = ModelConfig.from_hf(raw), FolderTensors(path), Tokenizer.from_folder(path)
-    if cfg.num_experts:
-        raise ValueError(f"{path}: 4-bit loading (QLoRA, --quantize) is not supported for {cfg.model_type} yet: its "
-                         "experts are stacked 3-D weights, not linear layers; load it in bf16/fp32 and use LoRA")
+    if cfg.num_experts and prequant:
+        raise ValueError(f"{path}: a bitsandbytes 4-bit {cfg.model_type} folder is not supported (transformers leaves "
+                         "its experts in float); load the float checkpoint with quantize='nf4' (--method qlora) instead")
+    if cfg.num_experts:  # the per-expert Hub tensors are read as the stacks the model holds (moe.py)
+        from .moe import StackedExpertSource
+
+        source = StackedExpertSource(source, cfg)
     if prequant and qcfg and qcfg.quant_type != prequant.get("bnb_4bit_quant_type"):
         raise ValueError(f"{path} is already quantized to {prequant.get('bnb_4bit_quant_type')!r}; "
                          f"pass quantize=None (or {prequant.get('bnb_4bit_quant_type')!r}) to load it as it is")
@@ -71,6 +76,8 @@ def load_4bit(path: Path, dtype: torch.dtype, device: str, quantize) -> tuple[Ll
     else:
         names = quantizable_linears(model, qcfg.skip)
     _swap_shells(model, names, qcfg)
+    if not prequant:
+        _swap_expert_shells(model, qcfg)
     _fill(model, source, keys, dtype, device, str(path))
     model.reset_rope(device)  # fp32 always (see LlamaForCausalLM._apply)
     if cfg.tie_word_embeddings:
@@ -90,6 +97,16 @@ def _swap_shells(model: nn.Module, names: list[str], qcfg: Quant4bitConfig | Non
                                           quant_type=q.quant_type, blocksize=q.blocksize,
                                           double_quant=q.double_quant, compute_dtype=q.compute_dtype,
                                           device="meta"))
+
+
+def _swap_expert_shells(model: nn.Module, q: Quant4bitConfig) -> None:
+    """MoE: each expert stack becomes an empty 4-bit `Stacked4bit` on meta, filled (quantized) by `_fill`."""
+    for name in stacked_expert_modules(model):
+        experts = model.get_submodule(name)
+        for pname in ("gate_up_proj", "down_proj"):
+            E, out, n_in = getattr(experts, pname).shape
+            delattr(experts, pname)
+            setattr(experts, pname, Stacked4bit(E, out, n_in, q.quant_type, q.blocksize, q.double_quant, device="meta"))
 
 
 def _local_keys(module: nn.Module) -> list[str]:
@@ -120,6 +137,13 @@ def _fill(model: LlamaForCausalLM, source, keys: set[str], dtype, device, where:
         if tied and name == "lm_head":
             continue
         prefix = f"{name}." if name else ""
+        if isinstance(module, Stacked4bit):  # one layer's float stack (E, out, in), quantized expert by expert
+            if name not in keys:
+                missing.append(name)
+            else:
+                used.add(name)
+                module.set_(source.take(name).to(device, dtype))
+            continue
         want = [prefix + n for n in _local_keys(module)]
         if isinstance(module, Linear4bit):
             want += sorted(k for k in keys if k.startswith(prefix + "weight."))

@@ -128,6 +128,10 @@ def write_hf_model_files(model: LlamaForCausalLM, folder: str | os.PathLike,
     from .moe import unfuse_expert_keys
 
     folder = Path(folder)
+    if any(getattr(m, "packed_experts", False) for m in model.modules()):
+        raise ValueError("a model with 4-bit MoE experts cannot be saved as a transformers folder (transformers' "
+                         "bitsandbytes integration keeps experts float); merge the adapter (leantune merge) or load "
+                         "the base without quantize to save it")
     sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and not is_quant_state_key(k) else v).contiguous()
           for k, v in unfuse_expert_keys(model.base_state_dict(), model.config).items()}  # MoE: Hub layout
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -16,6 +16,9 @@ Routing as transformers computes it: softmax over the router logits in fp32, top
 (always for Mixtral; with `norm_topk_prob` for Qwen3-MoE). Mixtral keeps the top-k weights in fp32, Qwen3-MoE casts
 them to the activations' dtype; the experts' outputs are weighted and summed per token.
 
+QLoRA: `Experts.to_4bit` (or 4-bit loading) holds each stack as a `quant.Stacked4bit`, per-expert NF4 codes that the
+`loop` path decodes one expert at a time (the grouped op would decode the whole stack, so 4-bit stacks always loop).
+
 Two ways to run the experts, same numbers (tests hold them to each other and to transformers):
 - `loop`: one pair of matmuls per expert that got tokens (transformers' way); cheapest when few tokens are routed
   (decode of a small batch), as each expert touched costs one small GEMM and nothing is sorted or padded.
@@ -88,6 +91,36 @@ class Experts(nn.Module):
         """slots: (N,) adapter slot per token (-1 = base) or None; only an adapter wrapper reads them."""
         return self.run(self.expert_weights(), x, idx, w)
 
+    @torch.no_grad()
+    def to_4bit(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Experts:
+        """QLoRA: these experts with both stacks in 4 bits (`quant.Stacked4bit`), quantized one stack at a time
+        (each float stack is freed once quantized if nothing else holds it)."""
+        from ..quant import Stacked4bit
+
+        q = Experts.__new__(Experts)
+        nn.Module.__init__(q)
+        q.num_experts = self.num_experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(q, name, Stacked4bit.from_float(getattr(self, name).detach(), quant_type, blocksize, double_quant))
+            delattr(self, name)
+        return q
+
+    def to_float(self, dtype: torch.dtype | None = None) -> Experts:
+        """4-bit experts -> float experts carrying the dequantized stacks (merge: what the adapter trained against)."""
+        f = Experts.__new__(Experts)
+        nn.Module.__init__(f)
+        f.num_experts = self.num_experts
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            f.register_parameter(name, nn.Parameter(w.dequantized(dtype) if is_packed(w) else w.detach(),
+                                                    requires_grad=False))
+        return f
+
+
+def is_packed(W) -> bool:
+    """A 4-bit stack (`quant.Stacked4bit`) rather than a float (E, out, in) tensor."""
+    return bool(getattr(W, "packed_experts", False))
+
 
 def run_experts(weights: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, E: int, path: str = "auto"):
     """The experts' weighted sum per token, by `path` (module docstring); `weights` as `Experts.expert_weights`."""
@@ -97,6 +130,8 @@ def run_experts(weights: dict, x: torch.Tensor, idx: torch.Tensor, w: torch.Tens
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for W, ts in weights.values()
                                                                    for t in (W, *[f for term in ts for f in term[:2]])))
         path = "loop" if grad or idx.numel() <= LOOP_MAX_ASSIGNMENTS else "grouped"
+    if any(is_packed(W) for W, _ in weights.values()):
+        path = "loop"  # 4-bit stacks decode one expert at a time; the grouped op would decode the whole stack
     flat = idx.reshape(-1)  # (N k,) assignment j belongs to token j // k
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens ascending in each
     counts = torch.bincount(flat, minlength=E)  # (E,)
@@ -127,7 +162,7 @@ def _loop_mm(xs: torch.Tensor, W: torch.Tensor, counts: torch.Tensor) -> torch.T
     parts, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            parts.append(F.linear(xs[start:start + n], W[e]))
+            parts.append(W.expert_linear(xs[start:start + n], e) if is_packed(W) else F.linear(xs[start:start + n], W[e]))
             start += n
     if not parts:
         return xs.new_zeros(0, W.shape[1])
@@ -252,3 +287,36 @@ def unfuse_expert_keys(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         else:
             out[k] = v
     return out
+
+
+class StackedExpertSource:
+    """A tensor source (`keys()`, `take(key)`) holding per-expert Hub tensors, seen under the stacked in-memory names:
+    `take` of a stack reads that layer's expert tensors only (4-bit loading quantizes it before the next layer is
+    read); the layer's other stack, made from the same read, is kept until it is taken."""
+
+    def __init__(self, source, cfg: ModelConfig):
+        self.source, self.cfg = source, cfg
+        block, _ = _HUB_NAMES[cfg.model_type]
+        self.parts: dict[str, list[str]] = {}  # in-memory name -> source keys it is made of
+        for k in source.keys():  # noqa: SIM118 - a source, not a dict
+            head, sep, _ = k.partition(f".{block}.experts.")
+            if sep:  # either stack of a layer is made from all of its expert tensors (fuse_expert_keys)
+                for stack in ("gate_up_proj", "down_proj"):
+                    self.parts.setdefault(f"{head}.mlp.experts.{stack}", []).append(k)
+            else:  # Mixtral's router (block_sparse_moe.gate) moves under mlp, as fuse_expert_keys does
+                self.parts[k.replace(f".{block}.", ".mlp.")] = [k]
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.parts)
+
+    def take(self, key: str) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending.pop(key)
+        out = fuse_expert_keys({k: self.source.take(k) for k in self.parts[key]}, self.cfg)
+        if ".mlp.experts." in key:  # (a source that holds the stacks already, as GGUF does, reads one at a time)
+            sibling = key.replace("gate_up_proj", "down_proj") if key.endswith("gate_up_proj") else \
+                key.replace("down_proj", "gate_up_proj")
+            if sibling in out:
+                self.pending[sibling] = out[sibling]
+        return out[key]

@@ -4,7 +4,8 @@ bitsandbytes, a 4-bit `Linear4bit` layer with bitsandbytes' state-dict keys, and
     from leantune.quant import quantize_4bit, dequantize_4bit, Linear4bit, quantize_model
     packed, state = quantize_4bit(w)                 # nf4, blocksize 64, double quantization
     w2 = dequantize_4bit(packed, state)              # state.dtype, shape of w
-    quantize_model(model)                            # decoder nn.Linear -> Linear4bit (not lm_head)
+    quantize_model(model)                            # decoder nn.Linear -> Linear4bit (not lm_head), MoE experts
+                                                     # -> Stacked4bit (per-expert 4-bit stacks)
 """
 from .codes import FP4_CODE, NF4_CODE, QUANT_TYPES, codebook, dynamic_map
 from .linear4bit import DequantizedLinear, Linear4bit
@@ -16,6 +17,7 @@ from .nf4 import (
     bits_per_param, block_absmax, compress_absmax, dequantize_4bit, dequantize_blockwise_8bit, quantize_4bit,
     quantize_blockwise_8bit, quantized_nbytes, unpack_codes,
 )
+from .stacked4bit import Stacked4bit
 from .state import BLOCKSIZES, NestedState, QuantState, is_quant_state_key
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "NestedState",
     "Quant4bitConfig",
     "QuantState",
+    "Stacked4bit",
     "bits_per_param",
     "block_absmax",
     "codebook",

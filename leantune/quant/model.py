@@ -2,6 +2,8 @@
 
 What transformers + bitsandbytes quantize (`load_in_4bit`): every nn.Linear except the output layer
 (`lm_head`) and any layer sharing its weight with an embedding; embeddings and norms stay as they are.
+MoE experts (3-D stacks, not nn.Linear) stay float there; here they become per-expert 4-bit `Stacked4bit`
+(see stacked4bit.py), the router stays float.
 `quantize_model` does the same in place, one layer at a time, so the fp32 weight of each layer is freed
 before the next is quantized. `hf_quantization_config` / `config_from_hf` translate the
 `quantization_config` block of a transformers 4-bit `config.json` (`reference/formats.md` §2.8).
@@ -82,7 +84,17 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
         setattr(parent, child, Linear4bit.from_linear(linear, cfg.quant_type, cfg.blocksize, cfg.double_quant,
                                                       cfg.compute_dtype))
         del linear
+    for name in stacked_expert_modules(model):  # MoE: each stacked expert weight -> per-expert 4-bit (Stacked4bit)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).to_4bit(cfg.quant_type, cfg.blocksize, cfg.double_quant))
     return model
+
+
+def stacked_expert_modules(model: nn.Module) -> list[str]:
+    """Names of the MoE experts modules (models.moe.Experts) whose stacks are still float."""
+    return [n for n, m in model.named_modules() if getattr(type(m), "stacked_experts", False)
+            and hasattr(m, "to_4bit") and not any(getattr(c, "packed_experts", False) for c in m.children())]
 
 
 def linear4bit_layers(model: nn.Module) -> list[tuple[str, Linear4bit]]:

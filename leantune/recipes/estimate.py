@@ -334,6 +334,13 @@ def nf4_bytes(numel: int, blocksize: int = 64) -> int:
     return (numel + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4 + 4 * (16 + 256)
 
 
+def stacked_nf4_bytes(E: int, numel: int, blocksize: int = 64) -> int:
+    """A `quant.Stacked4bit` of E expert matrices of `numel` each: per expert the packed codes, 8-bit absmax codes,
+    nested fp32 scales and fp32 offset; one copy of the two code tables."""
+    blocks = -(-numel // blocksize)
+    return E * ((numel + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4) + 4 * (16 + 256)
+
+
 def _weights(p: _Plan, cfg) -> tuple[int, int]:
     """(bytes of the model's weights, numel of its largest quantized linear)."""
     dims = p.linear_dims()
@@ -348,9 +355,14 @@ def _weights(p: _Plan, cfg) -> tuple[int, int]:
         per_layer += b if name not in MLP else 0
         mlp += b if name in MLP else 0
     n_moe = sum(p.moe_layers)
-    experts = p.E * (p.C + 3 * p.C * p.Fe) * p.s  # the router and the stacked experts (float: 4-bit is refused)
+    if p.quantized:  # the float router and the two stacks, 4-bit per expert (quant/stacked4bit.py)
+        experts = p.E * p.C * p.s + stacked_nf4_bytes(p.E, 2 * p.Fe * p.C) + stacked_nf4_bytes(p.E, p.C * p.Fe)
+    else:
+        experts = p.E * (p.C + 3 * p.C * p.Fe) * p.s  # the router and the stacked experts
     emb = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2)
     largest = max(i * o for i, o in dims.values()) if p.quantized else 0
+    if p.quantized and any(p.moe_layers):  # the loop decodes one expert matrix at a time
+        largest = max(largest, 2 * p.Fe * p.C)
     return p.L * per_layer + (p.L - n_moe) * mlp + n_moe * experts + emb + p.C * p.s, largest
 
 
@@ -411,10 +423,7 @@ def make_plan(cfg, method: str, rank: int, targets: str, dropout: float, dtype_b
 
     from ..methods.registry import get_method
 
-    quantized = get_method(method).quantize is not None  # the method loads its base 4-bit
-    if quantized and any(moe):
-        raise ValueError(f"--method {method}: a 4-bit base is not supported for {cfg.model_type} (its experts are "
-                         "stacked weights, and loading refuses it too); use --method lora")
+    quantized = get_method(method).quantize is not None  # the method loads its base 4-bit (MoE experts too)
     a = 4 if (quantized or dtype_bytes < 4) else dtype_bytes  # methods/lora.py: fp32 adapters on half/4-bit bases
     return _Plan(C=cfg.hidden_size, F=cfg.intermediate_size, H=cfg.num_heads, K=cfg.num_kv_heads, D=cfg.head_dim,
                  V=cfg.vocab_size, L=cfg.num_layers, s=dtype_bytes, a=a, r=rank, dropout=dropout,

@@ -108,12 +108,17 @@ def load_merged(model_path: str | None, adapters: list[str]):
 
 def _dequantize_rest(model) -> None:
     """4-bit layers no adapter touched (or a 4-bit --model) become float linears holding the dequantized
-    weights they compute with: a GGUF holds float (then ggml-quantized) weights, never bitsandbytes codes."""
+    weights they compute with: a GGUF holds float (then ggml-quantized) weights, never bitsandbytes codes;
+    `leantune merge` writes a plain float folder (a 4-bit layer left among merged float ones would make a
+    folder transformers' bitsandbytes loader cannot read). MoE: 4-bit expert stacks likewise."""
     from ..methods.base import replace_module
     from ..quant import linear4bit_layers
 
     for name, layer in linear4bit_layers(model):
         replace_module(model, name, layer.to_float_linear())
+    for name, module in list(model.named_modules()):
+        if any(getattr(c, "packed_experts", False) for c in module.children()):
+            replace_module(model, name, module.to_float())
 
 
 def _model_name(cfg: ExportConfig) -> str:

@@ -165,6 +165,10 @@ def merge(cfg: MergeConfig) -> str:
     # merged in fp32 whatever the CPU: W + s*BA is summed once, exactly, then cast to --dtype
     model, tok = load_with_adapter(cfg.model, cfg.adapter, resolve_precision("fp32"))
     methods.merge_and_unload(model)
+    if methods.read_sidecar(cfg.adapter) is not None:  # QLoRA: the layers it did not adapt are 4-bit still
+        from .export import _dequantize_rest
+
+        _dequantize_rest(model)
     out = save_hf_folder(model, tok, cfg.output, dtypes[cfg.dtype])
     print(f"merged model written to {out}")
     return str(out)
