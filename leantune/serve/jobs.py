@@ -139,7 +139,7 @@ class JobRunner:
         loggers.log_config({"model": job["model"], "training_file": job["training_file"],
                             "validation_file": job.get("validation_file"), "seed": trainer.cfg.seed,
                             **self.store.get_job(owner, jid)["hyperparameters"],
-                            "lora": {"r": ft.rank, "alpha": ft.alpha, "targets": "all-linear"},
+                            "adapter": {"r": ft.rank, "alpha": ft.alpha, "targets": "all-linear"},
                             "total_steps": trainer.total_steps})
         self.starting = None
 
