@@ -67,6 +67,17 @@ def save_gemma_tokenizer(folder):
     tok.save(folder)
 
 
+# LoRA targets of the families without q/k/v/gate/up_proj linears: Phi-3's fused ones as PEFT names them; MoE
+# attention plus every expert stack (PEFT's target_parameters), so the merge must reach into the experts
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+PHI3_LORA = dict(targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+MOE_LORA = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERTS)
+
+
+def lora_options(family):
+    return PHI3_LORA if family.startswith("phi") else MOE_LORA if family in ("mixtral", "qwen3-moe") else {}
+
+
 class Case:
     """A tiny HF folder of one family, an adapter for it, and the merged float model's logits."""
 
@@ -78,9 +89,10 @@ class Case:
         if family.startswith("gemma"):
             save_gemma_tokenizer(self.folder)
         model, self.tok = leantune.load(self.folder)
-        self.adapter = make_adapter(model, root / "adapter")
+        self.adapter = make_adapter(model, root / "adapter", **lora_options(family))
         self.merged = methods.merge_and_unload(model)
-        self.ids = torch.tensor([self.tok.encode(PROMPT)])
+        # Phi-3: twice the prompt (28 tokens), past the window (12) and the longrope switch (16 tokens)
+        self.ids = torch.tensor([self.tok.encode(" ".join([PROMPT] * (2 if family.startswith("phi") else 1)))])
         with torch.no_grad():
             self.logits = self.merged(self.ids)
 
@@ -122,6 +134,22 @@ FAMILIES = {
                    sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_scaling=None),
     "llama3": {"rope_scaling": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                     original_max_position_embeddings=2048)},
+    # Phi-3 as hf_tiny has it: window 12 (shorter than the prompt), longrope past 16 tokens, Phi-4-mini's partial
+    # rotary + tied embeddings. Qwen3-MoE with what llama.cpp's qwen3moe hard-codes (experts in every layer, top-k
+    # renormalized: test_moe_llamacpp_would_run_differently_is_refused) and transformers' GGUF loader's default
+    # expert width (it does not map expert_feed_forward_length: Qwen3MoeConfig's 768 stays)
+    "phi3": {}, "phi3-longrope": {}, "phi4-mini": {}, "mixtral": {},
+    "qwen3-moe": dict(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=768),
+}
+# Why transformers' GGUF loader (5.24, integrations/ggml.py + modeling_gguf_pytorch_utils.py) cannot read a
+# family's export back as the model it is; leantune's reader is checked on all of them
+NOT_IN_TRANSFORMERS = {
+    "llama3": "its config mapping drops llama.cpp's rope_freqs",
+    "llama-bias": "its config mapping has no attention_bias/mlp_bias key",
+    "phi3": "its phi3 mapping drops phi3.attention.sliding_window (the window of 12 is shorter than the prompt)",
+    "phi3-longrope": "it reads no rope_factors_long/short: the longrope scaling is lost",
+    "phi4-mini": "it reads neither rope_factors_long/short nor rope.dimension_count (partial rotary)",
+    "mixtral": "it reads a `llama` file with expert_count as a dense LlamaForCausalLM",
 }
 
 
@@ -139,7 +167,13 @@ def test_f16_export_reads_back_as_the_merged_model(case):
     mc = case.merged.config
     assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (mc.model_type, mc.num_heads,
                                                                              mc.num_kv_heads, mc.head_dim)
-    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, mc.rope_scaling,
+    scaling = mc.rope_scaling
+    if (scaling or {}).get("rope_type") == "longrope":  # factors stored as F32 tensors, the attention factor stated
+        from leantune.models.llama import rope_attention_scale
+
+        scaling = {**scaling, **{k: pytest.approx(scaling[k], rel=1e-7) for k in ("short_factor", "long_factor")},
+                   "attention_factor": pytest.approx(rope_attention_scale(mc), rel=1e-7)}
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, scaling,
                                                                           mc.tie_word_embeddings)
     assert cfg.qk_norm == mc.qk_norm and cfg.qkv_bias == mc.qkv_bias and cfg.vocab_size == mc.vocab_size
     gemma = ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
@@ -148,15 +182,20 @@ def test_f16_export_reads_back_as_the_merged_model(case):
     if mc.model_type.startswith("gemma"):
         assert "full_attention" in mc.layer_types and case.ids.shape[1] > mc.sliding_window  # both kinds matter
         assert [getattr(cfg, k) for k in gemma] == [getattr(mc, k) for k in gemma]
-    # every weight is the merged one rounded to f16 (norms: f32, exact up to Gemma's stored 1 + w), q/k rows
-    # back in HF order
+    # every weight is the merged one rounded to f16 (norms and the MoE router: f32, exact up to Gemma's stored
+    # 1 + w), q/k rows back in HF order, the expert stacks whole again
     off = export_arch(mc).norm_offset
     for k, v in case.merged.base_state_dict().items():
-        want = (v + off) - off if k.endswith("norm.weight") else v if v.dim() == 1 else v.half().float()
+        want = (v + off) - off if k.endswith("norm.weight") else v if v.dim() == 1 or k.endswith("mlp.gate.weight") \
+            else v.half().float()
         assert torch.equal(sd[k], want), k
+    phi_moe = ("partial_rotary_factor", "fused_qkv", "fused_gate_up", "num_experts", "num_experts_per_tok",
+               "expert_intermediate_size", "norm_topk_prob", "mlp_only_layers")
+    assert [getattr(cfg, k) for k in phi_moe] == [getattr(mc, k) for k in phi_moe]
+    if mc.model_type == "phi3":  # the window and the longrope switch both fall inside the prompt
+        assert cfg.sliding_window == mc.sliding_window and case.ids.shape[1] > max(mc.sliding_window or 0, 16)
     assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
-    # transformers' GGUF config mapping drops llama.cpp's rope_freqs, and has no attention_bias/mlp_bias key
-    if case.family not in ("llama3", "llama-bias"):
+    if case.family not in NOT_IN_TRANSFORMERS:
         assert (transformers_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
 
 
