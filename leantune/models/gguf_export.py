@@ -5,7 +5,9 @@ The layout is what llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.p
 (https://github.com/ggml-org/llama.cpp): `general.*` and `{arch}.*` hyper-parameters, `tokenizer.ggml.*`,
 tensors under llama.cpp's names (the reader's table in `gguf.py`, inverted), q/k rows of `llama` files
 interleaved for llama.cpp's RoPE (the inverse of the reader's `_unpermute_rope`), norms and other 1-D
-tensors in F32. Blocks are made by the `gguf` package's own quantizers (`gguf.quants.quantize`), so a
+tensors in F32. Families: llama, mistral (as `llama`), qwen2, qwen3, gemma2, gemma3, phi3 (fused attn_qkv /
+ffn_up, longrope as rope_factors_long/short), mixtral (`llama` with expert keys) and qwen3moe (experts stacked
+per weight as 3-D ffn_{gate,up,down}_exps, the router ffn_gate_inp in F32). Blocks are made by the `gguf` package's own quantizers (`gguf.quants.quantize`), so a
 tensor's bytes are exactly what the reference quantizer gives. Which ggml types gguf 0.19 can make in
 Python: F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (and TQ1_0/TQ2_0/MXFP4), not the K-quants (Q4_K, Q6_K
 raise NotImplementedError), so Q4_K_M is made by llama.cpp's own `llama-quantize` (`export_gguf`).
@@ -170,8 +172,9 @@ def _moe_check(cfg: ModelConfig) -> None:
 class ExportArch:
     """How llama.cpp stores one leantune model_type. A new family adds an entry to EXPORT_ARCHS: its GGUF
     architecture, its `{arch}.*` keys, and names for tensors the common table lacks (e.g. Gemma 2's
-    post-attention norms); a family whose tensors llama.cpp also transforms (Gemma's norm offset, Phi-3's
-    fused qkv, MoE expert stacks) adds that step here as a field too, next to `permute_qk`."""
+    post-attention norms, Phi-3's fused ffn_up); a family whose tensors llama.cpp also transforms (Gemma's
+    norm offset) adds that step here as a field too, next to `permute_qk`. MoE expert stacks (any family
+    with num_experts) are split by `expert_stacks`, RoPE factor tensors follow the config's rope_scaling."""
 
     gguf_arch: str  # general.architecture
     permute_qk: bool  # llama.cpp's `llama` graph wants q/k rows as interleaved RoPE pairs
