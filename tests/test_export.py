@@ -67,6 +67,17 @@ def save_gemma_tokenizer(folder):
     tok.save(folder)
 
 
+# LoRA targets of the families without q/k/v/gate/up_proj linears: Phi-3's fused ones as PEFT names them; MoE
+# attention plus every expert stack (PEFT's target_parameters), so the merge must reach into the experts
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+PHI3_LORA = dict(targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+MOE_LORA = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERTS)
+
+
+def lora_options(family):
+    return PHI3_LORA if family.startswith("phi") else MOE_LORA if family in ("mixtral", "qwen3-moe") else {}
+
+
 class Case:
     """A tiny HF folder of one family, an adapter for it, and the merged float model's logits."""
 
@@ -78,9 +89,10 @@ class Case:
         if family.startswith("gemma"):
             save_gemma_tokenizer(self.folder)
         model, self.tok = leantune.load(self.folder)
-        self.adapter = make_adapter(model, root / "adapter")
+        self.adapter = make_adapter(model, root / "adapter", **lora_options(family))
         self.merged = methods.merge_and_unload(model)
-        self.ids = torch.tensor([self.tok.encode(PROMPT)])
+        # Phi-3: twice the prompt (28 tokens), past the window (12) and the longrope switch (16 tokens)
+        self.ids = torch.tensor([self.tok.encode(" ".join([PROMPT] * (2 if family.startswith("phi") else 1)))])
         with torch.no_grad():
             self.logits = self.merged(self.ids)
 
@@ -122,6 +134,22 @@ FAMILIES = {
                    sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_scaling=None),
     "llama3": {"rope_scaling": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                     original_max_position_embeddings=2048)},
+    # Phi-3 as hf_tiny has it: window 12 (shorter than the prompt), longrope past 16 tokens, Phi-4-mini's partial
+    # rotary + tied embeddings. Qwen3-MoE with what llama.cpp's qwen3moe hard-codes (experts in every layer, top-k
+    # renormalized: test_moe_llamacpp_would_run_differently_is_refused) and transformers' GGUF loader's default
+    # expert width (it does not map expert_feed_forward_length: Qwen3MoeConfig's 768 stays)
+    "phi3": {}, "phi3-longrope": {}, "phi4-mini": {}, "mixtral": {},
+    "qwen3-moe": dict(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=768),
+}
+# Why transformers' GGUF loader (5.24, integrations/ggml.py + modeling_gguf_pytorch_utils.py) cannot read a
+# family's export back as the model it is; leantune's reader is checked on all of them
+NOT_IN_TRANSFORMERS = {
+    "llama3": "its config mapping drops llama.cpp's rope_freqs",
+    "llama-bias": "its config mapping has no attention_bias/mlp_bias key",
+    "phi3": "its phi3 mapping drops phi3.attention.sliding_window (the window of 12 is shorter than the prompt)",
+    "phi3-longrope": "it reads no rope_factors_long/short: the longrope scaling is lost",
+    "phi4-mini": "it reads neither rope_factors_long/short nor rope.dimension_count (partial rotary)",
+    "mixtral": "it reads a `llama` file with expert_count as a dense LlamaForCausalLM",
 }
 
 
@@ -139,7 +167,13 @@ def test_f16_export_reads_back_as_the_merged_model(case):
     mc = case.merged.config
     assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (mc.model_type, mc.num_heads,
                                                                              mc.num_kv_heads, mc.head_dim)
-    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, mc.rope_scaling,
+    scaling = mc.rope_scaling
+    if (scaling or {}).get("rope_type") == "longrope":  # factors stored as F32 tensors, the attention factor stated
+        from leantune.models.llama import rope_attention_scale
+
+        scaling = {**scaling, **{k: pytest.approx(scaling[k], rel=1e-7) for k in ("short_factor", "long_factor")},
+                   "attention_factor": pytest.approx(rope_attention_scale(mc), rel=1e-7)}
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (mc.rope_theta, scaling,
                                                                           mc.tie_word_embeddings)
     assert cfg.qk_norm == mc.qk_norm and cfg.qkv_bias == mc.qkv_bias and cfg.vocab_size == mc.vocab_size
     gemma = ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
@@ -148,15 +182,20 @@ def test_f16_export_reads_back_as_the_merged_model(case):
     if mc.model_type.startswith("gemma"):
         assert "full_attention" in mc.layer_types and case.ids.shape[1] > mc.sliding_window  # both kinds matter
         assert [getattr(cfg, k) for k in gemma] == [getattr(mc, k) for k in gemma]
-    # every weight is the merged one rounded to f16 (norms: f32, exact up to Gemma's stored 1 + w), q/k rows
-    # back in HF order
+    # every weight is the merged one rounded to f16 (norms and the MoE router: f32, exact up to Gemma's stored
+    # 1 + w), q/k rows back in HF order, the expert stacks whole again
     off = export_arch(mc).norm_offset
     for k, v in case.merged.base_state_dict().items():
-        want = (v + off) - off if k.endswith("norm.weight") else v if v.dim() == 1 else v.half().float()
+        want = (v + off) - off if k.endswith("norm.weight") else v if v.dim() == 1 or k.endswith("mlp.gate.weight") \
+            else v.half().float()
         assert torch.equal(sd[k], want), k
+    phi_moe = ("partial_rotary_factor", "fused_qkv", "fused_gate_up", "num_experts", "num_experts_per_tok",
+               "expert_intermediate_size", "norm_topk_prob", "mlp_only_layers")
+    assert [getattr(cfg, k) for k in phi_moe] == [getattr(mc, k) for k in phi_moe]
+    if mc.model_type == "phi3":  # the window and the longrope switch both fall inside the prompt
+        assert cfg.sliding_window == mc.sliding_window and case.ids.shape[1] > max(mc.sliding_window or 0, 16)
     assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
-    # transformers' GGUF config mapping drops llama.cpp's rope_freqs, and has no attention_bias/mlp_bias key
-    if case.family not in ("llama3", "llama-bias"):
+    if case.family not in NOT_IN_TRANSFORMERS:
         assert (transformers_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
 
 
@@ -331,6 +370,141 @@ def test_gemma_llamacpp_would_run_differently_is_refused(tmp_path, family, messa
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
 
 
+@pytest.mark.parametrize("case", ["phi3", "phi4-mini", "mixtral", "qwen3-moe"], indirect=True)
+def test_phi3_and_moe_files_are_what_convert_hf_to_gguf_writes(case):
+    """Phi3MiniModel's keys and tensors (names from gguf's own PHI3 map: fused attn_qkv, ffn_up holding gate and
+    up; rotated dims; window, 0 for none; pretraining length; longrope factors as F32 tensors with the
+    attention factor the converter computes); MoE as the converter stacks it (ffn_{gate,up,down}_exps
+    (E, out, in), the router ffn_gate_inp in F32, expert_count / expert_used_count, qwen3moe's expert width;
+    Mixtral's q rows permuted as any `llama` file's)."""
+    import math
+
+    path = case.root / "m.gguf"
+    if not path.exists():
+        case.export("f16")
+    mc = case.merged.config
+    header, tensors = _read_all(path)
+    md, info = header.metadata, header.tensors
+    sd = case.merged.base_state_dict()
+    arch = {"phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}[mc.model_type]
+    assert md["general.architecture"] == arch
+    gmap = gguf.get_tensor_name_map({"phi3": gguf.MODEL_ARCH.PHI3, "llama": gguf.MODEL_ARCH.LLAMA,
+                                     "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}[arch], mc.num_layers)
+    dense = {gmap.get_name(k, try_suffixes=(".weight", ".bias")): k for k in sd if ".experts." not in k
+             and not (k == "lm_head.weight" and mc.tie_word_embeddings)}
+    assert None not in dense
+    if mc.model_type == "phi3":
+        assert "blk.0.attn_qkv.weight" in dense and "blk.0.ffn_up.weight" in dense and "blk.0.attn_q.weight" not in info
+        assert info["blk.0.ffn_up.weight"].shape == (2 * mc.intermediate_size, mc.hidden_size)
+        assert md["phi3.rope.dimension_count"] == int(mc.partial_rotary_factor * mc.head_dim)
+        assert md["phi3.attention.sliding_window"] == (mc.sliding_window or 0)
+        sc = mc.rope_scaling
+        extra = set()
+        if sc:
+            orig = sc["original_max_position_embeddings"]
+            assert md["phi3.rope.scaling.original_context_length"] == orig
+            # convert_hf_to_gguf: sqrt(1 + ln(scale) / ln(orig)), scale = max_position_embeddings / orig
+            want = math.sqrt(1 + math.log(mc.max_position_embeddings / orig) / math.log(orig))
+            assert md["phi3.rope.scaling.attn_factor"] == pytest.approx(want, rel=1e-6)
+            for k in ("long", "short"):
+                extra.add(f"rope_factors_{k}.weight")
+                assert info[f"rope_factors_{k}.weight"].ggml_type == int(T.F32)
+                assert torch.equal(tensors[f"rope_factors_{k}.weight"], torch.tensor(sc[f"{k}_factor"]))
+        else:
+            assert "phi3.rope.scaling.attn_factor" not in md and not any(n.startswith("rope_factors") for n in info)
+        assert set(info) == set(dense) | extra
+        return
+    n_exp = mc.num_experts
+    assert (md[f"{arch}.expert_count"], md[f"{arch}.expert_used_count"]) == (n_exp, mc.num_experts_per_tok)
+    F = mc.expert_intermediate_size
+    assert md.get(f"{arch}.expert_feed_forward_length") == (mc.moe_intermediate_size or None)
+    assert md[f"{arch}.feed_forward_length"] == mc.intermediate_size
+    exps = {f"blk.{i}.ffn_{w}_exps.weight": shape for i in range(mc.num_layers)
+            for w, shape in (("gate", (n_exp, F, mc.hidden_size)), ("up", (n_exp, F, mc.hidden_size)),
+                             ("down", (n_exp, mc.hidden_size, F)))}
+    assert set(info) == set(dense) | set(exps)
+    for name, shape in exps.items():
+        assert info[name].shape == shape and info[name].ggml_type == int(T.F16), name
+    gate_up = sd["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(tensors["blk.1.ffn_up_exps.weight"], gate_up[:, F:].half().float())
+    assert info["blk.0.ffn_gate_inp.weight"].ggml_type == int(T.F32)
+    assert torch.equal(tensors["blk.0.ffn_gate_inp.weight"], sd["model.layers.0.mlp.gate.weight"])
+    q = sd["model.layers.0.self_attn.q_proj.weight"].numpy()
+    want_q = llamacpp_permute(q, mc.num_heads) if arch == "llama" else q
+    assert torch.equal(tensors["blk.0.attn_q.weight"], torch.from_numpy(np.ascontiguousarray(want_q)).half().float())
+
+
+def test_phi3_without_a_short_window_reads_back_in_transformers(tmp_path, one_thread):
+    """transformers' GGUF loader maps phi3's shapes but not its window: with the window longer than the
+    prompt (Phi-3-mini-4k's 2047 in spirit) both readers give the merged model's logits."""
+    case = Case(tmp_path, "phi3", sliding_window=64)
+    path = case.export("f16")
+    assert read_gguf_header(path).metadata["phi3.attention.sliding_window"] == 64
+    assert (transformers_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+    assert (leantune_logits(path, case.ids) - case.logits).abs().max().item() <= 1e-2
+
+
+def test_moe_llamacpp_would_run_differently_is_refused(tmp_path):
+    """hf_tiny's Qwen3-MoE (a dense layer 1, top-k weights not renormalized) is what llama.cpp's qwen3moe graph
+    cannot compute (experts in every layer, renormalized always): the export stops before writing; the
+    adapter alone goes."""
+    from tiny_folder import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model", family="qwen3-moe")
+    with pytest.raises(ValueError, match=r"dense layers \[1\].*; norm_topk_prob false: llama.cpp renormalizes"):
+        export(ExportConfig(model=str(folder), output=str(tmp_path / "x.gguf")))
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+    model, _ = leantune.load(folder)
+    make_adapter(model, tmp_path / "ad", **MOE_LORA)
+    out = export(ExportConfig(model=str(folder), adapter=[str(tmp_path / "ad")], output=str(tmp_path / "l.gguf"),
+                              lora_only=True))
+    assert "blk.0.ffn_down_exps.weight.lora_b" in read_gguf_header(out).tensors
+
+
+@pytest.mark.parametrize("experts", [4, 8])
+@pytest.mark.parametrize("quant,bound", [("q8_0", 0.05), ("q4_0", 0.4)])
+def test_quantized_moe_experts_are_row_blocks_of_each_stack(tmp_path, experts, quant, bound, one_thread):
+    """3-D expert stacks are quantized row by row (each expert's rows of C or F values in blocks of 32), as
+    gguf's quantizer and llama.cpp do; the router stays F32; llama-quantize's Q4_0 mix bumps attn_k / attn_v to
+    Q8_0 for an 8-expert model (Mixtral 8x7B). The file computes what the merged model computes with gguf's
+    dequantize(quantize(W)) weights (1e-4), and its logits move from the float model's by the quantization
+    error: measured 0.005 (q8_0) / 0.08 (q4_0) with 4 experts; with 8, a near-tied router choice flips under
+    the rounding and q8_0 moves 0.023, hence the bounds."""
+    import copy
+
+    case = Case(tmp_path, "mixtral", num_local_experts=experts)
+    path = case.export(quant, name=f"{quant}.gguf")
+    header = read_gguf_header(path)
+    qt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
+    sd = case.merged.base_state_dict()
+    gate_up = sd["model.layers.0.mlp.experts.gate_up_proj"].numpy()
+    F = gate_up.shape[1] // 2
+    with open(path, "rb") as f:
+        for name, want in (("blk.0.ffn_gate_exps.weight", gate_up[:, :F]),
+                           ("blk.0.ffn_down_exps.weight", sd["model.layers.0.mlp.experts.down_proj"].numpy())):
+            info = header.tensors[name]
+            assert info.ggml_type == int(qt) and info.shape == want.shape, name
+            f.seek(info.offset)
+            assert f.read(info.nbytes) == gguf.quants.quantize(np.ascontiguousarray(want), qt).tobytes(), name
+    assert header.tensors["blk.0.ffn_gate_inp.weight"].ggml_type == int(T.F32)
+    bumped = T.Q8_0 if quant == "q4_0" and experts == 8 else qt
+    assert [T(header.tensors[f"blk.1.attn_{w}.weight"].ggml_type) for w in "kvq"] == [bumped, bumped, qt]
+    # the oracle: rows quantized as they are (llama.cpp's q/k row permutation and the gate/up split move whole
+    # rows, which row-wise blocks do not notice); norms and the router float
+    oracle = copy.deepcopy(case.merged)
+    with torch.no_grad():
+        for k, p in oracle.base_state_dict().items():
+            if p.dim() < 2 or k.endswith("mlp.gate.weight"):
+                continue
+            t = T.Q8_0 if k == "lm_head.weight" or (bumped != qt and (".k_proj." in k or ".v_proj." in k)) else qt
+            p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), t), t)).reshape(p.shape))
+        want = oracle(case.ids)
+    got = leantune_logits(path, case.ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    err = (got - case.logits).abs().max().item()
+    assert 0 < err <= bound, err
+
+
 def test_qlora_adapter_merges_onto_the_dequantized_base(tmp_path, one_thread):
     from tiny_folder import make_tiny_model_folder
 
@@ -419,14 +593,25 @@ def test_lora_only_gguf_holds_the_adapter_in_llamacpp_layout(tmp_path, family, o
             assert torch.equal(tensors[f"blk.{i}.{g}.weight.lora_b"], b.half().float())
 
 
-def test_lora_only_plus_base_equals_the_merged_export(tmp_path, one_thread):
-    """llama.cpp applies W + alpha/r * B A to the base GGUF's weight: done here with the two files, the
-    result is the merged export's weight (rsLoRA's other scaling folded into lora_b)."""
+@pytest.mark.parametrize("family,names", [
+    ("llama", ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_up.weight")),
+    # Phi-3: the fused linears keep their names, attn_qkv and ffn_up (gate and up rows), as in the base file
+    ("phi3", ("blk.0.attn_qkv.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight")),
+    # MoE: q/k permuted (Mixtral is `llama`), expert LoRA as stacked 3-D pairs, gate_up's B split in two
+    ("mixtral", ("blk.0.attn_q.weight", "blk.0.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight",
+                 "blk.1.ffn_down_exps.weight")),
+    ("qwen3-moe", ("blk.0.attn_k.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight")),
+])
+def test_lora_only_plus_base_equals_the_merged_export(tmp_path, family, names, one_thread):
+    """llama.cpp applies W + alpha/r * B A to the base GGUF's weight (per selected expert for 3-D stacks:
+    build_lora_mm_id): done here with the two files, the result is the merged export's weight (rsLoRA's other
+    scaling folded into lora_b). The merged export holds the expert LoRA merged into the experts."""
     from tiny_folder import make_tiny_model_folder
 
-    folder = make_tiny_model_folder(tmp_path / "model")
+    over = FAMILIES.get(family, {}) if family == "qwen3-moe" else {}
+    folder = make_tiny_model_folder(tmp_path / "model", family=family, **over)
     model, _ = leantune.load(folder)
-    make_adapter(model, tmp_path / "ad", alpha=8, use_rslora=True)
+    make_adapter(model, tmp_path / "ad", alpha=8, use_rslora=True, **lora_options(family))
     common = dict(model=str(folder), adapter=[str(tmp_path / "ad")])
     base = export(ExportConfig(model=str(folder), output=str(tmp_path / "base.gguf"), quant="f16"))
     merged = export(ExportConfig(output=str(tmp_path / "merged.gguf"), quant="f16", **common))
@@ -435,10 +620,16 @@ def test_lora_only_plus_base_equals_the_merged_export(tmp_path, one_thread):
     hl, wl = _read_all(lora)
     _, wm = _read_all(merged)
     alpha = hl.metadata["adapter.lora.alpha"]
-    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_up.weight"):
+    assert hl.metadata["general.architecture"] == read_gguf_header(base).metadata["general.architecture"]
+    assert {n.rpartition(".")[0] for n in wl} <= set(wb)  # every pair names a tensor of the base file
+    for name in names:
         a, b = wl[name + ".lora_a"], wl[name + ".lora_b"]
-        applied = wb[name] + alpha / a.shape[0] * b @ a
+        # llama.cpp's shape checks: base ne [in, out(, E)], lora_a ne [in, r(, E)], lora_b ne [r, out(, E)]
+        assert a.shape[:-2] == b.shape[:-2] == wb[name].shape[:-2] and a.shape[-1] == wb[name].shape[-1]
+        assert b.shape[-2] == wb[name].shape[-2] and a.shape[-2] == b.shape[-1] == 4
+        applied = wb[name] + alpha / a.shape[-2] * b @ a  # batched over experts for (E, out, in) stacks
         assert (applied - wm[name]).abs().max().item() <= 2e-3, name  # f16 rounding of three files
+        assert (wm[name] - wb[name]).abs().max().item() > 1e-2, name  # the adapter moved it: merged, experts too
 
 
 # ------------------------------------------------------------------------------------------------

@@ -527,6 +527,8 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=_longrope(md, header, buf) if phi3 else _rope_scaling(md, arch, header, buf, theta, head_dim),
         partial_rotary_factor=rot / head_dim,
+        # phi3: 0 for none; Gemma's window comes with its other fields (_gemma_fields), the rest have none
+        **({"sliding_window": int(key("attention.sliding_window") or 0) or None} if phi3 else {}),
         fused_qkv=phi3,
         fused_gate_up=phi3,
         max_position_embeddings=int(key("context_length", 2048)),
@@ -541,7 +543,6 @@ def _config_from_metadata(md: dict, header: GGUFHeader, buf) -> ModelConfig:
         **(_gemma_fields(md, arch, hidden, heads, head_dim, int(key("block_count")), path) if arch in _GEMMA else {}),
         **_moe_metadata(key, t, int(key("block_count"))),
         # phi3 writes 0 for no window; Gemma's window comes with its layer pattern (_gemma_fields)
-        **({"sliding_window": int(key("attention.sliding_window") or 0) or None} if phi3 else {}),
     )
 
 

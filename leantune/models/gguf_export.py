@@ -5,7 +5,9 @@ The layout is what llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.p
 (https://github.com/ggml-org/llama.cpp): `general.*` and `{arch}.*` hyper-parameters, `tokenizer.ggml.*`,
 tensors under llama.cpp's names (the reader's table in `gguf.py`, inverted), q/k rows of `llama` files
 interleaved for llama.cpp's RoPE (the inverse of the reader's `_unpermute_rope`), norms and other 1-D
-tensors in F32. Blocks are made by the `gguf` package's own quantizers (`gguf.quants.quantize`), so a
+tensors in F32. Families: llama, mistral (as `llama`), qwen2, qwen3, gemma2, gemma3, phi3 (fused attn_qkv /
+ffn_up, longrope as rope_factors_long/short), mixtral (`llama` with expert keys) and qwen3moe (experts stacked
+per weight as 3-D ffn_{gate,up,down}_exps, the router ffn_gate_inp in F32). Blocks are made by the `gguf` package's own quantizers (`gguf.quants.quantize`), so a
 tensor's bytes are exactly what the reference quantizer gives. Which ggml types gguf 0.19 can make in
 Python: F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (and TQ1_0/TQ2_0/MXFP4), not the K-quants (Q4_K, Q6_K
 raise NotImplementedError), so Q4_K_M is made by llama.cpp's own `llama-quantize` (`export_gguf`).
@@ -16,6 +18,7 @@ written under a temporary name in the output folder and renamed when complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .gguf import (_GEMMA_LAYER_NAMES, _GEMMA_SWA_EVERY, _LAYER_NAMES, _TOP_NAMES, GEMMA3_LOCAL_THETA,
+from .gguf import (_GEMMA_LAYER_NAMES, _GEMMA_SWA_EVERY, _LAYER_NAMES, _PHI3_NAMES, _TOP_NAMES, GEMMA3_LOCAL_THETA,
                    gemma_attn_scalar, gemma_layer_types, llama3_inv_freq_factors)
 from .tokenizer import Tokenizer
 
@@ -111,12 +114,67 @@ def _gemma_check(arch: str) -> Callable[[ModelConfig], None]:
     return check
 
 
+def _phi3_hparams(cfg: ModelConfig) -> dict:
+    """Phi3MiniModel's keys: the rotated dims (Phi-4-mini turns 3/4 of each head), the window (0: none), the
+    pretraining length and, with longrope, the factor llama.cpp multiplies cos/sin by. The converter computes
+    that factor from the lengths; the value leantune computes with (the same one, or the config's own
+    attention_factor) is written, so the file runs as the model does."""
+    from .llama import rope_attention_scale
+
+    hp = {**_common_hparams(cfg), "rope.dimension_count": cfg.rotary_dim,
+          "attention.sliding_window": cfg.sliding_window or 0}
+    sc = cfg.rope_scaling or {}
+    # without longrope llama.cpp never uses the pretraining length; the converter writes the config's, which
+    # Phi-3 configs without scaling set to max_position_embeddings
+    hp["rope.scaling.original_context_length"] = sc.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    if sc.get("rope_type") == "longrope":
+        hp["rope.scaling.attn_factor"] = float(rope_attention_scale(cfg))
+    return hp
+
+
+def _phi3_check(cfg: ModelConfig) -> None:
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind not in (None, "longrope"):
+        raise ValueError(f"GGUF export: llama.cpp's phi3 reads longrope factors only, not rope_scaling {kind!r}; run "
+                         "the model from its HF folder instead (leantune merge writes one)")
+
+
+def _moe_hparams(base: Callable[[ModelConfig], dict]) -> Callable[[ModelConfig], dict]:
+    """TextModel's expert keys on top of `base`: expert_count, expert_used_count and, where experts are not
+    feed_forward_length wide (Qwen3-MoE's moe_intermediate_size), expert_feed_forward_length."""
+
+    def hparams(cfg: ModelConfig) -> dict:
+        hp = {**base(cfg), "expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok}
+        if cfg.moe_intermediate_size:
+            hp["expert_feed_forward_length"] = cfg.moe_intermediate_size
+        return hp
+
+    return hparams
+
+
+def _moe_check(cfg: ModelConfig) -> None:
+    """What llama.cpp's MoE graphs (llama + experts, qwen3moe) hard-code: a router and experts in every layer,
+    and the top-k weights renormalized (qwen3moe's build_moe_ffn passes norm_w = true; transformers' GGUF
+    loader sets norm_topk_prob true for qwen3_moe for that reason)."""
+    bad = []
+    dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+    if dense:
+        bad.append(f"dense layers {dense} (mlp_only_layers / decoder_sparse_step): llama.cpp's graph puts experts "
+                   "in every layer")
+    if not cfg.norm_topk_prob:
+        bad.append("norm_topk_prob false: llama.cpp renormalizes the top-k router weights")
+    if bad:
+        raise ValueError(f"GGUF export: this {cfg.model_type} cannot be written for llama.cpp without changing what "
+                         f"it computes: {'; '.join(bad)}. Run it from its HF folder instead (leantune merge writes one)")
+
+
 @dataclass(frozen=True)
 class ExportArch:
     """How llama.cpp stores one leantune model_type. A new family adds an entry to EXPORT_ARCHS: its GGUF
     architecture, its `{arch}.*` keys, and names for tensors the common table lacks (e.g. Gemma 2's
-    post-attention norms); a family whose tensors llama.cpp also transforms (Gemma's norm offset, Phi-3's
-    fused qkv, MoE expert stacks) adds that step here as a field too, next to `permute_qk`."""
+    post-attention norms, Phi-3's fused ffn_up); a family whose tensors llama.cpp also transforms (Gemma's
+    norm offset) adds that step here as a field too, next to `permute_qk`. MoE expert stacks (any family
+    with num_experts) are split by `expert_stacks`, RoPE factor tensors follow the config's rope_scaling."""
 
     gguf_arch: str  # general.architecture
     permute_qk: bool  # llama.cpp's `llama` graph wants q/k rows as interleaved RoPE pairs
@@ -139,6 +197,14 @@ EXPORT_ARCHS: dict[str, ExportArch] = {
     **{mt: ExportArch(arch, permute_qk=False, hparams=_gemma_hparams, norm_offset=1.0, check=_gemma_check(arch),
                       extra_names={hf: g for g, hf in _GEMMA_LAYER_NAMES.items()})
        for mt, arch in (("gemma2", "gemma2"), ("gemma3_text", "gemma3"))},
+    # Phi3MiniModel: fused attn_qkv (rows q, k, v) and ffn_up (rows gate, up) as in the HF checkpoint, NEOX RoPE
+    # (no permutation), longrope factors as rope_factors_long/short tensors (_model_tensors)
+    "phi3": ExportArch("phi3", permute_qk=False, hparams=_phi3_hparams, check=_phi3_check,
+                       extra_names={hf: g for g, hf in _PHI3_NAMES.items()}),
+    # MoE: the experts stacked per weight, ffn_{gate,up,down}_exps (E, out, in), the router ffn_gate_inp (F32).
+    # Mixtral is `llama` with expert keys (convert_hf_to_gguf's LlamaModel takes MixtralForCausalLM): q/k permuted
+    "mixtral": ExportArch("llama", permute_qk=True, hparams=_moe_hparams(_llama_hparams), check=_moe_check),
+    "qwen3_moe": ExportArch("qwen3moe", permute_qk=False, hparams=_moe_hparams(_common_hparams), check=_moe_check),
 }
 
 
@@ -171,6 +237,22 @@ def gguf_name(hf: str, spec: ExportArch | None = None) -> str:
     raise ValueError(f"{hf}: no llama.cpp tensor name for this parameter; GGUF export cannot place it")
 
 
+def expert_stacks(hf: str, t: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor] | None:
+    """llama.cpp's expert tensors of one leantune stack (None if `hf` is not one): gate_up_proj (E, 2F, C) ->
+    ffn_gate_exps and ffn_up_exps (E, F, C) each, down_proj (E, C, F) -> ffn_down_exps; the split is the
+    reader's concatenation undone. Works for a LoRA's lora_b too (E, out, r): its rows split the same way."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", hf)
+    if m is None:
+        return None
+    if t.dim() != 3 or t.shape[0] != num_experts:
+        raise ValueError(f"{hf}: expected a stack of {num_experts} experts (E, out, in), got shape {tuple(t.shape)}")
+    b = f"blk.{m[1]}."
+    if m[2] == "down_proj":
+        return {b + "ffn_down_exps.weight": t}
+    gate, up = t.chunk(2, dim=1)
+    return {b + "ffn_gate_exps.weight": gate, b + "ffn_up_exps.weight": up}
+
+
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order for `llama` files: each head's HF half-split rows [x_0..x_{d/2-1},
     y_0..y_{d/2-1}] become interleaved pairs [x_0, y_0, x_1, y_1, ...]. Rows only: weights and biases."""
@@ -198,22 +280,27 @@ class PlannedTensor:
     note: str = ""  # why the type differs from the one asked for, if it does
 
 
-def _wanted_type(name: str, shape: tuple, quant: str, tied: bool):
-    """The ggml type convert_hf_to_gguf gives tensor `name` for `--quant`: 1-D tensors and norms F32
-    (llama.cpp reads them as F32), every other weight the asked type. q4_0 follows llama-quantize's Q4_0
+def _wanted_type(name: str, shape: tuple, quant: str, tied: bool, n_expert: int = 0):
+    """The ggml type convert_hf_to_gguf gives tensor `name` for `--quant`: 1-D tensors, norms and the MoE
+    router (ffn_gate_inp) F32 (llama.cpp reads them as F32), every other weight -- 3-D expert stacks too,
+    quantized row by row -- the asked type. q4_0 follows llama-quantize's Q4_0
     mix (llama-quant.cpp), which stores the output projection (the tied embedding when there is none) as
     Q6_K, or as Q8_0 where its rows are not whole 256-blocks; gguf cannot make Q6_K, so it is Q8_0 here
-    always (for hidden sizes like SmolLM2's 576 that is llama-quantize's own choice)."""
+    always (for hidden sizes like SmolLM2's 576 that is llama-quantize's own choice); and for a model of
+    exactly 8 experts (Mixtral 8x7B) it bumps attn_k and attn_v to Q8_0."""
     from gguf import GGMLQuantizationType as T
 
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
+    if (len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name
+            or not name.endswith((".weight", ".lora_a", ".lora_b"))):
         return T.F32
     if quant == "q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        return T.Q8_0
+    if quant == "q4_0" and n_expert == 8 and name.endswith((".attn_k.weight", ".attn_v.weight")):
         return T.Q8_0
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
 
 
-def plan_tensor(name: str, t: torch.Tensor, quant: str, tied: bool = False) -> PlannedTensor:
+def plan_tensor(name: str, t: torch.Tensor, quant: str, tied: bool = False, n_expert: int = 0) -> PlannedTensor:
     """Quantize one tensor (torch order, e.g. (out, in)) with gguf's reference quantizer.
 
     A row that is not a whole number of blocks (e.g. 100 values for Q8_0's 32) cannot be held by that
@@ -222,7 +309,7 @@ def plan_tensor(name: str, t: torch.Tensor, quant: str, tied: bool = False) -> P
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from gguf import quants
 
-    qtype = _wanted_type(name, tuple(t.shape), quant, tied)
+    qtype = _wanted_type(name, tuple(t.shape), quant, tied, n_expert)
     arr = t.detach().to(torch.float32).contiguous().numpy()
     block = GGML_QUANT_SIZES[qtype][0]
     note = ""
@@ -408,12 +495,20 @@ def _model_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, spec: ExportAr
     for hf, t in sd.items():
         if cfg.tie_word_embeddings and hf == "lm_head.weight":
             continue  # llama.cpp reads a missing `output` as tied to token_embd
+        stacks = expert_stacks(hf, t, cfg.num_experts)
+        if stacks:
+            out.update(stacks)
+            continue
         heads = _rope_heads(hf, cfg) if spec.permute_qk else None
         if spec.norm_offset and hf.endswith("norm.weight"):
             t = t + spec.norm_offset
         out[gguf_name(hf, spec)] = permute_rope(t, heads) if heads else t
-    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # llama.cpp's form of Llama 3 RoPE scaling
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type") == "llama3":  # llama.cpp's form of Llama 3 RoPE scaling
         out["rope_freqs.weight"] = llama3_inv_freq_factors(cfg.rope_scaling, cfg.rope_theta, cfg.head_dim).float()
+    if sc.get("rope_type") == "longrope":  # Phi3MiniModel's generate_extra_tensors: one factor per rotated pair
+        for k in ("long", "short"):
+            out[f"rope_factors_{k}.weight"] = torch.tensor(sc[f"{k}_factor"], dtype=torch.float32)
     return out
 
 
@@ -430,7 +525,7 @@ def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None):
         raise ValueError(f"{bad[0]} is not a float tensor (a 4-bit layer?): GGUF export needs float weights; "
                          "`leantune export` dequantizes 4-bit layers first")
     tensors = _model_tensors(sd, cfg, spec)
-    return spec, vocab, [plan_tensor(n, t, quant, cfg.tie_word_embeddings) for n, t in tensors.items()]
+    return spec, vocab, [plan_tensor(n, t, quant, cfg.tie_word_embeddings, cfg.num_experts) for n, t in tensors.items()]
 
 
 def _write(path: Path, arch: str, meta: Callable, planned: list[PlannedTensor]) -> Path:
@@ -561,14 +656,24 @@ def lora_tensors(factors: dict, cfg: ModelConfig, alpha: float) -> dict[str, tor
 
     llama.cpp scales every pair by `adapter.lora.alpha / r`; where leantune's scaling differs (rsLoRA,
     alpha_pattern) the difference is folded into lora_b, so the product is the adapter's exactly. On `llama`
-    files lora_b's rows get the base's q/k RoPE permutation (the row order of the base weight it adds to)."""
+    files lora_b's rows get the base's q/k RoPE permutation (the row order of the base weight it adds to).
+
+    Expert LoRA (a stacked parameter `...mlp.experts.gate_up_proj` / `down_proj`: A (E, r, in), B (E, out, r),
+    one rank-r pair per expert) is written as stacked 3-D lora_a / lora_b on ffn_{gate,up,down}_exps, the
+    layout convert_lora_to_gguf.py makes when it stacks per-expert LoRA and llama.cpp's build_lora_mm_id
+    applies per selected expert; gate_up's B rows split into gate and up, both with the same A."""
     spec = export_arch(cfg)
     out = {}
     for module, (a, b, scaling) in factors.items():
-        r = a.shape[0]
+        r = a.shape[-2]
         fold = scaling / (alpha / r)
         if abs(fold - 1.0) > 1e-12:
             b = b * fold
+        stacks = expert_stacks(module, b, cfg.num_experts)
+        if stacks:
+            for stem, part in stacks.items():
+                out[stem + ".lora_a"], out[stem + ".lora_b"] = a, part.contiguous()
+            continue
         heads = _rope_heads(module, cfg) if spec.permute_qk else None
         if heads:
             b = permute_rope(b, heads)

@@ -148,14 +148,21 @@ def export(cfg: ExportConfig) -> str:
 
 
 def lora_factors(model, adapter_name: str) -> dict:
-    """{HF module name: (A (r, in), B (out, r), scaling)} of a plain LoRA adapter loaded into `model`; any
-    other kind of adapter layer (DoRA, LoRA bias, AdaLoRA, bottleneck, ...) is refused, llama.cpp's LoRA GGUF
-    holds only W + alpha/r * B A."""
+    """{HF module name: (A (r, in), B (out, r), scaling)} of a plain LoRA adapter loaded into `model`, and for
+    LoRA on MoE expert stacks {HF parameter name: (A (E, r, in), B (E, out, r), scaling)}; any other kind of
+    adapter layer (DoRA, LoRA bias, AdaLoRA, bottleneck, ...) is refused, llama.cpp's LoRA GGUF holds only
+    W + alpha/r * B A."""
     from ..methods import LoraLinear, adapter_layers
+    from ..methods.lora_experts import LoraExperts
 
     out = {}
     for module, layer in adapter_layers(model):
         if not layer.has_adapter(adapter_name):
+            continue
+        if isinstance(layer, LoraExperts):  # nested wrappers (one per stacked parameter) sit at .base_layer
+            a, b, s = layer.factors(adapter_name)
+            stem = module.split(".base_layer")[0]
+            out[f"{stem}.{layer.parameter_name}"] = (a.detach().float(), b.detach().float(), float(s))
             continue
         if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
             raise ValueError(f"{module}: {type(layer).__name__} is not a LoRA layer; a llama.cpp LoRA GGUF holds "
