@@ -655,18 +655,26 @@ def test_adapter_for_another_base_stops_before_writing(tmp_path, one_thread):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "small", "wide"]  # nothing written, no temp file
 
 
-def test_row_not_a_multiple_of_the_block_falls_back_to_f16(tmp_path, capsys, one_thread):
-    """intermediate 100: ffn_down's rows hold 100 values, not whole Q8_0/Q4_0 blocks of 32. llama.cpp's
-    convert_hf_to_gguf.py catches gguf's QuantError and stores such a tensor as F16; so does export, and says so."""
+def test_row_not_a_multiple_of_the_block_stops_or_falls_back_to_f16(tmp_path, capsys, one_thread):
+    """intermediate 100: ffn_down's rows hold 100 values, not whole Q8_0/Q4_0 blocks of 32. By default the export
+    stops before writing, naming the tensor and the two ways out; with --quant-fallback f16 it does what
+    llama.cpp's convert_hf_to_gguf.py does (catch gguf's QuantError, store the tensor as F16) and says so."""
     from tiny_folder import make_tiny_model_folder
 
     folder = make_tiny_model_folder(tmp_path / "model", intermediate_size=100)
-    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "q.gguf"), quant="q4_0"))
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight: rows of 100 values are not a multiple of "
+                                         r"Q4_0's block of 32 \(and 1 more tensors\).*--quant-fallback f16"):
+        export(ExportConfig(model=str(folder), output=str(tmp_path / "q.gguf"), quant="q4_0"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written, no temp file
+    out = export(ExportConfig(model=str(folder), output=str(tmp_path / "q.gguf"), quant="q4_0",
+                              quant_fallback="f16"))
     types = {n: T(i.ggml_type).name for n, i in read_gguf_header(out).tensors.items()}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
     assert types["output.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     err = capsys.readouterr().err
-    assert "blk.0.ffn_down.weight: rows of 100 values are not a multiple of Q4_0's block of 32" in err
+    assert "blk.0.ffn_down.weight: rows of 100 values are not a multiple of Q4_0's block of 32; stored as F16" in err
+    with pytest.raises(ValueError, match="the one fallback is f16"):
+        ExportConfig(model=str(folder), output=str(tmp_path / "q.gguf"), quant="q4_0", quant_fallback="q8_0")
 
 
 def test_unknown_quant_lists_the_choices(tmp_path, capsys):

@@ -300,24 +300,52 @@ def _wanted_type(name: str, shape: tuple, quant: str, tied: bool, n_expert: int 
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
 
 
-def plan_tensor(name: str, t: torch.Tensor, quant: str, tied: bool = False, n_expert: int = 0) -> PlannedTensor:
+def plan_tensor(name: str, t: torch.Tensor, quant: str, tied: bool = False, n_expert: int = 0,
+                f16_fallback: bool = False) -> PlannedTensor:
     """Quantize one tensor (torch order, e.g. (out, in)) with gguf's reference quantizer.
 
-    A row that is not a whole number of blocks (e.g. 100 values for Q8_0's 32) cannot be held by that
-    type; llama.cpp's converter then stores the tensor as F16 (it catches gguf.QuantError and falls back),
-    and so does this, saying so in `note`."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    A row that is not a whole number of blocks (e.g. 100 values for Q8_0's 32) cannot be held by that type.
+    By default that stops the export (`check_blocks` finds it before anything is quantized); with
+    `f16_fallback` the tensor is stored as F16, as llama.cpp's convert_hf_to_gguf.py does (it catches
+    gguf.QuantError and falls back), and `note` says so."""
+    from gguf import GGMLQuantizationType as T
     from gguf import quants
 
     qtype = _wanted_type(name, tuple(t.shape), quant, tied, n_expert)
+    note = _block_misfit(name, tuple(t.shape), qtype)
+    if note:
+        if not f16_fallback:
+            raise ValueError(note + "; " + _FALLBACK_HINT)
+        note, qtype = note + "; stored as F16, as llama.cpp's convert_hf_to_gguf.py does", T.F16
     arr = t.detach().to(torch.float32).contiguous().numpy()
-    block = GGML_QUANT_SIZES[qtype][0]
-    note = ""
-    if arr.ndim and arr.shape[-1] % block:
-        note = (f"{name}: rows of {arr.shape[-1]} values are not a multiple of {qtype.name}'s block of {block}; "
-                "stored as F16, as llama.cpp's convert_hf_to_gguf.py does")
-        qtype = T.F16
     return PlannedTensor(name, quants.quantize(arr, qtype), qtype, note)
+
+
+_FALLBACK_HINT = ("that type cannot hold it: export with --quant f16 or bf16, or pass --quant-fallback f16 to store "
+                  "such tensors as F16 (what llama.cpp's convert_hf_to_gguf.py does)")
+
+
+def _block_misfit(name: str, shape: tuple, qtype) -> str:
+    """Why `qtype` cannot hold a tensor of `shape` (its rows are not whole blocks), or ''."""
+    from gguf import GGML_QUANT_SIZES
+
+    block = GGML_QUANT_SIZES[qtype][0]
+    if shape and shape[-1] % block:
+        return f"{name}: rows of {shape[-1]} values are not a multiple of {qtype.name}'s block of {block}"
+    return ""
+
+
+def check_blocks(tensors: dict, quant: str, tied: bool = False, n_expert: int = 0,
+                 f16_fallback: bool = False) -> None:
+    """Stop before any tensor is quantized (or any file written) when `quant` cannot hold one of `tensors`
+    and no fallback was asked for; the message names the first such tensor and how many there are."""
+    if f16_fallback:
+        return
+    bad = [m for n, t in tensors.items()
+           if (m := _block_misfit(n, tuple(t.shape), _wanted_type(n, tuple(t.shape), quant, tied, n_expert)))]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"GGUF export --quant {quant}: {bad[0]}{more}; {_FALLBACK_HINT}")
 
 
 def file_type(quant: str):
@@ -512,7 +540,7 @@ def _model_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, spec: ExportAr
     return out
 
 
-def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None):
+def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None, f16_fallback: bool = False):
     """(spec, vocab, planned tensors) of a float leantune model: every check and every quantization, no I/O."""
     cfg = model.config
     spec = export_arch(cfg)
@@ -525,7 +553,9 @@ def plan_model(model, tok: Tokenizer, quant: str, pre: str | None = None):
         raise ValueError(f"{bad[0]} is not a float tensor (a 4-bit layer?): GGUF export needs float weights; "
                          "`leantune export` dequantizes 4-bit layers first")
     tensors = _model_tensors(sd, cfg, spec)
-    return spec, vocab, [plan_tensor(n, t, quant, cfg.tie_word_embeddings, cfg.num_experts) for n, t in tensors.items()]
+    check_blocks(tensors, quant, cfg.tie_word_embeddings, cfg.num_experts, f16_fallback)
+    return spec, vocab, [plan_tensor(n, t, quant, cfg.tie_word_embeddings, cfg.num_experts, f16_fallback)
+                         for n, t in tensors.items()]
 
 
 def _write(path: Path, arch: str, meta: Callable, planned: list[PlannedTensor]) -> Path:
@@ -558,11 +588,12 @@ def _report(planned: list[PlannedTensor]) -> None:
 
 
 def write_model_gguf(model, tok: Tokenizer, path, quant: str = "f16", name: str | None = None,
-                     pre: str | None = None) -> Path:
-    """Write a float leantune model and its tokenizer as a llama.cpp GGUF (`quant`: f16, bf16, q8_0, q4_0)."""
+                     pre: str | None = None, f16_fallback: bool = False) -> Path:
+    """Write a float leantune model and its tokenizer as a llama.cpp GGUF (`quant`: f16, bf16, q8_0, q4_0);
+    a tensor `quant` cannot hold stops it before writing, or is stored as F16 with `f16_fallback`."""
     check_quant(quant, QUANTS[:4] + ("f32",))
     cfg = model.config
-    spec, vocab, planned = plan_model(model, tok, quant, pre)
+    spec, vocab, planned = plan_model(model, tok, quant, pre, f16_fallback)
     _report(planned)
     hparams = spec.hparams(cfg)
     if cfg.sliding_window and "attention.sliding_window" not in hparams:
@@ -683,7 +714,7 @@ def lora_tensors(factors: dict, cfg: ModelConfig, alpha: float) -> dict[str, tor
 
 
 def write_lora_gguf(factors: dict, cfg: ModelConfig, path, alpha: float, quant: str = "f16",
-                    name: str | None = None) -> Path:
+                    name: str | None = None, f16_fallback: bool = False) -> Path:
     """Write a LoRA adapter, {HF module name: (A (r, in), B (out, r), scaling)} of a model with config `cfg`,
     as llama.cpp's LoRA GGUF (general.type adapter)."""
     check_quant(quant, LORA_QUANTS, "--quant with --lora-only")
@@ -691,7 +722,8 @@ def write_lora_gguf(factors: dict, cfg: ModelConfig, path, alpha: float, quant: 
         raise ValueError("lora_alpha is 0: llama.cpp reads adapter.lora.alpha 0 as 'scale 1', not 0")
     spec = export_arch(cfg)
     tensors = lora_tensors(factors, cfg, alpha)
-    planned = [plan_tensor(n, t, quant) for n, t in tensors.items()]
+    check_blocks(tensors, quant, f16_fallback=f16_fallback)
+    planned = [plan_tensor(n, t, quant, f16_fallback=f16_fallback) for n, t in tensors.items()]
     _report(planned)
 
     def meta(w):

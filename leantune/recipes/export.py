@@ -28,6 +28,9 @@ class ExportConfig:
     name: str | None = opt(None, "general.name in the file (default: the model's folder or file name)")
     tokenizer_pre: str | None = opt(None, "llama.cpp pre-tokenizer name (tokenizer.ggml.pre), when leantune "
                                           "does not recognize the tokenizer's (e.g. gpt2, llama-bpe, qwen2)")
+    quant_fallback: str | None = opt(None, "where --quant cannot hold a tensor (its rows are not whole blocks, e.g. "
+                                           "100 values for Q8_0's 32): 'f16' stores it as F16, as llama.cpp's "
+                                           "convert_hf_to_gguf.py does; default: stop before writing")
     any_base: bool = opt(False, "export even when an adapter's base_model_name_or_path names another model "
                                 "(shapes are still checked)")
 
@@ -42,6 +45,8 @@ class ExportConfig:
                                  f"(got {len(self.adapter)})")
         else:
             check_quant(self.quant)
+        if self.quant_fallback not in (None, "f16"):
+            raise ValueError(f"--quant-fallback {self.quant_fallback!r}: the one fallback is f16")
         if not self.output.endswith(".gguf"):
             raise ValueError(f"--output {self.output!r} must name a .gguf file")
 
@@ -141,8 +146,11 @@ def export(cfg: ExportConfig) -> str:
         out = _export_lora(cfg)
     else:
         model, tok = load_merged(cfg.model, cfg.adapter)
-        write = gx.write_k_quant_gguf if cfg.quant == "q4_k_m" else gx.write_model_gguf
-        out = write(model, tok, cfg.output, cfg.quant, cfg.name, cfg.tokenizer_pre)
+        if cfg.quant == "q4_k_m":  # llama-quantize has its own fallbacks for such rows
+            out = gx.write_k_quant_gguf(model, tok, cfg.output, cfg.quant, cfg.name, cfg.tokenizer_pre)
+        else:
+            out = gx.write_model_gguf(model, tok, cfg.output, cfg.quant, cfg.name, cfg.tokenizer_pre,
+                                      f16_fallback=cfg.quant_fallback == "f16")
     print(f"GGUF written to {out}", file=sys.stderr)
     return str(out)
 
@@ -193,4 +201,5 @@ def _export_lora(cfg: ExportConfig):
               "GGUF it is given, so its result differs from leantune's by that base's rounding (export the merged "
               "model to keep exactly the merge leantune computes)", file=sys.stderr)
     alpha = methods.adapter_configs(model)["export"].alpha
-    return gx.write_lora_gguf(lora_factors(model, "export"), model.config, cfg.output, alpha, cfg.quant, cfg.name)
+    return gx.write_lora_gguf(lora_factors(model, "export"), model.config, cfg.output, alpha, cfg.quant, cfg.name,
+                              f16_fallback=cfg.quant_fallback == "f16")
