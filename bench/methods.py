@@ -37,7 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods_data  # noqa: E402
 
-SMOL_METHODS = ["lora", "rslora", "dora", "allora", "adalora", "corda", "bottleneck", "qlora"]
+# a row is METHOD or METHOD+OPTIMIZER (full+galore: --method full --optimizer galore_adamw)
+SMOL_METHODS = ["lora", "rslora", "dora", "allora", "adalora", "corda", "bottleneck", "qlora", "full", "full+galore"]
+OPTIMIZER_ALIASES = {"galore": "galore_adamw"}
 MINILM_METHODS = ["head", "lora", "rslora", "dora", "allora", "adalora", "bottleneck"]
 WARMUP_STEPS_TIMED = 2  # steps left out of the median step time
 CORDA_TARGETS = "q_proj,v_proj"  # see --corda-targets
@@ -80,15 +82,30 @@ def step_stats(times: list[float]) -> float:
 # SmolLM2 worker: leantune's finetune recipe, with the Trainer measured from outside
 
 
-def smol_options(args, method: str) -> tuple[dict, dict]:
-    """(FinetuneConfig fields, method options by their YAML keys) of one method's run: the shared budget plus
+def split_row(row: str) -> tuple[str, str]:
+    """(method, optimizer) of a row name: "full+galore" -> ("full", "galore_adamw"); "lora" -> ("lora", "adamw")."""
+    method, _, optim = row.partition("+")
+    return method, OPTIMIZER_ALIASES.get(optim, optim or "adamw")
+
+
+def smol_options(args, row: str) -> tuple[dict, dict]:
+    """(FinetuneConfig fields, method options by their YAML keys) of one row's run: the shared budget plus
     the method's own options. The method options are a preset: each method takes those it has (no --rank for
-    AdaLoRA or the bottleneck adapter)."""
+    AdaLoRA or the bottleneck adapter). Full finetuning moves every weight, so it takes its own (smaller)
+    --full-lr; GaLore's projected update is scaled by --galore-scale, so its lr is --full-lr / scale, the
+    same step size as full AdamW's (GaLore's fine-tuning recipe raises the lr the same way)."""
+    method, optimizer = split_row(row)
     steps = args.steps
-    run = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=args.lr, schedule="cosine",
+    lr = args.lr
+    if method == "full":
+        lr = args.full_lr / (args.galore_scale if optimizer != "adamw" else 1.0)
+    run = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=lr, schedule="cosine",
                warmup_steps=max(1, steps // 10), seed=0, truncate=True, progress=False, eval_every=0,
-               keep_checkpoints=1, method=method, dtype=args.dtype)
-    options = dict(rank=args.rank, alpha=2.0 * args.rank, targets="all-linear")
+               keep_checkpoints=1, method=method, dtype=args.dtype, optimizer=optimizer)
+    if optimizer != "adamw":
+        run.update(galore_rank=args.galore_rank, galore_update_proj_gap=args.galore_gap,
+                   galore_scale=args.galore_scale)
+    options = dict(rank=args.rank, alpha=2.0 * args.rank, targets="all" if method == "full" else "all-linear")
     if method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
         options.update(tinit=steps // 10, tfinal=steps // 5)
     elif method == "corda":
@@ -97,8 +114,57 @@ def smol_options(args, method: str) -> tuple[dict, dict]:
     return run, options
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in `obj` (a tensor, or a dict/list/tuple holding tensors), each counted once."""
+    import torch
+
+    seen, total, todo = set(), 0, [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            if id(x) not in seen:
+                seen.add(id(x))
+                total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return total
+
+
+class OptimizerBytes:
+    """Optimizer-state and gradient bytes, read around every optimizer step of the process (torch's global
+    step hooks, so an optimizer a method rebuilds mid-run, or one per parameter, is measured as well).
+
+    grad bytes: the largest total of `.grad` tensors seen by one step (before it: all gradients of that
+    step's parameters are alive then); state bytes: the sum over optimizers of each one's latest state
+    size (after its step), i.e. what the run holds at its end."""
+
+    def __init__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self.grad_bytes, self.state = 0, {}
+        self.handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+
+    def _pre(self, opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        self.grad_bytes = max(self.grad_bytes, _tensor_bytes(grads))
+
+    def _post(self, opt, args, kwargs):
+        self.state[id(opt)] = _tensor_bytes(list(opt.state.values()))
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.state.values())
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
 def measured_trainer(base):
-    """A Trainer subclass that records the eval loss before training, each step's time and the train peak RSS."""
+    """A Trainer subclass that records the eval loss before training, each step's time, the train peak RSS and
+    the optimizer-state and gradient bytes."""
 
     class Measured(base):
         last = None
@@ -108,10 +174,12 @@ def measured_trainer(base):
             self.init_eval = self.evaluate()
             self.step_times, self.setup_peak = [], hwm_mib()
             self.hwm_reset = reset_peak()
+            self.bytes = OptimizerBytes()
             try:
                 return super().fit()
             finally:
                 self.train_peak = hwm_mib() if self.hwm_reset else float("nan")
+                self.bytes.close()
 
         def train_step(self, window):
             t = time.perf_counter()
@@ -135,7 +203,7 @@ def run_smol(args) -> dict:
     run, options = smol_options(args, args.method)
     opts = {**run, **options}
     cfg = ft.FinetuneConfig(model=args.folder, data=args.train_file, eval_data=args.eval_file, output=args.out,
-                            options=method_config(args.method, {}, options), **run)
+                            options=method_config(run["method"], {}, options), **run)
     t0 = time.perf_counter()
     summary = ft.finetune(cfg)
     tr = Measured.last
@@ -143,6 +211,7 @@ def run_smol(args) -> dict:
     return {"method": args.method, "trainable": summary["trainable_parameters"],
             "median_step_s": step_stats(tr.step_times), "tokens_per_step": n_tok,
             "peak_rss_mib": process_peak_mib(tr.setup_peak), "train_peak_rss_mib": tr.train_peak,
+            "optimizer_state_bytes": tr.bytes.state_bytes, "grad_bytes": tr.bytes.grad_bytes,
             "init_eval_loss": tr.init_eval, "eval_loss": summary["eval_loss"],
             "first_train_loss": summary["first_loss"], "last_train_loss": summary["train_loss"],
             "steps": summary["steps"], "seconds": time.perf_counter() - t0,
@@ -283,7 +352,7 @@ def run_minilm(args) -> dict:
 # driver
 
 
-WORKER_ARGS = ("steps", "batch", "max_length", "lr", "rank", "dtype", "train", "corda_mode", "corda_targets",
+WORKER_ARGS = ("steps", "batch", "max_length", "lr", "full_lr", "galore_rank", "galore_gap", "galore_scale", "rank", "dtype", "train", "corda_mode", "corda_targets",
                "minilm_steps", "minilm_batch", "minilm_max_length", "minilm_lr", "minilm_train", "minilm_eval",
                "minilm_targets", "bottleneck_size")
 
@@ -336,15 +405,20 @@ def fmt(x, spec: str) -> str:
 def smol_table(args, res: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, chat SFT on chatterbot Q->A ({args.train} train / {args.eval} eval pairs), "
              f"{args.steps} steps, batch {args.batch}, max_length {args.max_length}, lr {args.lr:g} cosine, r={args.rank} "
-             f"alpha={2 * args.rank}, all-linear (CorDA: {args.corda_targets}), --dtype {args.dtype}, {args.threads} threads",
-             "| method | trainable params | step time (s) | peak RSS (MiB) | train RSS (MiB) | eval loss at init "
-             "| final eval loss | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"alpha={2 * args.rank}, all-linear (CorDA: {args.corda_targets}); full: lr {args.full_lr:g}, every weight; "
+             f"galore: rank {args.galore_rank}, gap {args.galore_gap}, scale {args.galore_scale:g}, lr full-lr/scale; "
+             f"--dtype {args.dtype}, {args.threads} threads",
+             "| method | trainable params | step time (s) | peak RSS (MiB) | train RSS (MiB) | optimizer state (MiB) "
+             "| gradients (MiB) | eval loss at init | final eval loss | wall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mib = 1 / 2**20
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['trainable']:,} | {fmt(r['median_step_s'], '.2f')} | "
                      f"{fmt(r['peak_rss_mib'], '.0f')} | {fmt(r['train_peak_rss_mib'], '.0f')} | "
+                     f"{fmt(r['optimizer_state_bytes'] * mib, '.1f')} | {fmt(r['grad_bytes'] * mib, '.1f')} | "
                      f"{fmt(r['init_eval_loss'], '.4f')} | {fmt(r['eval_loss'], '.4f')} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -377,6 +451,10 @@ def parse_args():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--full-lr", type=float, default=2e-5, help="lr of the full-finetuning rows (full, full+...)")
+    ap.add_argument("--galore-rank", type=int, default=64)
+    ap.add_argument("--galore-gap", type=int, default=200, help="GaLore's update_proj_gap")
+    ap.add_argument("--galore-scale", type=float, default=0.25)
     ap.add_argument("--dtype", default="auto", help="SmolLM2 runs' precision (finetune --dtype): auto, fp32 or bf16")
     ap.add_argument("--train", type=int, default=256, help="SmolLM2 training pairs")
     ap.add_argument("--eval", type=int, default=64, help="SmolLM2 eval pairs")
