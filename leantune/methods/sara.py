@@ -332,21 +332,24 @@ def reselect_fresh(e: SaraEntry, threshold: float) -> None:
 
 @torch.no_grad()
 def reselect_intersect(e: SaraEntry, threshold: float, optimizer) -> None:
-    """`M' = M ∧ (|p_t| < threshold)`: the vector, its gradient and its optimizer state keep the surviving
-    entries (the same Parameter, so the optimizer goes on with it)."""
+    """`M' = M ∧ (|p_t| < threshold)`: a new vector of the surviving entries takes over their gradient and
+    optimizer state (swapped into `optimizer` in place of the old one), so the optimizer goes on."""
     s = e.sparse
     new_mask = s.mask & (e.weight.detach().abs() < threshold)
     keep = new_mask[s.mask]  # (|M|,) which entries of `values` survive
-    v = s.values
-    state = optimizer.state.get(v, {}) if optimizer is not None else {}
-    for k, t in list(state.items()):
-        if torch.is_tensor(t) and t.shape == v.shape:  # per-entry state (AdamW's moments), not the step count
-            state[k] = t[keep].clone()
-    if v.grad is not None:
-        v.grad = v.grad[keep].clone()
-    v.data = v.data[keep].clone()
-    s.mask = new_mask
-    s._synced = None
+    old = s.values
+    # a new Parameter, not old.data reassigned: autograd keeps the leaf's shape with its gradient accumulator
+    new = nn.Parameter(old.detach()[keep].clone())
+    if old.grad is not None:
+        new.grad = old.grad[keep].clone()
+    if optimizer is not None:
+        state = optimizer.state.pop(old, None)
+        if state:  # per-entry state (AdamW's moments) sliced; the step count kept
+            optimizer.state[new] = {k: t[keep].clone() if torch.is_tensor(t) and t.shape == old.shape else t
+                                    for k, t in state.items()}
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+    s.values, s.mask, s._synced = new, new_mask, None
 
 
 @torch.no_grad()

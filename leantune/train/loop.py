@@ -235,6 +235,8 @@ class Trainer:
             self._build_optimizer()
             lr, gnorm = self.rule.lr_at(self.step), float("nan")
         else:
+            if any(hasattr(h, "change_trainable") for h in hooks):  # it may have swapped parameters in self.opt
+                self.params = [p for p in self.model.parameters() if p.requires_grad]
             lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step, self.model, hooks)
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)

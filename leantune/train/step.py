@@ -9,8 +9,9 @@ None` (added to the mean loss) and `after_step(model, step)`; `step` counts opti
 Hooks that change WHICH parameters train (SaRA's progressive mask reselection) may also define, for the Trainer:
 
 - `change_trainable(model, step, optimizer) -> bool`: called once the step's gradients are accumulated, before
-  clipping and the update. It may adjust parameters, gradients and `optimizer`'s state in place (and return
-  False: the step goes on); True means it replaced trainable parameters, whose gradients went with them: the
+  clipping and the update. It may adjust parameters, gradients and `optimizer`'s state in place, or swap a
+  parameter for a new one inside `optimizer` (its param_groups and state), and return False: the step goes on
+  over the model's trainable parameters as they are now; True means it replaced trainable parameters, whose gradients went with them: the
   Trainer makes no update this step and rebuilds the optimizer over the model's trainable parameters (fresh
   state).
 - `save_state(model, folder)` / `load_state(model, folder) -> bool`: their state (e.g. masks) in each checkpoint,
