@@ -78,6 +78,17 @@ def test_default_lr_is_the_official_formula():
     assert ft.config_from_args(args).lr == 1e-3 * math.exp(-350 * 0.004)
 
 
+def test_yaml_and_the_python_api_take_the_options(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: sara\nsara_threshold: 0.004\nsara_reselect: intersect\nsara_progressive_iter: 0\n"
+                 "data: d.jsonl\n")
+    cfg = ft.config_from_args(cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(f)]))
+    assert cfg.options == SaraConfig(threshold=0.004, reselect="intersect", progressive_iter=0)
+    assert cfg.lr == 1e-3 * math.exp(-350 * 0.004)
+    f.write_text("method: sara\nlr: 0.01\ndata: d.jsonl\n")  # a YAML lr is the user's: it wins
+    assert ft.config_from_args(cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(f)])).lr == 0.01
+
+
 def test_nuclear_norm_gradient_is_u_vt():
     torch.manual_seed(0)
     w = torch.randn(70, 80, dtype=torch.float64, requires_grad=True)
@@ -85,6 +96,20 @@ def test_nuclear_norm_gradient_is_u_vt():
     u, s, vh = torch.linalg.svd(w.detach(), full_matrices=False)
     torch.testing.assert_close(w.grad, u @ vh, atol=1e-10, rtol=0)
     assert float(nuclear_norm(w.detach())) == pytest.approx(float(s.sum()))
+    # the train hook's term on a 70x80 layer: value ||W ⊙ M||_*, gradient on the trained entries (U Vᵀ)[M]
+    lin = torch.nn.Linear(80, 70, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(70, 80) * 0.01)
+    w0 = lin.weight.detach().clone()
+    leantune.apply(lin, "sara", threshold=5e-3, lambda_rank=0.5)
+    hooks = train_hooks(lin)
+    before_step(lin, hooks, 0, 1)
+    reg = regularizer(lin, hooks)
+    mask = w0.abs() < 5e-3
+    u, s, vh = torch.linalg.svd(w0 * mask, full_matrices=False)
+    assert float(reg.detach()) == pytest.approx(0.5 * float(s.sum()), rel=1e-5)
+    reg.backward()
+    torch.testing.assert_close(sara_hooks(lin).entries[0].sparse.values.grad, 0.5 * (u @ vh)[mask], atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

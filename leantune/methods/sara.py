@@ -12,7 +12,8 @@ Hu et al., "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sp
   gradient lives only transiently inside backward. Entries outside M are never written.
 - **Nuclear-norm term** (`lambda_rank`, recipe 5e-4; 0 = off): each optimizer step picks one random 2-D
   tensor with min(shape) > 64 (seeded by the step, so a resumed run picks the same) and adds
-  `lambda_rank * ||W ⊙ M||_*` to the loss; its gradient on `values` is `lambda_rank * (U Vᵀ)[M]`. (The
+  `lambda_rank * ||W ⊙ M||_*` to the loss; its gradient on `values` is `lambda_rank * (U Vᵀ)[M]`, from one SVD
+  per step (`SaraHooks.regularizer`). (The
   official code adds it inside `optimizer.step()`, after gradient clipping; here it is part of the loss, so
   it is clipped with the rest.) Like the official code it penalises the masked weights, not their change.
 - **Progressive reselection** (`progressive_iter` P, recipe 2500; 0 = off): at optimizer call P+1 the masks
@@ -238,6 +239,7 @@ class SaraHooks:
     def __init__(self, config: SaraConfig, entries: list[SaraEntry]):
         self.config, self.entries = config, entries
         self.nuclear: SaraEntry | None = None  # this step's draw
+        self.direction: torch.Tensor | None = None  # U Vᵀ of its masked weight at this step
 
     def eligible(self) -> list[SaraEntry]:
         return [e for e in self.entries if e.weight.dim() == 2 and min(e.weight.shape) > NUCLEAR_MIN_DIM]
@@ -248,13 +250,19 @@ class SaraHooks:
             self.nuclear = None
             return
         gen = torch.Generator().manual_seed(step)  # one draw per step, the same after a resume
-        self.nuclear = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        self.nuclear = e = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        with torch.no_grad():  # one SVD per optimizer step, however many micro-batches it has
+            u, _, vh = torch.linalg.svd(e.composed() * e.sparse.mask, full_matrices=False)
+            self.direction = u @ vh
 
     def regularizer(self, model) -> torch.Tensor | None:  # noqa: ARG002
+        """`lambda_rank * ||W ⊙ M||_*` of this step's draw, written as `<W ⊙ M, U Vᵀ>` with the step's SVD: the
+        same value (the trace of S) and the same gradient, `lambda_rank * (U Vᵀ) ⊙ M`, as the weights do not
+        change within a step, without back-propagating through an SVD at every micro-batch."""
         if self.nuclear is None:
             return None
         e = self.nuclear
-        return self.config.lambda_rank * nuclear_norm(e.composed() * e.sparse.mask)
+        return self.config.lambda_rank * (e.composed() * e.sparse.mask * self.direction).sum()
 
     def change_trainable(self, model, step: int, optimizer) -> bool:  # noqa: ARG002
         """Progressive reselection at optimizer call P+1 (step index P); True when the vectors were replaced."""
