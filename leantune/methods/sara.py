@@ -33,6 +33,10 @@ Hu et al., "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sp
   masks, the trained entries' original and current values), so `--resume` continues exactly even after a
   fresh reselection.
 
+With the Python API, `leantune.apply(model, "sara", threshold=...)` makes the UB parameters, which any optimizer
+loop trains (the next forward writes them into the weights); the nuclear-norm term and the reselection are
+the train hooks in `model.leantune_train_hooks`, which leantune's Trainer calls (`train.step`).
+
 Bug of the official code not copied: its initial scatter writes `abs()` of the trainable values, flipping
 the sign of negative small weights until the first step; here `values = p[M]` exactly.
 """
