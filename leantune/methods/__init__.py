@@ -49,3 +49,6 @@ __all__ += ["AlloraConfig", "DoraConfig", "DoraMagnitude", "allora_coefficient",
 __all__ += ["CordaConfig", "apply_corda", "collect_covariance", "run_on"]
 __all__ += ["CalibrationContext", "MethodOption", "method_options", "save"]
 __all__ += ["FullConfig", "apply_full"]
+from .sara import SaraConfig, apply_sara
+
+__all__ += ["SaraConfig", "apply_sara"]

@@ -15,7 +15,11 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
   PEFT format of its own (AdaLoRA's ADALORA), the tensors and `adapter_config.json` that `save_adapter`
   writes instead of LoRA's;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
-- `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights.
+- `train_defaults(config) -> dict`: values it proposes for training options the user leaves unset (`lr`,
+  `weight_decay`: SaRA's lr formula), which `recipes.finetune.FinetuneConfig` uses in place of its defaults;
+- `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights; a folder its
+  `claims` hook recognizes holds changes to those weights, so it loads into the base itself (see
+  `changes_base_weights`), never as one adapter among others.
 
 Nothing here knows about a particular method: each method's file registers itself when `leantune.methods`
 is imported, and other packages add methods through the `leantune.methods` entry-point group, loaded once on
@@ -35,7 +39,8 @@ from ..fields import base_type
 from .base import check_new_adapter_name
 
 ENTRY_POINT_GROUP = "leantune.methods"
-HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config")
+HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
+         "train_defaults")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class MethodSpec:
     extra_files: Callable[[nn.Module, Path], None] | None = None
     peft_state_dict: Callable[[nn.Module, str], dict] | None = None
     peft_config: Callable[[nn.Module, str, str | None], dict] | None = None
+    train_defaults: Callable[[object], dict] | None = None
     lora_shaped: bool = False
     trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it
@@ -190,6 +196,14 @@ def spec_for_folder(path) -> MethodSpec | None:
         if spec.claims is not None and spec.load is not None and spec.claims(Path(path)):
             return spec
     return None
+
+
+def changes_base_weights(path) -> MethodSpec | None:
+    """The method whose saved folder `path` changes the base's own weights (a `trains_base` method's format,
+    e.g. a sparse diff), or None. Such a folder is applied to the base itself: a server holding one base for
+    several adapters can take it only at start-up, never as a hot-loaded adapter beside others."""
+    spec = spec_for_folder(path)
+    return spec if spec is not None and spec.trains_base else None
 
 
 def config_fields(config_cls: type) -> list[str]:

@@ -45,6 +45,9 @@ class FinetuneConfig(TrainConfig):
     eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")
     output: str = opt("out/finetune", "output folder: adapter, checkpoints/, metrics.jsonl, loss.png")
+    # None: the method's proposal (its `train_defaults` hook, e.g. SaRA's lr formula), else TrainConfig's default
+    lr: float | None = opt(None, "peak learning rate (default: the method's own where it has one, else 2e-4)")
+    weight_decay: float | None = opt(None, "AdamW weight decay (default: the method's own where it has one, else 0)")
     method: str = opt("lora", _method_help)
     options: Any = opt(None, "the method's options: an instance of its config class (None: its defaults)", cli=False)
     truncate: bool = opt(False, "cut examples longer than --max-length instead of stopping with an error")
@@ -56,6 +59,7 @@ class FinetuneConfig(TrainConfig):
                                         "and after training is reported as forgetting")
 
     def __post_init__(self):
+        self._fill_method_defaults()
         super().__post_init__()
         from ..methods.registry import get_method, list_methods
 
@@ -77,6 +81,27 @@ class FinetuneConfig(TrainConfig):
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         parse_dtype(self.dtype)
+
+    def _fill_method_defaults(self) -> None:
+        """Training options left None take the method's proposal (`train_defaults` hook), else TrainConfig's
+        default; a wrong --method or options are reported by the checks that follow."""
+        from ..methods.registry import get_method, list_methods
+
+        spec = get_method(self.method) if self.method in list_methods() else None
+        proposed = {}
+        if spec is not None and spec.train_defaults is not None:
+            options = self.options if isinstance(self.options, spec.config_cls) else None
+            proposed = spec.train_defaults(options if options is not None else spec.config_cls())
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        own = {f.name: f.default for f in fields(FinetuneConfig)}
+        fillable = {n for n in defaults if own[n] is None and defaults[n] is not None}  # lr, weight_decay
+        unknown = sorted(set(proposed) - fillable)
+        if unknown:
+            raise TypeError(f"method {spec.name!r}: train_defaults proposes {unknown}; a method may propose "
+                            f"{sorted(fillable)}")
+        for name in fillable:
+            if getattr(self, name) is None:
+                setattr(self, name, proposed.get(name, defaults[name]))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})

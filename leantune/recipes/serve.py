@@ -17,7 +17,10 @@ class ServeConfig:
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
-    adapter: list[str] = opt([], "serve a PEFT adapter folder as NAME=DIR; repeat for several", metavar="NAME=DIR")
+    adapter: list[str] = opt([], "serve a PEFT adapter folder as NAME=DIR; repeat for several. A folder that "
+                                 "changes the base's own weights (a SaRA sparse diff) is merged into the base at "
+                                 "start-up, which is then served as NAME (at most one such folder)",
+                             metavar="NAME=DIR")
     host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
     api_key: list[str] = opt([], "API key clients must send as a Bearer token; repeat for several "
@@ -98,6 +101,23 @@ def base_name(model_path: str | None, override: str | None) -> str:
     return p.stem if p.suffix == ".gguf" else p.resolve().name
 
 
+def split_base_changes(cfg: ServeConfig) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+    """(NAME, DIR) of the --adapter that changes the base's own weights (a sparse diff: merged into the base at
+    start-up and served as NAME), or None; and the other adapters as (NAME, DIR)."""
+    from ..methods.registry import changes_base_weights
+
+    pairs = [tuple(spec.partition("=")[::2]) for spec in cfg.adapter]
+    into_base = [(n, p) for n, p in pairs if changes_base_weights(p) is not None]
+    if len(into_base) > 1:
+        raise ValueError(f"--adapter {', '.join(f'{n}={p}' for n, p in into_base)}: each changes the base's own "
+                         "weights and this server holds one copy of them; combine them first (leantune merge "
+                         "--adapter DIR ...) and serve the merged folder as --model")
+    if into_base and cfg.served_model_name:
+        raise ValueError(f"--served-model-name {cfg.served_model_name!r} and --adapter {into_base[0][0]}=... (merged "
+                         "into the base and served under that name) both name the base model; give one of them")
+    return (into_base[0] if into_base else None), [(n, p) for n, p in pairs if (n, p) not in into_base]
+
+
 def build_server(cfg: ServeConfig):
     """(FastAPI app, Engine) ready to run; adapters from the command line and the data dir are loaded."""
     import torch
@@ -109,14 +129,22 @@ def build_server(cfg: ServeConfig):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    into_base, adapters = split_base_changes(cfg)  # checked before any weight is read
     precision = resolve_precision(cfg.dtype, resolve_device(cfg.device))
     print(f"leantune: {precision.describe()}", flush=True)
     model, tok = load_model(cfg.model, precision)
     model.eval()
+    served = cfg.served_model_name
+    if into_base is not None:  # one copy of the weights: the changed base is what this server serves
+        from ..methods import load_adapter
+
+        served, path = into_base
+        load_adapter(model, path)
+        print(f"leantune: {path} changes the base's own weights: merged into the base, served as {served!r}",
+              flush=True)
     store = Store(Path(cfg.data_dir))
-    engine = Engine(model, tok, base_name(cfg.model, cfg.served_model_name), store, cfg.engine_config())
-    for spec in cfg.adapter:
-        name, _, path = spec.partition("=")
+    engine = Engine(model, tok, base_name(cfg.model, served), store, cfg.engine_config())
+    for name, path in adapters:
         engine.load_adapter(name, path, owner=None)
     for rec in store.list_adapters():
         if rec["name"] not in engine.adapters and Path(rec["path"]).is_dir():

@@ -29,6 +29,7 @@ import torch
 
 from ..methods.adapter_io import load_adapter
 from ..methods.base import adapter_slots, delete_adapter
+from ..methods.registry import changes_base_weights
 from .block_manager import BlockManager
 from .ft_defaults import FineTuneDefaults
 from .jobs import JobRunner
@@ -188,6 +189,13 @@ class Engine:
         """Engine thread. Load a PEFT adapter folder under a fresh internal name and publish it as `name`."""
         if name == self.base_name:
             raise ValueError(f"{name!r} is the base model's name; pick another adapter name")
+        changes = changes_base_weights(path)
+        if changes is not None:  # e.g. a sparse diff: it would rewrite the weights every request shares
+            raise ValueError(f"{path} is a --method {changes.name} result, which changes the base model's own "
+                             "weights: it cannot be loaded beside other adapters onto the base this server shares "
+                             "between requests; start the server with it (leantune serve --adapter NAME=DIR merges "
+                             "it into the base at start-up and serves that as NAME) or serve its `leantune merge` "
+                             "output as --model")
         old = self.adapters.get(name)
         if old is not None and not old.retired:
             if not replace:

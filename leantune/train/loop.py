@@ -29,7 +29,9 @@ from .trainable import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
 from .progress import Progress
 from .report import open_loggers, parse_report_to
-from .step import StepRule, before_step, optimizer_step, regularizer, train_hooks
+from .step import (
+    StepRule, before_step, change_trainable, load_hook_state, optimizer_step, regularizer, save_hook_state, train_hooks,
+)
 
 
 @dataclass
@@ -141,12 +143,7 @@ class Trainer:
         self._epoch_cache: tuple[int, list] | None = None
         # --reinit-top, --freeze-lower, FPF: they decide which parameters train, so they come first
         self.options_report = prepare_model(model, train_examples, cfg)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
-        check_fp32_trainable(model)
-        self.opt = build_optimizer(cfg.optimizer, optimizer_params(model, self.params, cfg), lr=cfg.lr,
-                                   weight_decay=cfg.weight_decay)
+        self._build_optimizer()
         n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
@@ -155,6 +152,16 @@ class Trainer:
         self.step, self.epoch, self.batch_idx, self.tokens = 0, 0, 0, 0
         self.history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float]] = []
+
+    def _build_optimizer(self) -> None:
+        """The optimizer over the model's trainable parameters, with fresh state; again whenever a train hook
+        replaces trainable parameters (`train.step.change_trainable`)."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
+        check_fp32_trainable(self.model)
+        self.opt = build_optimizer(self.cfg.optimizer, optimizer_params(self.model, self.params, self.cfg),
+                                   lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _batches(self, epoch: int) -> list:
         from ..data import batches_for_epoch
@@ -169,6 +176,8 @@ class Trainer:
         cks = list_checkpoints(self.out)
         if not cks:
             return False
+        if load_hook_state(self.model, train_hooks(self.model), cks[-1]):  # e.g. SaRA's masks decide the shapes
+            self._build_optimizer()
         st = load_checkpoint(cks[-1], self.model, self.opt)
         self.step, self.epoch, self.batch_idx, self.tokens = st["step"], st["epoch"], st["batch_idx"], st["tokens"]
         self.history = [tuple(x) for x in st["history"]]
@@ -219,7 +228,16 @@ class Trainer:
         loss = total / max(n_tok, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
-        lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step, self.model, hooks)
+        if change_trainable(self.model, hooks, self.step, self.opt):
+            # a hook replaced trainable parameters (their gradients went with them): no update this step, and
+            # the optimizer starts afresh over the new ones; no gradient of this step carries over to the next
+            self.opt.zero_grad(set_to_none=True)
+            self._build_optimizer()
+            lr, gnorm = self.rule.lr_at(self.step), float("nan")
+        else:
+            if any(hasattr(h, "change_trainable") for h in hooks):  # it may have swapped parameters in self.opt
+                self.params = [p for p in self.model.parameters() if p.requires_grad]
+            lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step, self.model, hooks)
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
@@ -237,7 +255,12 @@ class Trainer:
     def save(self):
         progress = {"epoch": self.epoch, "batch_idx": self.batch_idx, "tokens": self.tokens,
                     "history": self.history, "eval_history": self.eval_history}
-        return save_checkpoint(self.out, self.step, self.model, self.opt, progress, self.save_artifacts,
+        def artifacts(folder: Path) -> None:  # the recipe's files, then the train hooks' state (SaRA's masks)
+            if self.save_artifacts is not None:
+                self.save_artifacts(folder)
+            save_hook_state(self.model, train_hooks(self.model), folder)
+
+        return save_checkpoint(self.out, self.step, self.model, self.opt, progress, artifacts,
                                self.cfg.keep_checkpoints)
 
     def fit(self) -> dict:

@@ -3,8 +3,20 @@ fine-tuning job inside the serving loop (`serve.cotrain`).
 
 Order: clip the gradient norm, set the schedule's lr on every group, `optimizer.step()`, the train hooks'
 `after_step`, zero the gradients. Train hooks are the objects a method puts in `model.leantune_train_hooks`
-(AdaLoRA, ALLoRA); each may define `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor |
+(AdaLoRA, ALLoRA, SaRA); each may define `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor |
 None` (added to the mean loss) and `after_step(model, step)`; `step` counts optimizer steps from 0.
+
+Hooks that change WHICH parameters train (SaRA's progressive mask reselection) may also define, for the Trainer:
+
+- `change_trainable(model, step, optimizer) -> bool`: called once the step's gradients are accumulated, before
+  clipping and the update. It may adjust parameters, gradients and `optimizer`'s state in place, or swap a
+  parameter for a new one inside `optimizer` (its param_groups and state), and return False: the step goes on
+  over the model's trainable parameters as they are now; True means it replaced trainable parameters, whose gradients went with them: the
+  Trainer makes no update this step and rebuilds the optimizer over the model's trainable parameters (fresh
+  state).
+- `save_state(model, folder)` / `load_state(model, folder) -> bool`: their state (e.g. masks) in each checkpoint,
+  restored on resume before the trainable weights and the optimizer state are; True when loading replaced
+  trainable parameters (the Trainer then rebuilds the optimizer before loading its state).
 """
 from __future__ import annotations
 
@@ -46,6 +58,24 @@ def regularizer(model, hooks: list) -> torch.Tensor | None:
     """The sum of the hooks' regularizer terms (None when no hook has one)."""
     terms = [t for h in hooks if hasattr(h, "regularizer") and (t := h.regularizer(model)) is not None]
     return sum(terms[1:], terms[0]) if terms else None
+
+
+def change_trainable(model, hooks: list, step: int, optimizer) -> bool:
+    """Let the hooks change what trains before step `step`'s update; True when one replaced parameters."""
+    changed = [h.change_trainable(model, step, optimizer) for h in hooks if hasattr(h, "change_trainable")]
+    return any(changed)
+
+
+def save_hook_state(model, hooks: list, folder) -> None:
+    for h in hooks:
+        if hasattr(h, "save_state"):
+            h.save_state(model, folder)
+
+
+def load_hook_state(model, hooks: list, folder) -> bool:
+    """Restore the hooks' state from a checkpoint folder; True when one replaced trainable parameters."""
+    changed = [h.load_state(model, folder) for h in hooks if hasattr(h, "load_state")]
+    return any(changed)
 
 
 def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hooks: list = ()) -> tuple[float, float]:
