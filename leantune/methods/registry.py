@@ -15,7 +15,12 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
   PEFT format of its own (AdaLoRA's ADALORA), the tensors and `adapter_config.json` that `save_adapter`
   writes instead of LoRA's;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
-- `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights.
+- `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights;
+- `preflight(config, model)`: checks the options against the model's shapes before any weight is read; the
+  recipe passes the model built on the meta device from its config alone (shapes, names, no data);
+- `fit(model, config, runner) -> dict`: a method that trains in several phases, each with a fresh optimizer
+  and schedule (LT-SFT's full then sparse phase), drives them itself through `runner.run(name, ...)`
+  (`train.phases.PhaseRunner`) instead of the recipe's single `Trainer.fit()`; returns the last phase's result.
 
 Nothing here knows about a particular method: each method's file registers itself when `leantune.methods`
 is imported, and other packages add methods through the `leantune.methods` entry-point group, loaded once on
@@ -35,7 +40,8 @@ from ..fields import base_type
 from .base import check_new_adapter_name
 
 ENTRY_POINT_GROUP = "leantune.methods"
-HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config")
+HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
+         "preflight", "fit")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class MethodSpec:
     extra_files: Callable[[nn.Module, Path], None] | None = None
     peft_state_dict: Callable[[nn.Module, str], dict] | None = None
     peft_config: Callable[[nn.Module, str, str | None], dict] | None = None
+    preflight: Callable[[object, nn.Module], None] | None = None  # (config, meta-device model)
+    fit: Callable[..., dict] | None = None  # (model, config, runner) -> result of the last phase
     lora_shaped: bool = False
     trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it
