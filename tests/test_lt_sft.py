@@ -286,3 +286,31 @@ def test_k_larger_than_the_model_stops_before_any_weight_is_read(folder, data, t
         leantune.apply(model, "lt-sft", ft_params_num=n + 1)
     # a dense module set to none makes the head maskable too
     assert lt_sft_state(leantune.apply(model, "lt-sft", dense="none")).dense == []
+
+
+def test_several_lora_adapters_merge_and_generate_together(folder, tmp_path):
+    """--adapter repeats for LoRA adapters too: merged, W + s B1 A1 + s B2 A2; generate's path runs both."""
+    from leantune.recipes.generate import load_with_adapter
+
+    deltas = []
+    for i, name in enumerate(("a", "b")):
+        model, _ = load_model(str(folder), FP32)
+        leantune.apply(model, "lora", adapter_name=name, r=4, alpha=8, targets=["q_proj"])
+        torch.manual_seed(i)
+        layer = model.model.layers[0].self_attn.q_proj
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "lora_B") and name in m.lora_B:
+                    m.lora_B[name].weight.normal_(0, 0.1)
+        deltas.append(2.0 * layer.lora_B[name].weight.detach() @ layer.lora_A[name].weight.detach())
+        leantune.save_adapter(model, tmp_path / name, adapter_name=name)
+    merged = tmp_path / "merged"
+    assert cli.run(["merge", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--adapter",
+                    str(tmp_path / "b"), "--output", str(merged)]) == 0
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base, out = load_file(str(folder / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    torch.testing.assert_close(out[key], base[key] + deltas[0] + deltas[1], atol=1e-6, rtol=0)
+    both, _ = load_with_adapter(str(folder), [str(tmp_path / "a"), str(tmp_path / "b")], FP32)
+    plain, _ = load_model(str(merged), FP32)
+    with torch.no_grad():
+        torch.testing.assert_close(both(IDS), plain(IDS), atol=1e-5, rtol=0)
