@@ -4,7 +4,7 @@ Checks, on a tiny random Llama: the oracles of §8 (1: nnz(diff) <= K and the ma
 2: support(diff) within the mask, and the mask is the top-K |delta| of the full phase; 3: the head in the dense
 part, not in the diffs; 4: apply(phi1); apply(phi2) == theta0 + phi1 + phi2, revert allclose to theta0; 5: lr 0 in
 the sparse phase gives an all-zero diff), entries outside the mask bitwise unchanged even with weight decay,
-the CLI recipe (loss goes down, the saved diff loads through generate's path with the in-memory model's
+the lottery ticket vs a random mask of the same size (oracle 6), the CLI recipe (loss goes down, the saved diff loads through generate's path with the in-memory model's
 logits, a task diff trained on a language diff, `merge --adapter lang --adapter task` equal to
 theta0 + phi_lang + phi_task and loaded by transformers), resume after an interrupt in either phase, and bad
 input stopped before any weight is read.
@@ -147,6 +147,45 @@ def test_iterations_select_k_over_n_each(folder, data, tmp_path):
     # K/n = 500 per iteration, and every entry tied at the threshold joins (Adam's first steps move many
     # entries by the same amount, so a few ties are expected)
     assert 1000 <= lt_sft_state(model).selected() < 1050
+
+
+def test_the_lottery_ticket_beats_a_random_mask_of_the_same_size(folder, data, tmp_path, monkeypatch):
+    """Oracle 6 (soft, deterministic here): with K = 5% of the entries (head included), the sparse phase
+    recovers most of the full phase's loss drop, far more than a random mask of the same size does."""
+    from leantune.data import load_dataset
+    from leantune.methods.lt_sft import LtSftState
+    from leantune.train.loss import heldout_loss
+
+    def random_select(self, model, k):
+        flat = torch.zeros(sum(m.numel() for m in self.mask.values()), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:k]] = True
+        for m, part in zip(self.mask.values(), flat.split([m.numel() for m in self.mask.values()])):
+            m |= part.view_as(m)
+        return k
+
+    def drops(tag: str) -> tuple[float, float]:
+        model, tok = load_model(str(folder), FP32)
+        examples = load_dataset(str(data["lang"]), tok, 512)
+        before, after_full = heldout_loss(model, examples, 4, 512), []
+        config = LtSftConfig(ft_params_proportion=0.05, full_ft_steps=10, sparse_ft_steps=30, dense="none")
+        leantune.apply(model, "lt-sft", config=config)
+
+        class Probe(PhaseRunner):  # the loss right after the full phase, before the reset
+            def run(self, name, **kw):
+                result = super().run(name, **kw)
+                if name.startswith("full"):
+                    after_full.append(heldout_loss(model, examples, 4, 512))
+                return result
+
+        runner = Probe(model, examples, [], TrainConfig(batch_size=2, lr=1e-2, progress=False, report_to="none"),
+                       tmp_path / tag, log=lambda _m: None)
+        leantune.methods.get_method("lt-sft").fit(model, config, runner)
+        return before - after_full[0], before - heldout_loss(model, examples, 4, 512)
+
+    full, lottery = drops("lottery")
+    monkeypatch.setattr(LtSftState, "select", random_select)
+    _, random = drops("random")
+    assert lottery >= 0.8 * full and lottery >= 1.5 * random, (full, lottery, random)
 
 
 # ---------------------------------------------------------------------------------------------
