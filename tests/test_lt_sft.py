@@ -353,3 +353,31 @@ def test_several_lora_adapters_merge_and_generate_together(folder, tmp_path):
     plain, _ = load_model(str(merged), FP32)
     with torch.no_grad():
         torch.testing.assert_close(both(IDS), plain(IDS), atol=1e-5, rtol=0)
+
+
+def test_l1_towards_theta0_and_yaml_options(folder, tmp_path):
+    """The optional L1 term: lambda * sum|theta - theta0| / all parameters, lambda of the phase; the options
+    come from YAML keys as from flags."""
+    model, _ = load_model(str(folder), FP32)
+    leantune.apply(model, "lt-sft", config=LtSftConfig(full_l1_reg=0.5, sparse_l1_reg=2.0))
+    state = lt_sft_state(model)
+    n_all = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        model.lm_head.weight[0, :3] += torch.tensor([0.1, -0.2, 0.3])
+        model.model.layers[0].mlp.up_proj.weight[1, 1] -= 0.4
+    dist = torch.tensor(1.0)  # 0.1 + 0.2 + 0.3 + 0.4
+    torch.testing.assert_close(state.regularizer(model), 0.5 * dist / n_all, atol=1e-9, rtol=1e-4)
+    state.masking = True
+    reg = state.regularizer(model)
+    torch.testing.assert_close(reg, 2.0 * dist / n_all, atol=1e-9, rtol=1e-4)
+    reg.backward()  # it pulls the moved entries back towards theta0
+    assert model.lm_head.weight.grad[0, 0] > 0 and model.model.layers[0].mlp.up_proj.weight.grad[1, 1] < 0
+    assert lt_sft_state(leantune.apply(load_model(str(folder), FP32)[0], "lt-sft")).regularizer(model) is None
+
+    from leantune.recipes.finetune import config_from_args
+
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("method: lt-sft\nft_params_num: 123\nsparse_ft_steps: 7\nlt_sft_dense: none\ndata: d.jsonl\n")
+    args = cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(yaml), "--n-ft-iterations", "3"])
+    o = config_from_args(args).options
+    assert (o.ft_params_num, o.sparse_ft_steps, o.dense, o.n_ft_iterations) == (123, 7, "", 3)

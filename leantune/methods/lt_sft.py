@@ -151,6 +151,10 @@ def preflight_lt_sft(config: LtSftConfig, model: nn.Module) -> None:
     """Before any weight is read (`model` on the meta device): K fits, --targets and --lt-sft-dense match,
     the --lt-sft-base-diffs folders are sparse diffs."""
     check_k(model, config)
+    check_base_diffs(config)
+
+
+def check_base_diffs(config: LtSftConfig) -> None:
     for path in _names(config.base_diffs):
         if not is_sparse_diff_folder(path):
             raise ValueError(f"--lt-sft-base-diffs {path}: not a sparse-diff folder (it needs "
@@ -247,11 +251,11 @@ def apply_lt_sft(model: nn.Module, config: LtSftConfig, adapter_name: str) -> nn
                          f"{base.list_adapters(model)}: merge them first (leantune merge) or start from the base")
     if any(isinstance(m, Linear4bit) for m in model.modules()):
         raise ValueError(f"--method {METHOD} cannot train a 4-bit base (its weights are codes); load it in float")
-    preflight_lt_sft(config, model)
+    k = check_k(model, config)
+    check_base_diffs(config)
     for path in _names(config.base_diffs):  # theta0 is the base plus these (composable-sft's with_abs=False)
         apply_diff(model, path, with_dense=False)
     maskable, dense = split_parameters(model, config)
-    k = check_k(model, config)
     trained = set(maskable + dense)
     for n, p in model.named_parameters():
         p.requires_grad_(n in trained)
@@ -296,7 +300,7 @@ def lt_sft_diff(model: nn.Module, base_model_name_or_path: str | None = None):
     state = lt_sft_state(model)
     diff = diff_between({n: state.theta0[n] for n in state.trained}, model, dense=state.dense, min_abs=MIN_ABS)
     diff.method, diff.base_model_name_or_path = METHOD, base_model_name_or_path
-    diff.config = {k: v for k, v in dataclasses.asdict(state.config).items()}
+    diff.config = dataclasses.asdict(state.config)  # the options, so a folder says how it was made
     return diff
 
 
