@@ -381,3 +381,15 @@ def test_l1_towards_theta0_and_yaml_options(folder, tmp_path):
     args = cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(yaml), "--n-ft-iterations", "3"])
     o = config_from_args(args).options
     assert (o.ft_params_num, o.sparse_ft_steps, o.dense, o.n_ft_iterations) == (123, 7, "", 3)
+
+
+def test_export_writes_the_model_with_the_diffs_added(folder, lang, task, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    assert cli.run(["export", "--model", str(folder), "--adapter", str(lang), "--adapter", str(task),
+                    "--output", str(gguf), "--quant", "f16"]) == 0
+    exported, _ = load_model(str(gguf), FP32)
+    ours, _ = load_model(str(folder), FP32)
+    leantune.apply_diff(ours, lang)
+    leantune.apply_diff(ours, task)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(IDS), ours(IDS), atol=5e-3, rtol=0)  # f16 tensors; the diffs move logits by ~1
