@@ -4,10 +4,11 @@ Checks, on a tiny random Llama: the oracles of §8 (1: nnz(diff) <= K and the ma
 2: support(diff) within the mask, and the mask is the top-K |delta| of the full phase; 3: the head in the dense
 part, not in the diffs; 4: apply(phi1); apply(phi2) == theta0 + phi1 + phi2, revert allclose to theta0; 5: lr 0 in
 the sparse phase gives an all-zero diff), entries outside the mask bitwise unchanged even with weight decay,
-the lottery ticket vs a random mask of the same size (oracle 6), the CLI recipe (loss goes down, the saved diff loads through generate's path with the in-memory model's
-logits, a task diff trained on a language diff, `merge --adapter lang --adapter task` equal to
-theta0 + phi_lang + phi_task and loaded by transformers), resume after an interrupt in either phase, and bad
-input stopped before any weight is read.
+the lottery ticket vs a random mask of the same size (oracle 6), the L1 term, the CLI recipe (loss goes down,
+the saved diff loads through generate's path with the in-memory model's logits, a task diff trained on a
+language diff, `merge --adapter lang --adapter task` equal to theta0 + phi_lang + phi_task and loaded by
+transformers, `export` of both), several LoRA adapters merged, resume after an interrupt in either phase, and
+bad input stopped before any weight is read.
 """
 from __future__ import annotations
 
@@ -392,4 +393,5 @@ def test_export_writes_the_model_with_the_diffs_added(folder, lang, task, tmp_pa
     leantune.apply_diff(ours, lang)
     leantune.apply_diff(ours, task)
     with torch.no_grad():
-        torch.testing.assert_close(exported(IDS), ours(IDS), atol=5e-3, rtol=0)  # f16 tensors; the diffs move logits by ~1
+        # f16 tensors: within 5e-3, where the diffs move these logits by about 2
+        torch.testing.assert_close(exported(IDS), ours(IDS), atol=5e-3, rtol=0)

@@ -309,7 +309,8 @@ def save_lt_sft(model: nn.Module, out_dir, adapter_name: str = "default",  # noq
     return save_sparse_diff(lt_sft_diff(model, base_model_name_or_path), out_dir)
 
 
-def load_lt_sft(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:  # noqa: ARG001
+def load_lt_sft(model: nn.Module, path, adapter_name: str = "default",  # noqa: ARG001 - the hook's signature
+                trainable: bool = False) -> nn.Module:
     """Add the diff in folder `path` into the model's own weights (its dense parameters replace the model's)."""
     if trainable:
         raise ValueError(f"{path}: a sparse diff is added into the base weights and cannot be loaded as a "
