@@ -395,3 +395,29 @@ def test_export_writes_the_model_with_the_diffs_added(folder, lang, task, tmp_pa
     with torch.no_grad():
         # f16 tensors: within 5e-3, where the diffs move these logits by about 2
         torch.testing.assert_close(exported(IDS), ours(IDS), atol=5e-3, rtol=0)
+
+
+def test_resume_in_the_second_iteration_replays_the_first(folder, data, tmp_path, monkeypatch):
+    """Cut in iteration 2's full phase: the resumed run replays iteration 1 (its weights, mask, reset) and then
+    computes the same losses and diff as an uninterrupted run."""
+    from leantune.train.loop import Trainer
+
+    extra = ("--n-ft-iterations", "2", "--full-ft-steps", "3", "--sparse-ft-steps", "3", "--save-every", "2")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli.run(_argv(folder, data["lang"], whole, *extra)) == 0
+    real = Trainer.train_step
+
+    def interrupt(self, window):
+        if self.phase == "full-2" and self.step == 2:
+            raise KeyboardInterrupt
+        return real(self, window)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            cli.run(_argv(folder, data["lang"], cut, *extra))
+    assert cli.run([*_argv(folder, data["lang"], cut, *extra), "--resume"]) == 0
+    for phase in ("full-1", "sparse-1", "full-2", "sparse-2"):
+        assert _losses(cut, phase) == _losses(whole, phase), phase
+    a, b = load_file(str(cut / "sparse_diff.safetensors")), load_file(str(whole / "sparse_diff.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

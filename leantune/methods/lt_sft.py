@@ -17,6 +17,11 @@ Per iteration (`--n-ft-iterations`, default 1), each phase with a fresh optimize
    step those entries are put back to their value at the start of the phase (`after_step`): they stay
    bitwise unchanged whatever the optimizer.
 
+Each phase is a Trainer run of its own in OUTPUT/phases/{full,sparse}-{i}/ (metrics, loss.png, checkpoints that
+name the phase); a phase given no length of its own takes the run's --max-steps / --epochs. `--resume` replays
+the phases that finished (their final weights restored, the mask selected again from them) and continues the
+one that was cut from its last checkpoint, so it computes the losses of an uninterrupted run.
+
 Optional L1 towards theta0 (`--full-l1-reg`, `--sparse-l1-reg`, 0 by default): lambda * sum|theta - theta0| over
 the trained parameters / the model's parameter count, joined to the loss once per optimizer step.
 
@@ -33,7 +38,9 @@ composable-sft's `with_abs=False` for the language diff). `--lt-sft-base-diffs` 
 (applied without their dense parameters, before theta0 is taken): the cross-lingual recipe trains a task diff
 on base + source-language diff and runs it on base + target-language diff + task diff.
 
-Memory: theta0 and `prev` (one copy each of the trained parameters), a bool mask, full dense AdamW states.
+Memory: theta0 (on the CPU unless an L1 term needs it beside the weights) and `prev` (one copy each of the
+trained parameters), a bool mask, and full dense gradients and AdamW states: LT-SFT saves in what it writes (the
+diff), not in what training holds.
 """
 from __future__ import annotations
 
