@@ -260,6 +260,13 @@ def test_task_on_language_diff_and_merge_of_both(folder, lang, task, tmp_path):
     leantune.apply_diff(ours, task)
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, ours(IDS), atol=1e-4, rtol=0)
+    # chat takes the same several --adapter (composed as the merge composes them)
+    import io
+
+    from leantune.recipes.generate import GenerateConfig, chat
+
+    chat(GenerateConfig(model=str(folder), adapter=[str(lang), str(task)], max_new_tokens=3, dtype="fp32"),
+         stdin=io.StringIO("Who discovered comet 2?\n/exit\n"))
 
 
 # ---------------------------------------------------------------------------------------------
