@@ -222,15 +222,19 @@ class LtSftState:
         """Add to the mask the k not-yet-selected maskable entries with the largest |theta - theta0| (ties at
         the threshold all join); returns how many joined."""
         params = dict(model.named_parameters())
-        deltas = {n: (params[n].detach() - self.theta0[n].to(params[n].device)).abs() for n in self.maskable}
-        free = torch.cat([d[~self.mask[n]].reshape(-1).cpu() for n, d in deltas.items()])  # (N_free,)
+
+        def delta(n: str) -> torch.Tensor:  # computed again in the second pass: one |delta| at a time is held
+            return (params[n].detach() - self.theta0[n].to(params[n].device)).abs()
+
+        free = torch.cat([delta(n)[~self.mask[n]].reshape(-1).cpu() for n in self.maskable])  # (N_free,)
         if k > free.numel():
             raise ValueError(f"--ft-params-num: asked to select {k} more entries, but only {free.numel()} are "
                              "left unselected; lower --ft-params-num or --n-ft-iterations")
         thresh = torch.kthvalue(free, free.numel() - k + 1).values  # the k-th largest
+        del free
         added = 0
-        for n, d in deltas.items():
-            new = (d >= thresh.to(d.device)) & ~self.mask[n]
+        for n in self.maskable:
+            new = (delta(n) >= thresh.to(params[n].device)) & ~self.mask[n]
             self.mask[n] |= new
             added += int(new.sum())
         return added
