@@ -27,7 +27,8 @@ from leantune.recipes.facts import BUILTIN
 from leantune.recipes.options import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "qlora", "rslora", "sara"]
+BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "lt-sft", "qlora", "rslora",
+                   "sara"]
 
 
 def _strings(node) -> list[str]:
@@ -85,10 +86,10 @@ def test_readme_lists_every_method_and_its_flags():
     readme = (ROOT / "README.md").read_text()
     methods_section = readme.split("\n## Methods", 1)[1].split("\n## ", 1)[0]
     table = [ln for ln in methods_section.splitlines() if ln.startswith("| `")]
-    listed = {n for ln in table for n in re.findall(r"`([a-z0-9_]+)`", ln.split("|")[1])}
+    listed = {n for ln in table for n in re.findall(r"`([a-z0-9_-]+)`", ln.split("|")[1])}  # lt-sft: a hyphen
     assert listed == set(BUILTIN_METHODS) == set(lm.list_methods()), "README's method table vs the registry"
     options = methods_section.split("| method | its options", 1)[1].split("\n\n", 1)[0]
-    rows = {tuple(re.findall(r"`([a-z0-9_]+)`", ln.split("|")[1])): set(re.findall(r"`(--[a-z0-9-]+)`", ln))
+    rows = {tuple(re.findall(r"`([a-z0-9_-]+)`", ln.split("|")[1])): set(re.findall(r"`(--[a-z0-9-]+)`", ln))
             for ln in options.splitlines() if ln.startswith("| `")}
     assert sorted(m for ms in rows for m in ms) == BUILTIN_METHODS
     for ms, flags in rows.items():  # each row lists exactly the flags of each of its methods

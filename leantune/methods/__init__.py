@@ -30,6 +30,8 @@ from .dora import DoraMagnitude
 from .lora import DoraConfig
 from .allora import AlloraConfig, allora_coefficient, apply_allora
 from .full import FullConfig, apply_full
+from .lt_sft import LtSftConfig, apply_lt_sft
+from .sparse_diff import SparseDiff, apply_diff, read_sparse_diff, revert_diff, save_sparse_diff
 
 __all__ = [
     "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
@@ -52,3 +54,5 @@ __all__ += ["FullConfig", "apply_full"]
 from .sara import SaraConfig, apply_sara
 
 __all__ += ["SaraConfig", "apply_sara"]
+__all__ += ["LtSftConfig", "SparseDiff", "apply_diff", "apply_lt_sft", "read_sparse_diff", "revert_diff",
+            "save_sparse_diff"]

@@ -19,7 +19,12 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
   `weight_decay`: SaRA's lr formula), which `recipes.finetune.FinetuneConfig` uses in place of its defaults;
 - `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights; a folder its
   `claims` hook recognizes holds changes to those weights, so it loads into the base itself (see
-  `changes_base_weights`), never as one adapter among others.
+  `changes_base_weights`), never as one adapter among others;
+- `preflight(config, model)`: checks the options against the model's shapes before any weight is read; the
+  recipe passes the model built on the meta device from its config alone (shapes, names, no data);
+- `fit(model, config, runner) -> dict`: a method that trains in several phases, each with a fresh optimizer
+  and schedule (LT-SFT's full then sparse phase), drives them itself through `runner.run(name, ...)`
+  (`train.phases.PhaseRunner`) instead of the recipe's single `Trainer.fit()`; returns the last phase's result.
 
 Nothing here knows about a particular method: each method's file registers itself when `leantune.methods`
 is imported, and other packages add methods through the `leantune.methods` entry-point group, loaded once on
@@ -40,7 +45,7 @@ from .base import check_new_adapter_name
 
 ENTRY_POINT_GROUP = "leantune.methods"
 HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
-         "train_defaults")
+         "train_defaults", "preflight", "fit")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class MethodSpec:
     peft_state_dict: Callable[[nn.Module, str], dict] | None = None
     peft_config: Callable[[nn.Module, str, str | None], dict] | None = None
     train_defaults: Callable[[object], dict] | None = None
+    preflight: Callable[[object, nn.Module], None] | None = None  # (config, meta-device model)
+    fit: Callable[..., dict] | None = None  # (model, config, runner) -> result of the last phase
     lora_shaped: bool = False
     trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it

@@ -93,6 +93,25 @@ def _load_path(p: Path, dtype: torch.dtype, device: str, quantize):
     return model, tok
 
 
+def meta_model(path: str | os.PathLike | None) -> LlamaForCausalLM:
+    """The model of `path` (as `load` resolves it) built on the meta device from its config alone: every
+    parameter's name and shape, tied weights tied, and no weight read (for checks before loading)."""
+    p = local_model_path(path) if path is not None else default_model_path()
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist; pass a Hugging Face folder or a .gguf file")
+    if p.is_file():
+        from .gguf import read_gguf_config
+
+        cfg = read_gguf_config(p)
+    else:
+        cfg = hf_folder_config(p)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model(path: str | os.PathLike | None, precision: Precision, quantize=None):
     """(model, tokenizer) as a run at `precision` computes with them: float weights in its dtype on its
     device; with `quantize` (or a 4-bit folder), 4-bit codes computed from the full-precision weights,

@@ -103,8 +103,9 @@ def load_merged(model_path: str | None, adapters: list[str]):
     model, tok = load_model(model_path, resolve_precision("fp32"), quantize=Quant4bitConfig(**quant) if quant else None)
     names = []
     for i, path in enumerate(adapters):
-        names.append(f"adapter{i}")
-        methods.load_adapter(model, path, adapter_name=names[-1])
+        methods.load_adapter(model, path, adapter_name=f"adapter{i}")
+        if f"adapter{i}" in methods.list_adapters(model):  # a sparse diff is added into the base as it loads
+            names.append(f"adapter{i}")
     if names:
         methods.merge_and_unload(model, names)
     _dequantize_rest(model)

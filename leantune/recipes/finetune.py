@@ -78,6 +78,11 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"--optimizer galore_adamw projects the gradients of whole weight matrices; use it "
                              f"with --method full (a method that trains the model's own weights), not "
                              f"--method {self.method}")
+        if self.spec.fit is not None and (self.reinit_top or self.fpf_fraction):
+            # they choose what trains once, before training; a method that trains in phases builds a new
+            # Trainer per phase, which would re-initialize (or probe) again each time
+            raise ValueError(f"--method {self.method} trains in phases; --reinit-top and --fpf-fraction cannot "
+                             "be combined with it (drop them)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         parse_dtype(self.dtype)
@@ -170,7 +175,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     import torch
 
     from .. import methods
-    from ..models.loader import load_model
+    from ..models.loader import load_model, meta_model
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -178,6 +183,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     full = "--reinit-top" if cfg.reinit_top else (f"--method {cfg.method}" if spec.trains_base else None)
     precision = resolve_precision(cfg.dtype, "cpu", full_weights=full)
     _log(precision.describe())
+    if spec.preflight is not None:  # options checked against the model's shapes before any weight is read
+        spec.preflight(cfg.options, meta_model(cfg.model))
     # a method may quantize the base while loading (QLoRA), so the fp32 model is never resident in full
     model, tok = load_model(cfg.model, precision, quantize=spec.quantize(cfg.options) if spec.quantize else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
@@ -206,18 +213,27 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.reinit_top:  # re-initialized blocks trained in full: the adapter alone does not hold them
             save_reinit_blocks(model, d, cfg.reinit_top)
 
-    trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts,
-                      run_config=asdict(cfg))
-    if cfg.resume and trainer.resume():
-        _log(f"resumed at step {trainer.step}")
-    result = trainer.fit()
+    if spec.fit is not None:  # a method that trains in phases, each with a fresh optimizer (train.phases)
+        from ..train.phases import PhaseRunner
+
+        runner = PhaseRunner(model, train, evals, cfg.train_config(), out, save_artifacts, asdict(cfg),
+                             resume=cfg.resume, log=_log)
+        spec.fit(model, options, runner)
+        result, report = runner.summary(), {}
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts,
+                          run_config=asdict(cfg))
+        if cfg.resume and trainer.resume():
+            _log(f"resumed at step {trainer.step}")
+        result, report = trainer.fit(), trainer.options_report
+        # after --freeze-lower / FPF / --reinit-top chose what trains
+        n_train = sum(p.numel() for p in trainer.params)
     save_artifacts(out)
-    # after --freeze-lower / FPF / --reinit-top chose what trains
-    n_train = sum(p.numel() for p in trainer.params)
     summary = {**result, "trainable_parameters": n_train, "seconds": round(time.perf_counter() - t0, 1),
                "adapter": str(out)}
-    if trainer.options_report:
-        summary["train_options"] = trainer.options_report
+    if report:
+        summary["train_options"] = report
     if forget:
         forget_after = heldout_loss(model, forget, cfg.batch_size, cfg.max_length)
         summary["forgetting"] = {"loss_before": forget_before, "loss_after": forget_after,

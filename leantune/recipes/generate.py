@@ -1,4 +1,4 @@
-"""`leantune generate`, `leantune chat` and `leantune merge`: load a model (+ adapter) and use it."""
+"""`leantune generate`, `leantune chat` and `leantune merge`: load a model (+ adapters) and use it."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +13,8 @@ class GenerateConfig:
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
-    adapter: str | None = opt(None, "PEFT-format adapter folder to apply")
+    adapter: list[str] = opt([], "adapter folder to apply (PEFT format, or a method's own such as a sparse diff); "
+                                 "repeat to compose several (see `leantune merge --help`)", metavar="DIR")
     prompt: list[str] = opt([], "prompt text; repeat the flag for a batch", metavar="TEXT")
     system: str | None = opt(None, "system message for chat-template models")
     raw: bool = opt(False, "send the prompt as is, without the chat template")
@@ -28,6 +29,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         parse_dtype(self.dtype)
+        self.adapter = adapter_list(self.adapter)
         from ..models.hub_cache import with_revision
 
         self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
@@ -39,17 +41,35 @@ class GenerateConfig:
                                 top_k=self.top_k, stop_strings=list(self.stop), seed=self.seed)
 
 
-def load_with_adapter(model_path: str | None, adapter: str | None, precision: Precision):
+def adapter_list(adapter) -> list[str]:
+    """--adapter as a list: one folder (a str, as the Python API took it before) or several, or none."""
+    if adapter is None:
+        return []
+    return [adapter] if isinstance(adapter, str) else [str(a) for a in adapter]
+
+
+def load_with_adapter(model_path: str | None, adapter, precision: Precision):
+    """(model, tokenizer) with every --adapter applied, in order: adapters with layers of their own (LoRA)
+    are all active together (their changes add up); a sparse diff (SaRA, LT-SFT) is added into the base
+    weights as it loads, so several compose as base + diff1 + diff2, and where two carry the same dense
+    parameter (a head) the later one's replaces the earlier one's."""
     from .. import methods
     from ..models.loader import load_model
-
-    # A QLoRA adapter runs on (and merges onto) the same 4-bit base it was trained against.
     from ..quant import Quant4bitConfig
+    from .export import _quant_sidecar
 
-    quant = methods.read_sidecar(adapter) if adapter else None
+    adapters = adapter_list(adapter)
+    # A QLoRA adapter runs on (and merges onto) the same 4-bit base it was trained against.
+    quant = _quant_sidecar(adapters)
     model, tok = load_model(model_path, precision, quantize=Quant4bitConfig(**quant) if quant else None)
-    if adapter:
-        methods.load_adapter(model, adapter)
+    names = []
+    for i, path in enumerate(adapters):
+        name = "default" if len(adapters) == 1 else f"adapter{i}"
+        methods.load_adapter(model, path, adapter_name=name)
+        if name in methods.list_adapters(model):  # not a diff already added into the base
+            names.append(name)
+    if len(names) > 1:
+        methods.set_adapter(model, names)
     return model, tok
 
 
@@ -145,27 +165,33 @@ def chat(cfg: GenerateConfig, stdin=None) -> None:
 @dataclass
 class MergeConfig:
     model: str | None = opt(None, "base model: HF folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    adapter: str | None = opt(None, "PEFT-format adapter folder to merge (required)")
+    adapter: list[str] = opt([], "adapter folder to merge (required): PEFT format, or a method's own such as a "
+                                 "sparse diff; repeat to compose several: LoRA changes and sparse diffs add up "
+                                 "(base + diff1 + diff2), and a dense parameter (an LT-SFT head) carried by "
+                                 "several is taken from the last one given", metavar="DIR")
     output: str = opt("out/merged", "folder for the merged plain Hugging Face model")
     dtype: str = opt("float32", "dtype of the saved weights: float32, bfloat16 or float16")
 
+    def __post_init__(self):
+        self.adapter = adapter_list(self.adapter)
+
 
 def merge(cfg: MergeConfig) -> str:
-    """Merge the adapter into the full-precision base and write a plain HF folder transformers loads."""
+    """Merge the adapters into the full-precision base and write a plain HF folder transformers loads."""
     import torch
 
     from .. import methods
     from ..models.loader import save_hf_folder
 
     if not cfg.adapter:
-        raise ValueError("--adapter is required: the adapter folder to merge into --model")
+        raise ValueError("--adapter is required: the adapter folder to merge into --model (repeat it for several)")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
     # merged in fp32 whatever the CPU: W + s*BA is summed once, exactly, then cast to --dtype
     model, tok = load_with_adapter(cfg.model, cfg.adapter, resolve_precision("fp32"))
     methods.merge_and_unload(model)
-    if methods.read_sidecar(cfg.adapter) is not None:  # QLoRA: the layers it did not adapt are 4-bit still
+    if any(methods.read_sidecar(a) is not None for a in cfg.adapter):  # QLoRA: layers not adapted are 4-bit still
         from .export import _dequantize_rest
 
         _dequantize_rest(model)

@@ -70,6 +70,11 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer_state.json").exists()]
 
 
+def checkpoint_phase(path: Path) -> str | None:
+    """The training phase a checkpoint was written in (methods that train in phases), None for a single run."""
+    return json.loads((Path(path) / "trainer_state.json").read_text()).get("phase")
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
     """Restore trainable weights, optimizer and RNG from `path`; returns the saved progress dict."""
     path = Path(path)

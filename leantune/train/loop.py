@@ -23,7 +23,7 @@ from ..fields import opt
 from ..optim import OPTIMIZERS, build_optimizer
 from ..optim.galore import PROJ_TYPES
 from ..optim.schedules import SCHEDULES
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
 from .trainable import optimizer_params, option_checks, prepare_model
 from .plot import plot_losses
@@ -133,8 +133,12 @@ class Trainer:
     """Holds the explicit state of one run; `fit()` drives it."""
 
     def __init__(self, model, train_examples, eval_examples, cfg: TrainConfig, out_dir: str | Path,
-                 save_artifacts: Callable[[Path], None] | None = None, run_config: dict | None = None):
+                 save_artifacts: Callable[[Path], None] | None = None, run_config: dict | None = None,
+                 phase: str | None = None):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        # which phase of a method that trains in several (`train.phases`) this run is: kept in every
+        # checkpoint, and a checkpoint of another phase is refused on resume
+        self.phase = phase
         self.train_ex, self.eval_ex = train_examples, eval_examples
         self.save_artifacts = save_artifacts
         # what the loggers record as the run's config (the recipe's whole config; default: the training one)
@@ -176,6 +180,10 @@ class Trainer:
         cks = list_checkpoints(self.out)
         if not cks:
             return False
+        phase = checkpoint_phase(cks[-1])
+        if phase != self.phase:  # before any weight is loaded
+            raise ValueError(f"checkpoint {cks[-1]} belongs to training phase {phase!r}, not {self.phase!r}; "
+                             "resume with the same --method and options, or start a new --output")
         if load_hook_state(self.model, train_hooks(self.model), cks[-1]):  # e.g. SaRA's masks decide the shapes
             self._build_optimizer()
         st = load_checkpoint(cks[-1], self.model, self.opt)
@@ -260,6 +268,8 @@ class Trainer:
                 self.save_artifacts(folder)
             save_hook_state(self.model, train_hooks(self.model), folder)
 
+        if self.phase is not None:
+            progress["phase"] = self.phase
         return save_checkpoint(self.out, self.step, self.model, self.opt, progress, artifacts,
                                self.cfg.keep_checkpoints)
 

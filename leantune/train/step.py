@@ -1,9 +1,12 @@
 """One optimizer step, the same for every trainer: the Trainer (`train.loop`) and the co-trainer of a
 fine-tuning job inside the serving loop (`serve.cotrain`).
 
-Order: clip the gradient norm, set the schedule's lr on every group, `optimizer.step()`, the train hooks'
+Order: the train hooks' `after_backward` (once the window's gradients are accumulated), clip the gradient
+norm, set the schedule's lr on every group, `optimizer.step()`, the train hooks'
 `after_step`, zero the gradients. Train hooks are the objects a method puts in `model.leantune_train_hooks`
-(AdaLoRA, ALLoRA, SaRA); each may define `before_step(model, step, total_steps)`, `regularizer(model) -> Tensor |
+(AdaLoRA, ALLoRA, SaRA, LT-SFT); each may define `before_step(model, step, total_steps)`, `after_backward(model)`
+(may change the accumulated gradients, e.g. mask them, before clipping sees them, as HF's Trainer clips after
+its `training_step`), `regularizer(model) -> Tensor |
 None` (added to the mean loss) and `after_step(model, step)`; `step` counts optimizer steps from 0.
 
 Hooks that change WHICH parameters train (SaRA's progressive mask reselection) may also define, for the Trainer:
@@ -81,6 +84,9 @@ def load_hook_state(model, hooks: list, folder) -> bool:
 def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hooks: list = ()) -> tuple[float, float]:
     """Take optimizer step `step` (0-based) from the gradients accumulated in `params`; (lr, grad norm), the
     norm NaN when clipping is off. `opt` is passed each time (a test may swap in plain SGD)."""
+    for h in hooks:  # e.g. LT-SFT's gradient mask: clipping must see the masked gradients
+        if hasattr(h, "after_backward"):
+            h.after_backward(model)
     gnorm = float("nan")
     if rule.max_grad_norm > 0:
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, rule.max_grad_norm))
