@@ -50,11 +50,24 @@ def subspace(grad: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, to
 
     The SVD runs in fp32 at least (bf16 / fp16 gradients are upcast, fp64 stays); the factors are cast back."""
     u, _, vh = torch.linalg.svd(at_least_fp32(grad), full_matrices=False)
+    # The factors stay views of the SVD's column-major U and Vh, as in galore-torch: a matmul rounds differently
+    # by layout, and the trajectory equals galore-torch's only with the same layout (a last-bit difference can
+    # flip a singular vector's sign at the next refresh, and the moments carried across it then diverge).
+    # `GaLoreAdamW.load_state_dict` gives loaded factors this layout again, so a resumed run is exact.
+    u, vh = u[:, :rank].to(grad.dtype), vh[:rank].to(grad.dtype)
     if side == "right":
-        return vh[:rank].to(grad.dtype), None
+        return vh, None
     if side == "left":
-        return u[:, :rank].to(grad.dtype), None
-    return u[:, :rank].to(grad.dtype), vh[:rank].to(grad.dtype)
+        return u, None
+    return u, vh
+
+
+def column_major(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """x (a, b) laid out as the first a rows of a column-major (lead, b) matrix, strides (1, lead): the layout
+    of U[:, :r] (lead m) and Vh[:r] (lead min(m, n)) from LAPACK's SVD. A checkpoint stores factors densely."""
+    buf = x.new_zeros(x.shape[1], lead)
+    buf[:, : x.shape[0]] = x.t()
+    return buf[:, : x.shape[0]].t()
 
 
 def project(grad: torch.Tensor, side: str, p: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +106,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def check_group(self, group: dict) -> None:
         check_group(group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "rank" in group and "proj" in st and self._svd_factors(group):
+                    self._relayout(st, _side(group["proj_type"], p.shape), p.shape)
+
+    def _svd_factors(self, group: dict) -> bool:
+        """Whether the group's factors are views of an SVD (`subspace`), whose layout a resume restores."""
+        return True
+
+    @staticmethod
+    def _relayout(st: dict, side: str, shape: torch.Size) -> None:
+        m, n = shape
+        if side == "right":
+            st["proj"] = column_major(st["proj"], min(m, n))  # Vh[:r]
+            return
+        st["proj"] = column_major(st["proj"], m)  # U[:, :r]
+        if side == "full":
+            st["proj_right"] = column_major(st["proj_right"], min(m, n))
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -128,6 +128,9 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     def check_group(self, group: dict) -> None:
         check_natural_group(group)
 
+    def _svd_factors(self, group: dict) -> bool:
+        return group["proj_type"] != "tucker"  # Tucker factors are made row-major, as a checkpoint stores them
+
     def _project(self, grad: torch.Tensor, state: dict, group: dict, t: int):
         if "rank" not in group:
             return grad, None
@@ -136,7 +139,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         if "proj" not in state or t % group["update_proj_gap"] == 0:
             if tucker:  # U1 (m, r) and U2 (n, r): R = U1^T G U2, kept as galore's "full" pair (U1, U2^T)
                 _, (u1, u2) = tucker_hooi(at_least_fp32(grad), [group["rank"]] * 2)
-                state["proj"], state["proj_right"] = u1.to(grad.dtype), u2.t().contiguous().to(grad.dtype)
+                state["proj"], state["proj_right"] = u1.to(grad.dtype).contiguous(), u2.t().to(grad.dtype).contiguous()
             else:
                 state["proj"], right = subspace(grad, group["rank"], side)
                 if right is not None:
