@@ -336,3 +336,24 @@ def test_bad_combinations_are_refused(folder, data, tmp_path, capsys):
         assert_nothing_written(tmp_path / "o")
     galore = [a if a != "natural_galore" else "galore_adamw" for a in _argv(folder, data, tmp_path / "o")]
     assert "--galore-proj-type must be one of" in fails([*galore, "--galore-proj-type", "tucker"], capsys)
+
+
+def test_yaml_and_python_api(folder, data, tmp_path):
+    """The options from a YAML file (flags override it) and from the Python API, where the projection defaults
+    to Natural GaLore's own (tucker) and GaLore keeps std."""
+    from leantune.recipes import finetune as ft
+
+    f = tmp_path / "c.yaml"
+    f.write_text("optimizer: natural_galore\nnatural_history: 7\nnatural_reset_history: true\n"
+                 "galore_per_layer: true\nmax_grad_norm: 0\nmethod: full\n")
+    argv = ["finetune", "--config", str(f), "--data", "d.jsonl", "--natural-history", "5"]
+    cfg = ft.config_from_args(cli.build_parser(argv).parse_args(argv))
+    assert (cfg.optimizer, cfg.natural_history, cfg.natural_reset_history, cfg.galore_per_layer) == (
+        "natural_galore", 5, True, True)
+    assert cfg.galore_proj_type == "tucker"
+    assert ft.FinetuneConfig(method="full", optimizer="galore_adamw").galore_proj_type == "std"
+    cfg = ft.FinetuneConfig(model=str(folder), data=str(data), output=str(tmp_path / "o"), method="full",
+                            optimizer="natural_galore", galore_rank=4, natural_history=3, max_steps=2,
+                            batch_size=2, eval_fraction=0.0, dtype="fp32", progress=False, lr=1e-2)
+    summary = ft.finetune(cfg)
+    assert summary["steps"] == 2 and (tmp_path / "o" / "model.safetensors").exists()

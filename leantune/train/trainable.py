@@ -14,6 +14,9 @@ equally forget all parameters?", ICML 2023, arXiv:2304.04158). Reference: method
 - FPF: a short SGD probe finds the modules whose weights drift most, relative to their size
   (`s_m = ‖θ_m' − θ_m‖ / (‖θ_m‖ + ε)`, the paper's score [its exact normalisation is unverified]); only the
   top modules, up to a fraction of the trainable parameters, train; the probe's changes are undone.
+- GaLore / Natural GaLore (`--optimizer galore_adamw | natural_galore`): their parameter groups, the checks of
+  their options (`projection_checks`: projections, --natural-history, what --galore-per-layer cannot do) and of
+  --galore-rank against the shapes of the matrices it projects (`check_projection_ranks`).
 """
 from __future__ import annotations
 
