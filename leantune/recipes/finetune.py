@@ -155,7 +155,13 @@ def check_shapes_before_loading(cfg: FinetuneConfig) -> None:
         return
     with torch.device("meta"):
         model = LlamaForCausalLM(read_model_config(cfg.model)[0])
-    methods.apply(model, cfg.method, config=cfg.options)  # what trains decides what is projected
+    try:
+        methods.apply(model, cfg.method, config=cfg.options)  # what trains decides what is projected
+    except (ValueError, NotImplementedError, RuntimeError):
+        # the method's own errors come from the real apply below, with the options named; and a method that
+        # reads weight values (a threshold on |w|) cannot run on meta tensors: the Trainer makes the same check
+        # on the loaded model, so only the early stop is lost
+        return
     check_projection_ranks(model, [p for p in model.parameters() if p.requires_grad], cfg.train_config())
 
 

@@ -24,7 +24,8 @@ from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_op
 from ..optim.schedules import SCHEDULES
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
-from .trainable import check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model, projection_checks
+from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
+                        projection_checks)
 from .plot import plot_losses
 from .progress import Progress
 from .report import open_loggers, parse_report_to
