@@ -19,10 +19,12 @@ Per projected matrix G (m, n) and step, with rank r:
 
 `natural_history=0` turns the transform off (two-sided Tucker GaLore with the default projection). The history
 is kept across subspace refreshes, as the official code does, so coordinates of the old and new subspaces mix in
-it; `reset_history_on_refresh=True` clears it at each refresh instead. Not copied from the official code: its
-projector (GaLore's `GaLoreProjectorTensor`) makes the subspace only once and projects back the raw projected
-gradient instead of Adam's update; here the subspace is refreshed every `update_proj_gap` steps and Adam's
-update is what goes back, as in GaLore's matrix projector.
+it; `reset_history_on_refresh=True` clears it at each refresh instead. Not copied: two bugs of GaLore's
+`GaLoreProjectorTensor` (jiaweizzhao/GaLore galore_torch/galore_projector_tensor.py), the projector Natural
+GaLore's is derived from: it makes the subspace only once (`ortho_matrix is None and iter % gap == 0`), and its
+`project_back` ignores its argument and projects back the raw projected gradient instead of Adam's update. Here
+the subspace is refreshed every `update_proj_gap` steps (methods-core §6.2) and Adam's update goes back, as in
+GaLore's matrix projector.
 
 The factors and the history are tensors in the optimizer state (`proj`, `proj_right`, `history`), so
 checkpoints are safetensors and a resumed run continues exactly.
