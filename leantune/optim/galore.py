@@ -50,11 +50,12 @@ def subspace(grad: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, to
 
     The SVD runs in fp32 at least (bf16 / fp16 gradients are upcast, fp64 stays); the factors are cast back."""
     u, _, vh = torch.linalg.svd(at_least_fp32(grad), full_matrices=False)
-    # The factors stay views of the SVD's column-major U and Vh, as in galore-torch: a matmul rounds differently
-    # by layout, and the trajectory equals galore-torch's only with the same layout (a last-bit difference can
-    # flip a singular vector's sign at the next refresh, and the moments carried across it then diverge).
-    # `GaLoreAdamW.load_state_dict` gives loaded factors this layout again, so a resumed run is exact.
-    u, vh = u[:, :rank].to(grad.dtype), vh[:rank].to(grad.dtype)
+    # Dense column-major copies of U[:, :r] and Vh[:r]. Not views: a view keeps all of U or Vh alive, up to
+    # min(m, n) / r times the factor (for an 8B model's 4096-wide Vh at rank 128, 32x). Column-major: the
+    # layout of LAPACK's U and Vh, which galore-torch computes with; a matmul rounds by layout, and a last-bit
+    # difference can flip a singular vector's sign at the next refresh, after which the moments carried across
+    # it diverge. `GaLoreAdamW.load_state_dict` gives loaded factors this layout again (exact resume).
+    u, vh = column_major(u[:, :rank].to(grad.dtype)), column_major(vh[:rank].to(grad.dtype))
     if side == "right":
         return vh, None
     if side == "left":
@@ -62,12 +63,9 @@ def subspace(grad: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, to
     return u, vh
 
 
-def column_major(x: torch.Tensor, lead: int) -> torch.Tensor:
-    """x (a, b) laid out as the first a rows of a column-major (lead, b) matrix, strides (1, lead): the layout
-    of U[:, :r] (lead m) and Vh[:r] (lead min(m, n)) from LAPACK's SVD. A checkpoint stores factors densely."""
-    buf = x.new_zeros(x.shape[1], lead)
-    buf[:, : x.shape[0]] = x.t()
-    return buf[:, : x.shape[0]].t()
+def column_major(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x (a, b) in its own a * b storage, column-major: strides (1, a)."""
+    return torch.empty_strided(x.shape, (1, x.shape[0]), dtype=x.dtype, device=x.device).copy_(x)
 
 
 def project(grad: torch.Tensor, side: str, p: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
@@ -113,21 +111,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 st = self.state.get(p, {})
                 if "rank" in group and "proj" in st and self._svd_factors(group):
-                    self._relayout(st, _side(group["proj_type"], p.shape), p.shape)
+                    self._relayout(st)
 
     def _svd_factors(self, group: dict) -> bool:
         """Whether the group's factors are views of an SVD (`subspace`), whose layout a resume restores."""
         return True
 
     @staticmethod
-    def _relayout(st: dict, side: str, shape: torch.Size) -> None:
-        m, n = shape
-        if side == "right":
-            st["proj"] = column_major(st["proj"], min(m, n))  # Vh[:r]
-            return
-        st["proj"] = column_major(st["proj"], m)  # U[:, :r]
-        if side == "full":
-            st["proj_right"] = column_major(st["proj_right"], min(m, n))
+    def _relayout(st: dict) -> None:
+        for key in ("proj", "proj_right"):
+            if key in st:
+                st[key] = column_major(st[key])
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
