@@ -77,6 +77,19 @@ def test_state_has_the_projected_size_and_orthonormal_projections():
     assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for st in opt.state.values() for v in st.values())
 
 
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_state_storage_is_the_projected_size(proj_type):
+    """The bytes the state holds, not only its numel: a factor kept as a view of the SVD's U or Vh would keep
+    all of it alive (min(m, n) / rank times the factor)."""
+    net = Net()
+    opt = GaLoreAdamW(_groups(net, dict(rank=4, update_proj_gap=3, proj_type=proj_type)), lr=1e-2)
+    _run(net, opt, steps=2)
+    for w in (net.mlp_up.weight, net.mlp_down.weight):
+        for k, t in opt.state[w].items():
+            if torch.is_tensor(t):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (k, proj_type)
+
+
 def test_bad_groups_are_refused():
     net = Net()
     with pytest.raises(ValueError, match="projects matrices only"):

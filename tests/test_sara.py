@@ -383,3 +383,7 @@ def test_bad_input_names_the_option(folder, data, tmp_path, trained):
     model, _ = fp32_model(folder)
     with pytest.raises(ValueError, match="loads into the base's own weights, not as a trainable adapter"):
         leantune.load_adapter(model, trained[0], trainable=True)
+    with pytest.raises(ValueError, match="--optimizer galore_adamw projects the gradients of the 2-D weights .* "
+                                         "none of the .* trainable parameters is one; use it with --method full"):
+        cli.run(_argv(folder, data, tmp_path / "o3", "--optimizer", "galore_adamw"))
+    assert not (tmp_path / "o3" / "sparse_diff.safetensors").exists()

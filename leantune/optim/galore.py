@@ -41,16 +41,31 @@ def _side(proj_type: str, shape: torch.Size) -> str:
     return proj_type
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def subspace(grad: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The projection of `grad` (m, n): right -> P = Vh[:r] (r, n); left -> P = U[:, :r] (m, r); full -> both.
 
-    The SVD runs in fp32 whatever the gradient's dtype; the factors are cast back to it."""
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    The SVD runs in fp32 at least (bf16 / fp16 gradients are upcast, fp64 stays); the factors are cast back."""
+    u, _, vh = torch.linalg.svd(at_least_fp32(grad), full_matrices=False)
+    # Dense column-major copies of U[:, :r] and Vh[:r]. Not views: a view keeps all of U or Vh alive, up to
+    # min(m, n) / r times the factor (for an 8B model's 4096-wide Vh at rank 128, 32x). Column-major: the
+    # layout of LAPACK's U and Vh, which galore-torch computes with; a matmul rounds by layout, and a last-bit
+    # difference can flip a singular vector's sign at the next refresh, after which the moments carried across
+    # it diverge. `GaLoreAdamW.load_state_dict` gives loaded factors this layout again (exact resume).
+    u, vh = column_major(u[:, :rank].to(grad.dtype)), column_major(vh[:rank].to(grad.dtype))
     if side == "right":
-        return vh[:rank].to(grad.dtype), None
+        return vh, None
     if side == "left":
-        return u[:, :rank].to(grad.dtype), None
-    return u[:, :rank].to(grad.dtype), vh[:rank].to(grad.dtype)
+        return u, None
+    return u, vh
+
+
+def column_major(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x (a, b) in its own a * b storage, column-major: strides (1, a)."""
+    return torch.empty_strided(x.shape, (1, x.shape[0]), dtype=x.dtype, device=x.device).copy_(x)
 
 
 def project(grad: torch.Tensor, side: str, p: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
@@ -81,11 +96,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            check_group(group)
+            self.check_group(group)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        check_group(self.param_groups[-1])
+        self.check_group(self.param_groups[-1])
+
+    def check_group(self, group: dict) -> None:
+        check_group(group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "rank" in group and "proj" in st and self._svd_factors(group):
+                    self._relayout(st)
+
+    def _svd_factors(self, group: dict) -> bool:
+        """Whether the group's factors are views of an SVD (`subspace`), whose layout a resume restores."""
+        return True
+
+    @staticmethod
+    def _relayout(st: dict) -> None:
+        for key in ("proj", "proj_right"):
+            if key in st:
+                st[key] = column_major(st[key])
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -96,21 +132,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group)
+                    self.update_param(p, group)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def update_param(self, p: torch.Tensor, group: dict) -> None:
+        """One step of one parameter from its `.grad` (what `step()` does to each; per-layer updates call it
+        from the parameter's gradient hook, `optim.per_layer`)."""
         state = self.state[p]
         t = int(state.get("step", 0))  # a checkpoint may hand it back as a tensor
-        grad = p.grad
-        side = None
-        if "rank" in group:
-            side = _side(group["proj_type"], grad.shape)
-            if "proj" not in state or t % group["update_proj_gap"] == 0:
-                state["proj"], right = subspace(grad, group["rank"], side)
-                if right is not None:
-                    state["proj_right"] = right
-            grad = project(grad, side, state["proj"], state.get("proj_right"))
+        grad, back = self._project(p.grad, state, group, t)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -124,11 +154,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         update = m / (v.sqrt() + group["eps"])
-        if side is not None:
-            update = project_back(update, side, state["proj"], state.get("proj_right")) * group["scale"]
+        if back is not None:
+            update = back(update) * group["scale"]
         p.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])  # after the update, as galore-torch does
+
+    def _project(self, grad: torch.Tensor, state: dict, group: dict, t: int):
+        """(what Adam's moments see, the map of Adam's update back to the weight's shape or None); `t` is the
+        step counter before this step, so step 0 makes the first subspace."""
+        if "rank" not in group:
+            return grad, None
+        side = _side(group["proj_type"], grad.shape)
+        if "proj" not in state or t % group["update_proj_gap"] == 0:
+            state["proj"], right = subspace(grad, group["rank"], side)
+            if right is not None:
+                state["proj_right"] = right
+        p, q = state["proj"], state.get("proj_right")
+        return project(grad, side, p, q), lambda low: project_back(low, side, p, q)
 
 
 def check_group(group: dict) -> None:
@@ -151,9 +194,10 @@ def check_group(group: dict) -> None:
 
 
 def galore_param_groups(model: torch.nn.Module, params: list, rank: int, update_proj_gap: int, scale: float,
-                        proj_type: str) -> list[dict]:
+                        proj_type: str, **extra) -> list[dict]:
     """galore-torch's recipe: the 2-D weights of linear layers inside attention and MLP blocks (module names
-    containing "attn" or "mlp") are projected; everything else (embeddings, norms, the head) is plain AdamW."""
+    containing "attn" or "mlp") are projected; everything else (embeddings, norms, the head) is plain AdamW.
+    `extra`: more keys of the projected group (Natural GaLore's `natural_history`, ...)."""
     wanted = {id(p) for p in params}
     galore = []
     for name, module in model.named_modules():
@@ -166,5 +210,5 @@ def galore_param_groups(model: torch.nn.Module, params: list, rank: int, update_
     groups = [{"params": rest}] if rest else []
     if galore:
         groups.append({"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-                       "proj_type": proj_type})
+                       "proj_type": proj_type, **extra})
     return groups

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fields import opt
+from ..optim import PROJECTED_OPTIMIZERS
 from ..precision import parse_dtype, resolve_precision
 from ..train.loop import TrainConfig, Trainer
 from ..train.loss import heldout_loss
@@ -74,9 +75,9 @@ class FinetuneConfig(TrainConfig):
         from ..models.hub_cache import with_revision
 
         self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
-        if self.optimizer == "galore_adamw" and not self.spec.trains_base:
-            raise ValueError(f"--optimizer galore_adamw projects the gradients of whole weight matrices; use it "
-                             f"with --method full (a method that trains the model's own weights), not "
+        if self.optimizer in PROJECTED_OPTIMIZERS and not self.spec.trains_base:
+            raise ValueError(f"--optimizer {self.optimizer} projects the gradients of whole weight matrices; use "
+                             f"it with --method full (a method that trains the model's own weights), not "
                              f"--method {self.method}")
         if self.spec.fit is not None and (self.reinit_top or self.fpf_fraction):
             # they choose what trains once, before training; a method that trains in phases builds a new
@@ -170,6 +171,30 @@ def calibration_context(cfg: FinetuneConfig, model, tokenizer, train):
     return CalibrationContext(model=model, examples=train, load=load, seed=cfg.seed, log=_log)
 
 
+def check_shapes_before_loading(cfg: FinetuneConfig) -> None:
+    """Options that depend on the model's shapes (--galore-rank against the projected matrices), checked on the
+    model built on the meta device from its config alone, so a bad value stops before any weight is read."""
+    import torch
+
+    from .. import methods
+    from ..models.llama import LlamaForCausalLM
+    from ..train.trainable import check_projection_ranks
+    from .estimate import read_model_config
+
+    if cfg.optimizer not in PROJECTED_OPTIMIZERS:
+        return
+    with torch.device("meta"):
+        model = LlamaForCausalLM(read_model_config(cfg.model)[0])
+    try:
+        methods.apply(model, cfg.method, config=cfg.options)  # what trains decides what is projected
+    except (ValueError, NotImplementedError, RuntimeError):
+        # the method's own errors come from the real apply below, with the options named; and a method that
+        # reads weight values (a threshold on |w|) cannot run on meta tensors: the Trainer makes the same check
+        # on the loaded model, so only the early stop is lost
+        return
+    check_projection_ranks(model, [p for p in model.parameters() if p.requires_grad], cfg.train_config())
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one finetuning job; returns a summary dict (also written to OUTPUT/summary.json)."""
     import torch
@@ -177,6 +202,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from .. import methods
     from ..models.loader import load_model, meta_model
 
+    check_shapes_before_loading(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     spec = cfg.spec

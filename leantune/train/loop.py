@@ -20,17 +20,18 @@ from typing import Callable
 import torch
 
 from ..fields import opt
-from ..optim import OPTIMIZERS, build_optimizer
-from ..optim.galore import PROJ_TYPES
+from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_optimizer
 from ..optim.schedules import SCHEDULES
 from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
-from .trainable import optimizer_params, option_checks, prepare_model
+from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
+                        projection_checks)
 from .plot import plot_losses
 from .progress import Progress
 from .report import open_loggers, parse_report_to
 from .step import (
-    StepRule, before_step, change_trainable, load_hook_state, optimizer_step, regularizer, save_hook_state, train_hooks,
+    StepRule, before_step, change_trainable, load_hook_state, optimizer_step, regularizer, save_hook_state, set_lr,
+    train_hooks,
 )
 
 
@@ -49,12 +50,24 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     optimizer: str = opt("adamw", "adamw, paged_adamw (optimizer states of large tensors kept off the "
-                         "device/working set) or galore_adamw (GaLore: moments of attention/MLP weight matrices "
-                         "in a rank --galore-rank projection of their gradients; with --method full)")
+                         "device/working set), galore_adamw (GaLore: moments of attention/MLP weight matrices "
+                         "in a rank --galore-rank projection of their gradients; with --method full) or "
+                         "natural_galore (Natural GaLore: GaLore on both sides of each matrix, its projected "
+                         "gradient preconditioned by the inverse Fisher of the last --natural-history ones)")
     galore_rank: int = opt(128, "GaLore: rank of the gradient projection")
     galore_update_proj_gap: int = opt(200, "GaLore: recompute each projection (SVD of the gradient) every N steps")
     galore_scale: float = opt(0.25, "GaLore: scale of the projected-back update (alpha)")
-    galore_proj_type: str = opt("std", "GaLore: std (project the smaller side), reverse_std, right, left or full")
+    galore_proj_type: str | None = opt(None, "GaLore: std (project the smaller side), reverse_std, right, left, full "
+                                       "(both sides, SVD) or tucker (natural_galore only: both sides, Tucker/HOOI); "
+                                       "default std for galore_adamw, tucker for natural_galore")
+    # GaLore's layer-wise updates and Natural GaLore's options (checked in train.trainable.projection_checks)
+    galore_per_layer: bool = opt(False, "GaLore / Natural GaLore: update each weight inside backward as soon as its "
+                                 "gradient is complete and free that gradient, so the gradients of all layers "
+                                 "never live at once (needs --grad-accum 1 and --max-grad-norm 0)")
+    natural_history: int = opt(20, "Natural GaLore: projected gradients kept for the natural-gradient (Woodbury) "
+                               "transform; 0 = off (plain GaLore on the chosen projection)")
+    natural_reset_history: bool = opt(False, "Natural GaLore: clear that history when the subspace is refreshed "
+                                      "(the official code keeps it, mixing old and new coordinates)")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = opt(0, "seed for init, shuffling and dropout")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward to save memory")
@@ -78,6 +91,8 @@ class TrainConfig:
     fpf_probe_steps: int = opt(5, "FPF: SGD steps of the drift probe (undone before training)")
 
     def __post_init__(self):
+        if self.galore_proj_type is None:  # the projected optimizer's own default projection
+            self.galore_proj_type = default_proj_type(self.optimizer)
         checks = [
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.epochs >= 1 or self.max_steps > 0, "set --epochs >= 1 or --max-steps > 0"),
@@ -91,12 +106,10 @@ class TrainConfig:
             (self.galore_rank >= 1, f"--galore-rank must be >= 1, got {self.galore_rank}"),
             (self.galore_update_proj_gap >= 1,
              f"--galore-update-proj-gap must be >= 1, got {self.galore_update_proj_gap}"),
-            (self.galore_proj_type in PROJ_TYPES,
-             f"--galore-proj-type must be one of {PROJ_TYPES}, got {self.galore_proj_type!r}"),
-            (not (self.llrd and self.optimizer == "galore_adamw"),
-             "--llrd and --optimizer galore_adamw cannot be combined (both set the parameter groups)"),
+            (not (self.llrd and self.optimizer in PROJECTED_OPTIMIZERS),
+             f"--llrd and --optimizer {self.optimizer} cannot be combined (both set the parameter groups)"),
         ]
-        for ok, msg in checks + option_checks(self):
+        for ok, msg in checks + projection_checks(self) + option_checks(self):
             if not ok:
                 raise ValueError(msg)
         # before any model is loaded: an unknown backend or a missing extra stops here
@@ -147,6 +160,7 @@ class Trainer:
         self._epoch_cache: tuple[int, list] | None = None
         # --reinit-top, --freeze-lower, FPF: they decide which parameters train, so they come first
         self.options_report = prepare_model(model, train_examples, cfg)
+        self.per_layer_hooks: list = []
         self._build_optimizer()
         n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
@@ -164,8 +178,13 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters: apply a method (e.g. --method lora) first")
         check_fp32_trainable(self.model)
+        check_projection_ranks(self.model, self.params, self.cfg)
         self.opt = build_optimizer(self.cfg.optimizer, optimizer_params(self.model, self.params, self.cfg),
                                    lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # --galore-per-layer: backward updates each weight and frees its gradient (optim.per_layer)
+        for h in self.per_layer_hooks:  # those of the optimizer this one replaces
+            h.remove()
+        self.per_layer_hooks = attach_per_layer(self.opt) if self.cfg.galore_per_layer else []
 
     def _batches(self, epoch: int) -> list:
         from ..data import batches_for_epoch
@@ -219,6 +238,9 @@ class Trainer:
         self.model.train()
         hooks = train_hooks(self.model)
         before_step(self.model, hooks, self.step, self.total_steps)
+        # the step's lr before backward: an optimizer that updates inside backward (per layer) reads it there;
+        # optimizer_step sets the same value again for the others
+        set_lr(self.opt, self.rule.lr_at(self.step))
         n_tok = sum(count_loss_tokens(b) for b in window)
         total, reg_total = 0.0, None
         for b in window:

@@ -81,6 +81,12 @@ def load_hook_state(model, hooks: list, folder) -> bool:
     return any(changed)
 
 
+def set_lr(opt, lr: float) -> None:
+    """The schedule's lr on every group (a group's own `lr_scale` is applied inside `step()`)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hooks: list = ()) -> tuple[float, float]:
     """Take optimizer step `step` (0-based) from the gradients accumulated in `params`; (lr, grad norm), the
     norm NaN when clipping is off. `opt` is passed each time (a test may swap in plain SGD)."""
@@ -91,8 +97,7 @@ def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hoo
     if rule.max_grad_norm > 0:
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, rule.max_grad_norm))
     lr = rule.lr_at(step)
-    for g in opt.param_groups:
-        g["lr"] = lr
+    set_lr(opt, lr)
     opt.step()
     for h in hooks:  # e.g. AdaLoRA's rank allocation: reads this step's gradients, so before zero_grad
         if hasattr(h, "after_step"):

@@ -14,6 +14,9 @@ equally forget all parameters?", ICML 2023, arXiv:2304.04158). Reference: method
 - FPF: a short SGD probe finds the modules whose weights drift most, relative to their size
   (`s_m = ‖θ_m' − θ_m‖ / (‖θ_m‖ + ε)`, the paper's score [its exact normalisation is unverified]); only the
   top modules, up to a fraction of the trainable parameters, train; the probe's changes are undone.
+- GaLore / Natural GaLore (`--optimizer galore_adamw | natural_galore`): their parameter groups, the checks of
+  their options (`projection_checks`: projections, --natural-history, what --galore-per-layer cannot do) and of
+  --galore-rank against the shapes of the matrices it projects (`check_projection_ranks`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from ..methods.base import adapter_layers
-from ..optim import plain_sgd
+from ..optim import PROJECTED_OPTIMIZERS, plain_sgd
 
 # a block's parameters: "model.layers.3.mlp..." (Llama), "transformer.h.3..." (GPT-2), "encoder.layer.3..." (BERT)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -62,6 +65,54 @@ def option_checks(cfg) -> list[tuple[bool, str]]:
     ]
 
 
+def default_proj_type(optimizer: str) -> str:
+    """--galore-proj-type when not given: GaLore's one-sided "std", Natural GaLore's two-sided "tucker"."""
+    return "tucker" if optimizer == "natural_galore" else "std"
+
+
+def projection_checks(cfg) -> list[tuple[bool, str]]:
+    """Validation of the GaLore / Natural GaLore options of a TrainConfig, as (ok, message) pairs."""
+    from ..optim.galore import PROJ_TYPES
+    from ..optim.natural_galore import PROJ_TYPES as NATURAL_PROJ_TYPES
+
+    kinds = NATURAL_PROJ_TYPES if cfg.optimizer == "natural_galore" else PROJ_TYPES
+    per_layer = cfg.galore_per_layer
+    return [
+        (cfg.galore_proj_type in kinds, f"--galore-proj-type must be one of {kinds} with --optimizer "
+                                        f"{cfg.optimizer}, got {cfg.galore_proj_type!r}"),
+        (cfg.natural_history >= 0, f"--natural-history must be >= 0 (0 = no transform), got {cfg.natural_history}"),
+        (not per_layer or cfg.optimizer in PROJECTED_OPTIMIZERS,
+         f"--galore-per-layer steps each weight inside backward, which only {PROJECTED_OPTIMIZERS} can do; use "
+         f"--optimizer galore_adamw or natural_galore, or drop --galore-per-layer"),
+        (not per_layer or cfg.grad_accum == 1,
+         "--galore-per-layer updates each weight during backward, so gradients cannot add up over micro-batches; "
+         "set --grad-accum 1 (a larger --batch-size instead)"),
+        (not per_layer or cfg.max_grad_norm == 0,
+         "--galore-per-layer updates each weight before the global gradient norm is known, so it cannot clip by "
+         "it; set --max-grad-norm 0"),
+    ]
+
+
+def check_projection_ranks(model: nn.Module, params: list[nn.Parameter], cfg) -> None:
+    """--galore-rank must not exceed the smaller side of any matrix it projects (a rank-r subspace of a matrix
+    with fewer than r rows or columns does not exist). Shapes only: it works on a model on the meta device,
+    which is how the finetune recipe checks before reading any weight."""
+    if cfg.optimizer not in PROJECTED_OPTIMIZERS:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = [p for g in optimizer_params(model, params, cfg) if "rank" in g for p in g["params"]]
+    if not projected:  # e.g. SaRA's or an adapter's parameters: the optimizer would be plain AdamW, silently
+        raise ValueError(f"--optimizer {cfg.optimizer} projects the gradients of the 2-D weights of attention and "
+                         f"MLP linears, and none of the {len(params)} trainable parameters is one; use it with "
+                         f"--method full, or --optimizer adamw")
+    small = [p for p in projected if cfg.galore_rank > min(p.shape)]
+    if small:
+        limit = min(min(p.shape) for p in projected)
+        raise ValueError(f"--galore-rank {cfg.galore_rank} is larger than the smaller side of {names[id(small[0])]} "
+                         f"{tuple(small[0].shape)} ({len(small)} projected matrices are too small); use "
+                         f"--galore-rank {limit} or less")
+
+
 # ---------------------------------------------------------------------------------------------
 # layer-wise lr decay
 
@@ -91,12 +142,15 @@ def param_groups_llrd(model: nn.Module, lr: float, decay: float, weight_decay: f
 
 def optimizer_params(model: nn.Module, params: list[nn.Parameter], cfg) -> list:
     """What the Trainer hands its optimizer: the plain list, LLRD groups with --llrd, or GaLore's projected and
-    plain groups with --optimizer galore_adamw."""
-    if cfg.optimizer == "galore_adamw":
+    plain groups with --optimizer galore_adamw / natural_galore."""
+    if cfg.optimizer in PROJECTED_OPTIMIZERS:
         from ..optim import galore_param_groups
 
+        extra = {}
+        if cfg.optimizer == "natural_galore":
+            extra = {"natural_history": cfg.natural_history, "reset_history_on_refresh": cfg.natural_reset_history}
         return galore_param_groups(model, params, cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale,
-                                   cfg.galore_proj_type)
+                                   cfg.galore_proj_type, **extra)
     if not cfg.llrd:
         return params
     return param_groups_llrd(model, cfg.lr, cfg.llrd, cfg.weight_decay)
