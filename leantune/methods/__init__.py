@@ -30,6 +30,7 @@ from .dora import DoraMagnitude
 from .lora import DoraConfig
 from .allora import AlloraConfig, allora_coefficient, apply_allora
 from .full import FullConfig, apply_full
+from .qst import QSTConfig, QSTForCausalLM, apply_qst, load_qst, save_qst
 
 __all__ = [
     "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
@@ -49,3 +50,4 @@ __all__ += ["AlloraConfig", "DoraConfig", "DoraMagnitude", "allora_coefficient",
 __all__ += ["CordaConfig", "apply_corda", "collect_covariance", "run_on"]
 __all__ += ["CalibrationContext", "MethodOption", "method_options", "save"]
 __all__ += ["FullConfig", "apply_full"]
+__all__ += ["QSTConfig", "QSTForCausalLM", "apply_qst", "load_qst", "save_qst"]

@@ -14,6 +14,11 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
 - `peft_state_dict(model, adapter_name)` and `peft_config(model, adapter_name, base_model_name_or_path)`: a
   PEFT format of its own (AdaLoRA's ADALORA), the tensors and `adapter_config.json` that `save_adapter`
   writes instead of LoRA's;
+- `check_model(config, model_config)`: does the config fit the model (its `models.config.ModelConfig`, read
+  from config.json before any weight)? Raises naming the option and what to change;
+- `wrap(model) -> model`: a method whose adapters run beside the model rather than inside its layers (a side
+  network) wraps the base, so a server can hold the wrapper before it loads such adapters (its `load` hook
+  then returns the wrapper it was given); `apply` and `load` return the wrapper, which callers use;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
 - `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights.
 
@@ -35,7 +40,8 @@ from ..fields import base_type
 from .base import check_new_adapter_name
 
 ENTRY_POINT_GROUP = "leantune.methods"
-HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config")
+HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
+         "check_model", "wrap")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class MethodSpec:
     extra_files: Callable[[nn.Module, Path], None] | None = None
     peft_state_dict: Callable[[nn.Module, str], dict] | None = None
     peft_config: Callable[[nn.Module, str, str | None], dict] | None = None
+    check_model: Callable[[object, object], None] | None = None
+    wrap: Callable[[nn.Module], nn.Module] | None = None
     lora_shaped: bool = False
     trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it

@@ -49,7 +49,7 @@ def load_with_adapter(model_path: str | None, adapter: str | None, precision: Pr
     quant = methods.read_sidecar(adapter) if adapter else None
     model, tok = load_model(model_path, precision, quantize=Quant4bitConfig(**quant) if quant else None)
     if adapter:
-        methods.load_adapter(model, adapter)
+        model = methods.load_adapter(model, adapter)  # a side-network method returns a wrapper of the model
     return model, tok
 
 
@@ -162,6 +162,13 @@ def merge(cfg: MergeConfig) -> str:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
+    from ..methods.registry import spec_for_folder
+
+    side = spec_for_folder(cfg.adapter)
+    if side is not None and side.wrap is not None:  # before any weight is read
+        raise ValueError(f"--adapter {cfg.adapter}: a {side.name} adapter is a network that runs beside the model, "
+                         "not a change of its weights, so it cannot be merged; use it with generate, chat or serve "
+                         "--adapter")
     # merged in fp32 whatever the CPU: W + s*BA is summed once, exactly, then cast to --dtype
     model, tok = load_with_adapter(cfg.model, cfg.adapter, resolve_precision("fp32"))
     methods.merge_and_unload(model)
