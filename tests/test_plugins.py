@@ -27,7 +27,7 @@ from leantune.recipes.facts import BUILTIN
 from leantune.recipes.options import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "qlora", "rslora"]
+BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "qlora", "qst", "rslora"]
 
 
 def _strings(node) -> list[str]:

@@ -11,7 +11,7 @@ layer and its output is gated into the base's final hidden state before the shar
 `D_i` is a low-rank adapter d -> peft_hidden_size -> d/r with swish between and a LayerNorm after (the official
 default), or a parameter-free average / max pool over channel groups of r. The side blocks are leantune's own
 `Block` built from a copy of the base's ModelConfig with width, FFN width and head size divided by r and the same
-number of heads, so (d/r) % n_heads must be 0. Official-code pitfalls not copied: the adapter's dropout is a
+number of heads, so (d/r) % n_heads must be 0 (and the side's head size even, for RoPE's pairs). Official-code pitfalls not copied: the adapter's dropout is a
 Dropout when dropout > 0 (the official test is inverted); the gates' initial logits are options (z_i 0.5 and
 z_out `gate_init_logit`, 1.0 as the code: sigmoid(1) = 0.73, so QST is not the base at init; a large value, e.g.
 10, starts near the base).
@@ -89,10 +89,11 @@ class QSTConfig:
         d, h, r = mc.hidden_size, mc.num_heads, self.reduction
         if d % r:
             raise ValueError(f"--qst-reduction {r} does not divide the model's hidden size {d}; pick a divisor of {d}")
-        if (d // r) % h:
-            fits = [k for k in range(1, d + 1) if d % k == 0 and (d // k) % h == 0]
+        if (d // r) % h or (d // r // h) % 2:
+            fits = [k for k in range(1, d + 1) if d % k == 0 and (d // k) % (2 * h) == 0]
             raise ValueError(f"--qst-reduction {r}: the side network's width d/r = {d // r} must be a multiple of the "
-                             f"model's {h} attention heads (the side layers keep them); use one of {fits}")
+                             f"model's {h} attention heads (the side layers keep them) with an even size per head "
+                             f"(RoPE turns pairs); use one of {fits}")
         if mc.intermediate_size < r:
             raise ValueError(f"--qst-reduction {r} is larger than the model's FFN width {mc.intermediate_size}")
 
@@ -186,6 +187,7 @@ class QSTForCausalLM(nn.Module):
         self.gradient_checkpointing = False  # recompute each side block in backward (the base keeps nothing)
         for p in base.parameters():
             p.requires_grad_(False)
+        self.train(base.training)  # a model loaded for generation stays in eval mode (no dropout)
 
     # -- what callers read off a model --------------------------------------------------------------
     @property
@@ -220,7 +222,7 @@ class QSTForCausalLM(nn.Module):
                              "side network (serve another one from another server)")
         mbase.check_new_adapter_name(self, adapter_name)
         device = self.base.head_module().weight.device
-        self.side = QSTSide(self.config, cfg).to(device)
+        self.side = QSTSide(self.config, cfg).to(device).train(self.training)
         self.adapter_name = adapter_name
         mbase.register_adapter(self, adapter_name, cfg)
         mbase.set_adapter(self, adapter_name)
@@ -265,7 +267,8 @@ class QSTForCausalLM(nn.Module):
     def _side_step(self, i: int, h_next, g, ctx: QSTContext):
         side = self.side
         z = torch.sigmoid(side.gates[i])
-        s = (1 - z) * side.downsample[i](h_next.to(g.dtype)) + z * g
+        # (1 - z) * D + z * g, written so that autograd keeps one (B, T, d/r) tensor (D - g), not D and g
+        s = g + (1 - z) * (side.downsample[i](h_next.to(g.dtype)) - g)
         cos, sin = ctx.side_rope
         mask = ctx.base.masks[side.side_cfg.layer_window(i)]
         return side.layers[i](s, cos, sin, mask, ctx.base.meta)
@@ -292,7 +295,10 @@ class QSTForCausalLM(nn.Module):
             return hb
         side = self.side
         zo = torch.sigmoid(side.out_gate)
-        o = (1 - zo) * side.upsample(side.norm(x[..., d:])) + zo * hb.to(zo.dtype)
+        hb32 = hb.to(zo.dtype)
+        # (1 - zo) * U(.) + zo * hb, written so that autograd keeps one (B, T, d) tensor, not two; at zo = 1 it is hb
+        # exactly (oracle (e))
+        o = hb32 + (1 - zo) * (side.upsample(side.norm(x[..., d:])) - hb32)
         return torch.cat((o.to(hb.dtype), hb), dim=-1)
 
     def _pick(self, h2: torch.Tensor, adapter_ids) -> torch.Tensor:
@@ -384,6 +390,7 @@ def save_qst(model: nn.Module, out_dir, adapter_name: str = "default",
             "base_model_name_or_path": base_model_name_or_path or model.name_or_path,
             "base_shape": _shape_of(model.config)}
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the config is renamed in last: until then the folder is no QST folder
     _replace_in_folder(out, tensors, json.dumps(meta, indent=2, sort_keys=True), WEIGHTS_NAME, CONFIG_NAME)
     return out
 
