@@ -366,3 +366,27 @@ def test_server_serves_the_qst_adapter_and_the_base(trained, folder, tmp_path):
             break
     for (name, i), evs in events.items():
         assert "".join(ev["text"] for ev in evs) == tok.decode(want[name][i]), (name, i)
+
+
+def test_gradient_checkpointing_recomputes_the_side_with_equal_gradients(base_lm):
+    batch = copy_batch(torch.Generator().manual_seed(3))
+    grads = []
+    for ckpt in (False, True):
+        m = qst_model(base_lm, dropout=0.0).train()
+        m.gradient_checkpointing = ckpt
+        saved = saved_bytes(saved_tensors(m, batch))
+        grads.append(({n: p.grad for n, p in m.side.named_parameters()}, saved))
+    (plain, plain_bytes), (ck, ck_bytes) = grads
+    assert all(torch.allclose(plain[n], ck[n], atol=1e-6) for n in plain)
+    assert ck_bytes < plain_bytes
+
+
+def test_export_and_a_running_server_refuse_it(trained, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--model", str(folder), "--adapter", str(trained), "--output", str(tmp_path / "m.gguf")])
+    assert e.value.code == 2 and "cannot be merged or exported" in capsys.readouterr().err
+    from leantune.recipes.serve import ServeConfig, build_server
+
+    _, engine = build_server(ServeConfig(model=str(folder), data_dir=str(tmp_path / "d"), dtype="fp32"))
+    with pytest.raises(ValueError, match="start the server with it"):
+        engine.load_adapter("q", str(trained), None)

@@ -11,20 +11,21 @@ layer and its output is gated into the base's final hidden state before the shar
 `D_i` is a low-rank adapter d -> peft_hidden_size -> d/r with swish between and a LayerNorm after (the official
 default), or a parameter-free average / max pool over channel groups of r. The side blocks are leantune's own
 `Block` built from a copy of the base's ModelConfig with width, FFN width and head size divided by r and the same
-number of heads, so (d/r) % n_heads must be 0 (and the side's head size even, for RoPE's pairs). Official-code pitfalls not copied: the adapter's dropout is a
-Dropout when dropout > 0 (the official test is inverted); the gates' initial logits are options (z_i 0.5 and
-z_out `gate_init_logit`, 1.0 as the code: sigmoid(1) = 0.73, so QST is not the base at init; a large value, e.g.
-10, starts near the base).
+number of heads, so (d/r) % n_heads must be 0 (and the side's head size even, for RoPE's pairs). Official-code
+pitfalls not copied: the adapter's dropout is a Dropout when dropout > 0 (the official test is inverted); the
+gates' initial logits are options (z_i 0.5 and z_out `gate_init_logit`, 1.0 as the code: sigmoid(1) = 0.73, so
+QST is not the base at init; a large value, e.g. 10, starts near the base).
 
 Applying QST wraps the model: `apply(model, "qst")` returns a `QSTForCausalLM` (the recipes use what `apply`
 and `load_adapter` return). The wrapper shows the same stages as the base (`embed`, `layer_context`,
 `layer_forward`, `final_norm`, `head`), so `generate`, the trainer's loss and the serving runner run it unchanged:
 between stages it carries the base's hidden state and the side's state side by side in one tensor (B, T, d + d/r),
 and its side blocks keep their keys and values in the same KV cache as the base, as cache layers L..2L-1 (which
-the caches make on first use). Rows routed to another adapter slot (-1: the base) get the base's own output, so one engine
-serves the base and the QST adapter. Saved as a folder of its own (`qst_config.json` naming the base, plus
-`qst_model.safetensors` with the side network) and QLoRA's `leantune.json` sidecar, so generate, chat and serve
-load the same 4-bit base the side network was trained against.
+the caches make on first use). Rows routed to another adapter slot (-1: the base) get the base's own output, so
+one engine serves the base and the QST adapter (`leantune serve --adapter NAME=DIR` wraps the model at start).
+Saved as a folder of its own (`qst_config.json` naming the base, plus `qst_model.safetensors` with the side
+network) and QLoRA's `leantune.json` sidecar, so generate, chat and serve load the same 4-bit base the side
+network was trained against. It cannot be merged or exported (it changes no weight of the base).
 """
 from __future__ import annotations
 
@@ -173,6 +174,9 @@ class QSTContext:
 
 class QSTForCausalLM(nn.Module):
     """A frozen base LM (`.base`) with at most one QST side network (`.side`, None: the base alone)."""
+
+    # a server's fine-tuning jobs train LoRA through the model's layers, which this wrapper runs under no_grad
+    hosts_finetuning = False
 
     def __init__(self, base: nn.Module):
         super().__init__()

@@ -44,6 +44,14 @@ class ExportConfig:
             check_quant(self.quant)
         if not self.output.endswith(".gguf"):
             raise ValueError(f"--output {self.output!r} must name a .gguf file")
+        from ..methods.registry import spec_for_folder
+
+        for path in self.adapter:  # a side network (a method with a `wrap` hook) is no change of the weights
+            spec = spec_for_folder(path) if Path(path).is_dir() else None
+            if spec is not None and spec.wrap is not None:
+                raise ValueError(f"--adapter {path}: a {spec.name} adapter is a network that runs beside the model, "
+                                 "not a change of its weights, so it cannot be merged or exported to GGUF; use it "
+                                 "with leantune generate, chat or serve --adapter")
 
 
 def _same_base(recorded: str, given: str) -> bool:
