@@ -390,3 +390,19 @@ def test_export_and_a_running_server_refuse_it(trained, folder, tmp_path, capsys
     _, engine = build_server(ServeConfig(model=str(folder), data_dir=str(tmp_path / "d"), dtype="fp32"))
     with pytest.raises(ValueError, match="start the server with it"):
         engine.load_adapter("q", str(trained), None)
+
+
+def test_gpu_bench_qst_row_runs_dry(tmp_path):
+    """bench/gpu_train.py's 8B QST row (measured on a GPU against its QLoRA row), on its --dry CPU path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(root / "bench" / "gpu_train.py"), "--dry", "--only", "leantune:8b:qst",
+                        "--budget-s", "170", "--min-run-s", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=180, cwd=root, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["status"] == "ok" and run["finite"] and run["trainable"] > 0, run.get("error")
