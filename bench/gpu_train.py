@@ -39,6 +39,7 @@ RUNS = [
     ("leantune", "1b", "qlora"), ("peer", "1b", "qlora"),
     ("leantune", "8b", "lora"), ("peer", "8b", "lora"),
     ("leantune", "8b", "qlora-offload"),  # leantune only: saved activations in pinned host memory
+    ("leantune", "8b", "qst"),  # leantune only: QST's side network (r=16) beside the same NF4 base; goal vs qlora
 ]
 
 # The numbers for the peer on an H100 (tokens/s, peak GiB) and the goal.
@@ -132,8 +133,11 @@ def run_leantune(args) -> dict:
     method = args.method.split("-")[0]
     offload = args.method.endswith("-offload")
     t0 = time.perf_counter()
-    model = build_leantune(shape, method == "qlora", dev, dtype)
-    leantune.apply(model, method, r=args.rank, alpha=2 * args.rank, targets="all-linear")
+    model = build_leantune(shape, method in ("qlora", "qst"), dev, dtype)
+    if method == "qst":  # its own options: the side network's reduction (16; 8 for --dry's 4 heads of width 64)
+        model = leantune.apply(model, method, reduction=8 if args.dry else 16)
+    else:
+        leantune.apply(model, method, r=args.rank, alpha=2 * args.rank, targets="all-linear")
     model.gradient_checkpointing = True
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,7 +333,7 @@ def drive(args) -> dict:
 def summarize(args, results: list[dict], wall: float) -> dict:
     by = {(r["system"], r["model"], r["method"]): r for r in results}
     rows = []
-    for model, method in (("8b", "qlora"), ("1b", "qlora"), ("8b", "lora"), ("8b", "qlora-offload")):
+    for model, method in (("8b", "qlora"), ("1b", "qlora"), ("8b", "lora"), ("8b", "qlora-offload"), ("8b", "qst")):
         lt, pr = by.get(("leantune", model, method), {}), by.get(("peer", model, method.split("-")[0]), {})
         ok = lambda r: r.get("status") == "ok"
         row = {"model": model, "method": method,
@@ -349,6 +353,11 @@ def summarize(args, results: list[dict], wall: float) -> dict:
     g = by.get(("leantune", "8b", "qlora"), {})
     if g.get("status") == "ok" and not args.dry:
         goal["met"] = g["tokens_per_s"] >= GOAL["tokens_per_s_min"] and g["peak_gib"] <= GOAL["peak_gib_max"]
+    # the QST goal: peak training memory <= 0.7x QLoRA's (leantune's, same base, batch and sequence)
+    qst, ql = by.get(("leantune", "8b", "qst"), {}), by.get(("leantune", "8b", "qlora"), {})
+    if qst.get("status") == "ok" and ql.get("status") == "ok" and ql.get("peak_gib"):
+        goal["qst_peak_vs_qlora"] = qst["peak_gib"] / ql["peak_gib"]
+        goal["qst_met"] = goal["qst_peak_vs_qlora"] <= 0.7
     return {"bench": "gpu_train", "dry": args.dry, "batch": args.batch, "seq": args.seq, "rank": args.rank,
             "steps": args.steps, "warmup": args.warmup, "budget_s": args.budget_s, "wall_s": round(wall, 1),
             "rows": rows, "goal": goal, "runs": results}
@@ -372,6 +381,8 @@ def print_table(res: dict) -> None:
     g = res["goal"]
     print(f"goal: 8B QLoRA >= {g['tokens_per_s_min']} tok/s at <= {g['peak_gib_max']} GiB: "
           f"{ {True: 'met', False: 'not met'}.get(g.get('met'), 'not measured')}")
+    if "qst_peak_vs_qlora" in g:
+        print(f"goal: 8B QST peak <= 0.7x QLoRA's: {g['qst_peak_vs_qlora']:.2f}x, {'met' if g['qst_met'] else 'not met'}")
 
 
 def main(argv=None) -> None:
@@ -390,7 +401,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="", help="also write the result JSON here")
     ap.add_argument("--worker", choices=["leantune", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=["1b", "8b"], help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["lora", "qlora", "qlora-offload"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["lora", "qlora", "qlora-offload", "qst"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.dry else 4)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.dry else 2)

@@ -27,8 +27,8 @@ from leantune.recipes.facts import BUILTIN
 from leantune.recipes.options import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "lt-sft", "qlora", "rslora",
-                   "sara"]
+BUILTIN_METHODS = ["adalora", "allora", "bottleneck", "corda", "dora", "full", "lora", "lt-sft", "qlora", "qst",
+                   "rslora", "sara"]
 
 
 def _strings(node) -> list[str]:

@@ -32,6 +32,7 @@ from .allora import AlloraConfig, allora_coefficient, apply_allora
 from .full import FullConfig, apply_full
 from .lt_sft import LtSftConfig, apply_lt_sft
 from .sparse_diff import SparseDiff, apply_diff, read_sparse_diff, revert_diff, save_sparse_diff
+from .qst import QSTConfig, QSTForCausalLM, apply_qst, load_qst, save_qst
 
 __all__ = [
     "AdapterLayer", "LoraConfig", "LoraLinear", "MethodSpec", "QLoraConfig", "apply_qlora", "base_quantization",
@@ -56,3 +57,4 @@ from .sara import SaraConfig, apply_sara
 __all__ += ["SaraConfig", "apply_sara"]
 __all__ += ["LtSftConfig", "SparseDiff", "apply_diff", "apply_lt_sft", "read_sparse_diff", "revert_diff",
             "save_sparse_diff"]
+__all__ += ["QSTConfig", "QSTForCausalLM", "apply_qst", "load_qst", "save_qst"]

@@ -14,6 +14,11 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
 - `peft_state_dict(model, adapter_name)` and `peft_config(model, adapter_name, base_model_name_or_path)`: a
   PEFT format of its own (AdaLoRA's ADALORA), the tensors and `adapter_config.json` that `save_adapter`
   writes instead of LoRA's;
+- `check_model(config, model_config)`: does the config fit the model (its `models.config.ModelConfig`, read
+  from config.json before any weight)? Raises naming the option and what to change;
+- `wrap(model) -> model`: a method whose adapters run beside the model rather than inside its layers (a side
+  network) wraps the base, so a server can hold the wrapper before it loads such adapters (its `load` hook
+  then returns the wrapper it was given); `apply` and `load` return the wrapper, which callers use;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
 - `train_defaults(config) -> dict`: values it proposes for training options the user leaves unset (`lr`,
   `weight_decay`: SaRA's lr formula), which `recipes.finetune.FinetuneConfig` uses in place of its defaults;
@@ -45,7 +50,7 @@ from .base import check_new_adapter_name
 
 ENTRY_POINT_GROUP = "leantune.methods"
 HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
-         "train_defaults", "preflight", "fit")
+         "train_defaults", "preflight", "fit", "check_model", "wrap")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class MethodSpec:
     train_defaults: Callable[[object], dict] | None = None
     preflight: Callable[[object, nn.Module], None] | None = None  # (config, meta-device model)
     fit: Callable[..., dict] | None = None  # (model, config, runner) -> result of the last phase
+    check_model: Callable[[object, object], None] | None = None
+    wrap: Callable[[nn.Module], nn.Module] | None = None
     lora_shaped: bool = False
     trains_base: bool = False
     source: str = "leantune"  # or the entry point that registered it

@@ -30,11 +30,20 @@ class KVCache:
         self.key_valid[:, : valid.shape[1]] = valid
         self.has_key_mask = bool((~valid).any())
 
+    def _extend(self, layer: int, k: torch.Tensor) -> None:
+        """Cache layers past the model's own (a side network's, numbered after the base's layers) are made on
+        their first use, in the shape and dtype of their keys."""
+        while len(self.k) <= layer:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
+            self.v.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         T = k.shape[2]
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self._extend(layer, k)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -49,6 +49,20 @@ class ExportConfig:
             raise ValueError(f"--quant-fallback {self.quant_fallback!r}: the one fallback is f16")
         if not self.output.endswith(".gguf"):
             raise ValueError(f"--output {self.output!r} must name a .gguf file")
+        refuse_side_networks(self.adapter, "merged or exported to GGUF")
+
+
+def refuse_side_networks(adapters: list[str], verb: str) -> None:
+    """A side network (an adapter of a method with a `wrap` hook: QST) is no change of the base's weights, so
+    merge and export refuse it, before any weight is read."""
+    from ..methods.registry import spec_for_folder
+
+    for path in adapters:
+        spec = spec_for_folder(path) if Path(path).is_dir() else None
+        if spec is not None and spec.wrap is not None:
+            raise ValueError(f"--adapter {path}: a {spec.name} adapter is a network that runs beside the model, not a "
+                             f"change of its weights, so it cannot be {verb}; use it with leantune generate, chat "
+                             "or serve --adapter")
 
 
 def _same_base(recorded: str, given: str) -> bool:

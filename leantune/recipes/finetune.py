@@ -208,6 +208,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     spec = cfg.spec
     full = "--reinit-top" if cfg.reinit_top else (f"--method {cfg.method}" if spec.trains_base else None)
     precision = resolve_precision(cfg.dtype, "cpu", full_weights=full)
+    if spec.check_model is not None:  # does the method's config fit this model? Read from config.json, before weights
+        from .estimate import read_model_config
+
+        spec.check_model(cfg.options, read_model_config(cfg.model)[0])
     _log(precision.describe())
     if spec.preflight is not None:  # options checked against the model's shapes before any weight is read
         spec.preflight(cfg.options, meta_model(cfg.model))
@@ -225,7 +229,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if spec.calibrate is not None:  # e.g. CorDA's init needs the covariance of calibration data
         options = spec.calibrate(options, calibration_context(cfg, model, tok, train))
     try:
-        methods.apply(model, cfg.method, config=options)
+        # the model to train is what apply returns: the model itself, or a wrapper (a side network beside it)
+        model = methods.apply(model, cfg.method, config=options)
     except ValueError as e:  # name the options that chose the modules, so the user knows what to change
         targets = getattr(options, "targets", None)
         raise ValueError(f"--method {cfg.method}{f' --targets {targets!r}' if targets else ''}: {e}") from None

@@ -65,7 +65,7 @@ def load_with_adapter(model_path: str | None, adapter, precision: Precision):
     names = []
     for i, path in enumerate(adapters):
         name = "default" if len(adapters) == 1 else f"adapter{i}"
-        methods.load_adapter(model, path, adapter_name=name)
+        model = methods.load_adapter(model, path, adapter_name=name)  # a side-network method returns a wrapper
         if name in methods.list_adapters(model):  # not a diff already added into the base
             names.append(name)
     if len(names) > 1:
@@ -188,6 +188,9 @@ def merge(cfg: MergeConfig) -> str:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
+    from .export import refuse_side_networks
+
+    refuse_side_networks(cfg.adapter, "merged")
     # merged in fp32 whatever the CPU: W + s*BA is summed once, exactly, then cast to --dtype
     model, tok = load_with_adapter(cfg.model, cfg.adapter, resolve_precision("fp32"))
     methods.merge_and_unload(model)

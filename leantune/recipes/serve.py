@@ -2,6 +2,7 @@
 fine-tuning jobs trained inside the serving loop (setup -> engine thread -> uvicorn)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -118,6 +119,43 @@ def split_base_changes(cfg: ServeConfig) -> tuple[tuple[str, str] | None, list[t
     return (into_base[0] if into_base else None), [(n, p) for n, p in pairs if (n, p) not in into_base]
 
 
+def _wrapping_adapters(adapters: list[str]) -> list[tuple[str, object]]:
+    """(folder, method) of the --adapter folders whose method runs beside the model (a `wrap` hook: QST's side
+    network) rather than inside its layers."""
+    from ..methods.registry import spec_for_folder
+
+    out = []
+    for spec in adapters:
+        path = spec.partition("=")[2]
+        method = spec_for_folder(path) if Path(path).is_dir() else None
+        if method is not None and method.wrap is not None:
+            out.append((path, method))
+    return out
+
+
+def _wrapping_quantization(adapters: list[str]):
+    """The 4-bit base a side-network adapter was trained beside (its `leantune.json`), so the server computes what
+    it was trained on; None: the base as --dtype says (LoRA adapters, QLoRA's included, are served so)."""
+    from ..methods import read_sidecar
+    from ..quant import Quant4bitConfig
+
+    quants = {json.dumps(q, sort_keys=True) for path, _ in _wrapping_adapters(adapters) if (q := read_sidecar(path))}
+    if len(quants) > 1:
+        raise ValueError("--adapter: the side-network adapters were trained beside differently quantized bases "
+                         f"({sorted(quants)}); serve them from separate servers")
+    return Quant4bitConfig(**json.loads(quants.pop())) if quants else None
+
+
+def _wrap_for_adapters(model, adapters: list[str]):
+    """The model the engine holds: wrapped by a side-network method (its `wrap` hook) when an --adapter needs it,
+    so that the engine's `load_adapter` adds the adapter to the wrapper."""
+    methods = {m.name: m for _, m in _wrapping_adapters(adapters)}
+    if len(methods) > 1:
+        raise ValueError(f"--adapter: adapters of several side-network methods {sorted(methods)} cannot share one "
+                         "server; serve them from separate servers")
+    return next(iter(methods.values())).wrap(model) if methods else model
+
+
 def build_server(cfg: ServeConfig):
     """(FastAPI app, Engine) ready to run; adapters from the command line and the data dir are loaded."""
     import torch
@@ -132,7 +170,8 @@ def build_server(cfg: ServeConfig):
     into_base, adapters = split_base_changes(cfg)  # checked before any weight is read
     precision = resolve_precision(cfg.dtype, resolve_device(cfg.device))
     print(f"leantune: {precision.describe()}", flush=True)
-    model, tok = load_model(cfg.model, precision)
+    model, tok = load_model(cfg.model, precision, quantize=_wrapping_quantization(cfg.adapter))
+    model = _wrap_for_adapters(model, cfg.adapter)
     model.eval()
     served = cfg.served_model_name
     if into_base is not None:  # one copy of the weights: the changed base is what this server serves

@@ -203,7 +203,11 @@ class Engine:
                                       "or pass load_inplace=true")
             _check_owner(old, owner)
         internal = f"a{next(self._ids)}"
-        load_adapter(self.model, path, adapter_name=internal)
+        if load_adapter(self.model, path, adapter_name=internal) is not self.model:
+            # a method whose adapters run beside the model wrapped it instead (a side network): the server holds
+            # such a wrapper only when the adapter is named at start (recipes.serve wraps the model then)
+            raise ValueError(f"{path}: this adapter runs beside the model (it wraps it), which this server was not "
+                             "started for; start the server with it: leantune serve --adapter NAME=DIR")
         entry = AdapterEntry(name, internal, owner, str(path), int(time.time()))
         if old is not None:
             self._retire(old)

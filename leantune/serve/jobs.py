@@ -128,6 +128,10 @@ class JobRunner:
             delete_adapter(self.model, adapter)
         ft = self.cfg.finetune
         try:
+            if not getattr(self.model, "hosts_finetuning", True):  # e.g. a model wrapped by a side network
+                raise ValueError("this server's model runs a side-network adapter beside its base, which a "
+                                 "fine-tuning job's LoRA cannot train through; run jobs on a server started "
+                                 "without one")
             apply(self.model, "lora", adapter_name=adapter,
                   config=LoraConfig(r=ft.rank, alpha=ft.alpha, targets="all-linear", dropout=0.0))
             trainer = CoTrainer(self.model, adapter, examples, cfg)

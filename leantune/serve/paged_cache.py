@@ -113,7 +113,7 @@ class PagedKVCache:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     def begin(self, plan: StepPlan) -> None:
         self.plan = plan
@@ -121,10 +121,24 @@ class PagedKVCache:
     def advance(self, T: int) -> None:  # the model's contiguous-cache protocol; positions are explicit here
         pass
 
+    def _extend(self, layer: int, k: torch.Tensor) -> None:
+        """Cache layers past the model's own (a side network's, numbered after the base's layers, which an adapter
+        loaded after the engine started adds) are made on first use in their keys' shape and dtype; a layer whose
+        keys changed shape (another side network in its place) is made anew."""
+        n = self.k[0].shape[0]
+        while len(self.k) <= layer:
+            self.k.append(None)
+            self.v.append(None)
+        shape = (n, k.shape[1], k.shape[3])
+        if self.k[layer] is None or self.k[layer].shape != shape or self.k[layer].dtype != k.dtype:
+            self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ScoreSpec) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed step -> attention output (1, H, N, D), scored
         as `spec` (the layer's scale, soft-cap and window) says."""
         p = self.plan
+        self._extend(layer, k)
         kc, vc = self.k[layer], self.v[layer]
         kc[p.slot_mapping] = k[0].transpose(0, 1).to(kc.dtype)  # (N, Hkv, D)
         vc[p.slot_mapping] = v[0].transpose(0, 1).to(vc.dtype)
