@@ -222,16 +222,18 @@ def _metric(srv, name: str) -> float:
 
 # ---- uploads ---------------------------------------------------------------------------------------------
 BAD_UPLOADS = {
-    "malformed line": (GOOD + GOOD + b'{"messages": [\n', 400, ["line 3", "JSON"]),
-    "not an object": (GOOD + b"[1, 2]\n", 400, ["line 2", "object"]),
-    "unknown role": (GOOD.replace(b'"user"', b'"wizard"'), 400, ["line 1", "wizard"]),
-    "tool role": (GOOD + GOOD.replace(b'"user"', b'"tool"'), 400, ["line 2", "tool"]),
-    "no assistant reply": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400, ["line 1"]),
-    "missing messages": (b'{"text": "hi"}\n', 400, ["line 1", "messages"]),
+    "malformed line": (GOOD + GOOD + b'{"messages": [\n', 400, ["bad.jsonl:3", "JSON"]),
+    "not an object": (GOOD + b"[1, 2]\n", 400, ["bad.jsonl:2", "object"]),
+    "unknown role": (GOOD.replace(b'"user"', b'"wizard"'), 400, ["bad.jsonl:1", "wizard"]),
+    "weight not 0 or 1": (GOOD + GOOD.replace(b'"assistant"', b'"assistant", "weight": 2'), 400,
+                          ["bad.jsonl:2", "weight 2"]),
+    "no assistant reply": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400,
+                           ["bad.jsonl:1"]),
+    "unknown shape": (b'{"txt": "hi"}\n', 400, ["bad.jsonl:1", "cannot tell the data format"]),
     "empty": (b"", 400, ["empty"]),
     "only blank lines": (b"\n  \n\n", 400, ["empty"]),
-    "not UTF-8": (GOOD + b'{"messages": "\xff\xfe"}\n', 400, ["line 2", "UTF-8"]),
-    "two formats": (GOOD + b'{"prompt": "a", "completion": "b"}\n', 400, ["line 2", "format"]),
+    "not UTF-8": (GOOD + b'{"messages": "\xff\xfe"}\n', 400, ["bad.jsonl:2", "UTF-8"]),
+    "two formats": (GOOD + b'{"prompt": "a", "completion": "b"}\n', 400, ["bad.jsonl:2", "format"]),
     "over 1 MiB": (GOOD * ((1 << 20) // len(GOOD) + 1), 413, ["limit"]),
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .readers import DataError, Row
+from .base import DataError, Row
 
 EXTRA = "pip install 'leantune[data]' (or: pip install pyarrow datasets)"
 # files `save_to_disk` writes: a DatasetDict's index, or one Dataset's state
@@ -33,7 +33,7 @@ def read_parquet(source, name: str) -> list[Row]:
     except Exception as e:  # pyarrow's ArrowInvalid and OSError subclasses, named in the message
         raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {e}); check the file, or "
                         "write it again with pyarrow/pandas (df.to_parquet)") from None
-    return [Row(r, name, i) for i, r in enumerate(table.to_pylist(), start=1)]
+    return [Row(r, name, i, "row") for i, r in enumerate(table.to_pylist(), start=1)]
 
 
 def is_datasets_folder(path: Path) -> bool:
@@ -55,7 +55,7 @@ def read_datasets_folder(path: Path, split: str | None) -> list[Row]:
     elif split is not None:
         raise DataError(f"{path}: holds one Dataset, not a DatasetDict, so there is no split {split!r} to pick; "
                         "drop the split option")
-    return [Row(r, name, i) for i, r in enumerate(ds.to_list(), start=1)]
+    return [Row(r, name, i, "row") for i, r in enumerate(ds.to_list(), start=1)]
 
 
 def _pick_split(path: Path, splits: list[str], split: str | None) -> str:

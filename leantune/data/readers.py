@@ -21,33 +21,15 @@ import csv
 import glob
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .base import DataError, Row
 
 _JSON_TYPE = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false"}
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 COLUMNAR_SUFFIXES = {".parquet": "parquet", ".pq": "parquet"}
 CONTAINERS = ("jsonl", "json", "csv", "parquet")
-
-
-class DataError(ValueError):
-    """Bad training data. The message names the file (and line), what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a data file: `n` is its line (`unit` "line") or its 1-based position (`unit` "row")."""
-
-    data: dict
-    source: str
-    n: int
-    unit: str = "line"
-
-    @property
-    def where(self) -> str:
-        """How error messages name the row: `file:line` or `file row N`."""
-        return f"{self.source}:{self.n}" if self.unit == "line" else f"{self.source} row {self.n}"
 
 
 # ---- any path -----------------------------------------------------------------------------------------
@@ -168,7 +150,7 @@ def _decode_line(raw: bytes, name: str, n: int) -> str:
         return raw.decode("utf-8-sig" if n == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); save the file as UTF-8"
+            f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); save the file as UTF-8", n
         ) from None
 
 
@@ -177,7 +159,7 @@ def _decode(data: bytes, name: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
+        raise DataError(f"{name}:{line}: not valid UTF-8 ({e.reason}); save the file as UTF-8", line) from None
 
 
 def _parse(text: str, name: str, n: int) -> dict:
@@ -186,7 +168,7 @@ def _parse(text: str, name: str, n: int) -> dict:
     except json.JSONDecodeError as e:
         raise DataError(
             f"{name}:{n}: malformed JSON: {e.msg} (column {e.colno}); each line must hold one complete "
-            'JSON object, e.g. {"text": "..."} (a pretty-printed .json file is not JSON Lines)'
+            'JSON object, e.g. {"text": "..."} (a pretty-printed .json file is not JSON Lines)', n
         ) from None
     return _object(row, name, n)
 
@@ -194,7 +176,7 @@ def _parse(text: str, name: str, n: int) -> dict:
 def _object(row, name: str, n: int) -> dict:
     if not isinstance(row, dict):
         kind = "null" if row is None else _JSON_TYPE.get(type(row), type(row).__name__)
-        raise DataError(f"{name}:{n}: expected a JSON object {{...}}, got {kind}; write one object per example")
+        raise DataError(f"{name}:{n}: expected a JSON object {{...}}, got {kind}; write one object per example", n)
     return row
 
 
@@ -217,7 +199,7 @@ def _json_rows(text: str, name: str) -> list[Row]:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}); the file must "
-                            "hold one JSON array of objects, [{...}, {...}]") from None
+                            "hold one JSON array of objects, [{...}, {...}]", e.lineno) from None
         rows.append(Row(_object(obj, name, line), name, line))
         i = _skip_space(text, i)
         if text.startswith("]", i):
@@ -225,7 +207,7 @@ def _json_rows(text: str, name: str) -> list[Row]:
         if not text.startswith(",", i):
             line = text.count("\n", 0, i) + 1
             raise DataError(f"{name}:{line}: expected ',' or ']' after an element of the JSON array; fix the "
-                            "array's punctuation")
+                            "array's punctuation", line)
         i += 1
     if text[i + 1:].strip():
         raise DataError(f"{name}:{text.count(chr(10), 0, i) + 1}: text after the closing ']' of the JSON array; "
@@ -255,11 +237,12 @@ def _csv_rows(text: str, name: str) -> list[Row]:
                     raise DataError(
                         f"{name}:{line}: row has {len(record)} field(s) but the header has {len(header)} "
                         f"({', '.join(header)}); quote fields that hold commas, quotes or line breaks "
-                        '("a, b"; a quote inside is written twice: "say ""hi""") or fix the row')
+                        '("a, b"; a quote inside is written twice: "say ""hi""") or fix the row', line)
                 rows.append(Row({k: v for k, v in zip(header, record) if v != ""}, name, line))
             line = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{name}:{reader.line_num}: malformed CSV: {e}; fix the quoting of this row") from None
+        raise DataError(f"{name}:{reader.line_num}: malformed CSV: {e}; fix the quoting of this row",
+                        reader.line_num) from None
     return rows
 
 

@@ -95,15 +95,17 @@ def drop_nulls(value):
 
 
 def detect_format(row: dict, where: str) -> str:
-    """The shape whose required keys the row has; else the first shape it has any key of (so that the
-    row check then names the missing key); else a DataError listing the shapes."""
+    """The shape whose required keys the row has; else the shape it has most of them of (so that the row
+    check then names the missing key); else a DataError listing the shapes."""
     keys = {k for k, v in row.items() if v is not None}
     for name, required in FORMATS.items():
         if all(k in keys for k in required):
             return name
-    for name, required in FORMATS.items():
-        if any(k in keys for k in required if k not in OPTIONAL_KEYS):
-            return name
+    # else the shape it has most keys of (then: the fewest missing), so the row check names what is missing
+    scores = {name: (sum(k in keys for k in req if k not in OPTIONAL_KEYS), -len(req)) for name, req in FORMATS.items()}
+    best = max(scores, key=lambda name: scores[name])  # max() keeps the first of equal scores: detection order
+    if scores[best][0]:
+        return best
     raise DataError(
         f"{where}: cannot tell the data format from the keys {sorted(row)}; use one of the formats "
         f"(required keys) {_format_list()}, or map your column names with --columns KEY=COLUMN,..."
@@ -358,4 +360,20 @@ def read_canonical(path, split: str | None = None, columns: dict[str, str] | Non
     rows = read_rows(path, split, what)
     renamed = [rename_columns(r.data, columns or {}) for r in rows]
     fmt = fmt or detect_format(renamed[0], rows[0].where)
-    return fmt, [(r, canonical(data, fmt, r.where)) for r, data in zip(rows, renamed)]
+    return fmt, [(r, canonical_in_file(data, fmt, r, rows[0])) for r, data in zip(rows, renamed)]
+
+
+def canonical_in_file(data: dict, fmt: str, row: Row, first: Row) -> dict:
+    """`canonical` for a row of a file whose first row set the shape `fmt`; the error carries the row's number
+    and says so when the row is in another shape of its own."""
+    try:
+        return canonical(data, fmt, row.where)
+    except DataError as e:
+        try:
+            own = detect_format(data, row.where)
+        except DataError:
+            own = fmt
+        if own != fmt and all(k in data for k in FORMATS[own]):
+            raise DataError(f"{row.where}: row is in the {own} format but {first.where} (the first row) is in the "
+                            f"{fmt} format; keep one format per file", row.n) from None
+        raise DataError(str(e), row.n) from None

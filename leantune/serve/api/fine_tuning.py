@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from ...train.report import parse_report_to
 from ..jobs import hyperparameters
+from ..uploads import not_sft_reason, training_kind
 from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
 
 router = APIRouter()
@@ -87,6 +88,8 @@ def _job_request(body: dict, who: str, engine) -> dict:
         if fid is not None and engine.store.get_file(who, fid) is None:
             raise APIError(400, f"{key} '{fid}' does not exist (upload it with purpose 'fine-tune')", param=key,
                            code="invalid_file")
+        if fid is not None and (why := not_sft_reason(training_kind(engine.store.file_path(who, fid)))):
+            raise APIError(400, f"{key} '{fid}': {why}", param=key, code="invalid_file")  # refused, not run
         files[key] = fid
     suffix = field(body, "suffix", str)
     if suffix is not None and not _SUFFIX.match(suffix):
