@@ -89,6 +89,9 @@ class FinetuneConfig(TrainConfig):
         from ..data import parse_columns, read_chat_template
 
         parse_columns(self.columns)  # an unknown key stops the run before the model is read
+        if self.eval_split and not self.eval_data:
+            raise ValueError("--eval-split picks a split of --eval-data; give --eval-data DATASETS_FOLDER, or "
+                             "drop --eval-split")
         if self.chat_template:
             read_chat_template(self.chat_template)
 
