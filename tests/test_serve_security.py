@@ -604,3 +604,48 @@ def test_only_safetensors_adapters_load(srv):
         r = srv.raw("POST", "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)})
         check_error(r, 400, *words, param="lora_path")
     srv.assert_intact(before)
+
+
+# ---- uploads in other containers and shapes (issue 15) ------------------------------------------------
+def test_csv_json_and_parquet_uploads_are_stored_as_the_jsonl_training_reads(srv):
+    import csv
+    import io
+
+    rows = [GOOD_ROW, {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]}]
+    as_csv = io.StringIO()
+    w = csv.writer(as_csv)
+    w.writerow(["messages"])
+    w.writerows([[json.dumps(r["messages"])] for r in rows])
+    uploads = {"t.csv": as_csv.getvalue().encode(), "t.json": json.dumps(rows, indent=1).encode()}
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    uploads["t.parquet"] = buf.getvalue()
+    c = srv.client("k2")
+    for name, data in uploads.items():
+        f = c.files.create(file=(name, data), purpose="fine-tune")
+        stored = c.files.content(f.id).text.splitlines()
+        assert [json.loads(ln) for ln in stored] == rows, name
+        c.files.delete(f.id)
+    raises(openai.BadRequestError, 400, lambda: c.files.create(file=("r.csv", b"prompt,completion\na,b\nc,d,e\n"),
+                                                               purpose="fine-tune"),
+           "r.csv:3", "header has 2", param="file")
+
+
+def test_a_job_on_preference_pairs_is_refused_not_run(srv):
+    pair = {"input": {"messages": [{"role": "user", "content": "hi"}]},
+            "preferred_output": [{"role": "assistant", "content": "hello"}],
+            "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
+    c = srv.client("k2")
+    f = c.files.create(file=("dpo.jsonl", (json.dumps(pair) + "\n").encode()), purpose="fine-tune")  # OpenAI's shape
+    before = srv.state()
+    raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(model="model", training_file=f.id),
+           "preference pairs", "does not have yet", param="training_file")
+    srv.assert_intact(before)
+    same = {**pair, "non_preferred_output": pair["preferred_output"]}
+    raises(openai.BadRequestError, 400, lambda: c.files.create(file=("same.jsonl", (json.dumps(same) + "\n").encode()),
+                                                               purpose="fine-tune"),
+           "same.jsonl:1", "preferred_output equals non_preferred_output", param="file")
+    c.files.delete(f.id)
