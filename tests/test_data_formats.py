@@ -352,3 +352,12 @@ def test_splits(tmp_path, tok):
     bad(write_jsonl(tmp_path / "d.jsonl", SHAPES["completion"]), tok, r"a split \('train'\) applies to a Hugging Face",
         split="train")
     bad(str(tmp_path / "nothing-*.jsonl"), tok, "the pattern matches no files")
+
+
+def test_deprecated_function_calling_is_refused_not_dropped(tok):
+    fc = {"messages": [{"role": "user", "content": "a"},
+                       {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]}
+    with pytest.raises(DataError, match=r"f:1: messages\[1\] has 'function_call' .* write it as 'tool_calls'"):
+        format_example(fc, tok, "chat", "f:1")
+    with pytest.raises(DataError, match=r"f:1: 'functions' .* write the functions as 'tools'"):
+        format_example({**CHAT_ROWS[0], "functions": [{"name": "f"}]}, tok, "chat", "f:1")

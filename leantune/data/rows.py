@@ -133,6 +133,10 @@ def canonical(row: dict, fmt: str, where: str) -> dict:
 
 # ---- shapes ------------------------------------------------------------------------------------------
 def _chat(row: dict, where: str, key: str = "messages") -> dict:
+    if "functions" in row:  # OpenAI's deprecated function calling: dropping it would hide the functions
+        raise DataError(f"{where}: 'functions' (OpenAI's deprecated function calling) is not read; write the "
+                        "functions as 'tools' ([{\"type\": \"function\", \"function\": {...}}]) and the calls "
+                        "as assistant 'tool_calls'")
     messages = _messages(row[key], key, where)
     _need_assistant(messages, where)
     return _with_tools({"messages": messages}, row, where)
@@ -238,6 +242,10 @@ def _message(m, name: str, where: str) -> dict:
     if role not in ROLES:
         raise DataError(f"{where}: {name} has unknown role {role!r}; allowed roles: {', '.join(ROLES)}")
     out = dict(m)
+    if "function_call" in m:
+        raise DataError(f"{where}: {name} has 'function_call' (OpenAI's deprecated function calling), which is not "
+                        "read; write it as 'tool_calls': [{\"type\": \"function\", \"function\": {\"name\", "
+                        "\"arguments\"}}]")
     if "tool_calls" in m:
         if role != "assistant":
             raise DataError(f"{where}: {name} has tool_calls but role {role!r}; only assistant messages call tools")
