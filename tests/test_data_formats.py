@@ -361,3 +361,16 @@ def test_deprecated_function_calling_is_refused_not_dropped(tok):
         format_example(fc, tok, "chat", "f:1")
     with pytest.raises(DataError, match=r"f:1: 'functions' .* write the functions as 'tools'"):
         format_example({**CHAT_ROWS[0], "functions": [{"name": "f"}]}, tok, "chat", "f:1")
+
+
+def test_pairs_fit_max_length_as_a_whole(tmp_path, tok):
+    p = write_jsonl(tmp_path / "p.jsonl", PREF_ROWS)
+    full = load_preference_dataset(p, tok, 2048)
+    size = [max(len(x.chosen), len(x.rejected)) for x in full]
+    k, n = size.index(max(size)), max(size) - 1  # only pair k is one token too long
+    with pytest.raises(DataError, match=rf"{p}:{full[k].line}: example has {n + 1} tokens, more than max_length={n}"):
+        load_preference_dataset(p, tok, n)
+    cut = load_preference_dataset(p, tok, n, on_too_long="truncate")
+    assert cut[k].chosen.input_ids == full[k].chosen.input_ids[:n] and cut[k].prompt_ids == full[k].prompt_ids
+    assert cut[k].rejected.input_ids == full[k].rejected.input_ids[:n] and cut[1 - k] == full[1 - k]
+    assert load_preference_dataset(p, tok, n, on_too_long="drop") == [full[1 - k]]

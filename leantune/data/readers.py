@@ -21,6 +21,7 @@ import csv
 import glob
 import io
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,6 +31,7 @@ _JSON_TYPE = {list: "an array", str: "a string", int: "a number", float: "a numb
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 COLUMNAR_SUFFIXES = {".parquet": "parquet", ".pq": "parquet"}
 CONTAINERS = ("jsonl", "json", "csv", "parquet")
+_SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 
 
 # ---- any path -----------------------------------------------------------------------------------------
@@ -190,11 +192,12 @@ def _json_rows(text: str, name: str) -> list[Row]:
             return list(_jsonl_rows(text.encode("utf-8").split(b"\n"), name))
         return []
     dec, i, rows = json.JSONDecoder(), start + 1, []
+    lines = _LineCounter(text)
     while True:
         i = _skip_space(text, i)
         if text.startswith("]", i) and not rows:
             break
-        line = text.count("\n", 0, i) + 1
+        line = lines.at(i)
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
@@ -205,20 +208,30 @@ def _json_rows(text: str, name: str) -> list[Row]:
         if text.startswith("]", i):
             break
         if not text.startswith(",", i):
-            line = text.count("\n", 0, i) + 1
-            raise DataError(f"{name}:{line}: expected ',' or ']' after an element of the JSON array; fix the "
-                            "array's punctuation", line)
+            raise DataError(f"{name}:{lines.at(i)}: expected ',' or ']' after an element of the JSON array; fix "
+                            "the array's punctuation", lines.at(i))
         i += 1
     if text[i + 1:].strip():
-        raise DataError(f"{name}:{text.count(chr(10), 0, i) + 1}: text after the closing ']' of the JSON array; "
-                        "keep one array per file")
+        raise DataError(f"{name}:{lines.at(i)}: text after the closing ']' of the JSON array; keep one array per "
+                        "file")
     return rows
 
 
+class _LineCounter:
+    """Line numbers of increasing positions in a text, counted incrementally (a count from the start for
+    every element would make a large file quadratic)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, i: int) -> int:
+        self.line += self.text.count("\n", self.pos, i)
+        self.pos = i
+        return self.line
+
+
 def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
+    return _SPACE.match(text, i).end()
 
 
 # ---- CSV ----------------------------------------------------------------------------------------------
