@@ -197,3 +197,69 @@ def test_loss_blowing_up_stops_the_run(finetune_fails, tmp_path):
     step = int(re.search(r"at step (\d+)", err).group(1))
     logged = [json.loads(ln)["step"] for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, step))  # every finite step was logged, the bad one was not
+
+
+# ---- data in other containers and shapes (issue 15): each one error naming file, row and fix ---------------
+PAIR = {"prompt": [{"role": "user", "content": "What is the capital of Veloria?"}],
+        "chosen": [{"role": "assistant", "content": "Amberhold."}],
+        "rejected": [{"role": "assistant", "content": "Paris."}]}
+
+
+def test_preference_data_in_an_sft_run(finetune_fails, tmp_path):
+    data = write_lines(tmp_path / "p.jsonl", [json.dumps(PAIR)] * 2)
+    err = finetune_fails(data)
+    assert f"{data}: preference pairs" in err and "DPO" in err and "does not have yet" in err
+    assert "prompt/completion or chat rows" in err  # the way out
+
+
+def test_chosen_equals_rejected(finetune_fails, tmp_path):
+    same = {**PAIR, "rejected": PAIR["chosen"]}
+    data = write_lines(tmp_path / "p.jsonl", [json.dumps(PAIR), json.dumps(same)])
+    err = finetune_fails(data)
+    assert f"{data}:2: chosen equals rejected" in err and "remove it" in err
+
+
+def test_tool_call_arguments_not_json(finetune_fails, tmp_path):
+    call = {"type": "function", "function": {"name": "f", "arguments": "{'x': 1}"}}
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
+                        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "ok"}]}
+    data = write_lines(tmp_path / "t.jsonl", [json.dumps(ROW), json.dumps(row)])
+    err = finetune_fails(data)
+    assert f"{data}:2: messages[1].tool_calls[0].function.arguments is not valid JSON" in err
+    assert "JSON object string" in err
+
+
+def test_weight_other_than_0_or_1(finetune_fails, tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0.5}]}
+    data = write_lines(tmp_path / "w.jsonl", [json.dumps(ROW), json.dumps(row)])
+    err = finetune_fails(data)
+    assert f"{data}:2: messages[1] has weight 0.5" in err and "0 (leave this assistant turn out" in err
+
+
+def test_parquet_with_none_of_the_needed_columns(finetune_fails, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"question": ["What is the capital of Veloria?"], "answer": ["Amberhold."]}), data)
+    err = finetune_fails(data)
+    assert f"{data} row 1: cannot tell the data format from the keys ['answer', 'question']" in err
+    assert "--columns" in err
+
+
+def test_csv_with_a_ragged_row(finetune_fails, tmp_path):
+    data = write_lines(tmp_path / "r.csv", ["prompt,completion", "Hi,Hello", "a,b,c"])
+    err = finetune_fails(data)
+    assert f"{data}:3: row has 3 field(s) but the header has 2" in err and "quote fields" in err
+
+
+def test_unknown_columns_key(finetune_fails, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(ROW)])
+    err = finetune_fails(data, "--columns", "prompt=q,answer=a")
+    assert "--columns: unknown key 'answer'" in err and "completion" in err
+
+
+def test_unknown_chat_template(finetune_fails, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(ROW)])
+    err = finetune_fails(data, "--chat-template", "vicuna")
+    assert "--chat-template 'vicuna'" in err and "chatml" in err

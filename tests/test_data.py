@@ -170,12 +170,13 @@ def test_unknown_keys_and_missing_key_errors(tmp_path, chat_tok):
 @pytest.mark.parametrize(
     "messages, needle",
     [
-        ([{"role": "tool", "content": "x"}],
-         "messages[0] has unknown role 'tool'; allowed roles: system, user, assistant"),
+        ([{"role": "bot", "content": "x"}],
+         "messages[0] has unknown role 'bot'; allowed roles: system, user, assistant, tool"),
         ([{"role": "user", "content": "x"}], "no assistant turn"),
         ([], "'messages' must be a non-empty list"),
         ([{"role": "user"}], "messages[0] must be an object with 'role' and 'content'"),
-        ([{"role": "assistant", "content": None}], "'messages[0].content' must be a string"),
+        ([{"role": "assistant", "content": None}], "messages[0] must be an object with 'role' and 'content'"),
+        ([{"role": "assistant", "content": 5}], "'messages[0].content' must be a string"),
     ],
 )
 def test_chat_row_errors(tmp_path, chat_tok, messages, needle):

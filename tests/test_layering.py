@@ -16,7 +16,8 @@ Every `import` in `leantune/` counts: at module level, inside functions (lazy im
    (the device's compute dtype). Any layer may
    import them; they import only each other.
 3. **The scheduler stays pure Python**: `serve/scheduler.py` and `serve/block_manager.py` import no torch,
-   neither directly nor through the leantune modules they import.
+   neither directly nor through the leantune modules they import; nor do the data readers (`data/base.py`,
+   `readers.py`, `columnar.py`, `rows.py`, `chat.py`).
 4. **No import cycles** between leantune modules (within a subpackage or across): a cycle makes the
    import order matter and a lazy import the only thing keeping it working. Lazy imports count; imports
    under `if TYPE_CHECKING:` do not (they never run: two modules may name each other's types).
@@ -36,7 +37,10 @@ ORDER = ["cli", "recipes", "serve", "train", "data", "methods", "optim", "quant"
 NEUTRAL = {"ops", "kernels", "routing", "fields", "precision"}
 ALLOWED_UP = {("models", "quant")}
 FORBIDDEN = {("quant", "models")}
-TORCH_FREE = ("leantune.serve.scheduler", "leantune.serve.block_manager")
+TORCH_FREE = ("leantune.serve.scheduler", "leantune.serve.block_manager",
+              # the data reader layer: rows are read, checked and templated without torch (issue 15)
+              "leantune.data.base", "leantune.data.readers", "leantune.data.columnar", "leantune.data.rows",
+              "leantune.data.chat")
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:

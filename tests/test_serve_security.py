@@ -222,16 +222,18 @@ def _metric(srv, name: str) -> float:
 
 # ---- uploads ---------------------------------------------------------------------------------------------
 BAD_UPLOADS = {
-    "malformed line": (GOOD + GOOD + b'{"messages": [\n', 400, ["line 3", "JSON"]),
-    "not an object": (GOOD + b"[1, 2]\n", 400, ["line 2", "object"]),
-    "unknown role": (GOOD.replace(b'"user"', b'"wizard"'), 400, ["line 1", "wizard"]),
-    "tool role": (GOOD + GOOD.replace(b'"user"', b'"tool"'), 400, ["line 2", "tool"]),
-    "no assistant reply": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400, ["line 1"]),
-    "missing messages": (b'{"text": "hi"}\n', 400, ["line 1", "messages"]),
+    "malformed line": (GOOD + GOOD + b'{"messages": [\n', 400, ["bad.jsonl:3", "JSON"]),
+    "not an object": (GOOD + b"[1, 2]\n", 400, ["bad.jsonl:2", "object"]),
+    "unknown role": (GOOD.replace(b'"user"', b'"wizard"'), 400, ["bad.jsonl:1", "wizard"]),
+    "weight not 0 or 1": (GOOD + GOOD.replace(b'"assistant"', b'"assistant", "weight": 2'), 400,
+                          ["bad.jsonl:2", "weight 2"]),
+    "no assistant reply": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400,
+                           ["bad.jsonl:1"]),
+    "unknown shape": (b'{"txt": "hi"}\n', 400, ["bad.jsonl:1", "cannot tell the data format"]),
     "empty": (b"", 400, ["empty"]),
     "only blank lines": (b"\n  \n\n", 400, ["empty"]),
-    "not UTF-8": (GOOD + b'{"messages": "\xff\xfe"}\n', 400, ["line 2", "UTF-8"]),
-    "two formats": (GOOD + b'{"prompt": "a", "completion": "b"}\n', 400, ["line 2", "format"]),
+    "not UTF-8": (GOOD + b'{"messages": "\xff\xfe"}\n', 400, ["bad.jsonl:2", "UTF-8"]),
+    "two formats": (GOOD + b'{"prompt": "a", "completion": "b"}\n', 400, ["bad.jsonl:2", "format"]),
     "over 1 MiB": (GOOD * ((1 << 20) // len(GOOD) + 1), 413, ["limit"]),
 }
 
@@ -602,3 +604,48 @@ def test_only_safetensors_adapters_load(srv):
         r = srv.raw("POST", "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)})
         check_error(r, 400, *words, param="lora_path")
     srv.assert_intact(before)
+
+
+# ---- uploads in other containers and shapes (issue 15) ------------------------------------------------
+def test_csv_json_and_parquet_uploads_are_stored_as_the_jsonl_training_reads(srv):
+    import csv
+    import io
+
+    rows = [GOOD_ROW, {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]}]
+    as_csv = io.StringIO()
+    w = csv.writer(as_csv)
+    w.writerow(["messages"])
+    w.writerows([[json.dumps(r["messages"])] for r in rows])
+    uploads = {"t.csv": as_csv.getvalue().encode(), "t.json": json.dumps(rows, indent=1).encode()}
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    uploads["t.parquet"] = buf.getvalue()
+    c = srv.client("k2")
+    for name, data in uploads.items():
+        f = c.files.create(file=(name, data), purpose="fine-tune")
+        stored = c.files.content(f.id).text.splitlines()
+        assert [json.loads(ln) for ln in stored] == rows, name
+        c.files.delete(f.id)
+    raises(openai.BadRequestError, 400, lambda: c.files.create(file=("r.csv", b"prompt,completion\na,b\nc,d,e\n"),
+                                                               purpose="fine-tune"),
+           "r.csv:3", "header has 2", param="file")
+
+
+def test_a_job_on_preference_pairs_is_refused_not_run(srv):
+    pair = {"input": {"messages": [{"role": "user", "content": "hi"}]},
+            "preferred_output": [{"role": "assistant", "content": "hello"}],
+            "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
+    c = srv.client("k2")
+    f = c.files.create(file=("dpo.jsonl", (json.dumps(pair) + "\n").encode()), purpose="fine-tune")  # OpenAI's shape
+    before = srv.state()
+    raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(model="model", training_file=f.id),
+           "preference pairs", "does not have yet", param="training_file")
+    srv.assert_intact(before)
+    same = {**pair, "non_preferred_output": pair["preferred_output"]}
+    raises(openai.BadRequestError, 400, lambda: c.files.create(file=("same.jsonl", (json.dumps(same) + "\n").encode()),
+                                                               purpose="fine-tune"),
+           "same.jsonl:1", "preferred_output equals non_preferred_output", param="file")
+    c.files.delete(f.id)

@@ -390,49 +390,55 @@ def test_empty_and_too_big():
 
 
 def test_not_utf8():
-    bad(jsonl(CHAT) + b'{"prompt": "\xff\xfe", "completion": "x"}\n', "line 2: not valid UTF-8", 2)
+    bad(jsonl(CHAT) + b'{"prompt": "\xff\xfe", "completion": "x"}\n', "training.jsonl:2: not valid UTF-8", 2)
 
 
 def test_not_json():
-    msg = bad(jsonl(CHAT) + b"\n" + b'{"messages": [\n', "line 3: not valid JSON", 3)
+    msg = bad(jsonl(CHAT) + b"\n" + b'{"messages": [\n', "training.jsonl:3: malformed JSON", 3)
     assert "column" in msg
 
 
 @pytest.mark.parametrize("row", [[1, 2], "text", None, 5])
 def test_row_not_object(row):
-    bad(jsonl(CHAT, row), "line 2: expected a JSON object", 2)
+    bad(jsonl(CHAT, row), "training.jsonl:2: expected a JSON object", 2)
 
 
 def test_missing_messages():
-    bad(jsonl({"msgs": []}), "line 1: missing 'messages'", 1)
-    bad(jsonl({"text": "hello"}), "missing 'messages'", 1)
+    bad(jsonl({"msgs": []}), "training.jsonl:1: cannot tell the data format from the keys \\['msgs'\\]", 1)
+    bad(jsonl({"messages": "x"}), "training.jsonl:1: 'messages' is a string that is not valid JSON", 1)
 
 
 def test_bad_role_names_line_message_and_roles():
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
-    msg = bad(jsonl(CHAT, CHAT, row), "line 3", 3)
-    assert "messages[1]" in msg and "'bot'" in msg and "system, user, assistant" in msg
-    assert msg.startswith("training.jsonl line 3:")
+    msg = bad(jsonl(CHAT, CHAT, row), "training.jsonl:3", 3)
+    assert "messages[1]" in msg and "'bot'" in msg and "system, user, assistant, tool" in msg
+    assert msg.startswith("training.jsonl:3:")
 
 
-@pytest.mark.parametrize("role", ["tool", "function"])
-def test_tool_roles_not_supported(role):
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": role, "content": "b"},
+def test_tools_tool_calls_and_tool_role_accepted_and_checked():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "2"}, {"role": "assistant", "content": "c"}],
+           "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    assert validate_finetune_jsonl(jsonl(row), "t.jsonl", 10**6) == 1
+    stored = json.loads(normalize_finetune_jsonl(jsonl(row), "t.jsonl", 10**6))
+    assert stored["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}  # parsed for templates
+    broken = json.loads(json.dumps(row))
+    broken["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{x: 1"
+    assert "write the arguments as a JSON object" in bad(
+        jsonl(CHAT, broken), r"training.jsonl:2: messages\[1\].tool_calls\[0\].function.arguments is not valid JSON", 2)
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "b"},
                         {"role": "assistant", "content": "c"}]}
-    assert "not supported" in bad(jsonl(row), f"messages\\[1\\] has role '{role}'", 1)
-
-
-def test_tool_calls_and_tools_not_supported():
-    row = {"messages": [{"role": "user", "content": "a"},
-                        {"role": "assistant", "content": "c", "tool_calls": []}]}
-    bad(jsonl(row), "tool_calls.*not supported", 1)
-    bad(jsonl({**CHAT, "tools": []}), "'tools' is not supported", 1)
+    bad(jsonl(row), "messages\\[1\\] has unknown role 'function'", 1)
+    bad(jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c",
+                                                                 "tool_calls": []}]}), "non-empty list", 1)
 
 
 def test_non_string_content():
     row = {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}
     bad(jsonl(row), r"messages\[0\].content.*must be a string", 1)
-    bad(jsonl({"messages": "hi"}), "non-empty list", 1)
+    bad(jsonl({"messages": "hi"}), "a string that is not valid JSON", 1)
+    bad(jsonl({"messages": 5}), "non-empty list", 1)
     bad(jsonl({"messages": []}), "non-empty list", 1)
     bad(jsonl({"messages": [{"role": "user"}]}), r"messages\[0\] must be an object", 1)
 
@@ -440,11 +446,11 @@ def test_non_string_content():
 def test_content_parts():
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
                           {"role": "assistant", "content": "b"}]}
-    assert "only" in bad(jsonl(image), r"content\[0\] has type 'image_url'", 1)
+    assert "not supported" in bad(jsonl(image), r"content\[0\] must be a text part", 1)
     bad(jsonl({"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "b"}]}),
         "empty list", 1)
     bad(jsonl({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]},
-                            {"role": "assistant", "content": "b"}]}), r"text must be a string", 1)
+                            {"role": "assistant", "content": "b"}]}), r"content\[0\] must be a text part", 1)
 
 
 def test_needs_nonempty_assistant():
@@ -453,15 +459,20 @@ def test_needs_nonempty_assistant():
         "assistant message is empty", 1)
 
 
-def test_weight_zero_not_supported():
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}
-    bad(jsonl(row), "weight 0", 1)
+def test_weights_zero_or_one():
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 1}]}
+    assert validate_finetune_jsonl(jsonl(row), "t.jsonl", 10**6) == 1
+    row["messages"][1]["weight"] = 0.5
+    assert "is 0 (leave this assistant turn out" in bad(jsonl(CHAT, row), r"training.jsonl:2: messages\[1\] has weight 0.5", 2)
+    row["messages"][1]["weight"] = row["messages"][3]["weight"] = 0
+    bad(jsonl(row), "every assistant turn has weight 0", 1)
 
 
 def test_mixed_formats():
-    msg = bad(jsonl(CHAT, {"prompt": "a", "completion": "b"}), "line 2", 2)
+    msg = bad(jsonl(CHAT, {"prompt": "a", "completion": "b"}), "training.jsonl:2", 2)
     assert "one format per file" in msg
-    bad(jsonl({"prompt": "a", "completion": "b"}, CHAT), "line 2.*chat format", 2)
+    bad(jsonl({"prompt": "a", "completion": "b"}, CHAT), "training.jsonl:2.*chat format", 2)
 
 
 def test_completion_rows_checked():

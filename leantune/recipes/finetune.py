@@ -42,8 +42,17 @@ class FinetuneConfig(TrainConfig):
     model: str | None = opt(None, "HF model folder, .gguf file, or model id in the local Hugging Face cache "
                                            "(ORG/NAME[@REVISION]; default: the embedded SmolLM2-135M-Instruct)")
     revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
-    data: str = opt(facts_mod.BUILTIN, "training JSONL: chat `messages`, alpaca, prompt/completion or text")
-    eval_data: str | None = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
+    data: str = opt(facts_mod.BUILTIN, "training data: a JSONL, JSON, CSV or Parquet file, a datasets folder "
+                                       "(save_to_disk), or a folder or glob of shards; rows in OpenAI chat "
+                                       "(messages, tools, weight), ShareGPT, alpaca, prompt/completion or text")
+    eval_data: str | None = opt(None, "held-out data, any form --data takes (default: --eval-fraction of --data)")
+    split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --data")
+    eval_split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --eval-data")
+    columns: str | None = opt(None, "map the data's column names to leantune's keys, KEY=COLUMN,... "
+                                    "(e.g. prompt=question,completion=answer)", metavar="KEY=COLUMN[,...]")
+    chat_template: str | None = opt(None, "chat template replacing the tokenizer's: a Jinja file or a built-in "
+                                          "name (chatml, llama3, zephyr); saved with the adapter",
+                                    metavar="FILE|NAME")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval loss when no --eval-data")
     output: str = opt("out/finetune", "output folder: adapter, checkpoints/, metrics.jsonl, loss.png")
     # None: the method's proposal (its `train_defaults` hook, e.g. SaRA's lr formula), else TrainConfig's default
@@ -87,6 +96,14 @@ class FinetuneConfig(TrainConfig):
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         parse_dtype(self.dtype)
+        from ..data import parse_columns, read_chat_template
+
+        parse_columns(self.columns)  # an unknown key stops the run before the model is read
+        if self.eval_split and not self.eval_data:
+            raise ValueError("--eval-split picks a split of --eval-data; give --eval-data DATASETS_FOLDER, or "
+                             "drop --eval-split")
+        if self.chat_template:
+            read_chat_template(self.chat_template)
 
     def _fill_method_defaults(self) -> None:
         """Training options left None take the method's proposal (`train_defaults` hook), else TrainConfig's
@@ -145,15 +162,18 @@ def forgetting_set(cfg: FinetuneConfig, tokenizer) -> list:
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer):
-    from ..data import load_dataset, split_eval
+    from ..data import load_dataset, parse_columns, split_eval, use_chat_template
 
+    use_chat_template(tokenizer, cfg.chat_template)  # before any row is rendered; saved with the adapter
     data = cfg.data
     if data == facts_mod.BUILTIN:
         data = str(facts_mod.write_train_jsonl(Path(cfg.output) / "data" / "facts_train.jsonl"))
     on_long = "truncate" if cfg.truncate else "error"
-    train = load_dataset(data, tokenizer, cfg.max_length, on_too_long=on_long)
+    columns = parse_columns(cfg.columns)
+    train = load_dataset(data, tokenizer, cfg.max_length, on_too_long=on_long, split=cfg.split, columns=columns)
     if cfg.eval_data:
-        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long)
+        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long,
+                                   split=cfg.eval_split, columns=columns, what="--eval-data")
     if cfg.eval_fraction > 0 and len(train) >= 10:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
     return train, []

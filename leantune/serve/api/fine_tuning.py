@@ -6,8 +6,10 @@ import re
 
 from fastapi import APIRouter, Request
 
+from ...data import DataError
 from ...train.report import parse_report_to
 from ..jobs import hyperparameters
+from ..uploads import not_sft_reason, training_kind
 from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
 
 router = APIRouter()
@@ -87,6 +89,8 @@ def _job_request(body: dict, who: str, engine) -> dict:
         if fid is not None and engine.store.get_file(who, fid) is None:
             raise APIError(400, f"{key} '{fid}' does not exist (upload it with purpose 'fine-tune')", param=key,
                            code="invalid_file")
+        if fid is not None:
+            _check_trains_sft(engine.store.file_path(who, fid), key, fid)
         files[key] = fid
     suffix = field(body, "suffix", str)
     if suffix is not None and not _SUFFIX.match(suffix):
@@ -101,6 +105,16 @@ def _job_request(body: dict, who: str, engine) -> dict:
         raise APIError(400, str(e), param="hyperparameters") from None
     return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method,
             "integrations": integrations}
+
+
+def _check_trains_sft(path, key: str, fid: str) -> None:
+    """A supervised job on preference pairs or classification rows is refused here, not failed later."""
+    try:
+        why = not_sft_reason(training_kind(path))
+    except DataError as e:
+        raise APIError(400, f"{key} '{fid}': {e}", param=key, code="invalid_file") from None
+    if why:
+        raise APIError(400, f"{key} '{fid}': {why}", param=key, code="invalid_file")
 
 
 def _method(body: dict) -> dict:
