@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods_data  # noqa: E402
 
 # a row is METHOD or METHOD+OPTIMIZER (full+galore: --method full --optimizer galore_adamw)
-SMOL_METHODS = ["lora", "rslora", "dora", "allora", "adalora", "corda", "bottleneck", "qlora", "full", "full+galore"]
-OPTIMIZER_ALIASES = {"galore": "galore_adamw"}
+SMOL_METHODS = ["lora", "rslora", "dora", "allora", "adalora", "corda", "bottleneck", "qlora", "full", "full+galore",
+                "full+natural", "sara", "lt-sft", "qst"]
+OPTIMIZER_ALIASES = {"galore": "galore_adamw", "natural": "natural_galore"}
 MINILM_METHODS = ["head", "lora", "rslora", "dora", "allora", "adalora", "bottleneck"]
 WARMUP_STEPS_TIMED = 2  # steps left out of the median step time
 CORDA_TARGETS = "q_proj,v_proj"  # see --corda-targets
@@ -97,17 +98,22 @@ def smol_options(args, row: str) -> tuple[dict, dict]:
     method, optimizer = split_row(row)
     steps = args.steps
     lr = args.lr
-    if method == "full":
+    if method in ("full", "lt-sft"):  # both move every weight (LT-SFT in its full phase)
         lr = args.full_lr / (args.galore_scale if optimizer != "adamw" else 1.0)
+    elif method == "sara":
+        lr = None  # SaRA's own default, 1e-3 * exp(-350 * threshold), from its train_defaults hook
     run = dict(max_steps=steps, batch_size=args.batch, max_length=args.max_length, lr=lr, schedule="cosine",
                warmup_steps=max(1, steps // 10), seed=0, truncate=True, progress=False, eval_every=0,
                keep_checkpoints=1, method=method, dtype=args.dtype, optimizer=optimizer)
     if optimizer != "adamw":
         run.update(galore_rank=args.galore_rank, galore_update_proj_gap=args.galore_gap,
                    galore_scale=args.galore_scale)
-    options = dict(rank=args.rank, alpha=2.0 * args.rank, targets="all" if method == "full" else "all-linear")
+    options = dict(rank=args.rank, alpha=2.0 * args.rank,
+                   targets="all" if method in ("full", "lt-sft") else "all-linear")
     if method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
         options.update(tinit=steps // 10, tfinal=steps // 5)
+    elif method == "lt-sft":  # one iteration: a full phase and a sparse phase share the steps of the budget
+        options.update(full_ft_steps=steps // 2, sparse_ft_steps=steps - steps // 2)
     elif method == "corda":
         options.update(corda_mode=args.corda_mode, calibration_samples=args.train, targets=args.corda_targets,
                        corda_cache=args.corda_cache)
@@ -167,10 +173,10 @@ def measured_trainer(base):
     the optimizer-state and gradient bytes."""
 
     class Measured(base):
-        last = None
+        runs: list = []  # every Trainer of the run, in order (a phased method, LT-SFT, runs one per phase)
 
         def fit(self):
-            Measured.last = self
+            Measured.runs.append(self)
             self.init_eval = self.evaluate()
             self.step_times, self.setup_peak = [], hwm_mib()
             self.hwm_reset = reset_peak()
@@ -196,8 +202,11 @@ def run_smol(args) -> dict:
     import leantune.recipes.finetune as ft
 
     torch.manual_seed(0)
+    import leantune.train.phases as phases
+
     Measured = measured_trainer(ft.Trainer)
     ft.Trainer = Measured  # finetune() builds its Trainer from this module's namespace
+    phases.Trainer = Measured  # and a phased method's PhaseRunner from this one
     from leantune.recipes.options import method_config
 
     run, options = smol_options(args, args.method)
@@ -206,13 +215,15 @@ def run_smol(args) -> dict:
                             options=method_config(run["method"], {}, options), **run)
     t0 = time.perf_counter()
     summary = ft.finetune(cfg)
-    tr = Measured.last
-    n_tok = tr.tokens / max(tr.step, 1)
+    trs = Measured.runs  # phases: times of all, peaks and bytes the largest, the first one's starting eval
+    n_tok = sum(t.tokens for t in trs) / max(sum(t.step for t in trs), 1)
     return {"method": args.method, "trainable": summary["trainable_parameters"],
-            "median_step_s": step_stats(tr.step_times), "tokens_per_step": n_tok,
-            "peak_rss_mib": process_peak_mib(tr.setup_peak), "train_peak_rss_mib": tr.train_peak,
-            "optimizer_state_bytes": tr.bytes.state_bytes, "grad_bytes": tr.bytes.grad_bytes,
-            "init_eval_loss": tr.init_eval, "eval_loss": summary["eval_loss"],
+            "median_step_s": step_stats([x for t in trs for x in t.step_times]), "tokens_per_step": n_tok,
+            "peak_rss_mib": process_peak_mib(*(t.setup_peak for t in trs)),
+            "train_peak_rss_mib": max(t.train_peak for t in trs),
+            "optimizer_state_bytes": max(t.bytes.state_bytes for t in trs),
+            "grad_bytes": max(t.bytes.grad_bytes for t in trs),
+            "init_eval_loss": trs[0].init_eval, "eval_loss": summary["eval_loss"],
             "first_train_loss": summary["first_loss"], "last_train_loss": summary["train_loss"],
             "steps": summary["steps"], "seconds": time.perf_counter() - t0,
             "options": {k: v for k, v in opts.items() if k not in ("progress", "keep_checkpoints", "eval_every")}}
