@@ -40,6 +40,10 @@ RUNS = [
     ("leantune", "8b", "lora"), ("peer", "8b", "lora"),
     ("leantune", "8b", "qlora-offload"),  # leantune only: saved activations in pinned host memory
     ("leantune", "8b", "qst"),  # leantune only: QST's side network (r=16) beside the same NF4 base; goal vs qlora
+    # leantune only: full finetuning of every weight (fp32 master weights) with GaLore rank 128, updated per
+    # layer inside backward (no full gradient at once); full AdamW at 8B (~128 GB of weights, grads and
+    # moments in fp32) fits no single card, which is the point of the row
+    ("leantune", "8b", "full-galore"),
 ]
 
 # The numbers for the peer on an H100 (tokens/s, peak GiB) and the goal.
@@ -133,15 +137,27 @@ def run_leantune(args) -> dict:
     method = args.method.split("-")[0]
     offload = args.method.endswith("-offload")
     t0 = time.perf_counter()
-    model = build_leantune(shape, method in ("qlora", "qst"), dev, dtype)
-    if method == "qst":  # its own options: the side network's reduction (16; 8 for --dry's 4 heads of width 64)
+    # full finetuning trains the weights themselves: fp32 master weights (leantune refuses to train bf16 ones)
+    model = build_leantune(shape, method in ("qlora", "qst"), dev, torch.float32 if method == "full" else dtype)
+    per_layer = []
+    if method == "full":
+        leantune.apply(model, "full")
+    elif method == "qst":  # its own options: the side network's reduction (16; 8 for --dry's 4 heads of width 64)
         model = leantune.apply(model, method, reduction=8 if args.dry else 16)
     else:
         leantune.apply(model, method, r=args.rank, alpha=2 * args.rank, targets="all-linear")
     model.gradient_checkpointing = True
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer("paged_adamw" if method == "qlora" else "adamw", params, lr=1e-4)
+    if method == "full":  # GaLore on attention / MLP weights, each updated inside backward (optim.per_layer)
+        from leantune.optim import attach_per_layer, galore_param_groups
+
+        groups = galore_param_groups(model, params, rank=8 if args.dry else 128, update_proj_gap=200, scale=0.25,
+                                     proj_type="std")
+        opt = build_optimizer("galore_adamw", groups, lr=1e-5)
+        per_layer = attach_per_layer(opt)
+    else:
+        opt = build_optimizer("paged_adamw" if method == "qlora" else "adamw", params, lr=1e-4)
     ids = torch.randint(0, shape["vocab"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(args.seq).expand(args.batch, -1)
     batch = Batch(ids, ids.clone(), pos, None, ids.numel() - args.batch, ids.numel()).to(dev)
@@ -156,7 +172,7 @@ def run_leantune(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach()) / n
 
-    info = {"optimizer": type(opt).__name__, "offload_activations": offload,
+    info = {"optimizer": type(opt).__name__, "offload_activations": offload, "per_layer": bool(per_layer),
             "adapter_dtype": str(params[0].dtype).removeprefix("torch.")}
     return timed(step, args, dev, params, model, t0, info)
 
@@ -333,7 +349,8 @@ def drive(args) -> dict:
 def summarize(args, results: list[dict], wall: float) -> dict:
     by = {(r["system"], r["model"], r["method"]): r for r in results}
     rows = []
-    for model, method in (("8b", "qlora"), ("1b", "qlora"), ("8b", "lora"), ("8b", "qlora-offload"), ("8b", "qst")):
+    for model, method in (("8b", "qlora"), ("1b", "qlora"), ("8b", "lora"), ("8b", "qlora-offload"), ("8b", "qst"),
+                          ("8b", "full-galore")):
         lt, pr = by.get(("leantune", model, method), {}), by.get(("peer", model, method.split("-")[0]), {})
         ok = lambda r: r.get("status") == "ok"
         row = {"model": model, "method": method,
@@ -401,7 +418,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="", help="also write the result JSON here")
     ap.add_argument("--worker", choices=["leantune", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=["1b", "8b"], help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["lora", "qlora", "qlora-offload", "qst"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["lora", "qlora", "qlora-offload", "qst", "full-galore"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.dry else 4)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.dry else 2)

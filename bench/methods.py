@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods_data  # noqa: E402
@@ -173,24 +174,28 @@ def measured_trainer(base):
     the optimizer-state and gradient bytes."""
 
     class Measured(base):
-        runs: list = []  # every Trainer of the run, in order (a phased method, LT-SFT, runs one per phase)
+        # what each Trainer of the run measured, in order (a phased method, LT-SFT, runs one per phase); the
+        # numbers only, not the Trainer, whose optimizer state would otherwise outlive its phase
+        runs: list = []
 
         def fit(self):
-            Measured.runs.append(self)
-            self.init_eval = self.evaluate()
-            self.step_times, self.setup_peak = [], hwm_mib()
-            self.hwm_reset = reset_peak()
-            self.bytes = OptimizerBytes()
+            m = SimpleNamespace(init_eval=self.evaluate() if not Measured.runs else float("nan"), step_times=[],
+                                setup_peak=hwm_mib(), hwm_reset=reset_peak(), bytes=OptimizerBytes(), tokens=0,
+                                steps=0)
+            self.measured = m
             try:
                 return super().fit()
             finally:
-                self.train_peak = hwm_mib() if self.hwm_reset else float("nan")
-                self.bytes.close()
+                m.train_peak = hwm_mib() if m.hwm_reset else float("nan")
+                m.bytes.close()
+                m.tokens, m.steps = self.tokens, self.step
+                Measured.runs.append(m)
+                del self.measured
 
         def train_step(self, window):
             t = time.perf_counter()
             rec = super().train_step(window)
-            self.step_times.append(time.perf_counter() - t)
+            self.measured.step_times.append(time.perf_counter() - t)
             return rec
 
     return Measured
@@ -216,7 +221,7 @@ def run_smol(args) -> dict:
     t0 = time.perf_counter()
     summary = ft.finetune(cfg)
     trs = Measured.runs  # phases: times of all, peaks and bytes the largest, the first one's starting eval
-    n_tok = sum(t.tokens for t in trs) / max(sum(t.step for t in trs), 1)
+    n_tok = sum(t.tokens for t in trs) / max(sum(t.steps for t in trs), 1)
     return {"method": args.method, "trainable": summary["trainable_parameters"],
             "median_step_s": step_stats([x for t in trs for x in t.step_times]), "tokens_per_step": n_tok,
             "peak_rss_mib": process_peak_mib(*(t.setup_peak for t in trs)),

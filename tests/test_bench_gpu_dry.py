@@ -92,3 +92,20 @@ def test_gpu_sh_dry_runs_coserve(tmp_path):
                                   "adapters_ratio", "adapters_ratio_q_v"}
     assert res["paired"]["windows"] >= 4 and res["paired"]["job"]["requests"] > 0
     assert not list(out.glob(".coserve.json.*"))  # the atomic write left no temporary file
+
+
+def test_gpu_bench_dry_full_galore_row():
+    """The 8B full finetuning + per-layer GaLore row (leantune only) on its --dry CPU path: every weight
+    trains, the optimizer is GaLore's with the per-layer hooks, and the step trains."""
+    env = {**os.environ, "BENCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--dry", "--only",
+                        "leantune:8b:full-galore", "--budget-s", "170", "--min-run-s", "1", "--steps", "3"],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    (r,) = line["runs"]
+    assert r["status"] == "ok", r.get("error")
+    assert r["optimizer"] == "GaLoreAdamW" and r["per_layer"] is True and r["adapter_dtype"] == "float32"
+    assert r["trainable"] > 2 * 512 * 64  # more than its embeddings + untied head: every weight trains
+    assert r["finite"] and r["losses"][-1] < r["losses"][0], r["losses"]
+    assert "8b full-galore" in p.stdout
