@@ -311,3 +311,29 @@ def test_pairs_whose_chosen_equals_rejected(dpo_fails, tmp_path):
 def test_bad_options(dpo_fails, data, args, words):
     base = ("--objective", "dpo") if "--objective" not in args else ()
     assert words in dpo_fails(*base, "--data", data["pairs"], *args)
+
+
+# ---- eval and resume -----------------------------------------------------------------------------------------
+def test_eval_loss_is_the_mean_pair_loss_on_eval_pairs(folder, data, tmp_path):
+    out = tmp_path / "eval"
+    _run(folder, data["pairs"], out, "--eval-data", str(data["pairs"]), "--max-steps", "4", "--eval-every", "2")
+    evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+    # the eval pairs are the training pairs: they are preferred more as training goes on
+    assert len(evals) == 2 and evals[0] < LOG2 and evals[1] < evals[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_reproduces_the_uninterrupted_losses(folder, data, tmp_path, monkeypatch, method):
+    from test_recipes import run_interrupted
+
+    def argv(out):
+        return ["finetune", "--model", str(folder), "--data", str(data["pairs"]), "--output", str(out), *ARGS,
+                "--method", method, "--max-steps", "6", "--save-every", "3", "--lr", "1e-3"]
+
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r] if cli.run(
+        argv(tmp_path / "whole")) == 0 else None
+    out = tmp_path / "cut"
+    assert run_interrupted(argv(out), 4, monkeypatch) == 130
+    assert cli.run([*argv(out), "--resume"]) == 0
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert [resumed[s] for s in range(1, 7)] == pytest.approx(whole, abs=1e-6)
