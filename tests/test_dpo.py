@@ -251,10 +251,14 @@ def test_recipe_other_loss_types_go_down(folder, data, tmp_path, loss_type):
     assert recs[0]["loss"] == pytest.approx(first, abs=1e-5) and recs[-1]["loss"] < recs[0]["loss"]
 
 
-def test_sft_then_dpo_in_one_run_uses_the_sft_model_as_reference(folder, data, tmp_path):
+@pytest.mark.parametrize("how", ["flags", "yaml"])
+def test_sft_then_dpo_in_one_run_uses_the_sft_model_as_reference(folder, data, tmp_path, how):
     out = tmp_path / "sft_dpo"
-    assert cli.run(["finetune", "--model", str(folder), "--sft-data", str(data["sft"]), "--data",
-                    str(data["pairs"]), "--output", str(out), *ARGS, "--sft-steps", "6", "--max-steps", "4",
+    stages = ["--sft-data", str(data["sft"]), "--data", str(data["pairs"]), "--sft-steps", "6"]
+    if how == "yaml":  # the two stages in one config file
+        (tmp_path / "run.yaml").write_text(f"sft_data: {data['sft']}\ndata: {data['pairs']}\nsft_steps: 6\n")
+        stages = ["--config", str(tmp_path / "run.yaml")]
+    assert cli.run(["finetune", "--model", str(folder), *stages, "--output", str(out), *ARGS, "--max-steps", "4",
                     "--lr", "1e-2"]) == 0
     sft = [r for r in read_metrics(out / "phases" / "sft") if "loss" in r]
     dpo = [r for r in read_metrics(out / "phases" / "dpo") if "loss" in r]

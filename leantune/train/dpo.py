@@ -25,6 +25,9 @@ reference log-probs of every pair are computed in one pass before training and k
 Chosen and rejected sequences go through the model in one forward, chosen rows first (TRL's concatenated
 forward); only answer positions reach the LM head, through the fused linear + cross-entropy of `train.loss`,
 so (B, T, V) logits are never built. A mixture-of-experts model's load-balancing loss is not added here.
+Dropout (a method's `--dropout`) stays as the user set it: the reference is computed without it (eval mode or
+adapters bypassed), so with dropout the first step's loss is log 2 only up to its noise (TRL's
+`disable_dropout=True` default turns it off instead).
 """
 from __future__ import annotations
 
