@@ -341,3 +341,14 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, data, tmp_path, monk
     assert cli.run([*argv(out), "--resume"]) == 0
     resumed = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
     assert [resumed[s] for s in range(1, 7)] == pytest.approx(whole, abs=1e-6)
+
+
+def test_grad_accumulation_is_exact_in_pairs(folder, data, tmp_path):
+    """The window's loss is a mean over its pairs: 2 micro-batches of 2 pairs step as one batch of 4."""
+    one = _run(folder, data["pairs"], tmp_path / "one", "--max-steps", "4")
+    two = _run(folder, data["pairs"], tmp_path / "two", "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2")
+    assert [r["pairs"] for r in two] == [4] * 4
+    for a, b in zip(one, two):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert one[-1]["loss"] < one[0]["loss"] - 0.05  # the steps moved the policy, so agreeing means something

@@ -120,10 +120,9 @@ def sequence_logps(model, batch, chunk: int = 1024) -> torch.Tensor:
     hidden = model.hidden(batch.input_ids, ForwardMeta(positions=batch.positions))  # (R, T, C)
     tgt = shifted_targets(batch.labels)
     head = model.head_module()
+    sel = tgt != -100
     # row by row: the fused head gives a sum, and each row's sum is its sequence log-prob
-    rows = [-chunked_ce_sum(hidden[r][tgt[r] != -100], head, tgt[r][tgt[r] != -100], chunk)
-            for r in range(tgt.shape[0])]
-    return torch.stack(rows)
+    return torch.stack([-chunked_ce_sum(hidden[r][sel[r]], head, tgt[r][sel[r]], chunk) for r in range(len(tgt))])
 
 
 def answer_tokens(batch) -> torch.Tensor:
@@ -168,7 +167,9 @@ class DPOObjective:
     def __post_init__(self):
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
-        dpo_loss(*torch.zeros(4, 1), self.beta, self.loss_type, *torch.ones(2, 1))  # an unknown type stops here
+        if self.loss_type not in DPO_LOSSES or not self.beta > 0:
+            raise ValueError(f"DPO needs a loss type in {DPO_LOSSES} and beta > 0, got {self.loss_type!r}, "
+                             f"{self.beta}")
 
     def batches(self, examples: list, epoch: int, cfg) -> list[PairBatch]:
         return pair_batches(examples, cfg.batch_size, epoch, cfg.seed, with_ref=self.reference == "precomputed")

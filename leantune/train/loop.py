@@ -24,7 +24,7 @@ from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_op
 from ..optim.schedules import SCHEDULES
 from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
 from .dpo import DPO_LOSSES
-from .objectives import OBJECTIVES, SFTObjective, count_loss_tokens  # noqa: F401 (count_loss_tokens: API)
+from .objectives import OBJECTIVES, SFTObjective
 from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
                         projection_checks)
 from .plot import plot_losses
