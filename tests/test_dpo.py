@@ -17,7 +17,7 @@ from leantune.train.dpo import (DPOObjective, build_dpo, dpo_loss, pair_batch, p
                                 sequence_logps)
 from leantune.train.loop import TrainConfig
 from test_bad_input import assert_nothing_written, fails
-from test_recipes import chat_row, read_metrics, write_jsonl
+from test_recipes import assert_peft_parity, chat_row, load, read_metrics, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -229,6 +229,7 @@ def test_recipe_lora_learns_the_preference_and_the_adapter_reloads(folder, data,
     with torch.no_grad():
         _, rc, rr, _ = obj.terms(model.eval(), pair_batch(pairs))
     assert bool((rc > rr).all())
+    assert_peft_parity(folder, out, load(folder)[1])  # and loads in PEFT with the same logits
 
 
 def test_recipe_full_precomputes_the_reference(folder, data, tmp_path):
