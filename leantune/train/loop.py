@@ -264,7 +264,7 @@ class Trainer:
         # optimizer_step sets the same value again for the others
         set_lr(self.opt, self.rule.lr_at(self.step))
         # the window's weight: loss tokens (SFT) or pairs (DPO), each of which weighs the same in the mean
-        n_tok = sum(self.objective.weight(b) for b in window)
+        n_w = sum(self.objective.weight(b) for b in window)
         total, reg_total, sums = 0.0, None, {}
         for b in window:
             with self._saved_tensors_place(b.input_ids):
@@ -274,13 +274,13 @@ class Trainer:
             reg = regularizer(self.model, hooks)
             if reg is not None:
                 # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each micro-batch
-                # carries its token share of it, so the window's shares add up to one.
+                # carries its share of it (by weight), so the window's shares add up to one.
                 loss_sum = loss_sum + reg * n_b
                 reg_total = (reg_total or 0.0) + float(reg.detach()) * n_b
-            # Token-weighted normalization: every loss token of the window weighs the same.
-            (loss_sum / max(n_tok, 1)).backward()
+            # Normalized by the window's weight: every loss token (SFT) or pair (DPO) of it weighs the same.
+            (loss_sum / max(n_w, 1)).backward()
             total += float(loss_sum.detach())
-        loss = total / max(n_tok, 1)
+        loss = total / max(n_w, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
         if change_trainable(self.model, hooks, self.step, self.opt):
@@ -296,10 +296,10 @@ class Trainer:
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               self.objective.weight_name: n_tok, "tokens": self.tokens,
-               **{k: v / max(n_tok, 1) for k, v in sums.items()}, **peak_memory_mb(window[0].input_ids.device)}
+               self.objective.weight_name: n_w, "tokens": self.tokens,
+               **{k: v / max(n_w, 1) for k, v in sums.items()}, **peak_memory_mb(window[0].input_ids.device)}
         if reg_total is not None:
-            rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
+            rec["reg_loss"] = reg_total / max(n_w, 1)  # the part of "loss" that the regularizers make
         return rec
 
     def evaluate(self) -> float | None:
