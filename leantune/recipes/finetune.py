@@ -1,5 +1,8 @@
 """`leantune finetune`: load a model, apply a method, train on JSONL, save a PEFT-format adapter.
 
+The objective is SFT (token cross-entropy), or DPO on preference pairs with `--objective dpo`
+(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run.
+
 With no --data it runs the main job: teach the embedded default model the bundled fictional facts and
 print exact-match accuracy before and after, on trained and on never-seen paraphrased questions.
 """
