@@ -353,3 +353,35 @@ def test_grad_accumulation_is_exact_in_pairs(folder, data, tmp_path):
         for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert one[-1]["loss"] < one[0]["loss"] - 0.05  # the steps moved the policy, so agreeing means something
+
+
+def test_sft_then_dpo_resumes_in_the_dpo_phase_with_the_same_reference(folder, data, tmp_path, monkeypatch):
+    """Cut in the DPO phase: --resume restores the finished SFT phase's weights, rebuilds the reference from
+    them, and continues to the losses of the uninterrupted run."""
+    from leantune.train.loop import Trainer
+
+    def argv(out):
+        return ["finetune", "--model", str(folder), "--sft-data", str(data["sft"]), "--data", str(data["pairs"]),
+                "--output", str(out), *ARGS, "--sft-steps", "3", "--max-steps", "4", "--save-every", "2",
+                "--lr", "1e-2"]
+
+    def dpo_losses(out):
+        return {r["step"]: r["loss"] for r in read_metrics(out / "phases" / "dpo") if "loss" in r}
+
+    assert cli.run(argv(tmp_path / "whole")) == 0
+    real = Trainer.train_step
+
+    def interrupt(self, window):
+        if self.phase == "dpo" and self.step == 3:
+            raise KeyboardInterrupt
+        return real(self, window)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupt)
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv(out))
+    assert e.value.code == 130 and sorted(dpo_losses(out)) == [1, 2, 3]
+    assert cli.run([*argv(out), "--resume"]) == 0
+    whole, resumed = dpo_losses(tmp_path / "whole"), dpo_losses(out)
+    assert [resumed[s] for s in range(1, 5)] == pytest.approx([whole[s] for s in range(1, 5)], abs=1e-6)
