@@ -208,7 +208,7 @@ PAIR = {"prompt": [{"role": "user", "content": "What is the capital of Veloria?"
 def test_preference_data_in_an_sft_run(finetune_fails, tmp_path):
     data = write_lines(tmp_path / "p.jsonl", [json.dumps(PAIR)] * 2)
     err = finetune_fails(data)
-    assert f"{data}: preference pairs" in err and "DPO" in err and "does not have yet" in err
+    assert f"{data}: preference pairs" in err and "DPO" in err and "--objective dpo" in err
     assert "prompt/completion or chat rows" in err  # the way out
 
 

@@ -281,7 +281,7 @@ def test_classification_labels(tmp_path, tok):
 
 
 def test_sft_refuses_pairs_and_classification(tmp_path, tok):
-    with pytest.raises(DataError, match=r"p\.jsonl: preference pairs .* \(DPO\), which leantune does not have yet"):
+    with pytest.raises(DataError, match=r"p\.jsonl: preference pairs .* \(DPO: `leantune finetune --objective dpo`\), not with supervised"):
         load_dataset(write_jsonl(tmp_path / "p.jsonl", PREF_ROWS), tok, 64)
     with pytest.raises(DataError, match=r"c\.jsonl: classification rows"):
         load_dataset(write_jsonl(tmp_path / "c.jsonl", SHAPES["classification"]), tok, 64)

@@ -642,7 +642,7 @@ def test_a_job_on_preference_pairs_is_refused_not_run(srv):
     f = c.files.create(file=("dpo.jsonl", (json.dumps(pair) + "\n").encode()), purpose="fine-tune")  # OpenAI's shape
     before = srv.state()
     raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(model="model", training_file=f.id),
-           "preference pairs", "does not have yet", param="training_file")
+           "preference pairs", "--objective dpo", param="training_file")
     srv.assert_intact(before)
     same = {**pair, "non_preferred_output": pair["preferred_output"]}
     raises(openai.BadRequestError, 400, lambda: c.files.create(file=("same.jsonl", (json.dumps(same) + "\n").encode()),

@@ -42,9 +42,9 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 # What a data set of each non-SFT kind needs instead of supervised finetuning.
 NOT_SFT = {
-    "preference": "preference pairs (prompt, chosen, rejected) train with a preference objective (DPO), which "
-                  "leantune does not have yet; to finetune on the preferred answers, write them as "
-                  "prompt/completion or chat rows",
+    "preference": "preference pairs (prompt, chosen, rejected) train with a preference objective (DPO: "
+                  "`leantune finetune --objective dpo`), not with supervised finetuning; to finetune on the "
+                  "preferred answers, write them as prompt/completion or chat rows",
     "classification": "classification rows (text, label) train a classifier, which `leantune finetune` does not "
                       "do yet; to train a causal LM to answer with the label, write the rows as prompt/completion",
 }

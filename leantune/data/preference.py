@@ -37,6 +37,9 @@ class PreferenceExample:
     rejected: Example
     line: int = 0
     source: str = field(default="", compare=False)
+    # the reference policy's summed log-probs of (chosen, rejected) when a DPO run computes them before
+    # training (`train.dpo.precompute_reference`); None otherwise
+    ref_logps: tuple[float, float] | None = field(default=None, compare=False)
 
 
 def format_pair(row: dict, tokenizer, where: str) -> tuple[list[int], tuple, tuple]:
@@ -78,9 +81,10 @@ def load_preference_dataset(
     check_load_options(max_length, on_too_long, None)
     fmt, rows = read_canonical(path, split, columns, None, what)
     if KIND[fmt] != "preference":
-        raise DataError(f"{path}: has no preference pairs (its rows are {fmt} rows); a preference objective "
-                        "needs rows with prompt/chosen/rejected (TRL) or input/preferred_output/"
-                        "non_preferred_output (OpenAI)")
+        raise DataError(f"{path}: has no preference pairs (its rows are {fmt} rows); {what} of a preference "
+                        "objective (--objective dpo) needs rows with prompt/chosen/rejected (TRL) or "
+                        "input/preferred_output/non_preferred_output (OpenAI); to finetune on these rows, drop "
+                        "--objective dpo (supervised finetuning)")
     out, too_long, no_loss = [], 0, 0
     for row, data in rows:
         prompt_ids, *seqs = format_pair(data, tokenizer, row.where)

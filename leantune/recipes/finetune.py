@@ -1,10 +1,14 @@
 """`leantune finetune`: load a model, apply a method, train on JSONL, save a PEFT-format adapter.
 
+The objective is SFT (token cross-entropy), or DPO on preference pairs with `--objective dpo`
+(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run.
+
 With no --data it runs the main job: teach the embedded default model the bundled fictional facts and
 print exact-match accuracy before and after, on trained and on never-seen paraphrased questions.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -44,7 +48,12 @@ class FinetuneConfig(TrainConfig):
     revision: str | None = opt(None, "branch, tag or commit of a --model id in the Hugging Face cache (default: main)")
     data: str = opt(facts_mod.BUILTIN, "training data: a JSONL, JSON, CSV or Parquet file, a datasets folder "
                                        "(save_to_disk), or a folder or glob of shards; rows in OpenAI chat "
-                                       "(messages, tools, weight), ShareGPT, alpaca, prompt/completion or text")
+                                       "(messages, tools, weight), ShareGPT, alpaca, prompt/completion or text; "
+                                       "with --objective dpo, preference pairs (TRL's prompt/chosen/rejected or "
+                                       "OpenAI's input/preferred_output/non_preferred_output)")
+    sft_data: str | None = opt(None, "with --objective dpo: supervised data (any form --data takes for SFT) to "
+                                     "finetune on first, in the same run; the SFT'd model is DPO's reference")
+    sft_steps: int = opt(0, "optimizer steps of the --sft-data phase (0: --epochs passes over it)")
     eval_data: str | None = opt(None, "held-out data, any form --data takes (default: --eval-fraction of --data)")
     split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --data")
     eval_split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --eval-data")
@@ -104,6 +113,24 @@ class FinetuneConfig(TrainConfig):
                              "drop --eval-split")
         if self.chat_template:
             read_chat_template(self.chat_template)
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        dpo = self.objective == "dpo"
+        checks = [
+            (not (dpo and self.data == facts_mod.BUILTIN),
+             "--objective dpo trains on preference pairs; give --data FILE with prompt/chosen/rejected rows "
+             "(TRL) or input/preferred_output/non_preferred_output rows (OpenAI)"),
+            (dpo or not self.sft_data, "--sft-data is the SFT phase before DPO: use it with --objective dpo, or give "
+                                       "the supervised data as --data"),
+            (self.sft_steps >= 0, f"--sft-steps must be >= 0, got {self.sft_steps}"),
+            # such a method's fit hook runs its own phases on the SFT loss
+            (not (dpo and self.spec.fit is not None), f"--method {self.method} trains in phases of its own on the "
+                                                       "SFT loss; it cannot train with --objective dpo"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
 
     def _fill_method_defaults(self) -> None:
         """Training options left None take the method's proposal (`train_defaults` hook), else TrainConfig's
@@ -162,7 +189,8 @@ def forgetting_set(cfg: FinetuneConfig, tokenizer) -> list:
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer):
-    from ..data import load_dataset, parse_columns, split_eval, use_chat_template
+    """(train, eval) examples of --data: SFT examples, or preference pairs with --objective dpo."""
+    from ..data import load_dataset, load_preference_dataset, parse_columns, split_eval, use_chat_template
 
     use_chat_template(tokenizer, cfg.chat_template)  # before any row is rendered; saved with the adapter
     data = cfg.data
@@ -170,13 +198,49 @@ def prepare_data(cfg: FinetuneConfig, tokenizer):
         data = str(facts_mod.write_train_jsonl(Path(cfg.output) / "data" / "facts_train.jsonl"))
     on_long = "truncate" if cfg.truncate else "error"
     columns = parse_columns(cfg.columns)
-    train = load_dataset(data, tokenizer, cfg.max_length, on_too_long=on_long, split=cfg.split, columns=columns)
+    load = load_preference_dataset if cfg.objective == "dpo" else load_dataset
+    train = load(data, tokenizer, cfg.max_length, on_too_long=on_long, split=cfg.split, columns=columns)
     if cfg.eval_data:
-        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long,
-                                   split=cfg.eval_split, columns=columns, what="--eval-data")
+        return train, load(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long,
+                           split=cfg.eval_split, columns=columns, what="--eval-data")
     if cfg.eval_fraction > 0 and len(train) >= 10:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
     return train, []
+
+
+def sft_examples(cfg: FinetuneConfig, tokenizer) -> list:
+    """--sft-data's examples (the SFT phase before DPO), or []; --columns maps --data's columns, not these."""
+    from ..data import load_dataset
+
+    if not cfg.sft_data:
+        return []
+    on_long = "truncate" if cfg.truncate else "error"
+    return load_dataset(cfg.sft_data, tokenizer, cfg.max_length, on_too_long=on_long, what="--sft-data")
+
+
+def train_preferences(cfg: FinetuneConfig, model, train: list, evals: list, sft: list, save_artifacts):
+    """DPO on the pairs `train`, after an SFT phase on `sft` when there is one (`train.phases`: each phase a
+    fresh optimizer, in OUTPUT/phases/NAME); the reference is the model as DPO starts (`train.dpo.build_dpo`).
+    (result, train options report, trainable parameters)."""
+    from ..train.dpo import build_dpo
+    from ..train.phases import PhaseRunner
+
+    tcfg = cfg.train_config()
+    if not sft:
+        objective = build_dpo(model, tcfg, train, evals, cfg.spec.trains_base, log=_log)
+        trainer = Trainer(model, train, evals, tcfg, cfg.output, save_artifacts, run_config=asdict(cfg),
+                          objective=objective)
+        if cfg.resume and trainer.resume():
+            _log(f"resumed at step {trainer.step}")
+        return trainer.fit(), trainer.options_report, trainer.params
+    runner = PhaseRunner(model, sft, [], dataclasses.replace(tcfg, objective="sft"), Path(cfg.output),
+                         save_artifacts, asdict(cfg), resume=cfg.resume, log=_log)
+    runner.run("sft", steps=cfg.sft_steps, epochs=0 if cfg.sft_steps else cfg.epochs)
+    # on resume the finished SFT phase restored its final weights above, so the same reference is rebuilt
+    objective = build_dpo(model, tcfg, train, evals, cfg.spec.trains_base, snapshot=True, log=_log)
+    dpo = dataclasses.replace(runner, train_examples=train, eval_examples=evals, cfg=tcfg, objective=objective)
+    dpo.run("dpo")
+    return dpo.summary(), {}, [p for p in model.parameters() if p.requires_grad]
 
 
 def calibration_context(cfg: FinetuneConfig, model, tokenizer, train):
@@ -188,7 +252,9 @@ def calibration_context(cfg: FinetuneConfig, model, tokenizer, train):
     def load(path: str) -> list:
         return load_dataset(path, tokenizer, cfg.max_length, on_too_long="truncate")
 
-    return CalibrationContext(model=model, examples=train, load=load, seed=cfg.seed, log=_log)
+    # a calibration pass reads inputs: a preference pair's chosen sequence is one
+    examples = [getattr(e, "chosen", e) for e in train]
+    return CalibrationContext(model=model, examples=examples, load=load, seed=cfg.seed, log=_log)
 
 
 def check_shapes_before_loading(cfg: FinetuneConfig) -> None:
@@ -241,6 +307,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.output)
     train, evals = prepare_data(cfg, tok)
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
+    sft = sft_examples(cfg, tok)  # read before training starts, so bad rows stop the run before any step
     is_facts = cfg.data == facts_mod.BUILTIN
     before = facts_mod.evaluate_facts(model, tok) if is_facts else None
     forget = forgetting_set(cfg, tok)
@@ -264,7 +331,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.reinit_top:  # re-initialized blocks trained in full: the adapter alone does not hold them
             save_reinit_blocks(model, d, cfg.reinit_top)
 
-    if spec.fit is not None:  # a method that trains in phases, each with a fresh optimizer (train.phases)
+    if cfg.objective == "dpo":
+        result, report, params = train_preferences(cfg, model, train, evals, sft, save_artifacts)
+        n_train = sum(p.numel() for p in params)
+    elif spec.fit is not None:  # a method that trains in phases, each with a fresh optimizer (train.phases)
         from ..train.phases import PhaseRunner
 
         runner = PhaseRunner(model, train, evals, cfg.train_config(), out, save_artifacts, asdict(cfg),

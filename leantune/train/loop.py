@@ -23,7 +23,8 @@ from ..fields import opt
 from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_optimizer
 from ..optim.schedules import SCHEDULES
 from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
-from .loss import heldout_loss, lm_loss_sum, shifted_targets
+from .dpo import DPO_LOSSES
+from .objectives import OBJECTIVES, SFTObjective
 from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
                         projection_checks)
 from .plot import plot_losses
@@ -89,6 +90,11 @@ class TrainConfig:
     fpf_fraction: float = opt(0.0, "FPF: train only the modules that drift most in a short probe, up to this "
                               "fraction of the trainable parameters (0 = off)")
     fpf_probe_steps: int = opt(5, "FPF: SGD steps of the drift probe (undone before training)")
+    objective: str = opt("sft", "what to train on: sft (token cross-entropy on the answers) or dpo (Direct "
+                         "Preference Optimization on preference pairs: prompt/chosen/rejected rows)")
+    beta: float = opt(0.1, "DPO: beta, how far the policy may move from the reference (TRL's default)")
+    dpo_loss: str = opt("sigmoid", "DPO: the loss on the log-ratio difference: sigmoid (DPO), ipo (IPO, "
+                        "per-token averaged log-ratios) or hinge (SLiC)")
 
     def __post_init__(self):
         if self.galore_proj_type is None:  # the projected optimizer's own default projection
@@ -108,7 +114,7 @@ class TrainConfig:
              f"--galore-update-proj-gap must be >= 1, got {self.galore_update_proj_gap}"),
             (not (self.llrd and self.optimizer in PROJECTED_OPTIMIZERS),
              f"--llrd and --optimizer {self.optimizer} cannot be combined (both set the parameter groups)"),
-        ]
+        ] + objective_checks(self)
         for ok, msg in checks + projection_checks(self) + option_checks(self):
             if not ok:
                 raise ValueError(msg)
@@ -116,8 +122,21 @@ class TrainConfig:
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
 
 
-def count_loss_tokens(batch) -> int:
-    return int((shifted_targets(batch.labels, batch.segment_ids) != -100).sum())
+def objective_checks(cfg) -> list[tuple[bool, str]]:
+    """Validation of --objective and the DPO options, as (ok, message) pairs."""
+    dpo = cfg.objective == "dpo"
+    return [
+        (cfg.objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}, got {cfg.objective!r}"),
+        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (cfg.dpo_loss in DPO_LOSSES, f"--dpo-loss must be one of {DPO_LOSSES}, got {cfg.dpo_loss!r}"),
+        # a pair's two sequences are scored whole; packing would put other samples in their rows
+        (not (dpo and cfg.pack), "--pack packs SFT examples; drop it with --objective dpo"),
+        # FPF's probe takes SFT steps on the training examples, which DPO's pairs are not
+        (not (dpo and cfg.fpf_fraction), "--fpf-fraction probes with the SFT loss; drop it with --objective dpo"),
+        # it re-initializes base weights after DPO's reference is fixed, so the reference would be neither model
+        (not (dpo and cfg.reinit_top), "--reinit-top changes the model DPO's reference is; drop it with "
+                                       "--objective dpo"),
+    ]
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -147,8 +166,14 @@ class Trainer:
 
     def __init__(self, model, train_examples, eval_examples, cfg: TrainConfig, out_dir: str | Path,
                  save_artifacts: Callable[[Path], None] | None = None, run_config: dict | None = None,
-                 phase: str | None = None):
+                 phase: str | None = None, objective=None):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        # what the loss is (`train.objectives`); a DPO objective carries its reference, so it is built by the
+        # caller for the model as it is at the start (`train.dpo.build_dpo`)
+        if objective is None and cfg.objective != "sft":
+            raise ValueError(f"a Trainer for --objective {cfg.objective} needs its objective object "
+                             "(train.dpo.build_dpo)")
+        self.objective = objective if objective is not None else SFTObjective()
         # which phase of a method that trains in several (`train.phases`) this run is: kept in every
         # checkpoint, and a checkpoint of another phase is refused on resume
         self.phase = phase
@@ -187,11 +212,8 @@ class Trainer:
         self.per_layer_hooks = attach_per_layer(self.opt) if self.cfg.galore_per_layer else []
 
     def _batches(self, epoch: int) -> list:
-        from ..data import batches_for_epoch
-
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, batches_for_epoch(self.train_ex, self.cfg.batch_size, epoch, self.cfg.seed,
-                                                          pack=self.cfg.pack, max_length=self.cfg.max_length))
+            self._epoch_cache = (epoch, self.objective.batches(self.train_ex, epoch, self.cfg))
         return self._epoch_cache[1]
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -241,21 +263,24 @@ class Trainer:
         # the step's lr before backward: an optimizer that updates inside backward (per layer) reads it there;
         # optimizer_step sets the same value again for the others
         set_lr(self.opt, self.rule.lr_at(self.step))
-        n_tok = sum(count_loss_tokens(b) for b in window)
-        total, reg_total = 0.0, None
+        # the window's weight: loss tokens (SFT) or pairs (DPO), each of which weighs the same in the mean
+        n_w = sum(self.objective.weight(b) for b in window)
+        total, reg_total, sums = 0.0, None, {}
         for b in window:
             with self._saved_tensors_place(b.input_ids):
-                loss_sum, n_b = lm_loss_sum(self.model, b)
+                loss_sum, n_b, metrics = self.objective.loss_sum(self.model, b)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
             reg = regularizer(self.model, hooks)
             if reg is not None:
                 # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each micro-batch
-                # carries its token share of it, so the window's shares add up to one.
+                # carries its share of it (by weight), so the window's shares add up to one.
                 loss_sum = loss_sum + reg * n_b
                 reg_total = (reg_total or 0.0) + float(reg.detach()) * n_b
-            # Token-weighted normalization: every loss token of the window weighs the same.
-            (loss_sum / max(n_tok, 1)).backward()
+            # Normalized by the window's weight: every loss token (SFT) or pair (DPO) of it weighs the same.
+            (loss_sum / max(n_w, 1)).backward()
             total += float(loss_sum.detach())
-        loss = total / max(n_tok, 1)
+        loss = total / max(n_w, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
         if change_trainable(self.model, hooks, self.step, self.opt):
@@ -271,15 +296,16 @@ class Trainer:
         self.step += 1
         self.tokens += sum(int(b.input_ids.numel()) for b in window)
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               "loss_tokens": n_tok, "tokens": self.tokens, **peak_memory_mb(window[0].input_ids.device)}
+               self.objective.weight_name: n_w, "tokens": self.tokens,
+               **{k: v / max(n_w, 1) for k, v in sums.items()}, **peak_memory_mb(window[0].input_ids.device)}
         if reg_total is not None:
-            rec["reg_loss"] = reg_total / max(n_tok, 1)  # the part of "loss" that the regularizers make
+            rec["reg_loss"] = reg_total / max(n_w, 1)  # the part of "loss" that the regularizers make
         return rec
 
     def evaluate(self) -> float | None:
         if not self.eval_ex:
             return None
-        return heldout_loss(self.model, self.eval_ex, self.cfg.batch_size, self.cfg.max_length, self.cfg.seed)
+        return self.objective.evaluate(self.model, self.eval_ex, self.cfg)
 
     # ---- the loop -------------------------------------------------------------------------------
     def save(self):

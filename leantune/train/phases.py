@@ -41,6 +41,7 @@ class PhaseRunner:
     resume: bool = False
     log: Callable[[str], None] = print
     results: list[dict] = field(default_factory=list)  # {"phase": name, **Trainer.fit()'s result}, in order
+    objective: object = None  # the Trainers' objective (`train.objectives`); None: SFT
 
     def phase_config(self, steps: int = 0, epochs: int = 0) -> TrainConfig:
         """The run's TrainConfig with the phase's length: `steps` optimizer steps, else `epochs` passes,
@@ -61,7 +62,8 @@ class PhaseRunner:
             shutil.rmtree(folder)
         trainer = Trainer(self.model, self.train_examples, self.eval_examples, self.phase_config(steps, epochs),
                           folder, self.save_artifacts if artifacts else None,
-                          run_config={**(self.run_config or {}), "phase": name}, phase=name)
+                          run_config={**(self.run_config or {}), "phase": name}, phase=name,
+                          objective=self.objective)
         if self.resume and done.is_file():
             if not trainer.resume():
                 raise ValueError(f"{folder}: the phase finished but its checkpoints are gone; start a new --output")
