@@ -283,3 +283,18 @@ def test_s3ft_forgets_less_than_sft_on_the_same_budget(pretrained, tmp_path):
         rise[objective] = forgetting["increase"]
     assert rise["sft"] > 0.05  # plain SFT does forget here, so the comparison means something
     assert rise["s3ft"] < rise["sft"] / 2, rise
+
+
+def test_held_out_rows_keep_their_gold_answers_and_get_no_target(folder, tmp_path):
+    """With --eval-fraction the held-out rows are split off first (as SFT splits them): targets are built for the
+    training rows only, and the eval loss is measured on the held-out gold answers."""
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"Question {i}?", "completion": f"Answer {i}."}
+                                               for i in range(10)])
+    out = tmp_path / "out"
+    assert cli.run(["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--objective",
+                    "s3ft", "--eval-fraction", "0.2", "--s3ft-max-new-tokens", "4", "--max-steps", "1", "--dtype",
+                    "fp32", "--no-progress", "--report-to", "none"]) == 0
+    indices = [r["index"] for r in _records(out)]
+    assert len(indices) == 8 and indices == sorted(set(indices)) and set(indices) < set(range(10))
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["s3ft"][s] for s in ("self", "paraphrase", "gold")) == 8 and summary.get("eval_loss") is not None
