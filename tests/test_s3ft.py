@@ -95,8 +95,7 @@ def test_a_failing_python_judge_names_the_row():
         raise KeyError("boom")
 
     with pytest.raises(ValueError, match="row 1: the --judge function raised KeyError"):
-        build_targets(_rows([("q", "g")])[:0] + [AnswerRow(1, Query.of_text("q"), "g", "row 1")],
-                      lambda qs: ["x"] * len(qs), judge)
+        build_targets([AnswerRow(1, Query.of_text("q"), "g", "row 1")], lambda qs: ["x"] * len(qs), judge)
 
 
 # ---- rows: the gold answer is trained exactly as SFT trains it ------------------------------------------
@@ -124,8 +123,16 @@ def test_gold_answers_tokenize_as_sft_does(folder, tmp_path):
 
 
 # ---- bad input: before any weight is read ---------------------------------------------------------------
-def test_bad_input_stops_before_training(folder, tmp_path, capsys):
-    out = tmp_path / "out"
+def test_bad_input_stops_before_any_weight_is_read(folder, tmp_path, capsys):
+    """Each error names the file, row or option; the model folder's weights are garbage here, so an error that
+    came after reading them would be another one."""
+    import shutil
+
+    out, unread = tmp_path / "out", tmp_path / "unread"
+    shutil.copytree(folder, unread)
+    for f in unread.glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    folder = unread
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     qa = write_jsonl(tmp_path / "qa.jsonl", [chat_row("q", "a")])
     ends_user = write_jsonl(tmp_path / "user.jsonl", [chat_row("q", "a"), {"messages": [

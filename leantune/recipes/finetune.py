@@ -227,20 +227,29 @@ def prepare_data(cfg: FinetuneConfig, tokenizer):
     return train, []
 
 
-def prepare_s3ft(cfg: FinetuneConfig, model, tokenizer) -> tuple[list, list, dict]:
-    """--objective s3ft: (train examples on the targets `train.s3ft` builds with `model`, eval examples on the gold
-    answers, the report: targets file and count per source). Held-out rows keep their gold answers, so the eval
-    loss measures the task. With --resume the saved targets are reused, so the resumed run trains on the same."""
-    from ..data import load_dataset, parse_columns, split_eval, use_chat_template
-    from ..data.answers import answer_examples, read_answer_rows
-    from ..train import s3ft
+def s3ft_rows(cfg: FinetuneConfig) -> tuple[str, list]:
+    """--objective s3ft: (the data file, its rows as prompt + gold answer), read before the model so that rows of
+    the wrong shape stop the run before any weight is read."""
+    from ..data import parse_columns
+    from ..data.answers import read_answer_rows
 
-    use_chat_template(tokenizer, cfg.chat_template)
     data = cfg.data
     if data == facts_mod.BUILTIN:
         data = str(facts_mod.write_train_jsonl(Path(cfg.output) / "data" / "facts_train.jsonl"))
+    return data, read_answer_rows(data, cfg.split, parse_columns(cfg.columns))
+
+
+def prepare_s3ft(cfg: FinetuneConfig, model, tokenizer, data: str, rows: list) -> tuple[list, list, dict]:
+    """--objective s3ft on `rows` of `data` (`s3ft_rows`): (train examples on the targets `train.s3ft` builds with
+    `model`, eval examples on the gold answers, the report: targets file and count per source). Held-out rows keep
+    their gold answers, so the eval loss measures the task. With --resume the saved targets are reused, so the
+    resumed run trains on the same."""
+    from ..data import load_dataset, parse_columns, split_eval, use_chat_template
+    from ..data.answers import answer_examples
+    from ..train import s3ft
+
+    use_chat_template(tokenizer, cfg.chat_template)
     on_long = "truncate" if cfg.truncate else "error"
-    rows = read_answer_rows(data, cfg.split, parse_columns(cfg.columns))
     evals = []
     if cfg.eval_data:
         evals = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long, split=cfg.eval_split,
@@ -360,13 +369,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _log(precision.describe())
     if spec.preflight is not None:  # options checked against the model's shapes before any weight is read
         spec.preflight(cfg.options, meta_model(cfg.model))
+    s3ft_data = s3ft_rows(cfg) if cfg.objective == "s3ft" else None
     # a method may quantize the base while loading (QLoRA), so the fp32 model is never resident in full
     model, tok = load_model(cfg.model, precision, quantize=spec.quantize(cfg.options) if spec.quantize else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
     out = Path(cfg.output)
     # S3FT chooses its targets with the model as loaded, before any adapter exists: the base model's answers
     if cfg.objective == "s3ft":
-        train, evals, s3ft_report = prepare_s3ft(cfg, model, tok)
+        train, evals, s3ft_report = prepare_s3ft(cfg, model, tok, *s3ft_data)
     else:
         (train, evals), s3ft_report = prepare_data(cfg, tok), None
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
