@@ -305,3 +305,30 @@ def test_held_out_rows_keep_their_gold_answers_and_get_no_target(folder, tmp_pat
     assert len(indices) == 8 and indices == sorted(set(indices)) and set(indices) < set(range(10))
     summary = json.loads((out / "summary.json").read_text())
     assert sum(summary["s3ft"][s] for s in ("self", "paraphrase", "gold")) == 8 and summary.get("eval_loss") is not None
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_losses(folder, tmp_path, monkeypatch, capsys):
+    """Cut after 2 of 4 steps, --resume trains on the saved targets (the log says so) and reaches the same
+    losses as the run that was never cut."""
+    from test_recipes import read_metrics, run_interrupted
+
+    judge = tmp_path / "judge.py"
+    judge.write_text("def anything(prompt, response, gold):\n    return bool(response.strip())\n")
+    data = write_jsonl(tmp_path / "qa.jsonl", [chat_row(f"Question {i}?", f"Answer {i}.") for i in range(8)])
+
+    def argv(out):
+        return ["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--objective", "s3ft",
+                "--judge", f"{judge}:anything", "--s3ft-max-new-tokens", "5", "--max-steps", "4", "--save-every",
+                "2", "--lr", "5e-3", *COMMON]
+
+    assert cli.run(argv(tmp_path / "whole")) == 0
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r]
+    out = tmp_path / "cut"
+    assert run_interrupted(argv(out), 2, monkeypatch) == 130
+    built = _records(out)
+    assert built == _records(tmp_path / "whole") and any(r["source"] == "self" for r in built)
+    capsys.readouterr()
+    assert cli.run([*argv(out), "--resume"]) == 0
+    assert "s3ft: reusing the targets of" in capsys.readouterr().err
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert [resumed[s] for s in range(1, 5)] == pytest.approx(whole, abs=1e-6)
