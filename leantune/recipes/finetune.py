@@ -1,7 +1,8 @@
 """`leantune finetune`: load a model, apply a method, train on JSONL, save a PEFT-format adapter.
 
 The objective is SFT (token cross-entropy), or DPO on preference pairs with `--objective dpo`
-(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run.
+(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run, or S3FT with `--objective s3ft`
+(`train.s3ft`: SFT on targets the loaded model and `--judge` choose before training).
 
 With no --data it runs the main job: teach the embedded default model the bundled fictional facts and
 print exact-match accuracy before and after, on trained and on never-seen paraphrased questions.
@@ -20,8 +21,8 @@ from ..fields import opt
 from ..optim import PROJECTED_OPTIMIZERS
 from ..precision import parse_dtype, resolve_precision
 from ..train.loop import TrainConfig, Trainer
-from ..train.s3ft import PARAPHRASE_PROMPT
 from ..train.loss import heldout_loss
+from ..train.s3ft import PARAPHRASE_PROMPT
 from ..train.trainable import save_reinit_blocks
 from . import facts as facts_mod
 
