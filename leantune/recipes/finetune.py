@@ -1,7 +1,8 @@
 """`leantune finetune`: load a model, apply a method, train on JSONL, save a PEFT-format adapter.
 
 The objective is SFT (token cross-entropy), or DPO on preference pairs with `--objective dpo`
-(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run.
+(`train.dpo`), optionally after an SFT phase on `--sft-data` in the same run, or S3FT with `--objective s3ft`
+(`train.s3ft`: SFT on targets the loaded model and `--judge` choose before training).
 
 With no --data it runs the main job: teach the embedded default model the bundled fictional facts and
 print exact-match accuracy before and after, on trained and on never-seen paraphrased questions.
@@ -21,6 +22,7 @@ from ..optim import PROJECTED_OPTIMIZERS
 from ..precision import parse_dtype, resolve_precision
 from ..train.loop import TrainConfig, Trainer
 from ..train.loss import heldout_loss
+from ..train.s3ft import PARAPHRASE_PROMPT
 from ..train.trainable import save_reinit_blocks
 from . import facts as facts_mod
 
@@ -50,7 +52,9 @@ class FinetuneConfig(TrainConfig):
                                        "(save_to_disk), or a folder or glob of shards; rows in OpenAI chat "
                                        "(messages, tools, weight), ShareGPT, alpaca, prompt/completion or text; "
                                        "with --objective dpo, preference pairs (TRL's prompt/chosen/rejected or "
-                                       "OpenAI's input/preferred_output/non_preferred_output)")
+                                       "OpenAI's input/preferred_output/non_preferred_output); with --objective "
+                                       "s3ft, rows with one gold answer: alpaca, prompt/completion, or chat rows "
+                                       "ending in the assistant answer (the gold; only that turn trains)")
     sft_data: str | None = opt(None, "with --objective dpo: supervised data (any form --data takes for SFT) to "
                                      "finetune on first, in the same run; the SFT'd model is DPO's reference")
     sft_steps: int = opt(0, "optimizer steps of the --sft-data phase (0: --epochs passes over it)")
@@ -76,6 +80,14 @@ class FinetuneConfig(TrainConfig):
                              "parameters, optimizer state and the loss stay fp32")
     forget_data: str | None = opt(None, "held-out JSONL of what the model should keep knowing: its loss before "
                                         "and after training is reported as forgetting")
+    judge: str = opt("exact", "with --objective s3ft: when a response counts as correct against the gold answer: "
+                              "exact, normalized (ignoring case, whitespace and punctuation), contains (the "
+                              "normalized gold answer appears in the response as whole words), or FILE.py:FUNCTION "
+                              "with FUNCTION(prompt, response, gold) -> bool", metavar="NAME|FILE.py:FUNCTION")
+    s3ft_paraphrase_prompt: str = opt(PARAPHRASE_PROMPT, "with --objective s3ft: the request that asks the model to "
+                                      "restate a gold answer it got wrong, with the fields {question} and {answer}")
+    s3ft_max_new_tokens: int = opt(256, "with --objective s3ft: longest response and paraphrase generated (greedy) "
+                                        "while building the targets")
 
     def __post_init__(self):
         self._fill_method_defaults()
@@ -127,10 +139,18 @@ class FinetuneConfig(TrainConfig):
             # such a method's fit hook runs its own phases on the SFT loss
             (not (dpo and self.spec.fit is not None), f"--method {self.method} trains in phases of its own on the "
                                                        "SFT loss; it cannot train with --objective dpo"),
+            (self.objective == "s3ft" or self.judge == "exact", "--judge chooses S3FT's targets; use it with "
+                                                                 "--objective s3ft"),
+            (self.s3ft_max_new_tokens >= 1, f"--s3ft-max-new-tokens must be >= 1, got {self.s3ft_max_new_tokens}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.objective == "s3ft":  # a judge file that is missing or lacks the function stops the run here
+            from ..train.s3ft import check_paraphrase_prompt, parse_judge
+
+            parse_judge(self.judge)
+            check_paraphrase_prompt(self.s3ft_paraphrase_prompt)
 
     def _fill_method_defaults(self) -> None:
         """Training options left None take the method's proposal (`train_defaults` hook), else TrainConfig's
@@ -206,6 +226,55 @@ def prepare_data(cfg: FinetuneConfig, tokenizer):
     if cfg.eval_fraction > 0 and len(train) >= 10:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
     return train, []
+
+
+def s3ft_rows(cfg: FinetuneConfig) -> tuple[str, list]:
+    """--objective s3ft: (the data file, its rows as prompt + gold answer), read before the model so that rows of
+    the wrong shape stop the run before any weight is read."""
+    from ..data import parse_columns
+    from ..data.answers import read_answer_rows
+
+    data = cfg.data
+    if data == facts_mod.BUILTIN:
+        data = str(facts_mod.write_train_jsonl(Path(cfg.output) / "data" / "facts_train.jsonl"))
+    return data, read_answer_rows(data, cfg.split, parse_columns(cfg.columns))
+
+
+def prepare_s3ft(cfg: FinetuneConfig, model, tokenizer, data: str, rows: list) -> tuple[list, list, dict]:
+    """--objective s3ft on `rows` of `data` (`s3ft_rows`): (train examples on the targets `train.s3ft` builds with
+    `model`, eval examples on the gold answers, the report: targets file and count per source). Held-out rows keep
+    their gold answers, so the eval loss measures the task. With --resume the saved targets are reused, so the
+    resumed run trains on the same."""
+    from ..data import load_dataset, parse_columns, split_eval, use_chat_template
+    from ..data.answers import answer_examples
+    from ..train import s3ft
+
+    use_chat_template(tokenizer, cfg.chat_template)
+    on_long = "truncate" if cfg.truncate else "error"
+    evals = []
+    if cfg.eval_data:
+        evals = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, on_too_long=on_long, split=cfg.eval_split,
+                             columns=parse_columns(cfg.columns), what="--eval-data")
+    elif cfg.eval_fraction > 0 and len(rows) >= 10:
+        rows, held = split_eval(rows, cfg.eval_fraction, cfg.seed)
+        evals = answer_examples(held, [r.gold for r in held], tokenizer, cfg.max_length, on_long, data)
+    # the gold rows must fit before any generation is spent on them
+    answer_examples(rows, [r.gold for r in rows], tokenizer, cfg.max_length, on_long, data)
+    targets = s3ft.read_targets(rows, cfg.output) if cfg.resume else None
+    if targets is None:
+        judge = s3ft.parse_judge(cfg.judge)
+        gen = s3ft.model_generator(model, tokenizer, cfg.s3ft_max_new_tokens, cfg.batch_size)
+        t0 = time.perf_counter()
+        targets = s3ft.build_targets(rows, gen, judge, cfg.s3ft_paraphrase_prompt)
+        path = s3ft.write_targets(targets, cfg.output)
+        _log(f"s3ft: built {len(targets)} targets in {time.perf_counter() - t0:.1f}s")
+    else:
+        path = Path(cfg.output) / s3ft.TARGETS_FILE
+        _log(f"s3ft: reusing the targets of {path}")
+    counts = s3ft.source_counts(targets)
+    _log("s3ft targets: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    train = answer_examples(rows, [t.target for t in targets], tokenizer, cfg.max_length, on_long, data)
+    return train, evals, {"targets_file": str(path), **counts}
 
 
 def sft_examples(cfg: FinetuneConfig, tokenizer) -> list:
@@ -301,11 +370,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _log(precision.describe())
     if spec.preflight is not None:  # options checked against the model's shapes before any weight is read
         spec.preflight(cfg.options, meta_model(cfg.model))
+    s3ft_data = s3ft_rows(cfg) if cfg.objective == "s3ft" else None
     # a method may quantize the base while loading (QLoRA), so the fp32 model is never resident in full
     model, tok = load_model(cfg.model, precision, quantize=spec.quantize(cfg.options) if spec.quantize else None)
     _log(f"loaded {model.name_or_path} in {time.perf_counter() - t0:.1f}s")
     out = Path(cfg.output)
-    train, evals = prepare_data(cfg, tok)
+    # S3FT chooses its targets with the model as loaded, before any adapter exists: the base model's answers
+    if cfg.objective == "s3ft":
+        train, evals, s3ft_report = prepare_s3ft(cfg, model, tok, *s3ft_data)
+    else:
+        (train, evals), s3ft_report = prepare_data(cfg, tok), None
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
     sft = sft_examples(cfg, tok)  # read before training starts, so bad rows stop the run before any step
     is_facts = cfg.data == facts_mod.BUILTIN
@@ -355,6 +429,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                "adapter": str(out)}
     if report:
         summary["train_options"] = report
+    if s3ft_report:
+        summary["s3ft"] = s3ft_report
     if forget:
         forget_after = heldout_loss(model, forget, cfg.batch_size, cfg.max_length)
         summary["forgetting"] = {"loss_before": forget_before, "loss_after": forget_after,

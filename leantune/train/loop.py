@@ -24,7 +24,7 @@ from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_op
 from ..optim.schedules import SCHEDULES
 from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
 from .dpo import DPO_LOSSES
-from .objectives import OBJECTIVES, SFTObjective
+from .objectives import OBJECTIVES, SFT_TRAINED, SFTObjective
 from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
                         projection_checks)
 from .plot import plot_losses
@@ -90,8 +90,10 @@ class TrainConfig:
     fpf_fraction: float = opt(0.0, "FPF: train only the modules that drift most in a short probe, up to this "
                               "fraction of the trainable parameters (0 = off)")
     fpf_probe_steps: int = opt(5, "FPF: SGD steps of the drift probe (undone before training)")
-    objective: str = opt("sft", "what to train on: sft (token cross-entropy on the answers) or dpo (Direct "
-                         "Preference Optimization on preference pairs: prompt/chosen/rejected rows)")
+    objective: str = opt("sft", "what to train on: sft (token cross-entropy on the answers), dpo (Direct "
+                         "Preference Optimization on preference pairs: prompt/chosen/rejected rows) or s3ft "
+                         "(Selective Self-to-Supervised Fine-Tuning: SFT on the model's own judged-correct "
+                         "answers, its paraphrases of the gold answers, else the gold ones; see --judge)")
     beta: float = opt(0.1, "DPO: beta, how far the policy may move from the reference (TRL's default)")
     dpo_loss: str = opt("sigmoid", "DPO: the loss on the log-ratio difference: sigmoid (DPO), ipo (IPO, "
                         "per-token averaged log-ratios) or hinge (SLiC)")
@@ -170,7 +172,7 @@ class Trainer:
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         # what the loss is (`train.objectives`); a DPO objective carries its reference, so it is built by the
         # caller for the model as it is at the start (`train.dpo.build_dpo`)
-        if objective is None and cfg.objective != "sft":
+        if objective is None and cfg.objective not in SFT_TRAINED:
             raise ValueError(f"a Trainer for --objective {cfg.objective} needs its objective object "
                              "(train.dpo.build_dpo)")
         self.objective = objective if objective is not None else SFTObjective()

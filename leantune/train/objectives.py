@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "s3ft")
+# objectives whose training is token cross-entropy on SFT examples: S3FT only chooses the answers first
+SFT_TRAINED = ("sft", "s3ft")
 
 
 def count_loss_tokens(batch) -> int:
