@@ -40,8 +40,10 @@ import methods_data  # noqa: E402
 
 # a row is METHOD or METHOD+OPTIMIZER (full+galore: --method full --optimizer galore_adamw)
 SMOL_METHODS = ["lora", "rslora", "dora", "allora", "adalora", "corda", "bottleneck", "qlora", "full", "full+galore",
-                "full+natural", "sara", "lt-sft", "qst"]
-OPTIMIZER_ALIASES = {"galore": "galore_adamw", "natural": "natural_galore"}
+                "full+galore-pl", "full+natural", "sara", "lt-sft", "qst"]
+OPTIMIZER_ALIASES = {"galore": "galore_adamw", "galore-pl": "galore_adamw", "natural": "natural_galore"}
+# rows whose optimizer updates each weight inside backward (--galore-per-layer: no clipping, no accumulation)
+PER_LAYER = {"galore-pl"}
 MINILM_METHODS = ["head", "lora", "rslora", "dora", "allora", "adalora", "bottleneck"]
 WARMUP_STEPS_TIMED = 2  # steps left out of the median step time
 CORDA_TARGETS = "q_proj,v_proj"  # see --corda-targets
@@ -109,6 +111,8 @@ def smol_options(args, row: str) -> tuple[dict, dict]:
     if optimizer != "adamw":
         run.update(galore_rank=args.galore_rank, galore_update_proj_gap=args.galore_gap,
                    galore_scale=args.galore_scale)
+    if row.partition("+")[2] in PER_LAYER:
+        run.update(galore_per_layer=True, max_grad_norm=0.0)
     options = dict(rank=args.rank, alpha=2.0 * args.rank,
                    targets="all" if method in ("full", "lt-sft") else "all-linear")
     if method == "adalora":  # a warmup and a final phase around the pruning (PEFT's tinit / tfinal)
