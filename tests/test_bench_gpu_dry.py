@@ -53,7 +53,7 @@ def test_gpu_bench_budget_skips_runs():
                        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     line = json.loads(p.stdout.strip().splitlines()[-1])
-    assert [r["status"] for r in line["runs"]] == ["skipped"] * 8
+    assert [r["status"] for r in line["runs"]] == ["skipped"] * 9
     assert [(r["system"], r["model"], r["method"]) for r in line["runs"]][:2] == [
         ("leantune", "8b", "qlora"), ("peer", "8b", "qlora")]
 
