@@ -63,7 +63,8 @@ class FinetuneConfig(TrainConfig):
                                        "with --objective dpo, preference pairs (TRL's prompt/chosen/rejected or "
                                        "OpenAI's input/preferred_output/non_preferred_output); with --objective "
                                        "s3ft, rows with one gold answer: alpaca, prompt/completion, or chat rows "
-                                       "ending in the assistant answer (the gold; only that turn trains)")
+                                       "ending in the assistant answer (the gold; only that turn trains); with "
+                                       "--objective self-train, the labelled classification rows (text, label)")
     sft_data: str | None = opt(None, "with --objective dpo: supervised data (any form --data takes for SFT) to "
                                      "finetune on first, in the same run; the SFT'd model is DPO's reference")
     sft_steps: int = opt(0, "optimizer steps of the --sft-data phase (0: --epochs passes over it)")

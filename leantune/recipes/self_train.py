@@ -160,7 +160,6 @@ def load_self_trained(model_folder: str, out: str):
         params = dict(model.named_parameters())
         for n, v in head.items():
             params[n].copy_(v)
-    model.all_linear_excluded = lambda: set()
     methods.load_adapter(model, out)
     return model.eval()
 
