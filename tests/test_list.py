@@ -85,8 +85,8 @@ def test_meta_weights_zero_pseudo_labels_that_oppose_the_labelled_loss():
 def test_meta_weights_separate_flipped_pseudo_labels_auroc():
     """§8 oracle (c), its first half: 40% of pseudo-labels flipped on a logistic-regression toy; the weights rank
     clean above flipped with AUROC >= 0.75 (seeds 0-5; 0.80-0.95 seen) for an early student (theta near 0, as a
-    re-initialized student starts). Measured, not asserted: once theta nears the truth (theta = truth + 0.3 noise) the clean
-    examples' gradients shrink and AUROC falls to 0.54-0.73."""
+    re-initialized student starts). Measured, not asserted: once theta nears the truth (theta = truth + 0.3 noise)
+    the clean examples' gradients shrink and AUROC falls to 0.54-0.73."""
     for seed in range(6):
         g = torch.Generator().manual_seed(seed)
         truth = torch.randn(6, generator=g, dtype=torch.float64)
@@ -245,14 +245,15 @@ def test_bad_input_stops_before_any_weight_is_read(garbage_encoder, files, tmp_p
     out = tmp_path / "bad"
 
     def err(*args, **swap):
-        f = {**files, **{k: v for k, v in swap.items()}}
+        f = {**files, **swap}
         msg = fails(run_args(garbage_encoder, f, out, *args), capsys)
         assert_nothing_written(out)
         return msg
 
     rng = random.Random(1)
     labelled_pool = write_rows(tmp_path / "pool.jsonl", [{"text": sentence(rng, 1), "label": "positive"}] * 3)
-    assert "--unlabeled rows carry labels" in err(unlabeled=labelled_pool) and "pool.jsonl" in err(unlabeled=labelled_pool)
+    msg = err(unlabeled=labelled_pool)
+    assert "--unlabeled rows carry labels" in msg and "pool.jsonl" in msg
     no_labels = write_rows(tmp_path / "nolab.jsonl", [{"text": sentence(rng, 1)}] * 3)
     assert "nolab.jsonl" in err(data=no_labels) and "label" in err(data=no_labels)
     ids = write_rows(tmp_path / "ids.jsonl", [{"text": sentence(rng, i % 2), "label": i % 2} for i in range(4)])
