@@ -220,6 +220,18 @@ def test_saved_student_reloads_with_equal_logits(encoder, files, tmp_path):
     assert summary["iterations"][-1]["student_accuracy"] is not None
 
 
+def test_without_eval_data_accuracy_is_null_and_the_student_is_saved(encoder, files, tmp_path, capsys):
+    out = tmp_path / "noeval"
+    args = run_args(encoder, files, out, "--self-train-iterations", "1")  # the last flag wins
+    i = args.index("--eval-data")
+    del args[i:i + 2]
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in args])
+    assert e.value.code == 0 and "no --eval-data" in capsys.readouterr().err
+    recs = [json.loads(ln) for ln in (out / "self_train.jsonl").read_text().splitlines()]
+    assert [r["student_accuracy"] for r in recs] == [None, None] and (out / "head.safetensors").is_file()
+
+
 def test_the_labelled_loss_goes_down(encoder, files):
     from leantune.data.classification import load_classification_dataset
     from leantune.methods.lora import LoraConfig

@@ -201,6 +201,8 @@ def run_self_train(cfg) -> tuple:
     losses = st.fit_labeled(teacher, labeled, steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed, pad)
     records = [{"iteration": 0, "teacher_accuracy": None, "student_accuracy": acc(teacher),
                 "labelled_loss": losses[-1]}]
+    if not evals:
+        _log("no --eval-data: accuracy is not measured (self_train.jsonl holds null)")
     _log(f"teacher (labelled only): eval accuracy {records[0]['student_accuracy']}")
     settings = st.StudentSettings(cfg.self_train_steps, cfg.unlabeled_batch_size, cfg.batch_size, cfg.student_lr,
                                   cfg.weight_decay, cfg.meta_lr if cfg.meta_lr is not None else cfg.lr,
