@@ -60,3 +60,30 @@ def _label_names(rows) -> list[str] | None:
         if isinstance(data["label"], int) and data["label"] < 0:
             raise DataError(f"{row.where}: label {data['label']} is negative; class ids count from 0")
     return sorted({d["label"] for _, d in rows}) if isinstance(first, str) else None
+
+
+def load_unlabeled_texts(
+    path: str | Path, tokenizer, max_length: int, on_too_long: str = "error", split: str | None = None,
+    columns: dict[str, str] | None = None, what: str = "--unlabeled",
+) -> list[list[int]]:
+    """Token ids of the unlabeled rows `{"text"}` under `path` (self-training's pool). Rows that carry a label are
+    refused rather than read as unlabeled: the label would be silently ignored, which hides a wrong file."""
+    check_load_options(max_length, on_too_long, None)
+    fmt, rows = read_canonical(path, split, columns, None, what)
+    if KIND[fmt] == "classification":
+        raise DataError(f"{path}: {what} rows carry labels, which self-training would ignore; give the rows "
+                        "as {\"text\": ...} only, or add the labelled rows to --data")
+    if fmt != "text":
+        raise DataError(f"{path}: {what} needs rows of text only ({{\"text\": ...}}), its rows are {fmt} rows")
+    out, too_long = [], 0
+    for row, data in rows:
+        ids = tokenizer.encode(data["text"])
+        fitted = fit_length(ids, ids, max_length, on_too_long, row.where)
+        if fitted is None:
+            too_long += 1
+            continue
+        out.append(fitted[0])
+    warn_dropped(path, too_long, 0, max_length)
+    if not out:
+        raise DataError(f"{path}: no {what} rows left after fitting them into max_length={max_length}")
+    return out

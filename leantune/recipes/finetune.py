@@ -10,6 +10,7 @@ print exact-match accuracy before and after, on trained and on never-seen paraph
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -31,6 +32,14 @@ from . import facts as facts_mod
 # method option applies to the methods that have it and is ignored by the others.
 FACTS_PRESET = dict(lr=1e-3, epochs=6, batch_size=8, max_length=128, rank=16, alpha=32, eval_fraction=0.0,
                     warmup_steps=2)
+
+# what --objective self-train reads (besides the method's options); `_self_train_checks` refuses the others
+SELF_TRAIN_OPTIONS = {
+    "model", "data", "eval_data", "split", "eval_split", "columns", "output", "lr", "weight_decay", "method",
+    "options", "truncate", "seed", "epochs", "max_steps", "batch_size", "max_length", "objective", "unlabeled",
+    "self_train_iterations", "self_train_steps", "unlabeled_batch_size", "student_lr", "meta_lr", "meta_warmup",
+    "galore_proj_type",  # filled in by TrainConfig from --optimizer, which self-train leaves at its default
+}
 
 
 def _method_help() -> str:
@@ -54,7 +63,8 @@ class FinetuneConfig(TrainConfig):
                                        "with --objective dpo, preference pairs (TRL's prompt/chosen/rejected or "
                                        "OpenAI's input/preferred_output/non_preferred_output); with --objective "
                                        "s3ft, rows with one gold answer: alpaca, prompt/completion, or chat rows "
-                                       "ending in the assistant answer (the gold; only that turn trains)")
+                                       "ending in the assistant answer (the gold; only that turn trains); with "
+                                       "--objective self-train, the labelled classification rows (text, label)")
     sft_data: str | None = opt(None, "with --objective dpo: supervised data (any form --data takes for SFT) to "
                                      "finetune on first, in the same run; the SFT'd model is DPO's reference")
     sft_steps: int = opt(0, "optimizer steps of the --sft-data phase (0: --epochs passes over it)")
@@ -88,6 +98,18 @@ class FinetuneConfig(TrainConfig):
                                       "restate a gold answer it got wrong, with the fields {question} and {answer}")
     s3ft_max_new_tokens: int = opt(256, "with --objective s3ft: longest response and paraphrase generated (greedy) "
                                         "while building the targets")
+    unlabeled: str | None = opt(None, "with --objective self-train: unlabeled rows ({\"text\": ...}) the teacher "
+                                      "pseudo-labels for the students")
+    self_train_iterations: int = opt(6, "with --objective self-train: teacher -> student sessions (LiST: 6)")
+    self_train_steps: int = opt(1000, "with --objective self-train: student steps on unlabeled batches per session "
+                                      "(LiST: 1000), before it finetunes on --data for the teacher's steps")
+    unlabeled_batch_size: int = opt(16, "with --objective self-train: unlabeled rows per student step (LiST: 16)")
+    student_lr: float = opt(1e-4, "with --objective self-train: the students' learning rate (LiST: 1e-4; --lr is "
+                                  "the teacher's)")
+    meta_lr: float | None = opt(None, "with --objective self-train: the inner SGD step of the meta re-weighting "
+                                      "(default: --lr, as LiST uses the teacher's rate, not the students')")
+    meta_warmup: float = opt(0.6, "with --objective self-train: fraction of each student session with uniform "
+                                  "weights before meta re-weighting starts (LiST: 0.6)")
 
     def __post_init__(self):
         self._fill_method_defaults()
@@ -143,7 +165,7 @@ class FinetuneConfig(TrainConfig):
                                                                  "--objective s3ft"),
             (self.s3ft_max_new_tokens >= 1, f"--s3ft-max-new-tokens must be >= 1, got {self.s3ft_max_new_tokens}"),
         ]
-        for ok, msg in checks:
+        for ok, msg in checks + self._self_train_checks():
             if not ok:
                 raise ValueError(msg)
         if self.objective == "s3ft":  # a judge file that is missing or lacks the function stops the run here
@@ -151,6 +173,34 @@ class FinetuneConfig(TrainConfig):
 
             parse_judge(self.judge)
             check_paraphrase_prompt(self.s3ft_paraphrase_prompt)
+
+    def _self_train_checks(self) -> list[tuple[bool, str]]:
+        st = self.objective == "self-train"
+        # self-training runs a loop of its own (recipes.self_train); an option it does not read must not be
+        # silently ignored, so one set away from its default stops the run
+        unused = [f.name for f in fields(self) if st and f.name not in SELF_TRAIN_OPTIONS
+                  and f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+        return [  # the unused-options check last: the data and pool errors say more
+            (st or not self.unlabeled, "--unlabeled is self-training's pool; use it with --objective self-train"),
+            (not st or bool(self.unlabeled), "--objective self-train needs --unlabeled FILE (rows of text only)"),
+            (not (st and self.data == facts_mod.BUILTIN), "--objective self-train needs --data FILE with "
+                                                           "classification rows (text, label)"),
+            (not (st and self.spec.fit is not None), f"--method {self.method} trains in phases of its own; it "
+                                                      "cannot train with --objective self-train"),
+            # the encoder is a transformers model; say how to get it before anything is read
+            (not st or importlib.util.find_spec("transformers") is not None,
+             "--objective self-train loads the encoder through transformers; pip install 'leantune[encoders]'"),
+            (not (st and self.resume), "--resume is not supported with --objective self-train; start the run again"),
+            (self.self_train_iterations >= 1,
+             f"--self-train-iterations must be >= 1, got {self.self_train_iterations}"),
+            (self.self_train_steps >= 1, f"--self-train-steps must be >= 1, got {self.self_train_steps}"),
+            (self.unlabeled_batch_size >= 1, f"--unlabeled-batch-size must be >= 1, got {self.unlabeled_batch_size}"),
+            (self.student_lr > 0, f"--student-lr must be > 0, got {self.student_lr}"),
+            (self.meta_lr is None or self.meta_lr > 0, f"--meta-lr must be > 0, got {self.meta_lr}"),
+            (0 <= self.meta_warmup <= 1, f"--meta-warmup must be in [0, 1], got {self.meta_warmup}"),
+            (not unused, f"--objective self-train does not use {', '.join('--' + n.replace('_', '-') for n in unused)};"
+                         " drop them"),
+        ]
 
     def _fill_method_defaults(self) -> None:
         """Training options left None take the method's proposal (`train_defaults` hook), else TrainConfig's
@@ -353,6 +403,11 @@ def check_shapes_before_loading(cfg: FinetuneConfig) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one finetuning job; returns a summary dict (also written to OUTPUT/summary.json)."""
     import torch
+
+    if cfg.objective == "self-train":  # an encoder classifier through transformers, a loop of its own
+        from .self_train import self_train
+
+        return self_train(cfg)
 
     from .. import methods
     from ..models.loader import load_model, meta_model

@@ -93,7 +93,9 @@ class TrainConfig:
     objective: str = opt("sft", "what to train on: sft (token cross-entropy on the answers), dpo (Direct "
                          "Preference Optimization on preference pairs: prompt/chosen/rejected rows) or s3ft "
                          "(Selective Self-to-Supervised Fine-Tuning: SFT on the model's own judged-correct "
-                         "answers, its paraphrases of the gold answers, else the gold ones; see --judge)")
+                         "answers, its paraphrases of the gold answers, else the gold ones; see --judge) or "
+                         "self-train (LiST on classification rows with --unlabeled: teacher, then students on its "
+                         "soft labels under meta re-weighting; an encoder --model)")
     beta: float = opt(0.1, "DPO: beta, how far the policy may move from the reference (TRL's default)")
     dpo_loss: str = opt("sigmoid", "DPO: the loss on the log-ratio difference: sigmoid (DPO), ipo (IPO, "
                         "per-token averaged log-ratios) or hinge (SLiC)")

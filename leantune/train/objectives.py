@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .loss import heldout_loss, lm_loss_sum, shifted_targets
 
-OBJECTIVES = ("sft", "dpo", "s3ft")
+OBJECTIVES = ("sft", "dpo", "s3ft", "self-train")  # self-train: LiST, its own loop (train.self_train)
 # objectives whose training is token cross-entropy on SFT examples: S3FT only chooses the answers first
 SFT_TRAINED = ("sft", "s3ft")
 
