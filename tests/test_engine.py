@@ -142,9 +142,9 @@ def test_job_validation_loss_is_the_token_mean_loss_of_the_published_adapter(mod
 
 
 def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_path, one_thread):
-    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr`: a job whose hyperparameters say "auto"
-    trains a LoRA of that rank and alpha on examples truncated to that length at that lr; bad values are
-    refused with the flag's name."""
+    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr --ft-beta`: a job whose hyperparameters say
+    "auto" trains a LoRA of that rank and alpha on examples truncated to that length at that lr (a DPO job at
+    that beta); bad values are refused with the flag's name."""
     import copy
 
     from leantune.methods import adapter_configs
@@ -165,6 +165,12 @@ def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_pa
     assert max(len(ex) for ex in a.trainer.examples) == 27  # the chat rows (31 tokens) are truncated
     assert e.store.get_job("o", job["id"])["hyperparameters"] == {"n_epochs": 3, "batch_size": 1,
                                                                  "learning_rate_multiplier": 1.0}
-    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan"))):
+    from leantune.serve.jobs import hyperparameters
+
+    dpo = {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}}
+    assert hyperparameters(dpo, ServeConfig(ft_beta=0.3).engine_config().finetune).beta == 0.3
+    assert hyperparameters(dpo, cfg.engine_config().finetune).beta == FineTuneDefaults.beta == 0.1
+    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan")),
+                      ("--ft-beta", 0.0)):
         with pytest.raises(ValueError, match=flag):
             ServeConfig(**{flag[2:].replace("-", "_"): bad})

@@ -1,6 +1,6 @@
 """The co-serving fine-tuning defaults, in one place: the LoRA rank and alpha of a job's adapter, the longest
 training example, the base learning rate, and what a job's OpenAI hyperparameters get where they say "auto"
-(`serve.jobs.hyperparameters`). `leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr` set them
+(`serve.jobs.hyperparameters`). `leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr --ft-beta` set them
 (`recipes.serve.ServeConfig`)."""
 from __future__ import annotations
 
