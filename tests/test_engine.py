@@ -221,6 +221,7 @@ def test_dpo_job_cut_at_a_checkpoint_resumes_to_the_uninterrupted_losses(model_t
     j = resumed.store.get_job("o", job["id"])
     assert j["status"] == "succeeded", j
     assert j["method"]["dpo"]["hyperparameters"]["beta"] == 0.5
+    assert resumed.stats.ft_tokens == j["trained_tokens"] - cut.stats.ft_tokens > 0  # /metrics counts its tokens
     assert any(ev["message"] == "Resumed from the checkpoint at step 2"
                for ev in resumed.store.list_events(job["id"], limit=100)[0])
     assert _dpo_losses(resumed.store, job["id"]) == pytest.approx(expected, rel=1e-4)

@@ -73,6 +73,8 @@ class CoTrainer:
 
     # the metrics of each step that go into the job's "metrics" events (OpenAI's event data)
     event_keys: tuple = ("step", "train_loss", "lr", "total_steps")
+    # does a backward unit forward its own sequence (instead of the engine's forward chunks)?
+    forwards_in_backward: bool = False
 
     def __init__(self, model, adapter: str, examples: list, cfg: CoTrainConfig, step: int = 0,
                  loss_share: float | None = None):

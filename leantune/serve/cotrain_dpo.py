@@ -29,6 +29,7 @@ class DPOCoTrainer(CoTrainer):
     (examples are `data.PreferenceExample`s); only the unit of work and the loss differ."""
 
     event_keys = CoTrainer.event_keys + DPO_METRICS
+    forwards_in_backward = True
 
     def __init__(self, model, adapter: str, pairs: list, cfg: CoTrainConfig, step: int = 0):
         # the job's adapter starts as the identity, so its base rows are the starting policy (module docstring)

@@ -288,7 +288,11 @@ class JobRunner:
                 return
             # units of backward: the loss, then layers; all of them (the loss in one) when no request waits
             self.backward_units += 1
-            if not t.backward_layers(self.cfg.ft_bwd_layers if inference else None):
+            before = t.trained_tokens
+            complete = t.backward_layers(self.cfg.ft_bwd_layers if inference else None)
+            if t.forwards_in_backward:  # its tokens never went through forward_work (a DPO pair): count them here
+                self.stats.ft_tokens += t.trained_tokens - before
+            if not complete:
                 return
         m = a.trainer.apply_step()
         self.stats.ft_steps += 1
