@@ -2,7 +2,7 @@
 
 Same work on both sides: preference pairs from chatterbot-corpus (the wheel's English conversations, split by
 question with `methods_data`; chosen = the question's own answer, rejected = another question's answer, the
-pairs anchors/environment.md §8 suggests), written once as TRL's conversational rows {"prompt", "chosen",
+pairs reference/environment.md §8 suggests), written once as TRL's conversational rows {"prompt", "chosen",
 "rejected"} that both read through the model's chat template; LoRA r=8 alpha=16 on all linear layers, no
 dropout; sigmoid loss, the same beta, batch of pairs, optimizer steps, peak lr with a linear decay and no
 warm-up, max length, seed; fp32 (bf16 matmuls are ~70x slower on CPUs without native bf16), the same threads.
@@ -11,15 +11,17 @@ warm-up, max length, seed; fp32 (bf16 matmuls are ~70x slower on CPUs without na
   the model with its LoRA switched off, computed in each step (`train.dpo`).
 - TRL 1.16: `DPOTrainer` on the transformers model with a PEFT LoRA (reference = adapters disabled), with its
   best CPU settings: no gradient checkpointing (its default is on: slower, and leantune does not checkpoint
-  here either), `use_cpu`, no padding-free (it needs flash attention), and `precompute_ref_log_probs` by default
-  (`--trl-precompute off` leaves the reference in each step): the reference pass then runs once before training.
+  here either), `use_cpu`, no padding-free (TRL 1.16 disables it and falls back to padding), and
+  `precompute_ref_log_probs` by default (`--trl-precompute off` leaves the reference in each step): the
+  reference pass then runs once before training.
 
 Each side runs in its own subprocess, so its peak RSS (VmHWM, as bench/methods.py reads it) is its own, load
 included; read before the held-out evaluation. Step time is the median of the optimizer steps after
 `--warmup`; "train s" is the whole training loop (leantune's `Trainer.fit`, TRL's `train()` with its reference
-precompute; model loading left out on both sides), which is what a user waits for. Reward accuracy is each side's own held-out measure on the same eval pairs: the fraction with
-chosen reward > rejected reward (leantune: `train.dpo` on the saved adapter; TRL: `evaluate()`'s
-eval_rewards/accuracies). Prints the CPU, a table, and one JSON line with the ratios leantune / TRL.
+precompute; model loading left out on both sides), which is what a user waits for. Reward accuracy is each
+side's own held-out measure on the same eval pairs: the fraction with chosen reward > rejected reward
+(leantune: `train.dpo` on the saved adapter; TRL: `evaluate()`'s eval_rewards/accuracies). Prints the CPU, a
+table, and one JSON line with the ratios leantune / TRL.
 
     .venv/bin/python bench/dpo.py [--quick] [--steps 10] [--batch 4] [--max-length 128] [--lr 5e-4] [--beta 0.1]
 
