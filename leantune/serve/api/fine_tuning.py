@@ -77,9 +77,19 @@ async def job_checkpoints(job_id: str, request: Request, after: str | None = Non
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
+# OpenAI's create-job fields this server acts on; any other (say `metadata`, or a misspelt one) is refused, not
+# silently dropped
+JOB_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
+              "integrations")
+
+
 def _job_request(body: dict, who: str, engine) -> dict:
     """Validate a create-job body; the dict of `store.add_job` keyword arguments."""
     model = field(body, "model", str, required=True)
+    unknown = [k for k in body if k not in JOB_FIELDS]
+    if unknown:
+        raise APIError(400, f"{unknown[0]!r} is not a supported fine-tuning job field here; fields: "
+                            f"{', '.join(JOB_FIELDS)}", param=unknown[0])
     if model != engine.base_name:
         raise APIError(400, f"model '{model}' cannot be fine-tuned here; use '{engine.base_name}'", param="model",
                        code="model_not_available")
