@@ -142,9 +142,9 @@ def test_job_validation_loss_is_the_token_mean_loss_of_the_published_adapter(mod
 
 
 def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_path, one_thread):
-    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr`: a job whose hyperparameters say "auto"
-    trains a LoRA of that rank and alpha on examples truncated to that length at that lr; bad values are
-    refused with the flag's name."""
+    """`leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr --ft-beta`: a job whose hyperparameters say
+    "auto" trains a LoRA of that rank and alpha on examples truncated to that length at that lr (a DPO job at
+    that beta); bad values are refused with the flag's name."""
     import copy
 
     from leantune.methods import adapter_configs
@@ -165,6 +165,63 @@ def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_pa
     assert max(len(ex) for ex in a.trainer.examples) == 27  # the chat rows (31 tokens) are truncated
     assert e.store.get_job("o", job["id"])["hyperparameters"] == {"n_epochs": 3, "batch_size": 1,
                                                                  "learning_rate_multiplier": 1.0}
-    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan"))):
+    from leantune.serve.jobs import hyperparameters
+
+    dpo = {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}}
+    assert hyperparameters(dpo, ServeConfig(ft_beta=0.3).engine_config().finetune).beta == 0.3
+    assert hyperparameters(dpo, cfg.engine_config().finetune).beta == FineTuneDefaults.beta == 0.1
+    for flag, bad in (("--ft-rank", 0), ("--ft-alpha", 0.0), ("--ft-max-length", -1), ("--ft-lr", float("nan")),
+                      ("--ft-beta", 0.0)):
         with pytest.raises(ValueError, match=flag):
             ServeConfig(**{flag[2:].replace("-", "_"): bad})
+
+
+def _pair_file(store, rows: int) -> str:
+    data = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+             "preferred_output": [{"role": "assistant", "content": f"answer {i}"}],
+             "non_preferred_output": [{"role": "assistant", "content": f"answer {i + 1}"}]} for i in range(rows)]
+    return store.add_file("o", "p.jsonl", "fine-tune", "\n".join(json.dumps(r) for r in data).encode())["id"]
+
+
+def _dpo_losses(store, job_id) -> list[float]:
+    events = reversed(store.list_events(job_id, limit=100)[0])
+    return [ev["data"]["train_loss"] for ev in events if ev["type"] == "metrics" and "train_loss" in ev["data"]]
+
+
+def test_dpo_job_cut_at_a_checkpoint_resumes_to_the_uninterrupted_losses(model_tok, tmp_path, one_thread):
+    """A DPO job (method.type "dpo") whose engine stops after its first checkpoint resumes in a new engine on the
+    same data dir (as after kill -9) and logs the same per-step losses as a run never cut."""
+    import copy
+
+    from leantune.train.checkpoint import list_checkpoints
+
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 3, "batch_size": 1,
+                                                          "learning_rate_multiplier": 20}}}
+    cfg = dict(num_blocks=64, block_size=4, checkpoint_every=2)
+
+    def engine(data):
+        return Engine(copy.deepcopy(model_tok[0]), model_tok[1], "model", Store(data), EngineConfig(**cfg))
+
+    whole = engine(tmp_path / "whole")
+    job = whole.store.add_job("o", "model", _pair_file(whole.store, 2), method=method, seed=4)
+    torch.manual_seed(0)  # the job's LoRA A is drawn when it starts: the same in both runs
+    _run(whole, [])
+    assert whole.store.get_job("o", job["id"])["status"] == "succeeded"
+    expected = _dpo_losses(whole.store, job["id"])
+    assert len(expected) == 6 and expected[0] == pytest.approx(0.6931, abs=1e-3)
+
+    cut = engine(tmp_path / "cut")
+    job = cut.store.add_job("o", "model", _pair_file(cut.store, 2), method=method, seed=4)
+    torch.manual_seed(0)
+    while not list_checkpoints(cut.store.job_dir(job["id"])):
+        assert cut.iteration()
+    assert cut.store.get_job("o", job["id"])["status"] == "running"
+    resumed = engine(tmp_path / "cut")  # the first engine is dropped mid-job, its model tree with it
+    _run(resumed, [])
+    j = resumed.store.get_job("o", job["id"])
+    assert j["status"] == "succeeded", j
+    assert j["method"]["dpo"]["hyperparameters"]["beta"] == 0.5
+    assert resumed.stats.ft_tokens == j["trained_tokens"] - cut.stats.ft_tokens > 0  # /metrics counts its tokens
+    assert any(ev["message"] == "Resumed from the checkpoint at step 2"
+               for ev in resumed.store.list_events(job["id"], limit=100)[0])
+    assert _dpo_losses(resumed.store, job["id"]) == pytest.approx(expected, rel=1e-4)

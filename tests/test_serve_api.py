@@ -166,6 +166,59 @@ def test_finetune_job_trains_in_the_loop_and_is_served_at_once(server):
     assert base != text
 
 
+def _pair_file() -> bytes:
+    """OpenAI's DPO rows: each question's own answer preferred over the other question's answer."""
+    rows = [{"input": {"messages": [{"role": "user", "content": q}]},
+             "preferred_output": [{"role": "assistant", "content": a}],
+             "non_preferred_output": [{"role": "assistant", "content": FACTS[1 - i][1]}]}
+            for i, (q, a) in enumerate(FACTS)]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+def test_dpo_job_trains_in_the_loop_reports_rewards_and_is_served(server, folder):
+    """OpenAI's `method: {"type": "dpo"}` job: trained in the serving loop on preference pairs, each step's event
+    carries TRL's DPO metrics (the first step's loss log 2: the fresh adapter is its reference), and the
+    published adapter prefers every chosen answer over its rejected one against the base model."""
+    c = server.client()
+    f = c.files.create(file=("pairs.jsonl", _pair_file()), purpose="fine-tune")
+    steps = 12
+    job = c.fine_tuning.jobs.create(model="model", training_file=f.id, validation_file=f.id, suffix="dpo", seed=2,
+                                    method={"type": "dpo", "dpo": {"hyperparameters": {
+                                        "beta": 0.5, "n_epochs": steps, "batch_size": 2,
+                                        "learning_rate_multiplier": 5}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    _chat(c, "x", "hello", max_tokens=4)  # inference alongside
+    job = _wait_job(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith("ft:model:dpo:") and job.trained_tokens > 0
+    assert job.method.dpo.hyperparameters.beta == 0.5 and job.method.dpo.hyperparameters.n_epochs == steps
+    events = list(reversed(c.fine_tuning.jobs.list_events(job.id, limit=100).data))
+    metrics = [e.data for e in events if e.type == "metrics" and "train_loss" in e.data]
+    assert len(metrics) == steps
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):
+        assert all(isinstance(m[key], float) for m in metrics), key
+    assert metrics[0]["train_loss"] == pytest.approx(0.6931, abs=1e-3) and metrics[0]["rewards/margins"] == 0
+    assert metrics[-1]["rewards/accuracies"] == 1.0 and metrics[-1]["train_loss"] < 0.5 * metrics[0]["train_loss"]
+    assert any("valid_loss" in e.data for e in events if e.type == "metrics")
+    assert job.fine_tuned_model in {m.id for m in c.models.list().data}
+    text, r = _chat(c, job.fine_tuned_model, FACTS[0][0], max_tokens=6)
+    assert r.model == job.fine_tuned_model and r.usage.completion_tokens > 0
+
+    # the published adapter, loaded apart from the server: chosen beats rejected on the implicit reward
+    from leantune.data import load_preference_dataset
+    from leantune.train.dpo import pair_batch, sequence_logps
+
+    [out] = [p for p in (server.tmp / "data" / "adapters").iterdir() if job.id[-8:] in p.name]
+    model, tk = leantune.load(folder)
+    pairs = pair_batch(load_preference_dataset(server.tmp / "data" / "files" / f"{f.id}.jsonl", tk, 64)).batch
+    with torch.no_grad():
+        base = sequence_logps(model, pairs)
+        leantune.load_adapter(model, out)
+        ratio = sequence_logps(model, pairs) - base  # (chosen rows, then rejected rows)
+    assert (ratio[:2] > ratio[2:]).all(), ratio
+
+
 def test_wandb_integration_logs_the_job_offline(folder, tmp_path, monkeypatch):
     """OpenAI's `integrations` field: the job's config and each step's metrics go to a W&B run (offline here),
     the same logger `finetune --report-to wandb` uses; read back from the run's file under the job's folder."""

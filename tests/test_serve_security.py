@@ -434,7 +434,20 @@ BAD_JOBS = {
                                         ["method.supervised"], "method"),
     "method hyperparameters a list": ({"method": {"type": "supervised", "supervised": {"hyperparameters": [1]}}},
                                       ["method.supervised"], "method"),
-    "method dpo": ({"method": {"type": "dpo"}}, ["dpo", "supervised"], "method"),
+    "method reinforcement": ({"method": {"type": "reinforcement"}}, ["'reinforcement'", "supervised, dpo"],
+                             "method"),
+    "method type not a string": ({"method": {"type": ["dpo"]}}, ["method.type"], "method"),
+    "another method's block": ({"method": {"type": "supervised", "dpo": {"hyperparameters": {}}}},
+                               ["method.dpo", "type, supervised"], "method"),
+    "unknown field in method block": ({"method": {"type": "supervised", "supervised": {"epochs": 2}}},
+                                      ["method.supervised"], "method"),
+    "beta in a supervised job": ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}},
+                                 ["beta", "'supervised'"], "hyperparameters"),
+    "dpo job on chat rows": ({"method": {"type": "dpo"}}, ["training_file 'file-", "not preference pairs",
+                                                           "preferred_output", "supervised"], "training_file"),
+    "unknown field": ({"extra_body": {"hyperparameter": {"n_epochs": 1}}}, ["'hyperparameter'", "fields: model"],
+                      "hyperparameter"),
+    "metadata (not kept here)": ({"extra_body": {"metadata": {"a": "b"}}}, ["'metadata'"], "metadata"),
     "suffix with a slash": ({"suffix": "../x"}, ["suffix"], "suffix"),
     "suffix too long": ({"suffix": "a" * 41}, ["suffix", "40"], "suffix"),
     "unknown model": ({"model": "nope"}, ["nope", "cannot be fine-tuned"], "model"),
@@ -634,16 +647,29 @@ def test_csv_json_and_parquet_uploads_are_stored_as_the_jsonl_training_reads(srv
            "r.csv:3", "header has 2", param="file")
 
 
-def test_a_job_on_preference_pairs_is_refused_not_run(srv):
+def test_a_job_whose_method_cannot_train_its_file_is_refused_not_run(srv):
     pair = {"input": {"messages": [{"role": "user", "content": "hi"}]},
             "preferred_output": [{"role": "assistant", "content": "hello"}],
             "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
     c = srv.client("k2")
     f = c.files.create(file=("dpo.jsonl", (json.dumps(pair) + "\n").encode()), purpose="fine-tune")  # OpenAI's shape
+    g = c.files.create(file=("chat.jsonl", GOOD), purpose="fine-tune")
     before = srv.state()
     raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(model="model", training_file=f.id),
-           "preference pairs", "--objective dpo", param="training_file")
+           f"training_file '{f.id}'", "preference pairs", '"type": "dpo"', param="training_file")
+    # a DPO job on it checks its hyperparameters: each bad one is a 400 naming it
+    for hp, words in (({"beta": 0}, ["beta", "(0, 100]"]), ({"beta": "high"}, ["beta", "'high'"]),
+                      ({"beta": True}, ["beta"]), ({"n_epochs": 0}, ["n_epochs"]),
+                      ({"temperature": 1}, ["unknown", "temperature", "'dpo'"])):
+        method = {"type": "dpo", "dpo": {"hyperparameters": hp}}
+        raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(model="model", training_file=f.id,
+                                                                              method=method), *words,
+               param="hyperparameters")
+    raises(openai.BadRequestError, 400, lambda: c.fine_tuning.jobs.create(
+        model="model", training_file=f.id, validation_file=g.id, method={"type": "dpo"}),
+        f"validation_file '{g.id}'", "not preference pairs", param="validation_file")
     srv.assert_intact(before)
+    c.files.delete(g.id)
     same = {**pair, "non_preferred_output": pair["preferred_output"]}
     raises(openai.BadRequestError, 400, lambda: c.files.create(file=("same.jsonl", (json.dumps(same) + "\n").encode()),
                                                                purpose="fine-tune"),

@@ -45,6 +45,7 @@ class ServeConfig:
     ft_max_length: int = opt(FineTuneDefaults.max_length, "fine-tuning examples are truncated to this many tokens")
     ft_lr: float = opt(FineTuneDefaults.lr, "fine-tuning learning rate at learning_rate_multiplier 1 (a job's "
                                             "\"auto\")")
+    ft_beta: float = opt(FineTuneDefaults.beta, "DPO beta of a method.type \"dpo\" job whose beta is \"auto\"")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     dtype: str = opt("auto", "compute precision: auto (bf16 on CUDA and on a CPU with native bf16, i.e. "
@@ -82,7 +83,8 @@ class ServeConfig:
 
     def _finetune(self) -> dict:
         """The --ft-* values as FineTuneDefaults' fields."""
-        return {"rank": self.ft_rank, "alpha": self.ft_alpha, "max_length": self.ft_max_length, "lr": self.ft_lr}
+        return {"rank": self.ft_rank, "alpha": self.ft_alpha, "max_length": self.ft_max_length, "lr": self.ft_lr,
+                "beta": self.ft_beta}
 
     def keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("LEANTUNE_API_KEYS", "").split(",") if k.strip()]

@@ -31,7 +31,7 @@ from ..methods.base import adapter_slots, trainable_parameters
 from ..models.llama import ForwardMeta
 from ..optim import build_optimizer
 from ..routing import Routing
-from ..train.loss import chunked_ce_sum, lm_loss_sum, shifted_targets
+from ..train.loss import chunked_ce_sum, heldout_loss, lm_loss_sum, shifted_targets
 from ..train.step import StepRule, optimizer_step
 from .ft_defaults import FineTuneDefaults
 
@@ -45,6 +45,7 @@ class CoTrainConfig:
     schedule: str = "linear"  # as OpenAI's fine-tuning decays the lr
     seed: int = 0
     max_grad_norm: float = 1.0
+    beta: float = 0.1  # a DPO job's (`serve.cotrain_dpo`); TRL's and the DPO paper's default
 
     def __post_init__(self):
         for name in ("n_epochs", "batch_size"):
@@ -54,6 +55,8 @@ class CoTrainConfig:
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
 
 
 def loss_unit_share(model) -> float:
@@ -67,6 +70,11 @@ def loss_unit_share(model) -> float:
 
 class CoTrainer:
     """The phase machine of one job: FWD (chunks) -> LOSS -> BWD (layer slices) -> next sequence."""
+
+    # the metrics of each step that go into the job's "metrics" events (OpenAI's event data)
+    event_keys: tuple = ("step", "train_loss", "lr", "total_steps")
+    # does a backward unit forward its own sequence (instead of the engine's forward chunks)?
+    forwards_in_backward: bool = False
 
     def __init__(self, model, adapter: str, examples: list, cfg: CoTrainConfig, step: int = 0,
                  loss_share: float | None = None):
@@ -106,7 +114,11 @@ class CoTrainer:
         order = epoch_order(len(self.examples), self.epoch, self.cfg.seed)
         b = self.step % self.steps_per_epoch
         self.batch = [self.examples[i] for i in order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]]
-        self.batch_tokens = sum(ex.num_loss_tokens for ex in self.batch)
+        self.batch_tokens = self._batch_weight()
+
+    def _batch_weight(self) -> int:
+        """What the batch's loss is a mean over: its loss tokens (token-weighted, as `train.loop`)."""
+        return sum(ex.num_loss_tokens for ex in self.batch)
 
     @property
     def seq(self):
@@ -220,6 +232,11 @@ class CoTrainer:
         self.trained_tokens += len(self.seq)
         self.batch_i, self.pos, self.caps, self.grad, self.phase = self.batch_i + 1, 0, [], None, "fwd"
         return self.batch_i == len(self.batch)
+
+    def valid_loss(self, examples: list) -> float:
+        """The held-out loss of `examples` under the job's adapter."""
+        # one example per batch: no padding, and no more memory than a training sequence takes
+        return heldout_loss(self.model, examples, batch_size=1, adapter_slot=self.slot)
 
     def apply_step(self) -> dict:
         """Clip, step the optimizer with the scheduled lr, and move to the next batch; returns metrics."""

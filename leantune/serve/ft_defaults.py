@@ -1,6 +1,6 @@
 """The co-serving fine-tuning defaults, in one place: the LoRA rank and alpha of a job's adapter, the longest
 training example, the base learning rate, and what a job's OpenAI hyperparameters get where they say "auto"
-(`serve.jobs.hyperparameters`). `leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr` set them
+(`serve.jobs.hyperparameters`). `leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr --ft-beta` set them
 (`recipes.serve.ServeConfig`)."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class FineTuneDefaults:
     lr: float = 1e-3  # the learning rate of learning_rate_multiplier 1 (and of "auto")
     n_epochs: int = 3  # "auto"
     batch_size: int = 1  # "auto"
+    beta: float = 0.1  # a DPO job's "auto" (TRL's and the DPO paper's default)
 
     def __post_init__(self):
         message = invalid(asdict(self))
@@ -25,7 +26,7 @@ class FineTuneDefaults:
 
 
 _COUNTS = ("rank", "max_length", "n_epochs", "batch_size")
-_REALS = ("alpha", "lr")
+_REALS = ("alpha", "lr", "beta")
 
 
 def invalid(values: dict, name: Callable[[str], str] = str) -> str | None:

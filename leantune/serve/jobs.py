@@ -14,44 +14,58 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..data import DataError, load_dataset
+from ..data import DataError, load_dataset, load_preference_dataset
 from ..methods.adapter_io import save_adapter
 from ..methods.base import delete_adapter, list_adapters
 from ..methods.lora import LoraConfig
 from ..methods.registry import apply
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from ..train.loss import heldout_loss
 from ..train.report import Logger, open_loggers
 from .cotrain import CoTrainConfig, CoTrainer
+from .cotrain_dpo import DPOCoTrainer
 from .ft_defaults import FineTuneDefaults
 from .runner import Work
+
+
+# OpenAI's `method.type`s a job here can train, and the hyperparameters each takes (in `method.<type>.hyperparameters`
+# or, for either, the deprecated top-level `hyperparameters`)
+COMMON_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+METHODS = {"supervised": COMMON_HYPERPARAMETERS, "dpo": COMMON_HYPERPARAMETERS + ("beta",)}
+
+
+def method_type(job: dict) -> str:
+    return (job.get("method") or {}).get("type", "supervised")
 
 
 def hyperparameters(job: dict, defaults: FineTuneDefaults) -> CoTrainConfig:
     """OpenAI's hyperparameters ("auto" or a value) -> CoTrainConfig, "auto" taking the server's `defaults`;
     ValueError names the bad one."""
+    kind = method_type(job)
     hp = dict(job.get("hyperparameters") or {})
-    method = job.get("method") or {}
-    hp.update(((method.get("supervised") or {}).get("hyperparameters")) or {})
-    known = {"n_epochs", "batch_size", "learning_rate_multiplier"}
-    unknown = set(hp) - known
+    hp.update((((job.get("method") or {}).get(kind) or {}).get("hyperparameters")) or {})
+    known = METHODS[kind]
+    unknown = set(hp) - set(known)
     if unknown:
-        raise ValueError(f"unknown hyperparameters {sorted(unknown)}; supported: {sorted(known)}")
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)} for method.type '{kind}'; supported: "
+                         f"{sorted(known)}")
 
     def pick(key, default):
         v = hp.get(key, "auto")
         return default if v == "auto" or v is None else v
 
-    mult = pick("learning_rate_multiplier", 1.0)
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult <= 100:
-        raise ValueError(f"hyperparameters.learning_rate_multiplier must be a number in (0, 100], got {mult!r}")
+    reals = {}
+    for key, default, top in (("learning_rate_multiplier", 1.0, 100), ("beta", defaults.beta, 100)):
+        v = reals[key] = pick(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= top:
+            raise ValueError(f"hyperparameters.{key} must be a number in (0, {top}] or \"auto\", got {v!r}")
     counts = {}
     for key, top in (("n_epochs", 100), ("batch_size", 256)):
         v = counts[key] = pick(key, getattr(defaults, key))
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
             raise ValueError(f"hyperparameters.{key} must be an integer in [1, {top}] or \"auto\", got {v!r}")
     seed = job.get("seed")
-    return CoTrainConfig(**counts, learning_rate=defaults.lr * mult, seed=0 if seed is None else seed)
+    return CoTrainConfig(**counts, learning_rate=defaults.lr * reals["learning_rate_multiplier"],
+                         beta=reals["beta"], seed=0 if seed is None else seed)
 
 
 def _adapter_name(job_id: str) -> str:
@@ -110,8 +124,10 @@ class JobRunner:
         owner = store.job_owner(jid)
         try:
             cfg = hyperparameters(job, self.cfg.finetune)
-            examples = self._examples(owner, job["training_file"], "training_file")
-            valid = self._examples(owner, job["validation_file"], "validation_file") if job.get("validation_file") else []
+            dpo = method_type(job) == "dpo"
+            examples = self._examples(owner, job["training_file"], "training_file", dpo)
+            valid = (self._examples(owner, job["validation_file"], "validation_file", dpo)
+                     if job.get("validation_file") else [])
         except (ValueError, FileNotFoundError) as e:
             self.starting = None
             self._finish(jid, "failed", error={"code": "invalid_training_file", "message": str(e), "param": None})
@@ -134,7 +150,7 @@ class JobRunner:
                                  "without one")
             apply(self.model, "lora", adapter_name=adapter,
                   config=LoraConfig(r=ft.rank, alpha=ft.alpha, targets="all-linear", dropout=0.0))
-            trainer = CoTrainer(self.model, adapter, examples, cfg)
+            trainer = (DPOCoTrainer if dpo else CoTrainer)(self.model, adapter, examples, cfg)
         except BaseException:
             loggers.close(success=False)  # fail_active then fails the job
             raise
@@ -147,11 +163,15 @@ class JobRunner:
                             "total_steps": trainer.total_steps})
         self.starting = None
 
-    def _examples(self, owner: str, file_id: str, what: str) -> list:
+    def _examples(self, owner: str, file_id: str, what: str, pairs: bool = False) -> list:
+        """The file's training examples; pairs: its preference pairs (a DPO job)."""
         path = self.store.file_path(owner, file_id)
         if path is None:
             raise FileNotFoundError(f"{what} {file_id} no longer exists")
         try:
+            if pairs:
+                return load_preference_dataset(path, self.tk, self.cfg.finetune.max_length, on_too_long="truncate",
+                                               what=what)
             return load_dataset(path, self.tk, self.cfg.finetune.max_length, on_too_long="truncate")
         except DataError as e:
             raise ValueError(str(e).replace(str(path), file_id)) from None
@@ -167,9 +187,14 @@ class JobRunner:
         else:
             store.add_event(a.id, f"Fine-tuning job started: {len(a.trainer.examples)} examples, "
                                   f"{a.trainer.total_steps} steps")
-        store.update_job(a.id, status="running", hyperparameters={
-            "n_epochs": a.trainer.cfg.n_epochs, "batch_size": a.trainer.cfg.batch_size,
-            "learning_rate_multiplier": a.trainer.cfg.learning_rate / self.cfg.finetune.lr})
+        # the values "auto" resolved to, where OpenAI reports them: top-level and in the method's block
+        cfg, kind = a.trainer.cfg, method_type(job)
+        hp = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
+              "learning_rate_multiplier": cfg.learning_rate / self.cfg.finetune.lr}
+        if "beta" in METHODS[kind]:
+            hp["beta"] = cfg.beta
+        store.update_job(a.id, status="running", hyperparameters=hp,
+                         method={"type": kind, kind: {"hyperparameters": hp}})
 
     def cancel(self, job_id: str) -> None:
         """Engine thread. Stop the job if it is training; mark it cancelled. ValueError when finished."""
@@ -263,13 +288,17 @@ class JobRunner:
                 return
             # units of backward: the loss, then layers; all of them (the loss in one) when no request waits
             self.backward_units += 1
-            if not t.backward_layers(self.cfg.ft_bwd_layers if inference else None):
+            before = t.trained_tokens
+            complete = t.backward_layers(self.cfg.ft_bwd_layers if inference else None)
+            if t.forwards_in_backward:  # its tokens never went through forward_work (a DPO pair): count them here
+                self.stats.ft_tokens += t.trained_tokens - before
+            if not complete:
                 return
         m = a.trainer.apply_step()
         self.stats.ft_steps += 1
         a.loggers.log_metrics(m["step"], {k: v for k, v in m.items() if k not in ("step", "total_steps")})
         self.store.add_event(a.id, f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}",
-                               data={k: m[k] for k in ("step", "train_loss", "lr", "total_steps")}, type="metrics")
+                               data={k: m[k] for k in a.trainer.event_keys}, type="metrics")
         end_of_epoch = m["step"] % a.trainer.steps_per_epoch == 0
         if m["step"] % self.cfg.checkpoint_every == 0 or end_of_epoch:
             self._checkpoint(m)
@@ -305,7 +334,4 @@ class JobRunner:
 
     def _valid_loss(self) -> float | None:
         a = self.active
-        if not a.valid:
-            return None
-        # one example per batch: no padding, and no more memory than a training sequence takes
-        return heldout_loss(self.model, a.valid, batch_size=1, adapter_slot=a.trainer.slot)
+        return a.trainer.valid_loss(a.valid) if a.valid else None

@@ -113,11 +113,13 @@ def _device(model) -> torch.device:
     return model.head_module().weight.device
 
 
-def sequence_logps(model, batch, chunk: int = 1024) -> torch.Tensor:
-    """(rows,) sum of the log-probs of each row's labelled tokens (a `data.Batch`, unpacked)."""
+def sequence_logps(model, batch, chunk: int = 1024, adapter_ids=None) -> torch.Tensor:
+    """(rows,) sum of the log-probs of each row's labelled tokens (a `data.Batch`, unpacked); adapter_ids: each
+    row's adapter slot (a multi-adapter model, as `ForwardMeta` takes them; -1 = the base)."""
     from ..models.llama import ForwardMeta
 
-    hidden = model.hidden(batch.input_ids, ForwardMeta(positions=batch.positions))  # (R, T, C)
+    meta = ForwardMeta(positions=batch.positions, adapter_ids=adapter_ids)
+    hidden = model.hidden(batch.input_ids, meta)  # (R, T, C)
     tgt = shifted_targets(batch.labels)
     head = model.head_module()
     sel = tgt != -100
@@ -137,6 +139,18 @@ def adapters_off_logps(model, batch) -> torch.Tensor:
 
     with disable_adapters(model):
         return sequence_logps(model, batch)
+
+
+@torch.no_grad()
+def _no_grad_logps(model, batch, adapter_ids) -> torch.Tensor:
+    return sequence_logps(model, batch, adapter_ids=adapter_ids)
+
+
+def _route(slot: int, rows: int, device):
+    """Every row of a batch on adapter `slot` (-1 = the base)."""
+    from ..routing import Routing
+
+    return Routing(torch.full((rows,), slot, dtype=torch.long, device=device), [slot] * rows)
 
 
 @torch.no_grad()
@@ -177,22 +191,30 @@ class DPOObjective:
     def weight(self, batch: PairBatch) -> int:
         return batch.pairs
 
-    def terms(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-pair losses, chosen rewards, rejected rewards, (2B,) policy log-probs) of one batch."""
+    def terms(self, model, batch: PairBatch, slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor, torch.Tensor]:
+        """(per-pair losses, chosen rewards, rejected rewards, (2B,) policy log-probs) of one batch. slot: the
+        policy is that one adapter of a multi-adapter model (a serving job's), and the reference its base rows
+        (slot -1), so the adapters other requests use are neither switched off nor trained."""
         batch = batch.to(_device(model))
-        logps = sequence_logps(model, batch.batch)
+        policy = reference = None
+        if slot is not None:
+            policy, reference = (_route(s, batch.batch.input_ids.shape[0], batch.input_ids.device)
+                                 for s in (slot, -1))
+        logps = sequence_logps(model, batch.batch, adapter_ids=policy)
         ref = batch.ref
         if ref is None:
             if self.reference == "precomputed":
                 raise RuntimeError("the reference log-probs were not precomputed (train.dpo.precompute_reference)")
-            ref = adapters_off_logps(model, batch.batch)
+            ref = (adapters_off_logps(model, batch.batch) if reference is None else
+                   _no_grad_logps(model, batch.batch, reference))
         n, b = answer_tokens(batch.batch), batch.pairs
         losses, rc, rr = dpo_loss(logps[:b], logps[b:], ref[:b].to(logps), ref[b:].to(logps), self.beta,
                                   self.loss_type, n[:b], n[b:])
         return losses, rc, rr, logps.detach()
 
-    def loss_sum(self, model, batch: PairBatch) -> tuple[torch.Tensor, int, dict]:
-        losses, rc, rr, logps = self.terms(model, batch)
+    def loss_sum(self, model, batch: PairBatch, slot: int | None = None) -> tuple[torch.Tensor, int, dict]:
+        losses, rc, rr, logps = self.terms(model, batch, slot)
         b = batch.pairs
         metrics = {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margins": (rc - rr).sum(),
                    "rewards/accuracies": (rc > rr).float().sum(), "logps/chosen": logps[:b].sum(),
@@ -200,14 +222,14 @@ class DPOObjective:
         return losses.sum(), b, {k: float(v) for k, v in metrics.items()}
 
     @torch.no_grad()
-    def evaluate(self, model, examples: list, cfg) -> float:
-        """Mean per-pair loss over `examples`, in eval mode."""
+    def evaluate(self, model, examples: list, cfg, slot: int | None = None) -> float:
+        """Mean per-pair loss over `examples`, in eval mode (slot: as in `terms`)."""
         was_training = model.training
         model.eval()
         total = 0.0
         try:
             for batch in self.batches(examples, 0, cfg):
-                total += float(self.terms(model, batch)[0].sum())
+                total += float(self.terms(model, batch, slot)[0].sum())
         finally:
             model.train(was_training)
         return total / len(examples)

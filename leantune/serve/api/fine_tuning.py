@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from ...data import DataError
 from ...train.report import parse_report_to
-from ..jobs import hyperparameters
+from ..jobs import METHODS, hyperparameters
 from ..uploads import not_sft_reason, training_kind
 from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
 
@@ -77,9 +77,19 @@ async def job_checkpoints(job_id: str, request: Request, after: str | None = Non
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
+# OpenAI's create-job fields this server acts on; any other (say `metadata`, or a misspelt one) is refused, not
+# silently dropped
+JOB_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
+              "integrations")
+
+
 def _job_request(body: dict, who: str, engine) -> dict:
     """Validate a create-job body; the dict of `store.add_job` keyword arguments."""
     model = field(body, "model", str, required=True)
+    unknown = [k for k in body if k not in JOB_FIELDS]
+    if unknown:
+        raise APIError(400, f"{unknown[0]!r} is not a supported fine-tuning job field here; fields: "
+                            f"{', '.join(JOB_FIELDS)}", param=unknown[0])
     if model != engine.base_name:
         raise APIError(400, f"model '{model}' cannot be fine-tuned here; use '{engine.base_name}'", param="model",
                        code="model_not_available")
@@ -89,14 +99,15 @@ def _job_request(body: dict, who: str, engine) -> dict:
         if fid is not None and engine.store.get_file(who, fid) is None:
             raise APIError(400, f"{key} '{fid}' does not exist (upload it with purpose 'fine-tune')", param=key,
                            code="invalid_file")
-        if fid is not None:
-            _check_trains_sft(engine.store.file_path(who, fid), key, fid)
         files[key] = fid
+    method = _method(body)
+    for key, fid in files.items():
+        if fid is not None:
+            _check_trains(engine.store.file_path(who, fid), key, fid, method["type"])
     suffix = field(body, "suffix", str)
     if suffix is not None and not _SUFFIX.match(suffix):
         raise APIError(400, "suffix must be 1-40 characters of letters, digits, '-' or '_'", param="suffix")
     seed = field(body, "seed", int)
-    method = _method(body)
     integrations = _integrations(body)
     hp = field(body, "hyperparameters", dict) or {}
     try:  # the same parsing the job runner does, with the server's defaults, so a bad value fails here
@@ -107,24 +118,47 @@ def _job_request(body: dict, who: str, engine) -> dict:
             "integrations": integrations}
 
 
-def _check_trains_sft(path, key: str, fid: str) -> None:
-    """A supervised job on preference pairs or classification rows is refused here, not failed later."""
+_DPO_ROWS = ('{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
+             '"non_preferred_output": [...]}')
+
+
+def _check_trains(path, key: str, fid: str, kind: str) -> None:
+    """A file that the job's method cannot train on is refused here, not failed later: a supervised job on
+    preference pairs or classification rows, a DPO job on anything but preference pairs."""
     try:
-        why = not_sft_reason(training_kind(path))
+        rows = training_kind(path)
     except DataError as e:
         raise APIError(400, f"{key} '{fid}': {e}", param=key, code="invalid_file") from None
+    why = ""
+    if kind == "dpo" and rows != "preference":
+        why = (f"it holds {rows} rows, not preference pairs; a DPO job (method.type 'dpo') needs rows like "
+               f"{_DPO_ROWS}; to train on these rows, send method {{\"type\": \"supervised\"}}")
+    elif kind == "supervised" and rows == "preference":
+        why = ("it holds preference pairs, which train with method {\"type\": \"dpo\", \"dpo\": {\"hyperparameters\": "
+               "{...}}} (as `leantune finetune --objective dpo` does), not a supervised job; or upload the preferred "
+               "answers as chat or prompt/completion rows")
+    elif kind == "supervised":
+        why = not_sft_reason(rows)
     if why:
         raise APIError(400, f"{key} '{fid}': {why}", param=key, code="invalid_file")
 
 
 def _method(body: dict) -> dict:
+    """OpenAI's `method`: {"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}; anything else in it
+    is a 400 naming the field (the hyperparameters' values are checked by `serve.jobs.hyperparameters`)."""
     method = field(body, "method", dict) or {"type": "supervised"}
-    if method.get("type", "supervised") != "supervised":
-        raise APIError(400, f"method.type '{method.get('type')}' is not supported; use 'supervised'", param="method")
-    sup = method.get("supervised")
-    if sup is not None and not (isinstance(sup, dict) and isinstance(sup.get("hyperparameters") or {}, dict)):
-        raise APIError(400, "method.supervised must be an object like {\"hyperparameters\": {...}}", param="method")
-    return method
+    kind = method.get("type", "supervised")
+    if not isinstance(kind, str) or kind not in METHODS:
+        raise APIError(400, f"method.type {kind!r} is not supported; use one of {', '.join(METHODS)}", param="method")
+    unknown = sorted(set(method) - {"type", kind})
+    if unknown:
+        raise APIError(400, f"method.{unknown[0]} is not a field of a method.type '{kind}' job; fields: type, {kind}",
+                       param="method")
+    block = method.get(kind)
+    if block is not None and not (isinstance(block, dict) and set(block) <= {"hyperparameters"}
+                                  and isinstance(block.get("hyperparameters") or {}, dict)):
+        raise APIError(400, f"method.{kind} must be an object like {{\"hyperparameters\": {{...}}}}", param="method")
+    return {**method, "type": kind}
 
 
 # OpenAI's integration types that a job here can log to (serve.jobs opens the same loggers as `finetune --report-to`)
