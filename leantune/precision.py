@@ -172,7 +172,19 @@ def _resolve(dtype: str, device: str, cpu: CpuInfo | None) -> Precision:
 
 
 def resolve_device(device: str = "auto") -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """--device as torch names it: auto is cuda when torch sees a GPU, else cpu. A device that is not cpu or
+    cuda[:N], or a cuda one on a machine where torch sees none, is refused here, before any weight is read."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n <= int(index or 0):
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees {n} CUDA device(s); use --device "
+                             "cpu (or auto), or install a CUDA build of torch on a machine with a GPU")
+    return device
 
 
 def report() -> str:

@@ -157,3 +157,35 @@ def test_paged_adamw_cuda_equals_torch_adamw(weight_decay):
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(sd_ours["state"][i][k].to("cuda"), sd_ref["state"][i][k],
                                        rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method,objective", [("lora", "sft"), ("qlora", "sft"), ("full", "sft"), ("sara", "sft"),
+                                              ("lora", "dpo")])
+def test_finetune_recipe_on_cuda(tmp_path, method, objective):
+    """`leantune finetune --device cuda` end to end on a tiny folder: the model, the batches and the optimizer on
+    the GPU (bf16 base where the method allows it), the loss goes down, and the output reloads on the CPU."""
+    import json as _json
+
+    from test_recipes import chat_row, read_metrics, write_jsonl
+    from tiny_folder import make_tiny_model_folder
+
+    from leantune import cli
+
+    folder = make_tiny_model_folder(tmp_path / "m")
+    if objective == "dpo":
+        rows = [{"prompt": f"Which fruit is item {i}?", "chosen": f"Item {i} is an apple.",
+                 "rejected": f"Item {i} is a stone."} for i in range(8)]
+    else:
+        rows = [chat_row(f"What is item {i}?", f"Item {i} is a red apple.") for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    lr = "1e-4" if method == "full" else "5e-3"
+    assert cli.run(["finetune", "--model", str(folder), "--data", str(data), "--output", str(out), "--method",
+                    method, "--objective", objective, "--device", "cuda", "--max-steps", "6", "--batch-size", "4",
+                    "--lr", lr, "--eval-fraction", "0", "--no-progress"]) == 0
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    assert any("peak_memory_mb" in r for r in read_metrics(out))  # CUDA's own peak, not the process RSS
+    summary = _json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6

@@ -159,3 +159,22 @@ def test_load_model_takes_a_4bit_folder_as_it_is_stored(folder, tmp_path, one_th
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.quant_type == "fp4" and layer.compute_dtype == torch.bfloat16
     assert torch.equal(layer.weight, q.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_device_is_checked_before_any_weight_is_read(tmp_path):
+    from leantune.precision import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "cpu:1", "gpu"):
+        with pytest.raises(ValueError, match=r"use cpu, cuda, cuda:N or auto"):
+            resolve_device(bad)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"--device cuda:{n}: torch .* sees {n} CUDA device"):
+        resolve_device(f"cuda:{n}")
+    # through the recipe: the model path does not exist, and the device error comes first
+    data = _train_rows(tmp_path / "t.jsonl")
+    with pytest.raises(ValueError, match=r"--device 'tpu': use cpu, cuda"):
+        cli.run(["finetune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--device", "tpu",
+                 "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

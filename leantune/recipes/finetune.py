@@ -20,7 +20,7 @@ from typing import Any
 
 from ..fields import opt
 from ..optim import PROJECTED_OPTIMIZERS
-from ..precision import parse_dtype, resolve_precision
+from ..precision import parse_dtype, resolve_device, resolve_precision
 from ..train.loop import TrainConfig, Trainer
 from ..train.loss import heldout_loss
 from ..train.s3ft import PARAPHRASE_PROMPT
@@ -88,6 +88,8 @@ class FinetuneConfig(TrainConfig):
     dtype: str = opt("auto", "compute precision: auto (bf16 on a CPU with native bf16, i.e. AVX512_BF16 or AMX, "
                              "else fp32), fp32 or bf16; in bf16 the frozen base computes in bf16 while trainable "
                              "parameters, optimizer state and the loss stay fp32")
+    device: str = opt("auto", "where training computes: cpu, cuda (or cuda:N), or auto (cuda when torch sees a GPU, "
+                              "else cpu); on CUDA --dtype auto is bf16")
     forget_data: str | None = opt(None, "held-out JSONL of what the model should keep knowing: its loss before "
                                         "and after training is reported as forgetting")
     judge: str = opt("exact", "with --objective s3ft: when a response counts as correct against the gold answer: "
@@ -417,7 +419,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     t0 = time.perf_counter()
     spec = cfg.spec
     full = "--reinit-top" if cfg.reinit_top else (f"--method {cfg.method}" if spec.trains_base else None)
-    precision = resolve_precision(cfg.dtype, "cpu", full_weights=full)
+    precision = resolve_precision(cfg.dtype, resolve_device(cfg.device), full_weights=full)
     if spec.check_model is not None:  # does the method's config fit this model? Read from config.json, before weights
         from .estimate import read_model_config
 

@@ -262,6 +262,8 @@ class Trainer:
 
     def train_step(self, window) -> dict:
         self.model.train()
+        device = self.model.head_module().weight.device  # batches are built on the CPU (--device cuda)
+        window = [b.to(device) for b in window]
         hooks = train_hooks(self.model)
         before_step(self.model, hooks, self.step, self.total_steps)
         # the step's lr before backward: an optimizer that updates inside backward (per layer) reads it there;
