@@ -215,41 +215,64 @@ def evaluate(model_dir: Path, items: list[int]) -> dict:
 
 
 def plot(rows: list[dict], base_acc: float, path: Path) -> None:
-    """Accuracy (blue: per-seed dots and mean line) and format rate (red mean line) vs SFT share, on leantune's
-    PNG canvas (no matplotlib in the environment). x: share 0..1; y: 0..1."""
-    from leantune.train.plot import Canvas
-
-    w, h, left, right, top, bottom = 560, 360, 60, 20, 30, 50
-    c = Canvas(w, h)
+    """Accuracy (blue) and format rate (red) vs SFT share: per-seed dots and the mean line; the base's accuracy
+    dashed. Pillow draws it where it is installed (no matplotlib here); else leantune's own PNG canvas, whose
+    3x5 font has no title letters."""
+    w, h, left, right, top, bottom = 640, 400, 64, 24, 40, 56
+    grey, black, blue, red = (210, 210, 210), (0, 0, 0), (30, 80, 220), (220, 40, 40)
 
     def xy(share, v):
         return (round(left + share * (w - left - right)), round(h - bottom - v * (h - top - bottom)))
 
-    grey, black, blue, red = (200, 200, 200), (0, 0, 0), (30, 80, 220), (220, 40, 40)
-    for k in range(6):  # grid and y labels
-        x0, y = xy(0, k / 5)
-        c.line(left, y, w - right, y, grey)
-        c.text(8, y - 5, f"{k / 5:.1f}")
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        Image = None
+    if Image is not None:
+        img = Image.new("RGB", (w, h), "white")
+        g = ImageDraw.Draw(img)
+        font = ImageFont.load_default(size=14)
+        line = lambda x0, y0, x1, y1, rgb, width=1: g.line((x0, y0, x1, y1), fill=rgb, width=width)  # noqa: E731
+        dot = lambda x, y, rgb, r: g.ellipse((x - r, y - r, x + r, y + r), fill=rgb)  # noqa: E731
+        text = lambda x, y, s, rgb=black: g.text((x, y), s, fill=rgb, font=font)  # noqa: E731
+    else:
+        from leantune.train.plot import Canvas
+
+        c = Canvas(w, h)
+
+        def line(x0, y0, x1, y1, rgb, width=1):
+            for off in range(-(width // 2), width // 2 + 1):
+                c.line(x0, y0 + off, x1, y1 + off, rgb)
+
+        dot = lambda x, y, rgb, r: c.dot(x, y, rgb, r=r)  # noqa: E731
+        text = lambda x, y, s, rgb=black: c.text(x, y, s, rgb)  # noqa: E731
+    for k in range(6):
+        _, y = xy(0, k / 5)
+        line(left, y, w - right, y, grey)
+        text(22, y - 8, f"{k / 5:.1f}")
     for s in SHARES:
-        x, y0 = xy(s, 0)
-        c.line(x, top, x, h - bottom, grey)
-        c.text(x - 12, h - bottom + 8, f"{s:g}")
-    c.line(left, h - bottom, w - right, h - bottom, black)
-    c.line(left, top, left, h - bottom, black)
-    c.text(left + 150, h - 22, "sft share of budget")
-    c.text(left + 4, 8, "accuracy (blue) / format (red)")
+        x, _ = xy(s, 0)
+        line(x, top, x, h - bottom, grey)
+        text(x - 10, h - bottom + 6, f"{s:g}")
+    line(left, h - bottom, w - right, h - bottom, black)
+    line(left, top, left, h - bottom, black)
+    text(left + 170, h - 26, f"SFT share of the {rows[0]['n_sft'] + rows[0]['n_pairs']}-example budget")
+    text(left, 10, "held-out accuracy (blue), format rate (red); dots: seeds; dashed: base accuracy")
     _, yb = xy(0, base_acc)
-    for x in range(left, w - right, 8):  # the base's accuracy, dashed
-        c.line(x, yb, min(x + 3, w - right), yb, black)
-    for key, rgb in (("accuracy", blue), ("format", red)):
+    for x in range(left, w - right, 10):
+        line(x, yb, min(x + 4, w - right), yb, black)
+    for key, rgb in (("format", red), ("accuracy", blue)):
         means = [statistics.mean(r[key] for r in rows if r["share"] == s) for s in SHARES]
-        for (s0, m0), (s1, m1) in zip(zip(SHARES, means), zip(SHARES[1:], means[1:])):
-            (xa, ya), (xb, yb2) = xy(s0, m0), xy(s1, m1)
-            for off in (-1, 0, 1):
-                c.line(xa, ya + off, xb, yb2 + off, rgb)
+        pts = [xy(s, m) for s, m in zip(SHARES, means)]
+        for (xa, ya), (xb, yb2) in zip(pts, pts[1:]):
+            line(xa, ya, xb, yb2, rgb, width=3)
         for r in rows:
-            c.dot(*xy(r["share"], r[key]), rgb, r=3 if key == "accuracy" else 2)
-    path.write_bytes(c.png())
+            x, y = xy(r["share"], r[key])
+            dot(x + (4 if key == "accuracy" else -4), y, rgb, 3)
+    if Image is not None:
+        img.save(path, optimize=True)
+    else:
+        path.write_bytes(c.png())
 
 
 def table(rows: list[dict], seeds: list[int]) -> str:
