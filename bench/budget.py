@@ -81,9 +81,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def run_cli(argv: list[str]) -> None:
+    import contextlib
+
     from leantune import cli
 
-    rc = cli.run([str(a) for a in argv])
+    with contextlib.redirect_stdout(sys.stderr):  # the run's own report; stdout carries the benchmark's
+        rc = cli.run([str(a) for a in argv])
     if rc != 0:
         raise SystemExit(f"leantune {' '.join(map(str, argv[:1]))} failed with {rc}: {argv}")
 
@@ -308,6 +311,8 @@ def main() -> None:
     from leantune.precision import cpu_info
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cpu = cpu_info()
+    print(f"cpu: {cpu.describe()}", flush=True)
     t0 = time.perf_counter()
     tmp = None
     if args.work is None:
@@ -339,12 +344,11 @@ def main() -> None:
         for r in rows:
             wr.writerow([f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in keys])
     md = table(rows, seeds)
-    cpu = cpu_info()
-    header = (f"cpu: {cpu.describe()}\nbudget {args.budget} examples over {N_TRAIN_ITEMS} training items, "
+    header = (f"budget {args.budget} examples over {N_TRAIN_ITEMS} training items, "
               f"{len(held)} held-out items, full finetuning, SFT lr {args.sft_lr}, DPO lr {args.dpo_lr} beta {args.beta}, batch {args.batch}, {args.phase_steps} steps per "
               f"phase, seeds {seeds}; base: accuracy {base_eval['accuracy']:.3f}, format {base_eval['format']:.3f}, "
               f"right color in its own sentence {base_eval['color_anywhere']:.3f}")
-    (outdir / "budget.md").write_text(header + "\n\n" + md + "\n")
+    (outdir / "budget.md").write_text(f"cpu: {cpu.describe()}\n" + header + "\n\n" + md + "\n")
     plot(rows, base_eval["accuracy"], outdir / "budget.png")
     print(header)
     print(md)
