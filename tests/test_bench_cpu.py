@@ -28,3 +28,22 @@ def test_gemm_bench_measures_both_dtypes_and_names_the_cpu():
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["bench"] == "gemm" and res["shape"] == [16, 32, 48] and "native_bf16" in res["cpu"]
     assert res["gflops"]["float32"] > 0 and res["gflops"]["bfloat16"] > 0 and res["bf16_over_fp32"] > 0
+
+
+def test_budget_bench_runs_every_share_and_writes_its_files(tmp_path):
+    """bench/budget.py at 2 steps per phase: the CPU first, a row per SFT share, the CSV / Markdown / PNG."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "budget.py"), "--seeds", "1", "--phase-steps", "2",
+                        "--pretrain-epochs", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("cpu: ")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "budget" and "native_bf16" in res["cpu"]
+    cells = res["cells"]
+    assert [c["share"] for c in cells] == [0.0, 0.1, 0.25, 0.5, 1.0]
+    assert [(c["n_sft"], c["n_pairs"]) for c in cells] == [(0, 64), (6, 58), (16, 48), (32, 32), (64, 0)]
+    assert all(0 <= c["accuracy"] <= c["format"] <= 1 for c in cells)
+    out = tmp_path / "out"
+    assert len((out / "budget.csv").read_text().splitlines()) == 6
+    assert (out / "budget.md").read_text().startswith("cpu: ")
+    assert (out / "budget.png").read_bytes().startswith(b"\x89PNG")
