@@ -385,3 +385,20 @@ def test_sft_then_dpo_resumes_in_the_dpo_phase_with_the_same_reference(folder, d
     assert cli.run([*argv(out), "--resume"]) == 0
     whole, resumed = dpo_losses(tmp_path / "whole"), dpo_losses(out)
     assert [resumed[s] for s in range(1, 5)] == pytest.approx([whole[s] for s in range(1, 5)], abs=1e-6)
+
+
+def test_sft_lr_sets_the_sft_phase_alone(folder, data, tmp_path, capsys):
+    out = tmp_path / "sft_lr"
+    assert cli.run(["finetune", "--model", str(folder), "--sft-data", str(data["sft"]), "--data", str(data["pairs"]),
+                    "--output", str(out), *ARGS, "--sft-steps", "3", "--max-steps", "2", "--lr", "1e-3",
+                    "--sft-lr", "2e-2", "--schedule", "constant", "--warmup-steps", "0"]) == 0
+    sft = [r["lr"] for r in read_metrics(out / "phases" / "sft") if "loss" in r]
+    dpo = [r["lr"] for r in read_metrics(out / "phases" / "dpo") if "loss" in r]
+    assert sft == [pytest.approx(2e-2)] * 3 and dpo == [pytest.approx(1e-3)] * 2
+    capsys.readouterr()
+    for extra, msg in [(["--sft-lr", "1e-3"], "--sft-lr is the learning rate of the --sft-data phase"),
+                       (["--sft-data", str(data["sft"]), "--sft-lr", "0"], "--sft-lr must be > 0")]:
+        with pytest.raises(ValueError, match=msg):
+            cli.run(["finetune", "--model", str(folder), "--data", str(data["pairs"]), "--output",
+                     str(tmp_path / "bad"), *ARGS, *extra])
+        assert not (tmp_path / "bad").exists()

@@ -68,6 +68,8 @@ class FinetuneConfig(TrainConfig):
     sft_data: str | None = opt(None, "with --objective dpo: supervised data (any form --data takes for SFT) to "
                                      "finetune on first, in the same run; the SFT'd model is DPO's reference")
     sft_steps: int = opt(0, "optimizer steps of the --sft-data phase (0: --epochs passes over it)")
+    sft_lr: float | None = opt(None, "peak learning rate of the --sft-data phase (default: --lr); SFT usually "
+                                     "takes a larger one than DPO, which moves the policy away from its reference")
     eval_data: str | None = opt(None, "held-out data, any form --data takes (default: --eval-fraction of --data)")
     split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --data")
     eval_split: str | None = opt(None, "the split of a datasets folder (DatasetDict) given as --eval-data")
@@ -160,6 +162,9 @@ class FinetuneConfig(TrainConfig):
             (dpo or not self.sft_data, "--sft-data is the SFT phase before DPO: use it with --objective dpo, or give "
                                        "the supervised data as --data"),
             (self.sft_steps >= 0, f"--sft-steps must be >= 0, got {self.sft_steps}"),
+            (self.sft_lr is None or self.sft_data, "--sft-lr is the learning rate of the --sft-data phase; give "
+                                                   "--sft-data, or drop --sft-lr"),
+            (self.sft_lr is None or self.sft_lr > 0, f"--sft-lr must be > 0, got {self.sft_lr}"),
             # such a method's fit hook runs its own phases on the SFT loss
             (not (dpo and self.spec.fit is not None), f"--method {self.method} trains in phases of its own on the "
                                                        "SFT loss; it cannot train with --objective dpo"),
@@ -354,7 +359,8 @@ def train_preferences(cfg: FinetuneConfig, model, train: list, evals: list, sft:
         if cfg.resume and trainer.resume():
             _log(f"resumed at step {trainer.step}")
         return trainer.fit(), trainer.options_report, trainer.params
-    runner = PhaseRunner(model, sft, [], dataclasses.replace(tcfg, objective="sft"), Path(cfg.output),
+    sft_cfg = dataclasses.replace(tcfg, objective="sft", lr=tcfg.lr if cfg.sft_lr is None else cfg.sft_lr)
+    runner = PhaseRunner(model, sft, [], sft_cfg, Path(cfg.output),
                          save_artifacts, asdict(cfg), resume=cfg.resume, log=_log)
     runner.run("sft", steps=cfg.sft_steps, epochs=0 if cfg.sft_steps else cfg.epochs)
     # on resume the finished SFT phase restored its final weights above, so the same reference is rebuilt
