@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat import IGNORE_INDEX, chat_ids, render
-from .formats import Example, _plain_ids, _plain_prompt, _prompt_reply, fit_length, plain_prompt_ids, warn_dropped
+from .formats import _plain_ids, _plain_prompt, _prompt_reply, fit_examples, plain_prompt_ids
 from .readers import DataError
 from .rows import KIND, read_canonical
 
@@ -110,19 +110,6 @@ def answer_examples(rows: list[AnswerRow], answers: list[str], tokenizer, max_le
                     on_too_long: str = "error", path: str | Path = "--data") -> list:
     """SFT examples of `rows` answered by `answers` (one each), fitted into `max_length` as `load_dataset`
     fits its rows: too long is an error naming the row, or cut, or dropped; no loss tokens left: dropped."""
-    examples, too_long, no_loss = [], 0, 0
-    for row, answer in zip(rows, answers, strict=True):
-        fitted = fit_length(*answer_ids(row.query, answer, tokenizer, row.where), max_length, on_too_long, row.where)
-        if fitted is None:
-            too_long += 1
-            continue
-        ex = Example(*fitted, row.line, row.source)
-        if ex.num_loss_tokens == 0:
-            no_loss += 1
-            continue
-        examples.append(ex)
-    warn_dropped(path, too_long, no_loss, max_length)
-    if not examples:
-        raise DataError(f"{path}: no examples left after fitting them into max_length={max_length}; "
-                        "raise --max-length")
-    return examples
+    encoded = ((*answer_ids(row.query, answer, tokenizer, row.where), row.line, row.source, row.where)
+               for row, answer in zip(rows, answers, strict=True))
+    return fit_examples(encoded, max_length, on_too_long, path)

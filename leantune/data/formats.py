@@ -161,14 +161,21 @@ def load_dataset(
     fmt, rows = read_canonical(path, split, columns, fmt, what)
     if KIND[fmt] != "sft":
         raise DataError(f"{path}: {NOT_SFT[KIND[fmt]]}")
+    encoded = ((*sft_ids(data, tokenizer, fmt, row.where), row.n, row.source, row.where) for row, data in rows)
+    return fit_examples(encoded, max_length, on_too_long, path)
+
+
+def fit_examples(encoded, max_length: int, on_too_long: str, path) -> list[Example]:
+    """Examples of `encoded` rows, (ids, labels, line, source, where) each, fitted into `max_length`: a row too
+    long is an error naming it, or cut, or dropped (`on_too_long`); a row left with no loss token is dropped;
+    the drops are reported once, and no example left at all is an error naming `path`."""
     examples, too_long, no_loss = [], 0, 0
-    for row, data in rows:
-        ids, labels = sft_ids(data, tokenizer, fmt, row.where)
-        fitted = fit_length(ids, labels, max_length, on_too_long, row.where)
+    for ids, labels, line, source, where in encoded:
+        fitted = fit_length(ids, labels, max_length, on_too_long, where)
         if fitted is None:
             too_long += 1
             continue
-        ex = Example(*fitted, row.n, row.source)
+        ex = Example(*fitted, line, source)
         if ex.num_loss_tokens == 0:
             no_loss += 1
             continue

@@ -277,6 +277,24 @@ def _replace_in_folder(out_dir: Path, tensors, text: str, weights_name: str = WE
     _fsync(out_dir)
 
 
+def read_format_folder(path, config_name: str, weights_name: str, fmt: str, version: int,
+                       what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config JSON, tensors) of a folder in one of leantune's own formats (a bottleneck adapter, a QST side
+    network, a sparse diff): both files present, the JSON valid, its `format` and `format_version` this
+    format's; `what` names the kind of folder in the errors. The tensors load on the CPU."""
+    path = Path(path)
+    config_path, weights_path = path / config_name, path / weights_name
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{path} is not a {what} folder: it needs {config_name} and {weights_name}")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or meta.get("format_version") != version:
+        raise ValueError(f"{config_path}: expected format {fmt!r} version {version}")
+    return meta, load_file(str(weights_path), device="cpu")
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..fields import opt
@@ -333,21 +332,15 @@ def save_bottleneck(model: nn.Module, out_dir, adapter_name: str = "default",
 
 def read_bottleneck(path) -> tuple[BottleneckConfig, list[str], dict[str, torch.Tensor]]:
     """(config, module names, tensors) of a bottleneck adapter folder, checked for form."""
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{path} is not a bottleneck adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: expected format {FORMAT!r} version {FORMAT_VERSION}")
+    from .adapter_io import read_format_folder
+
+    meta, tensors = read_format_folder(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, "bottleneck adapter")
+    config_path = Path(path) / CONFIG_NAME
     try:
         cfg = BottleneckConfig(**meta["config"])
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"{config_path}: bad bottleneck config: {e}") from None
-    return cfg, list(meta.get("modules") or []), load_file(str(weights_path), device="cpu")
+    return cfg, list(meta.get("modules") or []), tensors
 
 
 def _check_tensors(model: nn.Module, adapter_name: str, modules: list[str], tensors: dict, path) -> None:

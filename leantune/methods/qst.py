@@ -408,23 +408,15 @@ def write_sidecar(model: nn.Module, out_dir: Path) -> None:
 
 def read_qst(path) -> tuple[QSTConfig, dict, dict[str, torch.Tensor]]:
     """(config, meta, side tensors) of a QST folder, checked for form."""
-    from safetensors.torch import load_file
+    from .adapter_io import read_format_folder
 
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{path} is not a QST adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: expected format {FORMAT!r} version {FORMAT_VERSION}")
+    meta, tensors = read_format_folder(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, "QST adapter")
+    config_path = Path(path) / CONFIG_NAME
     try:
         cfg = QSTConfig(**meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: bad QST config: {e}") from None
-    return cfg, meta, load_file(str(weights_path), device="cpu")
+    return cfg, meta, tensors
 
 
 def load_qst(model: nn.Module, path, adapter_name: str = "default", trainable: bool = False) -> QSTForCausalLM:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 FORMAT = "leantune-sparse-diff"
@@ -137,17 +136,10 @@ def is_sparse_diff_folder(path, method: str | None = None) -> bool:
 
 def read_sparse_diff(path) -> SparseDiff:
     """The SparseDiff saved in folder `path`, checked for form (not yet against a model)."""
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{path} is not a sparse-diff folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: expected format {FORMAT!r} version {FORMAT_VERSION}")
-    tensors = load_file(str(weights_path), device="cpu")
+    from .adapter_io import read_format_folder
+
+    meta, tensors = read_format_folder(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, "sparse-diff")
+    weights_path = Path(path) / WEIGHTS_NAME
     out = SparseDiff(shapes={k: tuple(v) for k, v in (meta.get("shapes") or {}).items()},
                      method=str(meta.get("method") or ""), config=dict(meta.get("config") or {}),
                      base_model_name_or_path=meta.get("base_model_name_or_path"))
