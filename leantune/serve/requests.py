@@ -26,6 +26,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int = 0  # 0: all tokens
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -36,6 +37,8 @@ class GenRequest:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: all tokens), got {self.top_k!r}")
         if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be up to 4 non-empty strings")
 
@@ -45,7 +48,8 @@ class RequestState:
 
     def __init__(self, req: GenRequest, adapter: str | None, sink: Callable[[dict], None], tokenizer):
         self.req, self.adapter, self.sink, self.tk = req, adapter, sink, tokenizer
-        self.gen = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
+        self.gen = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k)
         self.rng = None
         if req.seed is not None and req.temperature > 0:
             self.rng = torch.Generator().manual_seed(req.seed)

@@ -17,7 +17,8 @@ from .common import APIError, Context, install_error_handlers
 
 def build_app(engine, keys: list[str] | None = None, max_upload_bytes: int = 64 << 20,
               model_root: str = "") -> FastAPI:
-    app = FastAPI(title="leantune", docs_url=None, redoc_url=None)
+    # /docs (Swagger UI) and /openapi.json show the request models of serve.api.schemas; neither holds data
+    app = FastAPI(title="leantune", docs_url="/docs", redoc_url=None)
     app.state.leantune = Context(engine, list(keys or []), max_upload_bytes, model_root)
     install_error_handlers(app)
     for module in (models, completions, admin, files, fine_tuning):

@@ -11,19 +11,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..requests import GenRequest
-from .common import APIError, ctx, field, json_body, owner, run
+from .common import APIError, ctx, json_body, owner, run
+from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
 router = APIRouter()
 
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi(CompletionRequest))
 async def completions(request: Request):
     who, body = owner(request), await json_body(request)
+    req = parse(CompletionRequest, body)
     engine = ctx(request).engine
-    model_name = field(body, "model", str, required=True)
-    prompt = field(body, "prompt", (str, list), required=True)
+    prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -33,36 +34,41 @@ async def completions(request: Request):
     ids = engine.tk.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
         raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
-    greq = _sampling(body, ids, model_name, who, 16, engine.cfg.max_model_len, "prompt")
-    return await _generate(request, greq, "text", bool(body.get("stream")), _include_usage(body))
+    greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt")
+    return await _generate(request, greq, "text", bool(req.stream), _include_usage(req))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi(ChatCompletionRequest))
 async def chat(request: Request):
     who, body = owner(request), await json_body(request)
+    req = parse(ChatCompletionRequest, body)
     engine = ctx(request).engine
-    model_name = field(body, "model", str, required=True)
+    messages = _messages(req.messages)
+    gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
-        ids = engine.tk.encode_chat(_messages(body), add_generation_prompt=True)
+        ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    greq = _sampling(body, ids, model_name, who, 256, engine.cfg.max_model_len, "messages")
-    return await _generate(request, greq, "chat", bool(body.get("stream")), _include_usage(body))
+    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages")
+    return await _generate(request, greq, "chat", bool(req.stream), _include_usage(req))
 
 
-def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_max: int,
-              max_len: int, prompt_param: str) -> GenRequest:
-    stop = field(body, "stop", (str, list), [])
+def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: int,
+              prompt_param: str) -> GenRequest:
+    """The GenRequest of a parsed body; the values the schema's types cannot check are checked here."""
+    stop = req.stop if req.stop is not None else []
     stop = [stop] if isinstance(stop, str) else stop
-    if field(body, "n", int, 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    seed = field(body, "seed", int)
+    seed = req.seed
     if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
         raise APIError(400, f"seed must be a 64-bit integer, got {seed}", param="seed")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = field(body, key, int)
+    top_k = 0 if req.top_k is None or req.top_k == -1 else req.top_k  # vLLM: -1 and 0 both mean "all tokens"
+    if top_k < 0:
+        raise APIError(400, f"top_k must be -1, 0 or a positive integer, got {top_k}", param="top_k")
+    mct = getattr(req, "max_completion_tokens", None)
+    key = "max_completion_tokens" if mct is not None else "max_tokens"
+    max_tokens = mct if mct is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens}", param=key)
     room = max_len - len(prompt_ids)
@@ -74,10 +80,10 @@ def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_m
     if max_tokens is None:  # as vLLM: the default never asks for more than the context has room for
         max_tokens = min(default_max, room)
     try:
-        return GenRequest(prompt_ids, model, who, max_tokens=max_tokens,
-                          temperature=float(field(body, "temperature", (int, float), 1.0)),
-                          top_p=float(field(body, "top_p", (int, float), 1.0)), stop=stop,
-                          seed=seed, ignore_eos=bool(field(body, "ignore_eos", bool, False)))
+        return GenRequest(prompt_ids, req.model, who, max_tokens=max_tokens,
+                          temperature=1.0 if req.temperature is None else float(req.temperature),
+                          top_p=1.0 if req.top_p is None else float(req.top_p), stop=stop, seed=seed,
+                          ignore_eos=bool(req.ignore_eos), top_k=top_k)
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
 
@@ -85,16 +91,27 @@ def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_m
 def _param_of(message: str) -> str | None:
     """The request parameter a GenRequest error names (its message starts with it)."""
     first = message.split(" ", 1)[0]
-    return first if first in ("temperature", "top_p", "stop") else None
+    return first if first in ("temperature", "top_p", "top_k", "stop") else None
 
 
-def _messages(body: dict) -> list[dict]:
-    msgs = field(body, "messages", list, required=True)
+# message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
+# response's message back as history (`message.model_dump()`) carry them as null
+_MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
+
+
+def _messages(msgs: list) -> list[dict]:
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
                            param=f"messages[{i}].role")
+        for k, v in m.items():
+            if k in ("role", "content") or (k in _MESSAGE_UNREAD and v in (None, [], "")):
+                continue
+            unread = k in _MESSAGE_UNREAD
+            what = f"is not supported by leantune yet (got {v!r})" if unread else "is not a message field"
+            raise APIError(400, f"messages[{i}].{k} {what}", param=f"messages[{i}].{k}",
+                           code="unsupported_parameter" if unread else "unknown_parameter")
         content = m.get("content")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -165,9 +182,13 @@ async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
         engine.call(engine.abort, sid)
 
 
-def _include_usage(body: dict) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+def _include_usage(req) -> bool:
+    opts = req.stream_options or {}
+    for k, v in opts.items():  # OpenAI's include_obfuscation only pads chunks against side channels: harmless off
+        if k != "include_usage" and not (k == "include_obfuscation" and v is False):
+            raise APIError(400, f"stream_options.{k} is not supported by leantune yet", param=f"stream_options.{k}",
+                           code="unsupported_parameter")
+    return bool(opts.get("include_usage"))
 
 
 def _obj(kind: str, chunk: bool) -> str:

@@ -1,0 +1,134 @@
+"""What real clients send to `leantune serve` (recipe tier, tiny model, one server with an API key, driven by the
+official `openai` client and raw HTTP): request bodies checked field by field against OpenAI's and vLLM's
+field lists (serve/api/schemas.py), an unknown or unsupported field refused in OpenAI's error shape naming it,
+neutral values and supported extras accepted."""
+import pytest
+
+from serve_util import Server, http
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test"
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tiny_folder import make_tiny_model_folder
+
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", initializer_range=0.15)
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    srv = Server(folder, tmp_path_factory.mktemp("surface") / "data", key=KEY).start()
+    yield srv
+    srv.stop()
+
+
+def _refused(fn, param: str, *words: str, code: str | None = None) -> dict:
+    """fn() is a 400 in OpenAI's error shape naming `param`."""
+    with pytest.raises(openai.BadRequestError) as info:
+        fn()
+    body = info.value.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    for w in words:
+        assert w.lower() in err["message"].lower(), (w, err)
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def _chat(c, **kw):
+    return lambda: c.chat.completions.create(model="model", messages=MSG, max_tokens=6, temperature=0, **kw)
+
+
+def _comp(c, **kw):
+    return lambda: c.completions.create(model="model", prompt="The quick brown", max_tokens=6, temperature=0, **kw)
+
+
+def test_unknown_field_is_400_naming_it(server):
+    c = server.client()
+    for call in (_chat, _comp):
+        err = _refused(call(c, extra_body={"temprature": 0.5}), "temprature",
+                       "Unrecognized request argument supplied: temprature", code="unknown_parameter")
+        assert err["message"] == "Unrecognized request argument supplied: temprature"
+
+
+UNSUPPORTED_CHAT = {
+    "logprobs": {"logprobs": True}, "top_logprobs": {"logprobs": False, "top_logprobs": 3},
+    "response_format": {"response_format": {"type": "json_object"}},
+    "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+    "presence_penalty": {"presence_penalty": 0.5}, "frequency_penalty": {"frequency_penalty": -0.5},
+    "logit_bias": {"logit_bias": {"5": 10}}, "n": {"n": 2}, "store": {"store": True},
+    "min_p": {"extra_body": {"min_p": 0.1}}, "repetition_penalty": {"extra_body": {"repetition_penalty": 1.2}},
+}
+UNSUPPORTED_COMPLETIONS = {"logprobs": {"logprobs": 1}, "echo": {"echo": True}, "best_of": {"best_of": 2},
+                           "suffix": {"suffix": "end"}}
+
+
+@pytest.mark.parametrize("param", list(UNSUPPORTED_CHAT))
+def test_unsupported_chat_field_is_400_naming_it(server, param):
+    _refused(_chat(server.client(), **UNSUPPORTED_CHAT[param]), param, param, "not supported by leantune",
+             code="unsupported_parameter")
+
+
+@pytest.mark.parametrize("param", list(UNSUPPORTED_COMPLETIONS))
+def test_unsupported_completions_field_is_400_naming_it(server, param):
+    _refused(_comp(server.client(), **UNSUPPORTED_COMPLETIONS[param]), param, param, "not supported by leantune",
+             code="unsupported_parameter")
+
+
+def test_wrong_types_and_message_fields_are_400(server):
+    c = server.client()
+    _refused(_chat(c, extra_body={"temperature": "0.5"}), "temperature", "wrong type", code="invalid_type")
+    _refused(_chat(c, extra_body={"ignore_eos": 1}), "ignore_eos", "wrong type", code="invalid_type")
+    _refused(_chat(c, stream_options={"include_usage": True, "continuous_usage_stats": True}),
+             "stream_options.continuous_usage_stats", "not supported")
+    named = [{"role": "user", "content": "hello", "name": "bob"}]
+    _refused(lambda: c.chat.completions.create(model="model", messages=named, max_tokens=2),
+             "messages[0].name", "not supported")
+    odd = [{"role": "user", "content": "hello", "mood": "happy"}]
+    _refused(lambda: c.chat.completions.create(model="model", messages=odd, max_tokens=2),
+             "messages[0].mood", "not a message field")
+
+
+def test_neutral_values_and_supported_extras_are_served(server):
+    """The defaults LangChain-style clients send on every call change nothing; top_k=1 is greedy."""
+    c = server.client()
+    plain = _chat(c)().choices[0].message.content
+    neutral = _chat(c, n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="u1",
+                    parallel_tool_calls=True, service_tier="auto", stream=False,
+                    extra_body={"min_p": 0, "repetition_penalty": 1, "top_k": -1, "skip_special_tokens": True})()
+    assert neutral.choices[0].message.content == plain
+    # top_k=1 leaves only the likeliest token, so sampling at temperature 1 gives the greedy text
+    topk = c.chat.completions.create(model="model", messages=MSG, max_tokens=6, temperature=1.0, seed=3,
+                                     extra_body={"top_k": 1})
+    assert topk.choices[0].message.content == plain
+    wide = [c.chat.completions.create(model="model", messages=MSG, max_tokens=6, temperature=2.0, seed=s,
+                                      extra_body={"top_k": 0}).choices[0].message.content for s in range(4)]
+    assert any(w != plain for w in wide)  # without top_k the same sampling leaves the greedy path
+    _refused(_chat(c, extra_body={"top_k": -2}), "top_k", "top_k")
+    # an assistant message sent back as the client got it (null fields of the response object) is history
+    r = _chat(c)()
+    history = MSG + [r.choices[0].message.model_dump(), {"role": "user", "content": "again"}]
+    again = c.chat.completions.create(model="model", messages=history, max_tokens=2, temperature=0)
+    assert again.usage.completion_tokens >= 1
+    comp = _comp(c, n=1, echo=False, best_of=1, presence_penalty=0)()
+    assert comp.choices[0].text == _comp(c)().choices[0].text
+
+
+def test_openapi_schema_lists_the_request_fields(server):
+    root = server.base_url[:-3]
+    status, text = http("GET", f"{root}/openapi.json")
+    assert status == 200
+    import json
+
+    paths = json.loads(text)["paths"]
+    chat = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    comp = paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages", "max_completion_tokens", "logprobs", "tools", "top_k"} <= set(chat["properties"])
+    assert {"model", "prompt", "echo", "best_of", "suffix"} <= set(comp["properties"])
+    assert chat["additionalProperties"] is False and set(chat["required"]) == {"model", "messages"}
+    assert http("GET", f"{root}/docs")[0] == 200
