@@ -20,7 +20,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-    srv = Server(folder, tmp_path_factory.mktemp("surface") / "data", key=KEY).start()
+    srv = Server(folder, tmp_path_factory.mktemp("surface") / "data", "--api-key", KEY, key=KEY).start()
     yield srv
     srv.stop()
 
@@ -132,3 +132,74 @@ def test_openapi_schema_lists_the_request_fields(server):
     assert {"model", "prompt", "echo", "best_of", "suffix"} <= set(comp["properties"])
     assert chat["additionalProperties"] is False and set(chat["required"]) == {"model", "messages"}
     assert http("GET", f"{root}/docs")[0] == 200
+
+
+# ---- /health, /v1/models/{id}, /tokenize, /detokenize -------------------------------------------------------
+def _post(server, path, body, key=KEY):
+    import json
+
+    status, text = http("POST", server.base_url[:-3] + path, body,
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
+    return status, json.loads(text) if text else None
+
+
+def test_health_answers_without_a_key_and_nothing_else_does(server):
+    root = server.base_url[:-3]
+    assert http("GET", f"{root}/health")[0] == 200  # load balancers and probes send no key
+    assert http("GET", f"{root}/health", headers={"Authorization": "Bearer wrong"})[0] == 200
+    for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/model"), ("GET", "/metrics"),
+                         ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/completions")):
+        status, text = http(method, root + path, {} if method == "POST" else None)
+        assert status == 401 and "API key" in text, (path, status, text)
+
+
+def test_retrieve_model_both_ways(server):
+    c = server.client()
+    m = c.models.retrieve("model")
+    assert m.id == "model" and m.object == "model" and m.owned_by == "leantune" and m.created > 0
+    with pytest.raises(openai.NotFoundError) as info:
+        c.models.retrieve("no-such-model")
+    err = info.value.response.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "no-such-model" in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_tokenize_detokenize_round_trip_equals_the_tokenizer(server, folder):
+    import leantune
+
+    _, tk = leantune.load(folder)
+    text = "The quick brown fox, 42 times!"
+    status, out = _post(server, "/tokenize", {"model": "model", "prompt": text, "return_token_strs": True})
+    assert status == 200, out
+    assert out["tokens"] == tk.encode(text) and out["count"] == len(out["tokens"]) and out["max_model_len"] == 2048
+    assert out["token_strs"] == [tk.tk.id_to_token(i) for i in out["tokens"]]
+    status, plain = _post(server, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert status == 200, plain
+    assert plain["tokens"] == tk.encode(text, add_special_tokens=False) and plain["token_strs"] is None
+    r = server.client().completions.create(model="model", prompt=text, max_tokens=1,
+                                           extra_body={"add_special_tokens": False})
+    assert r.usage.prompt_tokens == plain["count"]
+    status, back = _post(server, "/detokenize", {"model": "model", "tokens": out["tokens"]})
+    assert status == 200 and back["prompt"] == tk.decode(out["tokens"], skip_special_tokens=False)
+    assert back["prompt"].endswith(text)
+    # chat messages count exactly as a chat completion's prompt tokens
+    status, chat = _post(server, "/tokenize", {"model": "model", "messages": MSG})
+    assert status == 200 and chat["tokens"] == tk.encode_chat(MSG, add_generation_prompt=True)
+    r = server.client().chat.completions.create(model="model", messages=MSG, max_tokens=1)
+    assert chat["count"] == r.usage.prompt_tokens
+
+
+def test_tokenize_bad_requests(server):
+    def err(path, body, status=400):
+        s, out = _post(server, path, body)
+        assert s == status and set(out["error"]) == {"message", "type", "param", "code"}, out
+        return out["error"]
+
+    assert err("/tokenize", {"prompt": "hi", "messages": MSG})["param"] == "prompt"
+    assert err("/tokenize", {})["param"] == "prompt"
+    assert err("/tokenize", {"prompt": "hi", "lang": "en"})["code"] == "unknown_parameter"
+    assert err("/tokenize", {"messages": MSG, "tools": [{"type": "function"}]})["param"] == "tools"
+    assert err("/tokenize", {"model": "nope", "prompt": "hi"}, 404)["code"] == "model_not_found"
+    assert err("/detokenize", {"tokens": [1, 10 ** 7]})["param"] == "tokens"
+    assert err("/detokenize", {"tokens": "1 2"})["code"] == "invalid_type"
+    assert err("/detokenize", {"model": "model"})["code"] == "missing_required_parameter"

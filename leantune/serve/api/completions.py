@@ -31,7 +31,7 @@ async def completions(request: Request):
         elif not (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise APIError(400, "prompt must be a string, a list of one string, or a list of token ids",
                            param="prompt")
-    ids = engine.tk.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = engine.tk.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else list(prompt)
     if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
         raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
     greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt")
@@ -43,7 +43,10 @@ async def chat(request: Request):
     who, body = owner(request), await json_body(request)
     req = parse(ChatCompletionRequest, body)
     engine = ctx(request).engine
-    messages = _messages(req.messages)
+    if req.add_special_tokens:  # the chat template writes the special tokens itself
+        raise APIError(400, "'add_special_tokens' true is not supported for chat (the chat template adds the "
+                            "special tokens)", param="add_special_tokens", code="unsupported_parameter")
+    messages = chat_messages(req.messages)
     gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
         ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
@@ -99,7 +102,7 @@ def _param_of(message: str) -> str | None:
 _MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
 
 
-def _messages(msgs: list) -> list[dict]:
+def chat_messages(msgs: list) -> list[dict]:
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):

@@ -76,7 +76,9 @@ class _Body(BaseModel):
     request_id: str | None = Field(None, description="vLLM; not supported yet")
     return_tokens_as_token_ids: bool | None = Field(None, description="vLLM; not supported yet (only false)")
     logits_processors: list[Any] | None = Field(None, description="vLLM; not supported")
-    add_special_tokens: bool | None = Field(None, description="vLLM; not supported yet")
+    add_special_tokens: bool | None = Field(None, description="vLLM: completions: add BOS etc. to a text prompt "
+                                                              "(default true); chat: the template adds them, so "
+                                                              "only false")
 
 
 class CompletionRequest(_Body):
@@ -135,7 +137,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (), "prompt_logprobs": (),
     "allowed_token_ids": (), "bad_words": ([],), "guided_json": (), "guided_regex": (), "guided_choice": (),
     "guided_grammar": (), "structured_outputs": (), "priority": (0,), "request_id": (),
-    "return_tokens_as_token_ids": (False,), "logits_processors": ([],), "add_special_tokens": (),
+    "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
     "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],),
 }
 
