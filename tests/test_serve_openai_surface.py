@@ -57,14 +57,13 @@ def test_unknown_field_is_400_naming_it(server):
 
 
 UNSUPPORTED_CHAT = {
-    "logprobs": {"logprobs": True}, "top_logprobs": {"logprobs": False, "top_logprobs": 3},
     "response_format": {"response_format": {"type": "json_object"}},
     "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
     "presence_penalty": {"presence_penalty": 0.5}, "frequency_penalty": {"frequency_penalty": -0.5},
     "logit_bias": {"logit_bias": {"5": 10}}, "n": {"n": 2}, "store": {"store": True},
     "min_p": {"extra_body": {"min_p": 0.1}}, "repetition_penalty": {"extra_body": {"repetition_penalty": 1.2}},
 }
-UNSUPPORTED_COMPLETIONS = {"logprobs": {"logprobs": 1}, "echo": {"echo": True}, "best_of": {"best_of": 2},
+UNSUPPORTED_COMPLETIONS = {"echo": {"echo": True}, "best_of": {"best_of": 2},
                            "suffix": {"suffix": "end"}}
 
 
@@ -203,3 +202,76 @@ def test_tokenize_bad_requests(server):
     assert err("/detokenize", {"tokens": [1, 10 ** 7]})["param"] == "tokens"
     assert err("/detokenize", {"tokens": "1 2"})["code"] == "invalid_type"
     assert err("/detokenize", {"model": "model"})["code"] == "missing_required_parameter"
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------------
+def _greedy_direct(folder, prompt_ids, n):
+    """(token, log-softmax row) of n greedy steps of the model itself, outside the server."""
+    import leantune
+    import torch
+
+    model, tk = leantune.load(folder)
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+            tok = int(lp.argmax())
+            out.append((tok, lp))
+            ids.append(tok)
+    return out, tk
+
+
+def test_chat_logprobs_equal_the_models_log_softmax(server, folder):
+    import leantune
+
+    c = server.client()
+    _, tk = leantune.load(folder)
+    direct, tk = _greedy_direct(folder, tk.encode_chat(MSG, add_generation_prompt=True), 6)
+    kw = dict(model="model", messages=MSG, max_tokens=6, logprobs=True, top_logprobs=3,
+              extra_body={"ignore_eos": True})
+    r = c.chat.completions.create(temperature=0, **kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for e, (tok, lp) in zip(content, direct):
+        assert e.token == tk.decode([tok], skip_special_tokens=False) and e.bytes == list(e.token.encode())
+        assert e.logprob == pytest.approx(float(lp[tok]), abs=1e-4)
+        top = lp.topk(3)
+        assert [t.token for t in e.top_logprobs] == [tk.decode([i], skip_special_tokens=False)
+                                                     for i in top.indices.tolist()]
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # the model's distribution, not the sampling one: temperature 1.5 with top_k=1 walks the same greedy path
+    hot = c.chat.completions.create(temperature=1.5, seed=1, **{**kw, "extra_body": {"ignore_eos": True, "top_k": 1}})
+    assert [e.logprob for e in hot.choices[0].logprobs.content] == pytest.approx([e.logprob for e in content],
+                                                                                 abs=1e-5)
+    chunks = list(c.chat.completions.create(temperature=0, stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = c.chat.completions.create(model="model", messages=MSG, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    _refused(_chat(c, top_logprobs=3), "top_logprobs", "logprobs")
+    _refused(_chat(c, logprobs=True, top_logprobs=21), "top_logprobs", "0..20")
+
+
+def test_completion_logprobs_equal_the_models_log_softmax(server, folder):
+    import leantune
+
+    c = server.client()
+    _, tk = leantune.load(folder)
+    prompt = "The quick brown"
+    direct, tk = _greedy_direct(folder, tk.encode(prompt), 5)
+    kw = dict(model="model", prompt=prompt, max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    lps = c.completions.create(**kw).choices[0].logprobs
+    assert lps.tokens == [tk.decode([t], skip_special_tokens=False) for t, _ in direct]
+    assert lps.token_logprobs == pytest.approx([float(lp[t]) for t, lp in direct], abs=1e-4)
+    for top, (_, lp) in zip(lps.top_logprobs, direct):
+        best, want = lp.topk(2), {}
+        for i, v in zip(best.indices.tolist(), best.values.tolist()):  # keyed by text: the likeliest of equals
+            want.setdefault(tk.decode([i], skip_special_tokens=False), v)
+        assert list(top) == list(want) and list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert lps.text_offset == [sum(len(t) for t in lps.tokens[:i]) for i in range(5)]
+    chunks = list(c.completions.create(stream=True, **kw))
+    got = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for g in got for t in g.tokens] == lps.tokens
+    assert [o for g in got for o in g.text_offset] == lps.text_offset
+    _refused(_comp(c, logprobs=21), "logprobs", "0..20")

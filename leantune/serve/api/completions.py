@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..requests import GenRequest
+from . import logprobs as lp_shapes
 from .common import APIError, ctx, json_body, owner, run
 from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
@@ -34,7 +35,7 @@ async def completions(request: Request):
     ids = engine.tk.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else list(prompt)
     if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
         raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
-    greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt")
+    greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs)
     return await _generate(request, greq, "text", bool(req.stream), _include_usage(req))
 
 
@@ -54,12 +55,24 @@ async def chat(request: Request):
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages")
+    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req))
     return await _generate(request, greq, "chat", bool(req.stream), _include_usage(req))
 
 
+def _chat_logprobs(req) -> int | None:
+    """How many top tokens per position a chat request wants logprobs of (None: no logprobs)."""
+    k = req.top_logprobs
+    if k is not None and not 0 <= k <= 20:
+        raise APIError(400, f"top_logprobs must be an integer in 0..20, got {k}", param="top_logprobs")
+    if not req.logprobs:
+        if k:  # as OpenAI: top_logprobs asks for something only with logprobs on
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return k or 0
+
+
 def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: int,
-              prompt_param: str) -> GenRequest:
+              prompt_param: str, logprobs: int | None) -> GenRequest:
     """The GenRequest of a parsed body; the values the schema's types cannot check are checked here."""
     stop = req.stop if req.stop is not None else []
     stop = [stop] if isinstance(stop, str) else stop
@@ -86,7 +99,7 @@ def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: i
         return GenRequest(prompt_ids, req.model, who, max_tokens=max_tokens,
                           temperature=1.0 if req.temperature is None else float(req.temperature),
                           top_p=1.0 if req.top_p is None else float(req.top_p), stop=stop, seed=seed,
-                          ignore_eos=bool(req.ignore_eos), top_k=top_k)
+                          ignore_eos=bool(req.ignore_eos), top_k=top_k, logprobs=logprobs)
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
 
@@ -94,7 +107,7 @@ def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: i
 def _param_of(message: str) -> str | None:
     """The request parameter a GenRequest error names (its message starts with it)."""
     first = message.split(" ", 1)[0]
-    return first if first in ("temperature", "top_p", "top_k", "stop") else None
+    return first if first in ("temperature", "top_p", "top_k", "stop", "logprobs") else None
 
 
 # message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
@@ -148,21 +161,27 @@ async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool,
     if stream:
         return StreamingResponse(_sse(engine, events, sid, rid, greq.model, kind, include_usage),
                                  media_type="text/event-stream")
-    text, last = [], None
+    text, records, last = [], [], None
     while True:
         ev = await events.get()
         if "error" in ev:
             raise APIError(500, ev["error"], type="server_error")
         text.append(ev["text"])
+        records += ev.get("logprobs", [])
         if ev["finish_reason"]:
             last = ev
             break
     engine.stats.complete(kind)
-    return _final(rid, greq.model, kind, "".join(text), last)
+    lps = None if greq.logprobs is None else _shape(engine.tk, kind, records, 0)
+    return _final(rid, greq.model, kind, "".join(text), last, lps)
+
+
+def _shape(tk, kind: str, records: list[dict], offset: int) -> dict:
+    return lp_shapes.chat(tk, records) if kind == "chat" else lp_shapes.completion(tk, records, offset)
 
 
 async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
-    created = int(time.time())
+    created, offset = int(time.time()), 0  # offset: the completion text's length so far (text_offset)
     try:
         if kind == "chat":
             yield _chunk(rid, model_name, kind, created, {"role": "assistant", "content": ""}, None)
@@ -173,7 +192,9 @@ async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
                 break
             if ev["text"] or ev["finish_reason"]:
                 delta = {"content": ev["text"]} if kind == "chat" else ev["text"]
-                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"])
+                lps = _shape(engine.tk, kind, ev["logprobs"], offset) if "logprobs" in ev else None
+                offset += len(ev["text"])
+                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"], lps)
             if ev["finish_reason"]:
                 if include_usage:
                     yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
@@ -205,18 +226,18 @@ def _usage(ev: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _chunk(rid, model_name, kind, created, delta, finish) -> str:
-    choice = {"index": 0, "finish_reason": finish}
+def _chunk(rid, model_name, kind, created, delta, finish, lps=None) -> str:
+    choice = {"index": 0, "finish_reason": finish, "logprobs": lps}
     if kind == "chat":
         choice["delta"] = delta
     else:
-        choice.update(text=delta, logprobs=None)
+        choice["text"] = delta
     return "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created, "model": model_name,
                                   "choices": [choice]}) + "\n\n"
 
 
-def _final(rid, model_name, kind, text, ev) -> dict:
-    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": None}
+def _final(rid, model_name, kind, text, ev, lps) -> dict:
+    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": lps}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:

@@ -8,7 +8,7 @@ Each field is one of three kinds:
 - accepted without effect on the output, as at OpenAI (`user`, `safety_identifier`, `prompt_cache_key`,
   `prompt_cache_retention`: identifiers for abuse monitoring and cache bucketing);
 - not supported yet (`UNSUPPORTED`): a 400 naming it, unless its value is the neutral one (null, or the value
-  that asks for nothing, e.g. `n: 1`, `logprobs: false`, `presence_penalty: 0`), because clients such as
+  that asks for nothing, e.g. `n: 1`, `echo: false`, `presence_penalty: 0`), because clients such as
   LangChain send those defaults on every call and they change nothing leantune would have to do.
 
 A field that neither OpenAI nor vLLM defines is a 400 "Unrecognized request argument supplied" (extra="forbid").
@@ -87,7 +87,8 @@ class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of one string, or a list of token ids (one prompt per request)")
     echo: bool | None = Field(None, description="not supported yet (only false)")
-    logprobs: int | None = Field(None, description="not supported yet")
+    logprobs: int | None = Field(None, description="0..20: each output token's log-probability (the model's "
+                                                   "log-softmax) and the k likeliest tokens' at its position")
     best_of: int | None = Field(None, description="not supported yet (only 1)")
     suffix: str | None = Field(None, description="not supported yet")
 
@@ -99,8 +100,9 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(None, description="as max_tokens (wins if both are given)")
     add_generation_prompt: bool | None = Field(None, description="vLLM: end the prompt with the assistant "
                                                                  "turn's opening (default true)")
-    logprobs: bool | None = Field(None, description="not supported yet (only false)")
-    top_logprobs: int | None = Field(None, description="not supported yet (only 0)")
+    logprobs: bool | None = Field(None, description="each output token's log-probability (the model's "
+                                                    "log-softmax of its logits)")
+    top_logprobs: int | None = Field(None, description="0..20 likeliest tokens per position, with logprobs")
     response_format: dict[str, Any] | None = Field(None, description='not supported yet (only {"type": "text"})')
     tools: list[Any] | None = Field(None, description="not supported yet (only [])")
     tool_choice: str | dict[str, Any] | None = Field(None, description='not supported yet (only "none")')
@@ -126,7 +128,7 @@ class ChatCompletionRequest(_Body):
 # field -> the values that ask for nothing (null always does): anything else is refused as not supported yet
 UNSUPPORTED: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-    "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",),
+    "echo": (False,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # only means something with tools, which are refused
     "functions": ([],), "function_call": ("none",), "store": (False,), "metadata": ({},),
@@ -160,7 +162,7 @@ def parse(model: type[_Body], body: dict) -> _Body:
 
 
 def _same(v, ok) -> bool:
-    # strict equality: True == 1 in Python, but logprobs=true is not logprobs=1's neutral value
+    # the neutral value's type too (True == 1 and 0 == False in Python); an int equal to a float neutral counts
     return type(v) is type(ok) and v == ok or (isinstance(v, float) and type(ok) is int and v == ok)
 
 
