@@ -187,7 +187,8 @@ ENDPOINTS = [("GET", "/v1/models"), ("GET", "/v1/models/model"), ("POST", "/v1/c
              ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs/ftjob-x"),
              ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/events"),
              ("GET", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"), ("POST", "/v1/load_lora_adapter"),
-             ("POST", "/v1/unload_lora_adapter"), ("GET", "/health"), ("GET", "/metrics")]
+             ("POST", "/v1/unload_lora_adapter"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+             ("GET", "/metrics")]  # /health needs no key (test_serve_openai_surface.py)
 BAD_AUTH = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer k1x"}, {"Authorization": "Basic k1"},
             {"Authorization": "Bearer"}, {"Authorization": "k1"}]
 

@@ -26,6 +26,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int = 0  # 0: all tokens
+    logprobs: int | None = None  # None: none; k: each output token's log-probability and the k likeliest's
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -36,6 +38,10 @@ class GenRequest:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: all tokens), got {self.top_k!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in 0..20 (top tokens per position), got {self.logprobs!r}")
         if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be up to 4 non-empty strings")
 
@@ -45,7 +51,8 @@ class RequestState:
 
     def __init__(self, req: GenRequest, adapter: str | None, sink: Callable[[dict], None], tokenizer):
         self.req, self.adapter, self.sink, self.tk = req, adapter, sink, tokenizer
-        self.gen = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
+        self.gen = GenerationConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k)
         self.rng = None
         if req.seed is not None and req.temperature > 0:
             self.rng = torch.Generator().manual_seed(req.seed)
@@ -53,14 +60,25 @@ class RequestState:
         self.sent = ""  # text already streamed
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # chars that may start a stop string
         self.done = False
+        self.lps: list[dict] = []  # logprobs of output tokens not yet sent with an event
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits (V,) -> next token id, with this request's settings and generator."""
-        return int(sample_next(logits[None], self.gen, self.rng)[0])
+        tok = int(sample_next(logits[None], self.gen, self.rng)[0])
+        if self.req.logprobs is not None:
+            # the model's own distribution (log-softmax of the raw logits), not the temperature/top-k/top-p one
+            # sampled from: what OpenAI and vLLM's default report
+            lp = torch.log_softmax(logits.float(), -1)
+            top = torch.topk(lp, self.req.logprobs) if self.req.logprobs else None
+            self.lps.append({"id": tok, "logprob": float(lp[tok]),
+                             "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
+        return tok
 
     def on_token(self, tok: int) -> str | None:
         """Record a sampled token; returns a finish reason ("stop") when the request must end here."""
         if tok in self.tk.eos_ids and not self.req.ignore_eos:
+            if self.lps:  # EOS is not output text: its logprob is not reported (as completion_tokens omits it)
+                self.lps.pop()
             return "stop"
         self.ids.append(tok)
         text = self.tk.decode(self.ids)
@@ -79,8 +97,11 @@ class RequestState:
         delta = upto[len(self.sent):]
         self.sent = upto
         if delta or finish:
-            self.sink({"text": delta, "finish_reason": finish, "prompt_tokens": len(self.req.prompt_ids),
-                       "completion_tokens": len(self.ids)})
+            ev = {"text": delta, "finish_reason": finish, "prompt_tokens": len(self.req.prompt_ids),
+                  "completion_tokens": len(self.ids)}
+            if self.req.logprobs is not None:  # the tokens sampled since the last event, text held back or not
+                ev["logprobs"], self.lps = self.lps, []
+            self.sink(ev)
 
     def finish(self, reason: str) -> None:
         """Flush held-back text (unless a stop string cut it) and send the final event."""

@@ -11,58 +11,80 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..requests import GenRequest
-from .common import APIError, ctx, field, json_body, owner, run
+from . import logprobs as lp_shapes
+from .common import APIError, ctx, json_body, owner, run
+from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
 router = APIRouter()
 
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi(CompletionRequest))
 async def completions(request: Request):
     who, body = owner(request), await json_body(request)
+    req = parse(CompletionRequest, body)
     engine = ctx(request).engine
-    model_name = field(body, "model", str, required=True)
-    prompt = field(body, "prompt", (str, list), required=True)
+    prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         elif not (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise APIError(400, "prompt must be a string, a list of one string, or a list of token ids",
                            param="prompt")
-    ids = engine.tk.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = engine.tk.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else list(prompt)
     if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
         raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
-    greq = _sampling(body, ids, model_name, who, 16, engine.cfg.max_model_len, "prompt")
-    return await _generate(request, greq, "text", bool(body.get("stream")), _include_usage(body))
+    greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs)
+    return await _generate(request, greq, "text", bool(req.stream), _include_usage(req))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi(ChatCompletionRequest))
 async def chat(request: Request):
     who, body = owner(request), await json_body(request)
+    req = parse(ChatCompletionRequest, body)
     engine = ctx(request).engine
-    model_name = field(body, "model", str, required=True)
+    if req.add_special_tokens:  # the chat template writes the special tokens itself
+        raise APIError(400, "'add_special_tokens' true is not supported for chat (the chat template adds the "
+                            "special tokens)", param="add_special_tokens", code="unsupported_parameter")
+    messages = chat_messages(req.messages)
+    gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
-        ids = engine.tk.encode_chat(_messages(body), add_generation_prompt=True)
+        ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    greq = _sampling(body, ids, model_name, who, 256, engine.cfg.max_model_len, "messages")
-    return await _generate(request, greq, "chat", bool(body.get("stream")), _include_usage(body))
+    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req))
+    return await _generate(request, greq, "chat", bool(req.stream), _include_usage(req))
 
 
-def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_max: int,
-              max_len: int, prompt_param: str) -> GenRequest:
-    stop = field(body, "stop", (str, list), [])
+def _chat_logprobs(req) -> int | None:
+    """How many top tokens per position a chat request wants logprobs of (None: no logprobs)."""
+    k = req.top_logprobs
+    if k is not None and not 0 <= k <= 20:
+        raise APIError(400, f"top_logprobs must be an integer in 0..20, got {k}", param="top_logprobs")
+    if not req.logprobs:
+        if k:  # as OpenAI: top_logprobs asks for something only with logprobs on
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return k or 0
+
+
+def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: int,
+              prompt_param: str, logprobs: int | None) -> GenRequest:
+    """The GenRequest of a parsed body; the values the schema's types cannot check are checked here."""
+    stop = req.stop if req.stop is not None else []
     stop = [stop] if isinstance(stop, str) else stop
-    if field(body, "n", int, 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    seed = field(body, "seed", int)
+    seed = req.seed
     if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
         raise APIError(400, f"seed must be a 64-bit integer, got {seed}", param="seed")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = field(body, key, int)
+    top_k = 0 if req.top_k is None or req.top_k == -1 else req.top_k  # vLLM: -1 and 0 both mean "all tokens"
+    if top_k < 0:
+        raise APIError(400, f"top_k must be -1, 0 or a positive integer, got {top_k}", param="top_k")
+    mct = getattr(req, "max_completion_tokens", None)
+    key = "max_completion_tokens" if mct is not None else "max_tokens"
+    max_tokens = mct if mct is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens}", param=key)
     room = max_len - len(prompt_ids)
@@ -74,10 +96,10 @@ def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_m
     if max_tokens is None:  # as vLLM: the default never asks for more than the context has room for
         max_tokens = min(default_max, room)
     try:
-        return GenRequest(prompt_ids, model, who, max_tokens=max_tokens,
-                          temperature=float(field(body, "temperature", (int, float), 1.0)),
-                          top_p=float(field(body, "top_p", (int, float), 1.0)), stop=stop,
-                          seed=seed, ignore_eos=bool(field(body, "ignore_eos", bool, False)))
+        return GenRequest(prompt_ids, req.model, who, max_tokens=max_tokens,
+                          temperature=1.0 if req.temperature is None else float(req.temperature),
+                          top_p=1.0 if req.top_p is None else float(req.top_p), stop=stop, seed=seed,
+                          ignore_eos=bool(req.ignore_eos), top_k=top_k, logprobs=logprobs)
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
 
@@ -85,16 +107,27 @@ def _sampling(body: dict, prompt_ids: list[int], model: str, who: str, default_m
 def _param_of(message: str) -> str | None:
     """The request parameter a GenRequest error names (its message starts with it)."""
     first = message.split(" ", 1)[0]
-    return first if first in ("temperature", "top_p", "stop") else None
+    return first if first in ("temperature", "top_p", "top_k", "stop", "logprobs") else None
 
 
-def _messages(body: dict) -> list[dict]:
-    msgs = field(body, "messages", list, required=True)
+# message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
+# response's message back as history (`message.model_dump()`) carry them as null
+_MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
+
+
+def chat_messages(msgs: list) -> list[dict]:
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
                            param=f"messages[{i}].role")
+        for k, v in m.items():
+            if k in ("role", "content") or (k in _MESSAGE_UNREAD and v in (None, [], "")):
+                continue
+            unread = k in _MESSAGE_UNREAD
+            what = f"is not supported by leantune yet (got {v!r})" if unread else "is not a message field"
+            raise APIError(400, f"messages[{i}].{k} {what}", param=f"messages[{i}].{k}",
+                           code="unsupported_parameter" if unread else "unknown_parameter")
         content = m.get("content")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -128,21 +161,27 @@ async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool,
     if stream:
         return StreamingResponse(_sse(engine, events, sid, rid, greq.model, kind, include_usage),
                                  media_type="text/event-stream")
-    text, last = [], None
+    text, records, last = [], [], None
     while True:
         ev = await events.get()
         if "error" in ev:
             raise APIError(500, ev["error"], type="server_error")
         text.append(ev["text"])
+        records += ev.get("logprobs", [])
         if ev["finish_reason"]:
             last = ev
             break
     engine.stats.complete(kind)
-    return _final(rid, greq.model, kind, "".join(text), last)
+    lps = None if greq.logprobs is None else _shape(engine.tk, kind, records, 0)
+    return _final(rid, greq.model, kind, "".join(text), last, lps)
+
+
+def _shape(tk, kind: str, records: list[dict], offset: int) -> dict:
+    return lp_shapes.chat(tk, records) if kind == "chat" else lp_shapes.completion(tk, records, offset)
 
 
 async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
-    created = int(time.time())
+    created, offset = int(time.time()), 0  # offset: the completion text's length so far (text_offset)
     try:
         if kind == "chat":
             yield _chunk(rid, model_name, kind, created, {"role": "assistant", "content": ""}, None)
@@ -153,7 +192,9 @@ async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
                 break
             if ev["text"] or ev["finish_reason"]:
                 delta = {"content": ev["text"]} if kind == "chat" else ev["text"]
-                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"])
+                lps = _shape(engine.tk, kind, ev["logprobs"], offset) if "logprobs" in ev else None
+                offset += len(ev["text"])
+                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"], lps)
             if ev["finish_reason"]:
                 if include_usage:
                     yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
@@ -165,9 +206,13 @@ async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
         engine.call(engine.abort, sid)
 
 
-def _include_usage(body: dict) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+def _include_usage(req) -> bool:
+    opts = req.stream_options or {}
+    for k, v in opts.items():  # OpenAI's include_obfuscation only pads chunks against side channels: harmless off
+        if k != "include_usage" and not (k == "include_obfuscation" and v is False):
+            raise APIError(400, f"stream_options.{k} is not supported by leantune yet", param=f"stream_options.{k}",
+                           code="unsupported_parameter")
+    return bool(opts.get("include_usage"))
 
 
 def _obj(kind: str, chunk: bool) -> str:
@@ -181,18 +226,18 @@ def _usage(ev: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _chunk(rid, model_name, kind, created, delta, finish) -> str:
-    choice = {"index": 0, "finish_reason": finish}
+def _chunk(rid, model_name, kind, created, delta, finish, lps=None) -> str:
+    choice = {"index": 0, "finish_reason": finish, "logprobs": lps}
     if kind == "chat":
         choice["delta"] = delta
     else:
-        choice.update(text=delta, logprobs=None)
+        choice["text"] = delta
     return "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created, "model": model_name,
                                   "choices": [choice]}) + "\n\n"
 
 
-def _final(rid, model_name, kind, text, ev) -> dict:
-    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": None}
+def _final(rid, model_name, kind, text, ev, lps) -> dict:
+    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": lps}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:

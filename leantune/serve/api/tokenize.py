@@ -1,0 +1,96 @@
+"""vLLM's `/tokenize` and `/detokenize`: the server's own tokenizer (and chat template) over HTTP, so a client
+counts prompt tokens exactly as a completion's `usage.prompt_tokens` will.
+
+Shapes as vLLM's (vllm/entrypoints/serve/tokenize/protocol.py): tokenize takes a `prompt` (with
+`add_special_tokens`, default true) or chat `messages` (with `add_generation_prompt`, default true) and answers
+`{"count", "max_model_len", "tokens", "token_strs"}`; detokenize takes `tokens` and answers `{"prompt"}`.
+`model`, when given, must be one the caller may use (adapters share the base model's tokenizer).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .common import APIError, ctx, json_body, owner, run
+from .completions import chat_messages
+from .schemas import openapi, parse
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer)")
+    prompt: str | None = Field(None, description="text to tokenize (give this or messages)")
+    messages: list[Any] | None = Field(None, description="chat messages, rendered by the chat template")
+    add_special_tokens: bool | None = Field(None, description="prompt: add BOS etc. (default true); messages: "
+                                                              "the template adds them, so only false")
+    add_generation_prompt: bool | None = Field(None, description="messages: end with the assistant turn's "
+                                                                 "opening (default true)")
+    return_token_strs: bool | None = Field(None, description="also answer each token's string")
+    continue_final_message: bool | None = Field(None, description="not supported yet (only false)")
+    chat_template: str | None = Field(None, description="not supported yet")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="not supported yet")
+    tools: list[Any] | None = Field(None, description="not supported yet")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer)")
+    tokens: list[int] = Field(description="token ids")
+
+
+async def _check_model(request: Request, model: str | None, who: str) -> None:
+    if model is None:
+        return
+    try:
+        await run(request, ctx(request).engine.resolve, model, who)
+    except KeyError:
+        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it",
+                       param="model", code="model_not_found") from None
+
+
+@router.post("/tokenize", openapi_extra=openapi(TokenizeRequest))
+async def tokenize(request: Request):
+    who, body = owner(request), await json_body(request)
+    req = parse(TokenizeRequest, body)
+    await _check_model(request, req.model, who)
+    engine = ctx(request).engine
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+    if req.prompt is not None:
+        if req.add_generation_prompt is not None:
+            raise APIError(400, "'add_generation_prompt' goes with 'messages', not 'prompt'",
+                           param="add_generation_prompt")
+        ids = engine.tk.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+    else:
+        if req.add_special_tokens:  # the chat template writes the special tokens itself
+            raise APIError(400, "'add_special_tokens' true is not supported with 'messages' (the chat template "
+                                "adds the special tokens)", param="add_special_tokens")
+        try:
+            ids = engine.tk.encode_chat(chat_messages(req.messages),
+                                        add_generation_prompt=req.add_generation_prompt is not False)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    strs = [engine.tk.tk.id_to_token(i) for i in ids] if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": engine.cfg.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize", openapi_extra=openapi(DetokenizeRequest))
+async def detokenize(request: Request):
+    who, body = owner(request), await json_body(request)
+    req = parse(DetokenizeRequest, body)
+    await _check_model(request, req.model, who)
+    engine = ctx(request).engine
+    vocab = engine.model.config.vocab_size
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"tokens holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
+    # as vLLM: special tokens are kept, so detokenize(tokenize(x)) gives back what was tokenized
+    return {"prompt": engine.tk.decode(req.tokens, skip_special_tokens=False)}
