@@ -8,12 +8,12 @@ dropout; sigmoid loss, the same beta, batch of pairs, optimizer steps, peak lr w
 warm-up, max length, seed; fp32 (bf16 matmuls are ~70x slower on CPUs without native bf16), the same threads.
 
 - leantune: `recipes.finetune.finetune(FinetuneConfig(objective="dpo", ...))`, its own path; the reference is
-  the model with its LoRA switched off, computed in each step (`train.dpo`).
+  the model with its LoRA switched off (`train.dpo`), its log-probs computed once before training
+  (`--dpo-precompute-ref`) or, with `--precompute off`, in each step.
 - TRL 1.16: `DPOTrainer` on the transformers model with a PEFT LoRA (reference = adapters disabled), with its
   best CPU settings: no gradient checkpointing (its default is on: slower, and leantune does not checkpoint
   here either), `use_cpu`, no padding-free (TRL 1.16 disables it and falls back to padding), and
-  `precompute_ref_log_probs` by default (`--trl-precompute off` leaves the reference in each step): the
-  reference pass then runs once before training.
+  `precompute_ref_log_probs` (`--precompute off` leaves the reference in each step on both sides).
 
 Each side runs in its own subprocess, so its peak RSS (VmHWM, as bench/methods.py reads it) is its own, load
 included; read before the held-out evaluation. Step time is the median of the optimizer steps after
@@ -111,7 +111,7 @@ def run_leantune(args) -> dict:
                             objective="dpo", beta=args.beta, method="lora", max_steps=args.steps,
                             batch_size=args.batch, max_length=args.max_length, lr=args.lr, schedule="linear",
                             warmup_steps=0, seed=args.seed, truncate=True, progress=False, eval_every=0,
-                            keep_checkpoints=1, dtype="fp32")
+                            keep_checkpoints=1, dtype="fp32", dpo_precompute_ref=args.precompute == "on")
     summary = ft.finetune(cfg)
     train_s = sum(fit_s)
     peak = peak_rss_mib()  # before the evaluation below loads a second copy
@@ -154,7 +154,7 @@ def run_trl(args) -> dict:
                     beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length, gradient_checkpointing=False,
                     use_cpu=True, bf16=False, report_to="none", save_strategy="no", eval_strategy="no",
                     logging_steps=1, seed=args.seed, disable_dropout=True, dataloader_num_workers=0,
-                    precompute_ref_log_probs=args.trl_precompute == "on")
+                    precompute_ref_log_probs=args.precompute == "on")
     peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["eval"],
                          processing_class=tok, peft_config=peft, callbacks=[Timer()])
@@ -190,8 +190,9 @@ def parse_args():
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trl-precompute", choices=("on", "off"), default="on",
-                   help="TRL's precompute_ref_log_probs (one reference pass before training)")
+    p.add_argument("--precompute", choices=("on", "off"), default="on",
+                   help="both sides compute the reference log-probs in one pass before training (TRL's "
+                        "precompute_ref_log_probs, leantune's --dpo-precompute-ref); off: in each step")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     for k in ("folder", "train-file", "eval-file", "out"):
         p.add_argument(f"--{k}", help=argparse.SUPPRESS)
@@ -225,14 +226,14 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", who, "--folder", str(tmp / "smollm2"), "--train-file",
                    files[0], "--eval-file", files[1], "--out", str(tmp / f"out_{who}")] + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "max_length",
-                                                                        "lr", "beta", "seed", "trl_precompute")]
+                                                                        "lr", "beta", "seed", "precompute")]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             res[who] = json.loads(out.strip().splitlines()[-1])
     lt, peer = res["leantune"], res["trl"]
     print(f"cpu: {cpu.describe()}")
     print(f"DPO (sigmoid, beta {args.beta}), SmolLM2-135M-Instruct fp32, LoRA r=8 all-linear, {args.steps} steps of "
           f"{args.batch} pairs, max length {args.max_length}, lr {args.lr} linear, {torch.get_num_threads()} "
-          f"threads; {lt['eval_pairs']} held-out pairs; TRL precompute_ref_log_probs {args.trl_precompute}")
+          f"threads; {lt['eval_pairs']} held-out pairs; reference precomputed on both sides: {args.precompute}")
     print(f"{'':<20}{'leantune':>12}{'TRL':>12}{'ratio':>8}")
     for key, label in ROWS:
         print(f"{label:<20}{lt[key]:>12.3f}{peer[key]:>12.3f}{lt[key] / peer[key]:>8.2f}")
@@ -242,7 +243,7 @@ def main() -> None:
               else float("nan")}
     print(json.dumps({"bench": "dpo", "cpu": cpu.as_dict(), "leantune": lt, "trl": peer, **ratios,
                       "threads": torch.get_num_threads(), "args": {k: getattr(args, k) for k in (
-                          "steps", "batch", "eval", "max_length", "lr", "beta", "seed", "trl_precompute")}}))
+                          "steps", "batch", "eval", "max_length", "lr", "beta", "seed", "precompute")}}))
 
 
 if __name__ == "__main__":

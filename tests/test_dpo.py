@@ -402,3 +402,18 @@ def test_sft_lr_sets_the_sft_phase_alone(folder, data, tmp_path, capsys):
             cli.run(["finetune", "--model", str(folder), "--data", str(data["pairs"]), "--output",
                      str(tmp_path / "bad"), *ARGS, *extra])
         assert not (tmp_path / "bad").exists()
+
+
+def test_precomputed_reference_gives_the_same_run(folder, data, tmp_path, capsys):
+    """--dpo-precompute-ref (TRL's precompute_ref_log_probs): the reference log-probs of the adapter-free model
+    computed once before training equal what the adapters-off forward gives in each step, so the losses are the
+    same run's, with one forward fewer per step."""
+    base = _run(folder, data["pairs"], tmp_path / "off", "--max-steps", "3")
+    assert "reference: the model with its adapters switched off" in capsys.readouterr().err
+    pre = _run(folder, data["pairs"], tmp_path / "pre", "--max-steps", "3", "--dpo-precompute-ref")
+    assert "log-probs of the starting model precomputed" in capsys.readouterr().err
+    assert [r["loss"] for r in pre] == pytest.approx([r["loss"] for r in base], abs=1e-5)
+    assert pre[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    with pytest.raises(ValueError, match="--dpo-precompute-ref is an option of --objective dpo"):
+        cli.run(["finetune", "--model", str(folder), "--data", str(data["sft"]), "--output", str(tmp_path / "x"),
+                 "--dpo-precompute-ref"])

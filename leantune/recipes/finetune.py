@@ -168,6 +168,7 @@ class FinetuneConfig(TrainConfig):
             # such a method's fit hook runs its own phases on the SFT loss
             (not (dpo and self.spec.fit is not None), f"--method {self.method} trains in phases of its own on the "
                                                        "SFT loss; it cannot train with --objective dpo"),
+            (dpo or not self.dpo_precompute_ref, "--dpo-precompute-ref is an option of --objective dpo"),
             (self.objective == "s3ft" or self.judge == "exact", "--judge chooses S3FT's targets; use it with "
                                                                  "--objective s3ft"),
             (self.s3ft_max_new_tokens >= 1, f"--s3ft-max-new-tokens must be >= 1, got {self.s3ft_max_new_tokens}"),

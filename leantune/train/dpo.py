@@ -262,12 +262,12 @@ def adapters_off_is_policy(model, probe: PairBatch) -> bool:
 def build_dpo(model, cfg, train: list, evals: list, trains_base: bool, snapshot: bool = False,
               log: Callable[[str], None] = print) -> DPOObjective:
     """The DPO objective for `model` as it is now (the start of preference training): its reference is the
-    adapters switched off where that is this model, else log-probs precomputed for every pair of `train` and
-    `evals`. trains_base: the method trains the base's own weights; snapshot: the model was already trained
+    adapters switched off where that is this model (unless `cfg.dpo_precompute_ref`), else log-probs
+    precomputed for every pair of `train` and `evals`. trains_base: the method trains the base's own weights; snapshot: the model was already trained
     (an SFT phase), so its adapters are not the identity: precompute."""
     probe = pair_batch(train[: cfg.batch_size])
-    off = not (trains_base or snapshot) and adapters_hold_all_trainable(model) and adapters_off_is_policy(model,
-                                                                                                           probe)
+    off = not (trains_base or snapshot or cfg.dpo_precompute_ref) and adapters_hold_all_trainable(model) \
+        and adapters_off_is_policy(model, probe)
     objective = DPOObjective(cfg.beta, cfg.dpo_loss, "adapters_off" if off else "precomputed")
     if off:
         log("DPO reference: the model with its adapters switched off")
