@@ -35,6 +35,17 @@ def load_classification_dataset(
                         "rows with text and label")
     names = _label_names(rows)
     index = {n: i for i, n in enumerate(names or [])}
+    out = [ClassificationExample(ids, index[data["label"]] if names else data["label"], row.n, row.source)
+           for row, data, ids in _fitted_texts(rows, tokenizer, max_length, on_too_long, path)]
+    if not out:
+        raise DataError(f"{path}: no examples left after fitting them into max_length={max_length}; "
+                        "raise --max-length")
+    return out, names
+
+
+def _fitted_texts(rows, tokenizer, max_length: int, on_too_long: str, path) -> list[tuple]:
+    """(row, data, token ids of its text) of the rows that fit `max_length`: a longer one is an error naming it,
+    cut, or dropped (`on_too_long`); the drops are reported once."""
     out, too_long = [], 0
     for row, data in rows:
         ids = tokenizer.encode(data["text"])
@@ -42,13 +53,9 @@ def load_classification_dataset(
         if fitted is None:
             too_long += 1
             continue
-        label = index[data["label"]] if names else data["label"]
-        out.append(ClassificationExample(fitted[0], label, row.n, row.source))
+        out.append((row, data, fitted[0]))
     warn_dropped(path, too_long, 0, max_length)
-    if not out:
-        raise DataError(f"{path}: no examples left after fitting them into max_length={max_length}; "
-                        "raise --max-length")
-    return out, names
+    return out
 
 
 def _label_names(rows) -> list[str] | None:
@@ -75,15 +82,7 @@ def load_unlabeled_texts(
                         "as {\"text\": ...} only, or add the labelled rows to --data")
     if fmt != "text":
         raise DataError(f"{path}: {what} needs rows of text only ({{\"text\": ...}}), its rows are {fmt} rows")
-    out, too_long = [], 0
-    for row, data in rows:
-        ids = tokenizer.encode(data["text"])
-        fitted = fit_length(ids, ids, max_length, on_too_long, row.where)
-        if fitted is None:
-            too_long += 1
-            continue
-        out.append(fitted[0])
-    warn_dropped(path, too_long, 0, max_length)
+    out = [ids for _, _, ids in _fitted_texts(rows, tokenizer, max_length, on_too_long, path)]
     if not out:
         raise DataError(f"{path}: no {what} rows left after fitting them into max_length={max_length}")
     return out

@@ -40,8 +40,7 @@ class SFTObjective:
         return count_loss_tokens(batch)
 
     def loss_sum(self, model, batch) -> tuple:
-        # batches are built on the CPU; the model may live on a GPU (--device cuda)
-        loss, n = lm_loss_sum(model, batch.to(model.head_module().weight.device))
+        loss, n = lm_loss_sum(model, batch)
         return loss, n, {}
 
     def evaluate(self, model, examples: list, cfg) -> float:

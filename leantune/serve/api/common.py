@@ -46,6 +46,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
+def model_not_found(model) -> APIError:
+    """OpenAI's 404 for a `model` that is neither the base nor an adapter this caller may use."""
+    return APIError(404, f"The model '{model}' does not exist or you do not have access to it", param="model",
+                    code="model_not_found")
+
+
 def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
 

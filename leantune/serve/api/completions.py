@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from ..requests import GenRequest
 from . import logprobs as lp_shapes
-from .common import APIError, ctx, json_body, owner, run
+from .common import APIError, ctx, json_body, model_not_found, owner, run
 from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
 router = APIRouter()
@@ -146,8 +146,7 @@ async def _submit(request: Request, greq: GenRequest, sink):
     try:
         return await run(request, ctx(request).engine.add_request, greq, sink)
     except KeyError:
-        raise APIError(404, f"The model '{greq.model}' does not exist or you do not have access to it",
-                       param="model", code="model_not_found") from None
+        raise model_not_found(greq.model) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
 

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import APIError, ctx, json_body, owner, run
+from .common import APIError, ctx, json_body, model_not_found, owner, run
 from .completions import chat_messages
 from .schemas import openapi, parse
 
@@ -50,8 +50,7 @@ async def _check_model(request: Request, model: str | None, who: str) -> None:
     try:
         await run(request, ctx(request).engine.resolve, model, who)
     except KeyError:
-        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it",
-                       param="model", code="model_not_found") from None
+        raise model_not_found(model) from None
 
 
 @router.post("/tokenize", openapi_extra=openapi(TokenizeRequest))
