@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ..models.generate import GenerationConfig, sample_next
+
+
+class LogitsProcessor(Protocol):
+    """Per-request, stateful: rewrites the next-token logits before sampling (penalties, logit_bias, a grammar's
+    mask) and hears every token the request accepts. One instance per generated sequence (`n` > 1 makes one per
+    choice), built by a factory in `GenRequest.processors`."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (V,) float -> (V,)
+        ...
+
+    def accept(self, tok: int) -> None:
+        ...
 
 
 @dataclass
@@ -28,6 +41,8 @@ class GenRequest:
     ignore_eos: bool = False
     top_k: int = 0  # 0: all tokens
     logprobs: int | None = None  # None: none; k: each output token's log-probability and the k likeliest's
+    # factories of this request's LogitsProcessors, applied in order (each sequence calls every factory once)
+    processors: list[Callable[[], LogitsProcessor]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -61,10 +76,16 @@ class RequestState:
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # chars that may start a stop string
         self.done = False
         self.lps: list[dict] = []  # logprobs of output tokens not yet sent with an event
+        self.processors = [make() for make in req.processors]
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits (V,) -> next token id, with this request's settings and generator."""
-        tok = int(sample_next(logits[None], self.gen, self.rng)[0])
+        shaped = logits
+        for p in self.processors:
+            shaped = p(shaped)
+        tok = int(sample_next(shaped[None], self.gen, self.rng)[0])
+        for p in self.processors:
+            p.accept(tok)
         if self.req.logprobs is not None:
             # the model's own distribution (log-softmax of the raw logits), not the temperature/top-k/top-p one
             # sampled from: what OpenAI and vLLM's default report
