@@ -6,9 +6,12 @@ p % block_size`. Tables only grow (`ensure`) until the sequence is freed, which 
 
 Pure Python, no torch: the model runner turns tables and slots into tensors.
 
-No prefix caching, on purpose: blocks are never shared between sequences nor kept after `free`. The
+No prefix caching, on purpose: blocks are never kept after `free` nor shared between requests. The
 engine relies on this: an adapter reloaded under the same name has new weights, and KV computed with
-the old weights must never be reused for it; without sharing, every sequence computes its own KV.
+the old weights must never be reused for it. The one sharing is `fork`: the sequences of one request
+(`n` > 1, `best_of`) share the full blocks of their common prompt, refcounted (vLLM's fork), computed once
+by the first sequence with the request's own adapter. Only full blocks are shared and the prompt's tail
+is recomputed by each fork, so no shared block is ever written again (no copy-on-write).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[str, list[int]] = {}
+        self._refs: dict[int, int] = {}  # block -> tables holding it (> 1 only for forked prompts)
 
     @property
     def num_free(self) -> int:
@@ -59,8 +63,27 @@ class BlockManager:
         if need > len(self._free):
             return False
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free.popleft() for _ in range(need))
+        for _ in range(need):
+            b = self._free.popleft()
+            self._refs[b] = 1
+            table.append(b)
         return True
+
+    def fork(self, parent: str, child: str, n_tokens: int) -> None:
+        """Give `child` (no table yet) `parent`'s blocks for positions [0, n_tokens), shared: `n_tokens` must be
+        a whole number of blocks, which the parent has filled and will not write again."""
+        if n_tokens % self.block_size or self.blocks_for_tokens(n_tokens) > len(self._tables.get(parent, ())):
+            raise ValueError(f"fork shares whole blocks the parent {parent!r} holds; {n_tokens} tokens are not")
+        if self._tables.get(child):
+            raise ValueError(f"sequence {child!r} already owns blocks; a fork starts a new table")
+        shared = self._tables[parent][: n_tokens // self.block_size] if n_tokens else []
+        for b in shared:
+            self._refs[b] += 1
+        self._tables[child] = list(shared)
+
+    def refcount(self, block: int) -> int:
+        """Tables holding `block` (0: free)."""
+        return self._refs.get(block, 0)
 
     def block_table(self, seq_id: str) -> list[int]:
         """A copy of `seq_id`'s block table ([] for an unknown sequence)."""
@@ -77,8 +100,13 @@ class BlockManager:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def free(self, seq_id: str) -> None:
-        """Return all of `seq_id`'s blocks to the free list. Freeing an unknown sequence does nothing."""
-        self._free.extend(self._tables.pop(seq_id, ()))
+        """Drop `seq_id`'s table; its blocks no other table holds return to the free list. Freeing an unknown
+        sequence does nothing."""
+        for b in self._tables.pop(seq_id, ()):
+            self._refs[b] -= 1
+            if not self._refs[b]:
+                del self._refs[b]
+                self._free.append(b)
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables

@@ -113,7 +113,9 @@ class Engine:
         self.sched = Scheduler(self.blocks, self.cfg.max_tokens_per_step, self.cfg.max_seqs, self.cfg.max_model_len)
         self.runner = ModelRunner(model, self.cfg.num_blocks, self.cfg.block_size)
         self.adapters: dict[str, AdapterEntry] = {}
-        self.reqs: dict[str, RequestState] = {}
+        self.reqs: dict[str, RequestState] = {}  # by sequence id: a request's id, then "<id>.<i>" for choice i
+        self.groups: dict[str, list[str]] = {}  # request id -> its sequences' ids
+        self._forks: dict[str, list[str]] = {}  # request id -> choices not forked yet from its first sequence
         self.stats = Stats()
         self.jobs = JobRunner(store, model, tokenizer, self.blocks, self.stats, self.load_adapter, base_name, self.cfg)
         self.admission = TimeShare(self.cfg.ft_time_share) if self.cfg.ft_time_share is not None else None
@@ -239,30 +241,50 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, req: GenRequest, sink: Callable[[dict], None]) -> str:
-        """Engine thread. Validate and queue a request; returns its id. KeyError: unknown model."""
+        """Engine thread. Validate and queue a request; returns its id. KeyError: unknown model.
+
+        Its `n` sequences (choice i is sequence i) share the prompt: the first prefills it, the others are forked
+        from it once it has (`Scheduler.fork`: they share its full KV blocks)."""
         entry = self.resolve(req.model, req.owner)
-        sid = f"req-{next(self._ids)}"
+        rid = f"req-{next(self._ids)}"
         slot = -1 if entry is None else adapter_slots(self.model)[entry.internal]
-        state = RequestState(req, entry, sink, self.tk)  # may raise: before anything is registered
-        self.sched.add(Sequence(sid, list(req.prompt_ids), req.max_tokens, slot))  # ValueError: too long
+        shared: list = []  # the prompt's logprob records, one list for all choices
+        states = [RequestState(req, entry, sink, self.tk, i, shared) for i in range(req.n)]  # may raise: before
+        sids = [rid] + [f"{rid}.{i}" for i in range(1, req.n)]  # anything is registered
+        # max_tokens 0 (prompt logprobs only) still runs the step that ends the prompt: its sample is dropped
+        self.sched.add(Sequence(rid, list(req.prompt_ids), max(req.max_tokens, 1), slot))  # ValueError: too long
         if entry is not None:
-            entry.refs += 1
-        self.reqs[sid] = state
+            entry.refs += req.n
+        self.reqs.update(zip(sids, states))
+        self.groups[rid] = sids
+        if req.n > 1:
+            self._forks[rid] = sids[1:]
         self.stats.requests += 1
         self.stats.prompt_tokens += len(req.prompt_ids)
-        return sid
+        return rid
 
-    def abort(self, sid: str) -> None:
-        """Engine thread. The client went away: free everything the request holds."""
-        if sid in self.reqs:
-            self.sched.abort(sid)
-            self._drop(sid, "abort")
+    def abort(self, rid: str) -> None:
+        """Engine thread. The client went away: free everything the request's sequences hold."""
+        for sid in self.groups.get(rid, ()):
+            if sid in self.reqs:
+                self.sched.abort(sid)
+                self._drop(sid, "abort")
 
     def _drop(self, sid: str, reason: str) -> None:
         st = self.reqs.pop(sid)
         self.sched.finish(sid, reason)
         st.finish(reason)
         self._release(st.adapter)
+        rid = sid.split(".")[0]
+        if not any(s in self.reqs for s in self.groups.get(rid, ())):  # the request's last sequence
+            self.groups.pop(rid, None)
+            self._forks.pop(rid, None)
+
+    def _fork(self, parent: Sequence) -> None:
+        """The step that ends `parent`'s prompt ran: queue its request's other choices, sharing its KV."""
+        for sid in self._forks.pop(parent.seq_id, ()):
+            if sid in self.reqs:
+                self.sched.fork(parent, Sequence(sid, list(parent.prompt), parent.max_new_tokens, parent.adapter_slot))
 
     # -- one iteration -----------------------------------------------------------------------------
     def iteration(self) -> bool:
@@ -285,7 +307,7 @@ class Engine:
         t0, c0, ft_steps = time.perf_counter(), self.clock(), self.jobs.backward_units
         res = self.runner.step(works)
         if inference:
-            self._after_inference(plan, res.logits)
+            self._after_inference(plan, res)
         if ft_work is not None:
             self._job_stage(self.jobs.forward_done, res.captures)
         b0 = b1 = 0.0
@@ -320,15 +342,22 @@ class Engine:
     def _work(self, c) -> Work:
         s = c.seq
         return Work(s.tokens[c.start:c.start + c.length], c.start, self.blocks.slots(s.seq_id, 0, c.start + c.length),
-                    adapter=s.adapter_slot, sample=c.sample)
+                    adapter=s.adapter_slot, sample=c.sample,
+                    all_logits=self.reqs[s.seq_id].wants_prompt_logits(c.start, c.length))
 
-    def _after_inference(self, plan, logits: torch.Tensor) -> None:
-        logits = logits.cpu()  # per-request generators live on the CPU (seeded sampling is device-independent)
+    def _after_inference(self, plan, res) -> None:
+        # per-request generators live on the CPU (seeded sampling is device-independent)
+        logits = res.logits.cpu() if res.logits is not None else None
+        rows = iter(res.row_logits or ())
         sampled, i = {}, 0
         for c in plan.chunks:
+            st = self.reqs[c.seq.seq_id]
+            if st.wants_prompt_logits(c.start, c.length):  # as `_work` asked (one chunk per sequence and step)
+                st.record_prompt(c.start, next(rows).cpu())
             if c.sample:
-                sampled[c.seq.seq_id] = self.reqs[c.seq.seq_id].sample(logits[i])
+                sampled[c.seq.seq_id] = st.sample(logits[i])
                 i += 1
+                self._fork(c.seq)  # before `update`, which frees a sequence that ends here
         self.sched.update(plan, sampled)
         self.stats.generated_tokens += len(sampled)
         for sid, tok in sampled.items():

@@ -152,6 +152,21 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id!r} needs {need} KV blocks but the cache has only "
                              f"{self.blocks.num_blocks}; lower max_new_tokens or give the cache more memory")
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Queue `child`, another sample from `parent`'s prompt (n > 1), sharing the KV of the prompt's full
+        blocks, which `parent` has computed (the engine forks once the step that ends parent's prefill ran). The child recomputes the prompt's tail (under a block; never all
+        of it, so it samples its own first token) and goes to the front of the queue: its request was
+        admitted already."""
+        if child.seq_id in self._live:
+            raise ValueError(f"sequence id {child.seq_id!r} is already queued or running; ids must be unique")
+        if child.prompt != parent.prompt or child.output or parent.status is not Status.RUNNING:
+            raise ValueError(f"fork {child.seq_id!r}: {parent.seq_id!r} is not running the same prompt")
+        shared = (len(child.prompt) - 1) // self.blocks.block_size * self.blocks.block_size
+        self.blocks.fork(parent.seq_id, child.seq_id, shared)
+        child.num_computed, child.status = shared, Status.WAITING
+        self.waiting.appendleft(child)
+        self._live[child.seq_id] = child
+
     def abort(self, seq_id: str) -> Sequence | None:
         """Drop a waiting or running sequence (client gone); returns it, or None if it is not live."""
         seq = self._live.get(seq_id)

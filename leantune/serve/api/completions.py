@@ -6,10 +6,13 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from .. import penalties
 from ..requests import GenRequest
 from . import logprobs as lp_shapes
 from .common import APIError, ctx, json_body, model_not_found, owner, run
@@ -25,18 +28,18 @@ async def completions(request: Request):
     who, body = owner(request), await json_body(request)
     req = parse(CompletionRequest, body)
     engine = ctx(request).engine
-    prompt = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif not (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            raise APIError(400, "prompt must be a string, a list of one string, or a list of token ids",
-                           param="prompt")
-    ids = engine.tk.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else list(prompt)
-    if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
-        raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
-    greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs)
-    return await _generate(request, greq, "text", bool(req.stream), _include_usage(req))
+    prompts = _prompts(req.prompt, engine, req.add_special_tokens is not False)
+    n, seqs = _choice_counts(req)
+    echo = bool(req.echo)
+    # echo + logprobs reports the prompt tokens' logprobs with the output's (OpenAI); prompt_logprobs is vLLM's own
+    # field; one record list serves both, with the longer top list
+    asked = [k for k in ((req.logprobs if echo else None), req.prompt_logprobs) if k is not None]
+    k_prompt = max(asked) if asked else None
+    greqs = [_sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs, n=seqs,
+                       prompt_logprobs=k_prompt, vocab=engine.model.config.vocab_size, eos=engine.tk.eos_ids)
+             for ids, _ in prompts]
+    view = _View("text", n, echo, [text for _, text in prompts], req.logprobs, req.prompt_logprobs)
+    return await _generate(request, greqs, view, bool(req.stream), _include_usage(req))
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi(ChatCompletionRequest))
@@ -55,8 +58,43 @@ async def chat(request: Request):
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req))
-    return await _generate(request, greq, "chat", bool(req.stream), _include_usage(req))
+    n, seqs = _choice_counts(req)
+    greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req), n=seqs,
+                     prompt_logprobs=req.prompt_logprobs, vocab=engine.model.config.vocab_size, eos=engine.tk.eos_ids)
+    view = _View("chat", n, False, [None], greq.logprobs, req.prompt_logprobs)
+    return await _generate(request, [greq], view, bool(req.stream), _include_usage(req))
+
+
+def _prompts(prompt, engine, add_special: bool) -> list[tuple[list[int], str | None]]:
+    """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) -> (ids, text) per prompt;
+    text is None for a prompt sent as ids."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        ids = engine.tk.encode(p, add_special) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, f"prompt {i} is empty: send at least one token", param="prompt")
+        if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
+            raise APIError(400, f"prompt {i} holds token ids outside the vocabulary", param="prompt")
+        out.append((ids, p if isinstance(p, str) else None))
+    return out
+
+
+def _choice_counts(req) -> tuple[int, int]:
+    """(n, sequences to sample): best_of samples best_of and returns the n with the highest cumulative logprob."""
+    n = 1 if req.n is None else req.n
+    best_of = getattr(req, "best_of", None)
+    seqs = n if best_of is None else best_of
+    if not 1 <= n <= 128:
+        raise APIError(400, f"n must be an integer in 1..128, got {n}", param="n")
+    if not n <= seqs <= 128:
+        raise APIError(400, f"best_of must be an integer in n..128 (n={n}), got {best_of}", param="best_of")
+    if seqs > n and req.stream:  # as OpenAI: the best ones are known only at the end
+        raise APIError(400, "best_of > n cannot be streamed; leave stream out or send best_of=n", param="best_of")
+    return n, seqs
 
 
 def _chat_logprobs(req) -> int | None:
@@ -71,8 +109,9 @@ def _chat_logprobs(req) -> int | None:
     return k or 0
 
 
-def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: int,
-              prompt_param: str, logprobs: int | None) -> GenRequest:
+def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: int, prompt_param: str,
+              logprobs: int | None, n: int = 1, prompt_logprobs: int | None = None, vocab: int = 0,
+              eos: frozenset | set = frozenset()) -> GenRequest:
     """The GenRequest of a parsed body; the values the schema's types cannot check are checked here."""
     stop = req.stop if req.stop is not None else []
     stop = [stop] if isinstance(stop, str) else stop
@@ -85,8 +124,10 @@ def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: i
     mct = getattr(req, "max_completion_tokens", None)
     key = "max_completion_tokens" if mct is not None else "max_tokens"
     max_tokens = mct if mct is not None else req.max_tokens
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"{key} must be an integer >= 1, got {max_tokens}", param=key)
+    least = 0 if prompt_logprobs is not None else 1  # 0: score the prompt only (echo or prompt_logprobs)
+    if max_tokens is not None and max_tokens < least:
+        raise APIError(400, f"{key} must be an integer >= 1 (0 only with echo and logprobs, or prompt_logprobs), "
+                            f"got {max_tokens}", param=key)
     room = max_len - len(prompt_ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
         asked = "" if max_tokens is None else f" + {key} {max_tokens}"
@@ -95,19 +136,66 @@ def _sampling(req, prompt_ids: list[int], who: str, default_max: int, max_len: i
                        param=prompt_param if max_tokens is None or room < 1 else key, code="context_length_exceeded")
     if max_tokens is None:  # as vLLM: the default never asks for more than the context has room for
         max_tokens = min(default_max, room)
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    stop_ids = _token_ids(req.stop_token_ids, vocab, "stop_token_ids")
     try:
-        return GenRequest(prompt_ids, req.model, who, max_tokens=max_tokens,
-                          temperature=1.0 if req.temperature is None else float(req.temperature),
+        return GenRequest(prompt_ids, req.model, who, max_tokens=max_tokens, temperature=temperature,
                           top_p=1.0 if req.top_p is None else float(req.top_p), stop=stop, seed=seed,
-                          ignore_eos=bool(req.ignore_eos), top_k=top_k, logprobs=logprobs)
+                          ignore_eos=bool(req.ignore_eos), top_k=top_k, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs, n=n, rank_by_logprob=n > (1 if req.n is None else req.n),
+                          stop_token_ids=stop_ids,
+                          processors=_processors(req, prompt_ids, vocab, temperature, set(stop_ids) | set(eos)))
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+
+def _token_ids(ids: list[int] | None, vocab: int, param: str) -> list[int]:
+    if ids and any(not 0 <= t < vocab for t in ids):
+        raise APIError(400, f"{param} holds token ids outside the vocabulary (0..{vocab - 1})", param=param)
+    return list(ids or [])
+
+
+def _processors(req, prompt_ids: list[int], vocab: int, temperature: float, end_ids: set[int]) -> list:
+    """LogitsProcessor factories (serve/penalties.py) for the penalties, logit_bias, min_tokens and min_p."""
+    out = []
+    pres, freq, rep = req.presence_penalty or 0.0, req.frequency_penalty or 0.0, req.repetition_penalty
+    for name, v, lo, hi in (("presence_penalty", pres, -2, 2), ("frequency_penalty", freq, -2, 2)):
+        if not lo <= v <= hi:
+            raise APIError(400, f"{name} must be between {lo} and {hi}, got {v}", param=name)
+    if rep is not None and not 0 < rep <= 10:  # vLLM's range: (0, inf); past 10 nothing differs but the sampling
+        raise APIError(400, f"repetition_penalty must be in (0, 10], got {rep}", param="repetition_penalty")
+    if pres or freq or rep not in (None, 1):
+        out.append(partial(penalties.Penalties, prompt_ids, vocab, pres, freq, 1.0 if rep is None else rep))
+    if req.logit_bias:
+        out.append(partial(penalties.LogitBias, _logit_bias(req.logit_bias, vocab), vocab))
+    if req.min_tokens:
+        if req.min_tokens < 0:
+            raise APIError(400, f"min_tokens must be >= 0, got {req.min_tokens}", param="min_tokens")
+        out.append(partial(penalties.MinTokens, req.min_tokens, end_ids))
+    if req.min_p:
+        if not 0 <= req.min_p <= 1:
+            raise APIError(400, f"min_p must be in [0, 1], got {req.min_p}", param="min_p")
+        if temperature > 0:  # greedy keeps the likeliest token, which min_p never drops
+            out.append(partial(penalties.MinP, req.min_p, temperature))
+    return out
+
+
+def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
+    """OpenAI's shape: token ids as strings -> a bias in [-100, 100]."""
+    out = {}
+    for k, v in bias.items():
+        if not (k.isdigit() and int(k) < vocab):
+            raise APIError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}, got {k!r}", param="logit_bias")
+        if not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {v} for {k}", param="logit_bias")
+        out[int(k)] = float(v)
+    return out
 
 
 def _param_of(message: str) -> str | None:
     """The request parameter a GenRequest error names (its message starts with it)."""
     first = message.split(" ", 1)[0]
-    return first if first in ("temperature", "top_p", "top_k", "stop", "logprobs") else None
+    return first if first in ("temperature", "top_p", "top_k", "stop", "logprobs", "prompt_logprobs", "n") else None
 
 
 # message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
@@ -142,67 +230,153 @@ def chat_messages(msgs: list) -> list[dict]:
     return out
 
 
-async def _submit(request: Request, greq: GenRequest, sink):
+@dataclass
+class _View:
+    """How a request's events become choices: endpoint kind, choices per prompt, echo and what logprobs to show."""
+
+    kind: str  # "text" or "chat"
+    n: int  # choices per prompt returned
+    echo: bool
+    texts: list[str | None]  # each prompt as sent (None: as token ids; echo decodes them)
+    logprobs: int | None  # top tokens per position in `logprobs` (None: no logprobs)
+    prompt_logprobs: int | None  # vLLM's prompt_logprobs (None: not asked)
+
+
+async def _submit(request: Request, greqs: list[GenRequest], sinks) -> list[str]:
+    """Queue every prompt's GenRequest; when one is refused, those queued before it are aborted."""
+    engine, rids = ctx(request).engine, []
     try:
-        return await run(request, ctx(request).engine.add_request, greq, sink)
-    except KeyError:
-        raise model_not_found(greq.model) from None
-    except ValueError as e:
+        for greq, sink in zip(greqs, sinks):
+            rids.append(await run(request, engine.add_request, greq, sink))
+    except (KeyError, ValueError) as e:
+        for rid in rids:
+            engine.call(engine.abort, rid)
+        if isinstance(e, KeyError):
+            raise model_not_found(greqs[0].model) from None
         raise APIError(400, str(e)) from None
+    return rids
 
 
-async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool, include_usage: bool):
+async def _generate(request: Request, greqs: list[GenRequest], view: _View, stream: bool, include_usage: bool):
     engine = ctx(request).engine
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    sid = await _submit(request, greq, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    # events come tagged with their prompt's number: choice index = prompt * n + the sequence's rank
+    rids = await _submit(request, greqs, [lambda ev, p=p: loop.call_soon_threadsafe(events.put_nowait, (p, ev))
+                                          for p in range(len(greqs))])
+    rid = ("chatcmpl-" if view.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     if stream:
-        return StreamingResponse(_sse(engine, events, sid, rid, greq.model, kind, include_usage),
+        return StreamingResponse(_sse(engine, events, rids, rid, greqs, view, include_usage),
                                  media_type="text/event-stream")
-    text, records, last = [], [], None
-    while True:
-        ev = await events.get()
-        if "error" in ev:
-            raise APIError(500, ev["error"], type="server_error")
-        text.append(ev["text"])
-        records += ev.get("logprobs", [])
-        if ev["finish_reason"]:
-            last = ev
-            break
-    engine.stats.complete(kind)
-    lps = None if greq.logprobs is None else _shape(engine.tk, kind, records, 0)
-    return _final(rid, greq.model, kind, "".join(text), last, lps)
+    seqs: dict[tuple[int, int], dict] = {}
+    left = sum(g.n for g in greqs)
+    try:
+        while left:
+            p, ev = await events.get()
+            if "error" in ev:
+                raise APIError(500, ev["error"], type="server_error")
+            s = seqs.setdefault((p, ev["index"]), {"text": [], "lps": [], "prompt": None})
+            s["text"].append(ev["text"])
+            s["lps"] += ev.get("logprobs", [])
+            s["prompt"] = ev.get("prompt_logprobs", s["prompt"])
+            if ev["finish_reason"]:
+                s["last"] = ev
+                left -= 1
+    finally:  # an error or a client gone: free whatever still runs
+        if left:
+            for r in rids:
+                engine.call(engine.abort, r)
+    engine.stats.complete(view.kind)
+    choices, plps = [], None
+    for p, g in enumerate(greqs):
+        ranked = [seqs[(p, i)] for i in range(g.n)]
+        if g.rank_by_logprob:  # best_of: the n with the highest cumulative logprob
+            ranked.sort(key=lambda s: -s["last"]["cumulative_logprob"])
+        for s in ranked[:view.n]:
+            choices.append(_choice(engine.tk, view, g, p, len(choices), s))
+        plps = ranked[0]["prompt"]
+    out = {"id": rid, "object": _obj(view.kind, False), "created": int(time.time()), "model": greqs[0].model,
+           "choices": choices, "usage": _usage(greqs, [s["last"] for s in seqs.values()])}
+    if view.kind == "chat" and view.prompt_logprobs is not None:  # vLLM: chat's prompt_logprobs are top-level
+        out["prompt_logprobs"] = lp_shapes.prompt_logprobs(engine.tk, greqs[0].prompt_ids, plps, view.prompt_logprobs)
+    return out
 
 
-def _shape(tk, kind: str, records: list[dict], offset: int) -> dict:
-    return lp_shapes.chat(tk, records) if kind == "chat" else lp_shapes.completion(tk, records, offset)
+def _echo_text(tk, view: _View, g: GenRequest, p: int) -> str:
+    text = view.texts[p]
+    return text if text is not None else tk.decode(g.prompt_ids, skip_special_tokens=False)
 
 
-async def _sse(engine, events, sid, rid, model_name, kind, include_usage):
-    created, offset = int(time.time()), 0  # offset: the completion text's length so far (text_offset)
+def _logprobs(tk, view: _View, g: GenRequest, records: list[dict], offset: int, prompt_records: list | None):
+    """A choice's (or chunk's) logprobs object; with echo, `prompt_records` (the prompt's, first chunk only) lead."""
+    if view.kind == "chat":
+        return lp_shapes.chat(tk, records)
+    if view.echo and prompt_records is not None:
+        return lp_shapes.completion(tk, records, offset, g.prompt_ids, prompt_records, view.logprobs)
+    return lp_shapes.completion(tk, records, offset)
+
+
+def _choice(tk, view: _View, g: GenRequest, p: int, index: int, s: dict) -> dict:
+    text = "".join(s["text"])
+    lps = None
+    if view.logprobs is not None:
+        lps = _logprobs(tk, view, g, s["lps"], 0, s["prompt"] if view.echo else None)
+    choice = {"index": index, "finish_reason": s["last"]["finish_reason"], "logprobs": lps}
+    if view.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = (_echo_text(tk, view, g, p) if view.echo else "") + text
+        if view.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = lp_shapes.prompt_logprobs(tk, g.prompt_ids, s["prompt"], view.prompt_logprobs)
+    return choice
+
+
+async def _sse(engine, events, rids, rid, greqs, view: _View, include_usage):
+    created = int(time.time())
+    offsets: dict[int, int] = {}  # choice index -> its text's length so far (text_offset)
+    finals, left = [], sum(g.n for g in greqs)
+    model_name, kind = greqs[0].model, view.kind
     try:
         if kind == "chat":
-            yield _chunk(rid, model_name, kind, created, {"role": "assistant", "content": ""}, None)
-        while True:
-            ev = await events.get()
+            for i in range(view.n):
+                yield _chunk(rid, model_name, kind, created, {"role": "assistant", "content": ""}, None, index=i)
+        while left:
+            p, ev = await events.get()
             if "error" in ev:
                 yield f"data: {json.dumps({'error': {'message': ev['error'], 'type': 'server_error'}})}\n\n"
                 break
-            if ev["text"] or ev["finish_reason"]:
-                delta = {"content": ev["text"]} if kind == "chat" else ev["text"]
-                lps = _shape(engine.tk, kind, ev["logprobs"], offset) if "logprobs" in ev else None
-                offset += len(ev["text"])
-                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"], lps)
+            g, index = greqs[p], p * view.n + ev["index"]
+            text, first = ev["text"], index not in offsets
+            if first and view.echo:  # the echoed prompt leads the choice's first chunk (vLLM)
+                text = _echo_text(engine.tk, view, g, p) + text
+            if text or ev["finish_reason"] or first:
+                delta = {"content": text} if kind == "chat" else text
+                lps = None
+                if "logprobs" in ev:
+                    lps = _logprobs(engine.tk, view, g, ev["logprobs"], offsets.get(index, 0),
+                                    ev.get("prompt_logprobs") if view.echo else None)
+                    offsets[index] = (lps["text_offset"][-1] + len(lps["tokens"][-1]) if kind == "text"
+                                      and lps["tokens"] else offsets.get(index, 0))
+                else:
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                extra = {}
+                if kind == "text" and view.prompt_logprobs is not None and "prompt_logprobs" in ev:
+                    extra["prompt_logprobs"] = lp_shapes.prompt_logprobs(engine.tk, g.prompt_ids,
+                                                                        ev["prompt_logprobs"], view.prompt_logprobs)
+                yield _chunk(rid, model_name, kind, created, delta, ev["finish_reason"], lps, index, extra)
             if ev["finish_reason"]:
-                if include_usage:
-                    yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
-                                                  "model": model_name, "choices": [], "usage": _usage(ev)}) + "\n\n"
-                break
-        yield "data: [DONE]\n\n"
-        engine.stats.complete(kind)
+                finals.append(ev)
+                left -= 1
+        if not left:
+            if include_usage:
+                yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
+                                              "model": model_name, "choices": [],
+                                              "usage": _usage(greqs, finals)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+            engine.stats.complete(kind)
     finally:  # the client went away mid-stream (or we are done): free the request's slots
-        engine.call(engine.abort, sid)
+        for r in rids:
+            engine.call(engine.abort, r)
 
 
 def _include_usage(req) -> bool:
@@ -220,26 +394,18 @@ def _obj(kind: str, chunk: bool) -> str:
     return "text_completion"
 
 
-def _usage(ev: dict) -> dict:
-    p, c = ev["prompt_tokens"], ev["completion_tokens"]
+def _usage(greqs: list[GenRequest], finals: list[dict]) -> dict:
+    """Each prompt once, and every sequence sampled (best_of's discarded ones too: they were generated)."""
+    p = sum(len(g.prompt_ids) for g in greqs)
+    c = sum(ev["completion_tokens"] for ev in finals)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _chunk(rid, model_name, kind, created, delta, finish, lps=None) -> str:
-    choice = {"index": 0, "finish_reason": finish, "logprobs": lps}
+def _chunk(rid, model_name, kind, created, delta, finish, lps=None, index=0, extra=None) -> str:
+    choice = {"index": index, "finish_reason": finish, "logprobs": lps, **(extra or {})}
     if kind == "chat":
         choice["delta"] = delta
     else:
         choice["text"] = delta
     return "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created, "model": model_name,
                                   "choices": [choice]}) + "\n\n"
-
-
-def _final(rid, model_name, kind, text, ev, lps) -> dict:
-    choice = {"index": 0, "finish_reason": ev["finish_reason"], "logprobs": lps}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {"id": rid, "object": _obj(kind, False), "created": int(time.time()), "model": model_name,
-            "choices": [choice], "usage": _usage(ev)}

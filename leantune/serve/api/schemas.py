@@ -8,8 +8,9 @@ Each field is one of three kinds:
 - accepted without effect on the output, as at OpenAI (`user`, `safety_identifier`, `prompt_cache_key`,
   `prompt_cache_retention`: identifiers for abuse monitoring and cache bucketing);
 - not supported yet (`UNSUPPORTED`): a 400 naming it, unless its value is the neutral one (null, or the value
-  that asks for nothing, e.g. `n: 1`, `echo: false`, `presence_penalty: 0`), because clients such as
-  LangChain send those defaults on every call and they change nothing leantune would have to do.
+  that asks for nothing, e.g. `tools: []`, `suffix: ""`), because clients such as
+  LangChain send those defaults on every call and they change nothing leantune would have to do. An endpoint
+  that reads one of them after all lists it in its `SUPPORTS` (completions' `echo`; vLLM's chat `echo` is not).
 
 A field that neither OpenAI nor vLLM defines is a 400 "Unrecognized request argument supplied" (extra="forbid").
 Models are strict (no "5" for 5, no true for 1) and flat (nested objects typed as dicts and checked by the
@@ -18,7 +19,7 @@ routes), so their JSON schema needs no $defs and goes into the OpenAPI document 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +30,7 @@ _NOT_YET = "is not supported by leantune yet"
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    SUPPORTS: ClassVar[frozenset] = frozenset()
 
     # -- supported, shared by both endpoints -----------------------------------------------------------
     model: str = Field(description="the base model's name or an adapter's (see /v1/models)")
@@ -46,25 +48,32 @@ class _Body(BaseModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
-    # -- OpenAI's, not supported yet: refused unless neutral (UNSUPPORTED) --------------------------------
-    n: int | None = Field(None, description="only 1")
-    presence_penalty: float | None = Field(None, description="not supported yet (only 0)")
-    frequency_penalty: float | None = Field(None, description="not supported yet (only 0)")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported yet (only {})")
+    n: int | None = Field(None, description="1..128 choices per prompt, sampled from one prefill of the prompt "
+                                            "(its KV blocks are shared); with a seed, choice i uses seed + i")
+    presence_penalty: float | None = Field(None, description="-2..2, subtracted from the logit of every token "
+                                                             "the output holds already")
+    frequency_penalty: float | None = Field(None, description="-2..2, times each token's count in the output so "
+                                                              "far, subtracted from its logit")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> -100..100 added to its "
+                                                                  "logit")
     # -- vLLM's extras -------------------------------------------------------------------------------------
     top_k: int | None = Field(None, description="vLLM: sample among the k likeliest tokens; 0 or -1: all")
     ignore_eos: bool | None = Field(None, description="vLLM: keep generating past the end-of-sequence token")
-    min_p: float | None = Field(None, description="vLLM; not supported yet (only 0)")
-    repetition_penalty: float | None = Field(None, description="vLLM; not supported yet (only 1)")
-    min_tokens: int | None = Field(None, description="vLLM; not supported yet (only 0)")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM; not supported yet (only [])")
+    min_p: float | None = Field(None, description="vLLM: 0..1, drop tokens less likely than min_p times the "
+                                                  "likeliest (after temperature)")
+    repetition_penalty: float | None = Field(None, description="vLLM: (0, 10], divides positive and multiplies "
+                                                               "negative logits of tokens in the prompt or output")
+    min_tokens: int | None = Field(None, description="vLLM: no end-of-sequence or stop token before this many")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM: token ids that end the text like EOS (not "
+                                                               "included)")
     include_stop_str_in_output: bool | None = Field(None, description="vLLM; not supported yet (only false)")
     skip_special_tokens: bool | None = Field(None, description="vLLM; not supported yet (only true)")
     spaces_between_special_tokens: bool | None = Field(None, description="vLLM; not supported yet (only true)")
     use_beam_search: bool | None = Field(None, description="vLLM; not supported (only false)")
     length_penalty: float | None = Field(None, description="vLLM; not supported yet (only 1)")
     truncate_prompt_tokens: int | None = Field(None, description="vLLM; not supported yet")
-    prompt_logprobs: int | None = Field(None, description="vLLM; not supported yet")
+    prompt_logprobs: int | None = Field(None, description="vLLM: 0..20, each prompt token's logprob, rank and "
+                                                          "the k likeliest (the first token's is null)")
     allowed_token_ids: list[int] | None = Field(None, description="vLLM; not supported yet")
     bad_words: list[str] | None = Field(None, description="vLLM; not supported yet")
     guided_json: Any = Field(None, description="vLLM; not supported yet")
@@ -84,12 +93,17 @@ class _Body(BaseModel):
 class CompletionRequest(_Body):
     """POST /v1/completions."""
 
+    SUPPORTS: ClassVar[frozenset] = frozenset({"echo"})  # UNSUPPORTED fields this endpoint reads after all
+
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, a list of one string, or a list of token ids (one prompt per request)")
-    echo: bool | None = Field(None, description="not supported yet (only false)")
+        description="a string, a list of strings, a list of token ids or a list of token-id lists: several "
+                    "prompts give n choices each, in prompt order")
+    echo: bool | None = Field(None, description="the prompt leads the text; with logprobs, its tokens lead the "
+                                                "logprobs (the first one's null); max_tokens 0 scores the prompt only")
     logprobs: int | None = Field(None, description="0..20: each output token's log-probability (the model's "
                                                    "log-softmax) and the k likeliest tokens' at its position")
-    best_of: int | None = Field(None, description="not supported yet (only 1)")
+    best_of: int | None = Field(None, description="n..128 sequences sampled, the n with the highest cumulative "
+                                                  "logprob returned; not with stream")
     suffix: str | None = Field(None, description="not supported yet")
 
 
@@ -127,16 +141,15 @@ class ChatCompletionRequest(_Body):
 
 # field -> the values that ask for nothing (null always does): anything else is refused as not supported yet
 UNSUPPORTED: dict[str, tuple] = {
-    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-    "echo": (False,), "suffix": ("",),
+    "echo": (False,),  # completions read it (CompletionRequest.SUPPORTS); vLLM's chat echo does not
+    "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # only means something with tools, which are refused
     "functions": ([],), "function_call": ("none",), "store": (False,), "metadata": ({},),
     "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (),
-    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
-    "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (), "prompt_logprobs": (),
+    "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
     "allowed_token_ids": (), "bad_words": ([],), "guided_json": (), "guided_regex": (), "guided_choice": (),
     "guided_grammar": (), "structured_outputs": (), "priority": (0,), "request_id": (),
     "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
@@ -144,7 +157,7 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 
-def parse(model: type[_Body], body: dict) -> _Body:
+def parse(model: type[BaseModel], body: dict) -> BaseModel:
     """`body` as `model`, or the first problem as a 400 in OpenAI's shape naming the parameter."""
     try:
         req = model.model_validate(body)
@@ -154,7 +167,8 @@ def parse(model: type[_Body], body: dict) -> _Body:
         raise _error(errs[0], body) from None
     for name in sorted(req.model_fields_set):
         v = getattr(req, name)
-        if name in UNSUPPORTED and v is not None and not any(_same(v, ok) for ok in UNSUPPORTED[name]):
+        refused = name in UNSUPPORTED and name not in getattr(model, "SUPPORTS", ())
+        if refused and v is not None and not any(_same(v, ok) for ok in UNSUPPORTED[name]):
             oks = " or ".join(f"{name}={json.dumps(ok)}" for ok in UNSUPPORTED[name])
             raise APIError(400, f"'{name}' {_NOT_YET} (got {json.dumps(v)}); leave it out"
                                 + (f" or send {oks}" if oks else ""), param=name, code="unsupported_parameter")
