@@ -367,12 +367,11 @@ async def _sse(engine, events, rids, rid, greqs, view: _View, include_usage):
             if ev["finish_reason"]:
                 finals.append(ev)
                 left -= 1
+        if include_usage and not left:
+            yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
+                                          "model": model_name, "choices": [], "usage": _usage(greqs, finals)}) + "\n\n"
+        yield "data: [DONE]\n\n"
         if not left:
-            if include_usage:
-                yield "data: " + json.dumps({"id": rid, "object": _obj(kind, True), "created": created,
-                                              "model": model_name, "choices": [],
-                                              "usage": _usage(greqs, finals)}) + "\n\n"
-            yield "data: [DONE]\n\n"
             engine.stats.complete(kind)
     finally:  # the client went away mid-stream (or we are done): free the request's slots
         for r in rids:
