@@ -211,6 +211,12 @@ def test_echo_text_max_tokens_0_prompt_logprobs_and_stream(server, model_tok):
         assert entry["logprob"] == pytest.approx(float(lp[i - 1, ids[i]]), abs=1e-4)
         assert entry["rank"] == int((lp[i - 1] > lp[i - 1, ids[i]]).sum()) + 1
         assert str(int(lp[i - 1].argmax())) in plp[i]
+    # chat: vLLM puts prompt_logprobs at the top level
+    msg = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model="model", messages=msg, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    chat_ids = tk.encode_chat(msg, add_generation_prompt=True)
+    plp = r.model_extra["prompt_logprobs"]
+    assert plp[0] is None and [list(d) for d in plp[1:]] == [[str(t)] for t in chat_ids[1:]]
     # streamed, the echoed prompt and its logprobs lead the first chunk; the whole equals the unstreamed answer
     kw = dict(model="model", prompt=prompt, echo=True, max_tokens=4, temperature=0, logprobs=1,
               extra_body={"ignore_eos": True})
@@ -331,6 +337,7 @@ def test_penalties_and_logit_bias_follow_openais_formulas(server, model_tok):
     got = c.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "repetition_penalty": seen_rp}})
     assert got.choices[0].text == tk.decode(want)
     for bad, param in (({"frequency_penalty": 2.5}, "frequency_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
                        ({"logit_bias": {"5": 101}}, "logit_bias")):
         with pytest.raises(openai.BadRequestError) as info:
             c.completions.create(**kw, **bad)

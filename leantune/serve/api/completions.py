@@ -184,7 +184,7 @@ def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
     """OpenAI's shape: token ids as strings -> a bias in [-100, 100]."""
     out = {}
     for k, v in bias.items():
-        if not (k.isdigit() and int(k) < vocab):
+        if not (k.isascii() and k.isdigit() and int(k) < vocab):
             raise APIError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}, got {k!r}", param="logit_bias")
         if not -100 <= v <= 100:
             raise APIError(400, f"logit_bias values must be in [-100, 100], got {v} for {k}", param="logit_bias")
