@@ -378,3 +378,19 @@ def test_stop_string_spanning_tokens_and_chunks_when_streaming(server, model_tok
     assert c.completions.create(**kw).choices[0].text == want
     chunks = [ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices]
     assert "".join(chunks) == want and len([x for x in chunks if x]) >= 2
+
+
+def test_abort_frees_every_fork(model_tok, tmp_path, one_thread):
+    """A client gone mid-request: its forks and their shared blocks are all freed at once, forked or not yet."""
+    prompt = torch.randint(3, 400, (18,), generator=torch.Generator().manual_seed(3)).tolist()
+    for steps in (1, 4):  # 1: the prompt is still prefilling (nothing forked yet); 4: the forks are decoding
+        e = _engine(model_tok, tmp_path / str(steps), num_blocks=64, block_size=4, max_tokens_per_step=16)
+        events: list[dict] = []
+        rid = e.add_request(GenRequest(prompt, "model", max_tokens=20, temperature=0, n=3, ignore_eos=True),
+                            events.append)
+        for _ in range(steps):
+            e.iteration()
+        assert e.blocks.num_used > 0 and len(e.blocks.seq_ids()) == (1 if steps == 1 else 3)
+        e.abort(rid)
+        assert e.blocks.num_used == 0 and not e.reqs and not e.groups and not e.sched.has_work
+        assert sorted(ev["index"] for ev in events if ev["finish_reason"] == "abort") == [0, 1, 2]

@@ -315,7 +315,7 @@ BAD_CHAT = {
                    ["text parts"], "messages[0].content"),
     "message not an object": ({"messages": ["hi"]}, ["messages[0]"], "messages[0].role"),
     "no messages": ({"messages": []}, ["empty"], "messages"),
-    "n=2": ({"n": 2}, ["n=1"], "n"),
+    "n=0": ({"n": 0}, ["1..128"], "n"),
     "max_tokens 0": ({"max_tokens": 0}, ["max_tokens", ">= 1"], "max_tokens"),
     "max_completion_tokens 0": ({"max_completion_tokens": 0}, ["max_completion_tokens", ">= 1"],
                                 "max_completion_tokens"),
@@ -354,8 +354,8 @@ def test_bad_completions_request_is_400(srv):
     c = srv.client()
     raises(openai.BadRequestError, 400, lambda: c.completions.create(model="model", prompt=[10 ** 6], max_tokens=1),
            "vocabulary", param="prompt")
-    raises(openai.BadRequestError, 400, lambda: c.completions.create(model="model", prompt=[[1, 2]], max_tokens=1),
-           "prompt", param="prompt")
+    raises(openai.BadRequestError, 400, lambda: c.completions.create(model="model", prompt=[[1, 2], []], max_tokens=1),
+           "prompt 1 is empty", param="prompt")
     raises(openai.BadRequestError, 400, lambda: c.completions.create(model="model", prompt=[5] * 300, max_tokens=1),
            "maximum context length", code="context_length_exceeded")
     raises(openai.BadRequestError, 400, lambda: c.completions.create(model="model", prompt="hi", max_tokens=-1),
