@@ -151,3 +151,40 @@ def test_bad_folder_in_lora_dir_fails_the_request_not_the_engine(model_tok, tmp_
     with pytest.raises(ValueError, match="could not be loaded"):
         e.add_request(GenRequest([5, 6], "broken", max_tokens=2, temperature=0), lambda ev: None)
     assert not e.reqs and _generate(e, [("model", [5, 6])])
+
+
+def test_qlora_adapter_on_the_nf4_base_equals_generate(folder, tmp_path, one_thread):
+    from leantune.methods import save
+    from leantune.models.generate import GenerationConfig, generate
+    from leantune.models.loader import load_model
+    from leantune.precision import resolve_precision
+    from leantune.quant import Quant4bitConfig, linear4bit_layers
+    from leantune.recipes.serve import ServeConfig, build_server
+
+    model, _ = leantune.load(folder)
+    leantune.apply(model, "qlora", r=4, targets="all-linear")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    out = save(model, tmp_path / "qlora")
+    assert (out / "leantune.json").is_file()  # the 4-bit base it was trained on
+    # `leantune generate`'s path: the sidecar's 4-bit base, the adapter loaded on it
+    ref_model, _ = load_model(str(folder), resolve_precision("fp32", torch.device("cpu")),
+                              quantize=Quant4bitConfig())
+    leantune.load_adapter(ref_model.eval(), out)
+    prompt = [5, 6, 7, 8]
+    ref = generate(ref_model, [prompt], GenerationConfig(max_new_tokens=8))[0]
+
+    cfg = ServeConfig(model=str(folder), quantize="nf4", adapter=[f"q={out}"], data_dir=str(tmp_path / "data"),
+                      dtype="fp32", device="cpu", num_blocks=64, block_size=4, max_loras=1)
+    _, engine = build_server(cfg)
+    assert linear4bit_layers(engine.model)  # the served base is 4-bit
+    events = []
+    engine.add_request(GenRequest(prompt, "q", max_tokens=8, temperature=0, ignore_eos=True), events.append)
+    while engine.iteration():
+        pass
+    assert "".join(e["text"] for e in events) == engine.tk.decode(ref)
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        ServeConfig(quantize="int8")

@@ -16,6 +16,7 @@ Thread model: the loop runs in its own thread; the HTTP layer talks to it only t
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import queue
 import threading
@@ -35,6 +36,7 @@ from .adapter_cache import AdapterCache, Move, Tier
 from .block_manager import BlockManager
 from .ft_defaults import FineTuneDefaults
 from .jobs import JobRunner
+from .metrics import Metrics
 from .requests import GenRequest, RequestState
 from .runner import ModelRunner, Work
 from .admission import TimeShare
@@ -129,8 +131,10 @@ class Engine:
         self.adapter_cache = AdapterCache(self.cfg.max_loras, self.cfg.max_cpu_loras)
         self._by_internal: dict[str, AdapterEntry] = {}  # every adapter in adapter_cache, retired ones included
         self._adapter_wait: dict[str, Sequence] = {}  # requests whose adapter waits for a resident place (FIFO)
+        self._chat_tokenizers: dict[str, object] = {}  # adapter chat template -> the tokenizer rendering with it
         self.reqs: dict[str, RequestState] = {}
         self.stats = Stats()
+        self.metrics = Metrics(self)  # this engine's own Prometheus registry
         self.jobs = JobRunner(store, model, tokenizer, self.blocks, self.stats, self.load_adapter, base_name, self.cfg)
         self.admission = TimeShare(self.cfg.ft_time_share) if self.cfg.ft_time_share is not None else None
         self.clock = time.perf_counter  # what admission measures iterations with
@@ -216,6 +220,19 @@ class Engine:
         if e is not None:
             return e.chat_template
         return folder_chat_template(Path(self.cfg.lora_dir) / model) if self.resolvable(model) else None
+
+    def chat_tokenizer(self, model: str):
+        """The tokenizer whose chat template renders chat requests for `model`: the base's, or a copy carrying
+        the adapter folder's own template (compiled once per template)."""
+        template = self.chat_template(model)
+        if template is None:
+            return self.tk
+        tk = self._chat_tokenizers.get(template)
+        if tk is None:
+            tk = copy.copy(self.tk)
+            tk.set_chat_template(template)  # a syntax error shows here, as a 400 of the request
+            self._chat_tokenizers[template] = tk
+        return tk
 
     def load_adapter(self, name: str, path: str, owner: str | None, replace: bool = False) -> AdapterEntry:
         """Engine thread. Load a PEFT adapter folder under a fresh internal name and publish it as `name`."""
@@ -372,6 +389,7 @@ class Engine:
         if entry is not None:
             entry.refs += 1
         self.reqs[sid] = state
+        self.metrics.arrived(sid, len(req.prompt_ids))
         self.stats.requests += 1
         self.stats.prompt_tokens += len(req.prompt_ids)
         return sid
@@ -385,6 +403,7 @@ class Engine:
     def _drop(self, sid: str, reason: str) -> None:
         st = self.reqs.pop(sid)
         self._adapter_wait.pop(sid, None)
+        self.metrics.finished(sid)
         self.sched.finish(sid, reason)
         st.finish(reason)
         self._release(st.adapter)
@@ -411,6 +430,7 @@ class Engine:
         t0, c0, ft_steps = time.perf_counter(), self.clock(), self.jobs.backward_units
         res = self.runner.step(works)
         if inference:
+            self.metrics.step(plan)  # before _after_inference drops the sequences that finish
             self._after_inference(plan, res.logits)
         if ft_work is not None:
             self._job_stage(self.jobs.forward_done, res.captures)

@@ -50,7 +50,7 @@ async def chat(request: Request):
     messages = chat_messages(req.messages)
     gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
-        ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
+        ids = engine.chat_tokenizer(req.model).encode_chat(messages, add_generation_prompt=gen_prompt)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
