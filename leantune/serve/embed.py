@@ -106,6 +106,8 @@ class Encoder:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name, spec
+        if not name or not path:
+            raise ValueError(f"--embedding-model must be DIR or NAME=DIR, got {spec!r}")
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise ValueError(f"--embedding-model {spec}: {folder} is not a Hugging Face model folder (no config.json)")
