@@ -22,6 +22,10 @@ class ServeConfig:
                                  "changes the base's own weights (a SaRA sparse diff) is merged into the base at "
                                  "start-up, which is then served as NAME (at most one such folder)",
                              metavar="NAME=DIR")
+    embedding_model: str | None = opt(None, "an encoder folder (e.g. a sentence-transformers one such as "
+                                            "all-MiniLM-L6-v2) also served at /v1/embeddings, mean-pooled and "
+                                            "L2-normalized, as NAME=DIR or DIR (NAME: the folder's name); needs "
+                                            "pip install 'leantune[encoders]'", metavar="[NAME=]DIR")
     host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
     api_key: list[str] = opt([], "API key clients must send as a Bearer token; repeat for several "
@@ -222,7 +226,15 @@ def build_server(cfg: ServeConfig):
     for rec in store.list_adapters():
         if rec["name"] not in engine.adapters and Path(rec["path"]).is_dir():
             engine.load_adapter(rec["name"], rec["path"], rec["owner"])
-    app = build_app(engine, cfg.keys(), cfg.max_upload_mb << 20, str(cfg.model or "embedded"))
+    embedder = None
+    if cfg.embedding_model:
+        from ..serve.embed import Encoder
+
+        embedder = Encoder.load(cfg.embedding_model)
+        if embedder.name == engine.base_name or embedder.name in engine.adapters:
+            raise ValueError(f"--embedding-model: the name {embedder.name!r} is the base model's or an adapter's; "
+                             "name it: --embedding-model NAME=DIR")
+    app = build_app(engine, cfg.keys(), cfg.max_upload_mb << 20, str(cfg.model or "embedded"), embedder)
     return app, engine
 
 

@@ -18,6 +18,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 router = APIRouter()
 
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+_DISCONNECT_POLL_S = 0.05  # how often a waiting non-streaming request checks its client is still there
 
 
 @router.post("/v1/completions", openapi_extra=openapi(CompletionRequest))
@@ -160,9 +161,9 @@ async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool,
     if stream:
         return StreamingResponse(_sse(engine, events, sid, rid, greq.model, kind, include_usage),
                                  media_type="text/event-stream")
-    text, records, last = [], [], None
+    text, records, last, watch = [], [], None, _ClientWatch(request, engine, sid)
     while True:
-        ev = await events.get()
+        ev = await watch.next(events)
         if "error" in ev:
             raise APIError(500, ev["error"], type="server_error")
         text.append(ev["text"])
@@ -173,6 +174,39 @@ async def _generate(request: Request, greq: GenRequest, kind: str, stream: bool,
     engine.stats.complete(kind)
     lps = None if greq.logprobs is None else _shape(engine.tk, kind, records, 0)
     return _final(rid, greq.model, kind, "".join(text), last, lps)
+
+
+class _ClientWatch:
+    """The events of a non-streaming request `sid`, read while watching its client: if the client disconnects
+    while we wait (or this task is cancelled), the engine aborts the request, freeing its KV blocks at once, and a
+    499 is raised (nobody reads it).
+
+    A non-streaming response sends nothing until the request is done, so nothing else notices the client leaving
+    (a streaming response does: Starlette cancels the stream, whose `finally` aborts). The disconnect is polled
+    every `_DISCONNECT_POLL_S`, not per event: a decoding request yields an event per token, and Starlette's
+    `is_disconnected` reads the ASGI receive channel (without blocking) each time it is asked."""
+
+    def __init__(self, request: Request, engine, sid: str):
+        self.request, self.engine, self.sid = request, engine, sid
+        self.loop = asyncio.get_running_loop()
+        self.due = self.loop.time() + _DISCONNECT_POLL_S  # when the client is next checked
+
+    async def next(self, events: asyncio.Queue) -> dict:
+        get = asyncio.ensure_future(events.get())
+        try:
+            while True:
+                if self.loop.time() >= self.due:
+                    if await self.request.is_disconnected():
+                        raise APIError(499, "the client closed the request")
+                    self.due = self.loop.time() + _DISCONNECT_POLL_S
+                done, _ = await asyncio.wait({get}, timeout=max(0.0, self.due - self.loop.time()))
+                if done:
+                    return get.result()
+        except BaseException:
+            self.engine.call(self.engine.abort, self.sid)
+            raise
+        finally:
+            get.cancel()  # a no-op once it is done; an unfinished get leaves no event lost in the queue
 
 
 def _shape(tk, kind: str, records: list[dict], offset: int) -> dict:
