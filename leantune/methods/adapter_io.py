@@ -517,6 +517,15 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", trainabl
     if spec is not None:
         return spec.load(model, path, adapter_name=adapter_name, trainable=trainable)
     config, tensors = read_adapter(path)
+    return load_lora_contents(model, config, tensors, adapter_name, trainable, path)
+
+
+def load_lora_contents(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
+                       trainable: bool = False, path="adapter") -> nn.Module:
+    """`load_adapter` of a PEFT LoRA folder's contents already in memory (`adapter_config.json` as a dict, the
+    tensors under PEFT's keys, e.g. `peft_config_dict` and `adapter_state_dict` of an adapter taken out of the
+    model: a server spilling adapters to host memory puts them back so, without reading disk); `path` names the
+    source in errors."""
     cfg = lora_config_from_peft(config, path)
     lora, biases = split_tensors(tensors, path)
     check_fits(model, cfg, lora, biases, path)

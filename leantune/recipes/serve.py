@@ -22,6 +22,10 @@ class ServeConfig:
                                  "changes the base's own weights (a SaRA sparse diff) is merged into the base at "
                                  "start-up, which is then served as NAME (at most one such folder)",
                              metavar="NAME=DIR")
+    embedding_model: str | None = opt(None, "an encoder folder (e.g. a sentence-transformers one such as "
+                                            "all-MiniLM-L6-v2) also served at /v1/embeddings, mean-pooled and "
+                                            "L2-normalized, as NAME=DIR or DIR (NAME: the folder's name); needs "
+                                            "pip install 'leantune[encoders]'", metavar="[NAME=]DIR")
     host: str = opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
     api_key: list[str] = opt([], "API key clients must send as a Bearer token; repeat for several "
@@ -46,6 +50,16 @@ class ServeConfig:
     ft_lr: float = opt(FineTuneDefaults.lr, "fine-tuning learning rate at learning_rate_multiplier 1 (a job's "
                                             "\"auto\")")
     ft_beta: float = opt(FineTuneDefaults.beta, "DPO beta of a method.type \"dpo\" job whose beta is \"auto\"")
+    max_loras: int | None = opt(None, "most adapters resident in the model at once (default: all); more are kept "
+                                      "least-recently-used in host memory up to --max-cpu-loras, beyond that "
+                                      "reloaded from their folder; a request waits while every resident one is "
+                                      "in use")
+    max_cpu_loras: int | None = opt(None, "most adapters held in memory, the resident ones included (>= --max-loras; "
+                                          "default: --max-loras)")
+    lora_dir: str | None = opt(None, "a request whose model names an unknown adapter NAME loads the PEFT folder "
+                                     "DIR/NAME on first use (vLLM's LoRA resolver), for every key", metavar="DIR")
+    quantize: str | None = opt(None, "serve the base model 4-bit (nf4 or fp4, blocksize 64, double quantization: "
+                                     "QLoRA's defaults), so QLoRA adapters run on the base they were trained on")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     dtype: str = opt("auto", "compute precision: auto (bf16 on CUDA and on a CPU with native bf16, i.e. "
@@ -66,6 +80,13 @@ class ServeConfig:
         bad = invalid(self._finetune(), lambda f: "--ft-" + f.replace("_", "-"))
         if bad:
             raise ValueError(bad)
+        if self.quantize is not None:
+            from ..quant import Quant4bitConfig
+
+            try:
+                Quant4bitConfig(self.quantize)
+            except ValueError:
+                raise ValueError(f"--quantize must be nf4 or fp4, got {self.quantize!r}") from None
         for spec in self.adapter:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
@@ -79,7 +100,8 @@ class ServeConfig:
                             max_model_len=self.max_model_len, ft_max_chunk=self.ft_max_chunk,
                             ft_bwd_layers=self.ft_bwd_layers, checkpoint_every=self.checkpoint_every,
                             finetune=FineTuneDefaults(**self._finetune()),
-                            ft_time_share=None if math.isinf(self.ft_time_share) else self.ft_time_share)
+                            ft_time_share=None if math.isinf(self.ft_time_share) else self.ft_time_share,
+                            max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras, lora_dir=self.lora_dir)
 
     def _finetune(self) -> dict:
         """The --ft-* values as FineTuneDefaults' fields."""
@@ -148,6 +170,20 @@ def _wrapping_quantization(adapters: list[str]):
     return Quant4bitConfig(**json.loads(quants.pop())) if quants else None
 
 
+def _base_quantization(cfg: ServeConfig):
+    """The 4-bit base to serve: --quantize, or what a side-network adapter was trained beside; None: float."""
+    from ..quant import Quant4bitConfig
+
+    side = _wrapping_quantization(cfg.adapter)
+    if cfg.quantize is None:
+        return side
+    asked = Quant4bitConfig(cfg.quantize)
+    if side is not None and side != asked:
+        raise ValueError(f"--quantize {cfg.quantize}: the side-network --adapter was trained beside another base "
+                         f"({side}); drop --quantize or serve it from another server")
+    return asked
+
+
 def _wrap_for_adapters(model, adapters: list[str]):
     """The model the engine holds: wrapped by a side-network method (its `wrap` hook) when an --adapter needs it,
     so that the engine's `load_adapter` adds the adapter to the wrapper."""
@@ -172,7 +208,7 @@ def build_server(cfg: ServeConfig):
     into_base, adapters = split_base_changes(cfg)  # checked before any weight is read
     precision = resolve_precision(cfg.dtype, resolve_device(cfg.device))
     print(f"leantune: {precision.describe()}", flush=True)
-    model, tok = load_model(cfg.model, precision, quantize=_wrapping_quantization(cfg.adapter))
+    model, tok = load_model(cfg.model, precision, quantize=_base_quantization(cfg))
     model = _wrap_for_adapters(model, cfg.adapter)
     model.eval()
     served = cfg.served_model_name
@@ -190,7 +226,15 @@ def build_server(cfg: ServeConfig):
     for rec in store.list_adapters():
         if rec["name"] not in engine.adapters and Path(rec["path"]).is_dir():
             engine.load_adapter(rec["name"], rec["path"], rec["owner"])
-    app = build_app(engine, cfg.keys(), cfg.max_upload_mb << 20, str(cfg.model or "embedded"))
+    embedder = None
+    if cfg.embedding_model:
+        from ..serve.embed import Encoder
+
+        embedder = Encoder.load(cfg.embedding_model)
+        if embedder.name == engine.base_name or embedder.name in engine.adapters:
+            raise ValueError(f"--embedding-model: the name {embedder.name!r} is the base model's or an adapter's; "
+                             "name it: --embedding-model NAME=DIR")
+    app = build_app(engine, cfg.keys(), cfg.max_upload_mb << 20, str(cfg.model or "embedded"), embedder)
     return app, engine
 
 

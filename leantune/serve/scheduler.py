@@ -131,6 +131,10 @@ class Scheduler:
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
 
+    def check(self, seq: Sequence) -> None:
+        """The ValueError `add` would raise for `seq`, without queueing it (a request held back elsewhere first)."""
+        self._validate(seq)
+
     def _validate(self, seq: Sequence) -> None:
         if seq.seq_id in self._live:
             raise ValueError(f"sequence id {seq.seq_id!r} is already queued or running; ids must be unique")

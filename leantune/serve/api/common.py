@@ -29,6 +29,7 @@ class Context:
     keys: list[str]  # empty: no auth, one owner ("local")
     max_upload_bytes: int
     model_root: str  # the base model's "root" in /v1/models
+    embedder: object | None = None  # serve.embed.Encoder of --embedding-model, served at /v1/embeddings
 
     @property
     def store(self):

@@ -21,6 +21,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 router = APIRouter()
 
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+_DISCONNECT_POLL_S = 0.05  # how often a waiting non-streaming request checks its client is still there
 
 
 @router.post("/v1/completions", openapi_extra=openapi(CompletionRequest))
@@ -53,7 +54,7 @@ async def chat(request: Request):
     messages = chat_messages(req.messages)
     gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
-        ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
+        ids = engine.chat_tokenizer(req.model).encode_chat(messages, add_generation_prompt=gen_prompt)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
@@ -270,22 +271,18 @@ async def _generate(request: Request, greqs: list[GenRequest], view: _View, stre
                                  media_type="text/event-stream")
     seqs: dict[tuple[int, int], dict] = {}
     left = sum(g.n for g in greqs)
-    try:
-        while left:
-            p, ev = await events.get()
-            if "error" in ev:
-                raise APIError(500, ev["error"], type="server_error")
-            s = seqs.setdefault((p, ev["index"]), {"text": [], "lps": [], "prompt": None})
-            s["text"].append(ev["text"])
-            s["lps"] += ev.get("logprobs", [])
-            s["prompt"] = ev.get("prompt_logprobs", s["prompt"])
-            if ev["finish_reason"]:
-                s["last"] = ev
-                left -= 1
-    finally:  # an error or a client gone: free whatever still runs
-        if left:
-            for r in rids:
-                engine.call(engine.abort, r)
+    watch = _ClientWatch(request, engine, rids)
+    while left:
+        p, ev = await watch.next(events)
+        if "error" in ev:  # the engine failed: it has dropped every request
+            raise APIError(500, ev["error"], type="server_error")
+        s = seqs.setdefault((p, ev["index"]), {"text": [], "lps": [], "prompt": None})
+        s["text"].append(ev["text"])
+        s["lps"] += ev.get("logprobs", [])
+        s["prompt"] = ev.get("prompt_logprobs", s["prompt"])
+        if ev["finish_reason"]:
+            s["last"] = ev
+            left -= 1
     engine.stats.complete(view.kind)
     choices, plps = [], None
     for p, g in enumerate(greqs):
@@ -305,6 +302,40 @@ async def _generate(request: Request, greqs: list[GenRequest], view: _View, stre
 def _echo_text(tk, view: _View, g: GenRequest, p: int) -> str:
     text = view.texts[p]
     return text if text is not None else tk.decode(g.prompt_ids, skip_special_tokens=False)
+
+
+class _ClientWatch:
+    """The events of a non-streaming request (engine ids `rids`: one per prompt), read while watching its client:
+    if the client disconnects while we wait (or this task is cancelled), the engine aborts the requests, freeing
+    their KV blocks at once, and a 499 is raised (nobody reads it).
+
+    A non-streaming response sends nothing until the request is done, so nothing else notices the client leaving
+    (a streaming response does: Starlette cancels the stream, whose `finally` aborts). The disconnect is polled
+    every `_DISCONNECT_POLL_S`, not per event: a decoding request yields an event per token, and Starlette's
+    `is_disconnected` reads the ASGI receive channel (without blocking) each time it is asked."""
+
+    def __init__(self, request: Request, engine, rids: list[str]):
+        self.request, self.engine, self.rids = request, engine, rids
+        self.loop = asyncio.get_running_loop()
+        self.due = self.loop.time() + _DISCONNECT_POLL_S  # when the client is next checked
+
+    async def next(self, events: asyncio.Queue):
+        get = asyncio.ensure_future(events.get())
+        try:
+            while True:
+                if self.loop.time() >= self.due:
+                    if await self.request.is_disconnected():
+                        raise APIError(499, "the client closed the request")
+                    self.due = self.loop.time() + _DISCONNECT_POLL_S
+                done, _ = await asyncio.wait({get}, timeout=max(0.0, self.due - self.loop.time()))
+                if done:
+                    return get.result()
+        except BaseException:
+            for rid in self.rids:
+                self.engine.call(self.engine.abort, rid)
+            raise
+        finally:
+            get.cancel()  # a no-op once it is done; an unfinished get leaves no event lost in the queue
 
 
 def _logprobs(tk, view: _View, g: GenRequest, records: list[dict], offset: int, prompt_records: list | None):
