@@ -13,7 +13,9 @@ Every engine step gets a token budget, `max_tokens_per_step`. `schedule` spends 
    the blocks for their first chunk can be ensured. Nothing is admitted in a step that preempted:
    the pool is short, and admitting would only evict again.
 
-The engine runs the model on the plan's chunks, then calls `update` with the tokens it sampled.
+The engine runs the model on the plan's chunks, then calls `update` with the tokens it sampled. A request
+with `n` > 1 runs one sequence through its prompt, then `fork`s the others from it: they share the prompt's
+full KV blocks (refcounted in the block manager) and recompute only its tail.
 Pure Python, no torch: the engine and model runner own the tensors.
 """
 from __future__ import annotations
@@ -158,9 +160,9 @@ class Scheduler:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Queue `child`, another sample from `parent`'s prompt (n > 1), sharing the KV of the prompt's full
-        blocks, which `parent` has computed (the engine forks once the step that ends parent's prefill ran). The child recomputes the prompt's tail (under a block; never all
-        of it, so it samples its own first token) and goes to the front of the queue: its request was
-        admitted already."""
+        blocks, which `parent` has computed (the engine forks once the step that ends parent's prefill ran).
+        The child recomputes the prompt's tail (1..block_size tokens, never none, so that it samples its own
+        first token) and goes to the front of the queue: its request was admitted already."""
         if child.seq_id in self._live:
             raise ValueError(f"sequence id {child.seq_id!r} is already queued or running; ids must be unique")
         if child.prompt != parent.prompt or child.output or parent.status is not Status.RUNNING:
