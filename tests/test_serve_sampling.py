@@ -28,6 +28,30 @@ def _direct_logsoftmax(model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
 
 
+def test_runner_returns_every_row_of_the_works_that_ask(model_tok, one_thread):
+    """A packed step with a decode, a prompt chunk asking for all its logits and a sampling chunk asking too:
+    the rows asked for equal the plain forward's logits at those positions, the sampled rows come in order."""
+    from leantune.serve.runner import ModelRunner, Work
+
+    model, _ = model_tok
+    g = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randint(3, 400, (n,), generator=g).tolist() for n in (6, 9, 5))
+    runner = ModelRunner(model, num_blocks=16, block_size=4)
+    slots = {"a": list(range(0, 16)), "b": list(range(16, 32)), "c": list(range(32, 48))}
+    runner.step([Work(a[:5], 0, slots["a"][:5])])  # a's prompt, so that its last token decodes next
+    runner.step([Work(b[:4], 0, slots["b"][:4])])  # b's first chunk
+    res = runner.step([Work(a[5:], 5, slots["a"][:6], sample=True),
+                       Work(b[4:], 4, slots["b"][:9], sample=True, all_logits=True),
+                       Work(c, 0, slots["c"][:5], all_logits=True)])
+    with torch.no_grad():
+        ref = {k: model(torch.tensor([v]))[0].float() for k, v in (("a", a), ("b", b), ("c", c))}
+    assert res.logits.shape[0] == 2 and len(res.row_logits) == 2
+    torch.testing.assert_close(res.logits[0], ref["a"][-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.logits[1], ref["b"][-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.row_logits[0], ref["b"][4:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.row_logits[1], ref["c"], atol=1e-4, rtol=1e-4)
+
+
 # ---- block manager and scheduler: forks share whole prompt blocks -----------------------------------------------
 def test_fork_shares_full_blocks_refcounted():
     bm = BlockManager(num_blocks=10, block_size=4)
@@ -373,7 +397,8 @@ def test_stop_string_spanning_tokens_and_chunks_when_streaming(server, model_tok
     b = len(pieces[4])
     assert len(pieces[5]) - b >= 1 and b >= 1
     stop = full[b - 1:b + 1]
-    want = full[:full.find(stop)]
+    assert full.find(stop) == b - 1 and pieces[4] == full[:b]  # it first occurs across that boundary
+    want = full[:b - 1]
     kw = dict(model="model", prompt=ids, max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert c.completions.create(**kw).choices[0].text == want
     chunks = [ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices]
