@@ -368,7 +368,7 @@ def test_penalties_and_logit_bias_follow_openais_formulas(server, model_tok):
         assert info.value.body["param"] == param
 
 
-def test_min_tokens_and_stop_token_ids(server, model_tok):
+def test_min_tokens_stop_token_ids_and_min_p(server, model_tok):
     model, tk = model_tok
     c = server.client()
     ids = tk.encode("Hello, how")
@@ -378,6 +378,13 @@ def test_min_tokens_and_stop_token_ids(server, model_tok):
     r = c.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": [stop_at]}})
     cut = greedy.index(stop_at)
     assert r.choices[0].text == tk.decode(greedy[:cut]) and r.choices[0].finish_reason == "stop"
+    # min_p 1 keeps only the likeliest token: sampling at temperature 1.5 walks the greedy path; 0.0 does not
+    hot = dict(model="model", prompt=ids, max_tokens=6, temperature=1.5)
+    samples = {c.completions.create(seed=s, **{**hot, "extra_body": {"ignore_eos": True, "min_p": 1.0}})
+               .choices[0].text for s in range(3)}
+    assert samples == {tk.decode(greedy)}
+    assert any(c.completions.create(seed=s, **{**hot, "extra_body": {"ignore_eos": True}}).choices[0].text
+               != tk.decode(greedy) for s in range(3))
     # min_tokens bans the stop token until that many were generated
     r = c.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": [stop_at],
                                                      "min_tokens": 6}})
