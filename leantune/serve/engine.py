@@ -325,7 +325,9 @@ class Engine:
                     adapter=s.adapter_slot, sample=c.sample)
 
     def _after_inference(self, plan, logits: torch.Tensor) -> None:
-        logits = logits.cpu()  # per-request generators live on the CPU (seeded sampling is device-independent)
+        # per-request generators live on the CPU (seeded sampling is device-independent); None: no chunk samples
+        # (only a long prompt's earlier prefill chunks ran)
+        logits = logits.cpu() if logits is not None else None
         sampled, i = {}, 0
         for c in plan.chunks:
             if c.sample:
