@@ -242,6 +242,8 @@ def test_pause_and_resume_continue_the_same_run(server):
     paused = c.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     at = len(_metrics(c, job.id))
+    [rid] = c.fine_tuning.jobs.retrieve(job.id).result_files  # the result file is readable before the job ends
+    assert len(read_results_csv(c.files.content(rid).text)) == at >= 2
     with pytest.raises(openai.BadRequestError):
         c.fine_tuning.jobs.pause(job.id)
     time.sleep(1.0)
