@@ -6,8 +6,13 @@ One job trains at a time (FlexLLM's single fine-tuning slot); the others wait in
 format under the data dir, loaded as a new served adapter (a copy, so nothing a request is using
 changes under it) and the training copy is deleted. Checkpoints (adapter + optimizer state + progress,
 `train.checkpoint`) are written every `checkpoint_every` steps and at each epoch's end; after a crash
-the engine resumes a `running` job from its latest one. A job's `integrations` (OpenAI's; W&B) get its config
-and each step's metrics through the loggers of `train.report`, as `finetune --report-to` does.
+the engine resumes a `running` job from its latest one. Each checkpoint's adapter is also kept in PEFT's format,
+so its `ft:...:ckpt-step-N` name is a model requests may use (loaded on the first one, `checkpoint_model`).
+Pausing checkpoints the last finished step and frees the slot; a resumed job is queued again and continues from
+that checkpoint, as after a crash. Each step's metrics (train loss and token accuracy; validation loss and token
+accuracy every `eval_every` steps and at the end) go to the job's events, its result CSV (OpenAI's columns, a
+`fine-tune-results` file rewritten each step) and its `integrations` (OpenAI's; W&B) through the loggers of
+`train.report`, as `finetune --report-to` does.
 """
 from __future__ import annotations
 
