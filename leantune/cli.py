@@ -20,6 +20,12 @@ COMMANDS = {
     "estimate": ("leantune.recipes.estimate", "EstimateConfig", "estimate",
                  "predict the peak memory of a training step from the model's config (no weights read)"),
 }
+# `leantune eval <name>`: evaluations, each a subcommand of `eval` (same layout as COMMANDS)
+EVAL_COMMANDS = {
+    "knowledge": ("leantune.recipes.eval_knowledge", "KnowledgeEvalConfig", "eval_knowledge",
+                  "FineTuneBench against an OpenAI-compatible fine-tuning API: train on a memorization set, score "
+                  "memorization and rephrased generalization"),
+}
 
 
 def _load(module: str, name: str):
@@ -52,6 +58,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_dataclass_args(sp, _load(mod, cls))
         if name == "finetune":  # each method's own options, in groups of their own
             add_method_args(sp, {f.name for f in cli_fields(_load(mod, cls))} | {"config"}, only=_method_in(argv))
+    ev = sub.add_parser("eval", help="evaluate a model through an OpenAI-compatible API", description="evaluations")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    for name, (mod, cls, _fn, helptext) in EVAL_COMMANDS.items():
+        sp = evsub.add_parser(name, help=helptext, description=helptext)
+        sp.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
+        add_dataclass_args(sp, _load(mod, cls))
     return p
 
 
@@ -63,6 +75,13 @@ def run(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "eval":
+        if not getattr(args, "eval_command", None):
+            parser.parse_args(["eval", "--help"])  # prints the evaluations and exits
+        mod, cls_name, fn_name, _ = EVAL_COMMANDS[args.eval_command]
+        cfg, _ = build_config(_load(mod, cls_name), args)
+        _load(mod, fn_name)(cfg)
+        return 0
     mod, cls_name, fn_name, _ = COMMANDS[args.command]
     if args.command == "finetune":  # the method's options become its config; the builtin data's preset
         cfg = _load(mod, "config_from_args")(args)

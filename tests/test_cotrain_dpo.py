@@ -94,6 +94,6 @@ def test_fresh_adapter_starts_at_log2_and_learns_the_preference(one_thread):
     assert steps[0]["train_loss"] == pytest.approx(0.6931472, abs=1e-5)
     assert steps[0]["rewards/chosen"] == 0 and steps[0]["rewards/rejected"] == 0
     assert steps[-1]["rewards/accuracies"] == 1.0 and steps[-1]["train_loss"] < 0.5 * steps[0]["train_loss"]
-    assert 0 < tr.valid_loss(pairs) < steps[0]["train_loss"]
+    assert 0 < tr.valid_metrics(pairs)["valid_loss"] < steps[0]["train_loss"]
     with pytest.raises(ValueError, match="beta"):
         CoTrainConfig(beta=0)

@@ -163,8 +163,9 @@ def test_serve_finetune_flags_are_what_an_auto_job_trains_with(model_tok, tmp_pa
     lora = adapter_configs(model)[a.adapter]
     assert (lora.r, lora.alpha) == (4, 8.0)
     assert max(len(ex) for ex in a.trainer.examples) == 27  # the chat rows (31 tokens) are truncated
-    assert e.store.get_job("o", job["id"])["hyperparameters"] == {"n_epochs": 3, "batch_size": 1,
-                                                                 "learning_rate_multiplier": 1.0}
+    assert e.store.get_job("o", job["id"])["hyperparameters"] == {
+        "n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0, "adapter_method": "lora", "lora_rank": 4,
+        "lora_alpha": 8.0, "lora_targets": "all-linear", "eval_every": FineTuneDefaults.eval_every}
     from leantune.serve.jobs import hyperparameters
 
     dpo = {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}}

@@ -65,6 +65,12 @@ class ServeConfig:
     dtype: str = opt("auto", "compute precision: auto (bf16 on CUDA and on a CPU with native bf16, i.e. "
                              "AVX512_BF16 or AMX: decoding is memory-bound and bf16 halves the bytes; else "
                              "fp32), fp32 or bf16")
+    ft_eval_every: int = opt(FineTuneDefaults.eval_every, "steps between a fine-tuning job's validation metrics "
+                                                            "(with a validation_file; a job's eval_every overrides)")
+    max_jobs_per_key: int | None = opt(None, "most unfinished fine-tuning jobs per API key (429 past it; default: "
+                                             "no limit)")
+    max_storage_mb_per_key: int | None = opt(None, "most MiB of stored files per API key (uploads past it: 413; "
+                                                   "default: no limit)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -77,7 +83,8 @@ class ServeConfig:
         self.model, self.revision = with_revision(self.model, self.revision), None  # one spec: ORG/NAME@REV
         if not self.ft_time_share > 0:  # also refuses nan
             raise ValueError(f"--ft-time-share must be > 0 (e.g. 0.1, or inf for no bound), got {self.ft_time_share}")
-        bad = invalid(self._finetune(), lambda f: "--ft-" + f.replace("_", "-"))
+        flags = {"max_jobs_per_key": "--max-jobs-per-key", "max_storage_bytes_per_key": "--max-storage-mb-per-key"}
+        bad = invalid(self._finetune(), lambda f: flags.get(f, "--ft-" + f.replace("_", "-")))
         if bad:
             raise ValueError(bad)
         if self.quantize is not None:
@@ -106,7 +113,9 @@ class ServeConfig:
     def _finetune(self) -> dict:
         """The --ft-* values as FineTuneDefaults' fields."""
         return {"rank": self.ft_rank, "alpha": self.ft_alpha, "max_length": self.ft_max_length, "lr": self.ft_lr,
-                "beta": self.ft_beta}
+                "beta": self.ft_beta, "eval_every": self.ft_eval_every, "max_jobs_per_key": self.max_jobs_per_key,
+                "max_storage_bytes_per_key": None if self.max_storage_mb_per_key is None
+                else self.max_storage_mb_per_key << 20}
 
     def keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("LEANTUNE_API_KEYS", "").split(",") if k.strip()]

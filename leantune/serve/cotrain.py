@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..data import epoch_order
-from ..data.batching import Batch
 from ..methods.base import adapter_slots, trainable_parameters
 from ..models.llama import ForwardMeta
 from ..optim import build_optimizer
 from ..routing import Routing
-from ..train.loss import chunked_ce_sum, heldout_loss, lm_loss_sum, shifted_targets
+from ..train.loss import chunked_ce_sum, shifted_targets
 from ..train.step import StepRule, optimizer_step
 from .ft_defaults import FineTuneDefaults
 
@@ -59,6 +58,13 @@ class CoTrainConfig:
             raise ValueError(f"beta must be a positive number, got {self.beta!r}")
 
 
+def token_hits(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> int:
+    """How many `targets` (n,) are the argmax of the LM head on `hidden` (n, C): a token accuracy's numerator.
+    No grad; in chunks, so no (n, V) logits are ever whole."""
+    with torch.no_grad():
+        return sum(int((head(h).argmax(-1) == t).sum()) for h, t in zip(hidden.split(chunk), targets.split(chunk)))
+
+
 def loss_unit_share(model) -> float:
     """The fraction of a sequence whose loss costs about one layer's backward: the LM head's forward and
     backward over n tokens is ~4 n V C FLOPs, a layer's recomputed forward and backward over T tokens
@@ -72,7 +78,7 @@ class CoTrainer:
     """The phase machine of one job: FWD (chunks) -> LOSS -> BWD (layer slices) -> next sequence."""
 
     # the metrics of each step that go into the job's "metrics" events (OpenAI's event data)
-    event_keys: tuple = ("step", "train_loss", "lr", "total_steps")
+    event_keys: tuple = ("step", "train_loss", "train_mean_token_accuracy", "lr", "total_steps")
     # does a backward unit forward its own sequence (instead of the engine's forward chunks)?
     forwards_in_backward: bool = False
 
@@ -106,6 +112,8 @@ class CoTrainer:
 
     def _start_batch(self) -> None:
         self.phase, self.pos, self.batch_i, self.loss_sum = "fwd", 0, 0, 0.0
+        self.batch_start_tokens = self.trained_tokens  # what a checkpoint of the last step records
+        self.hits = 0  # loss tokens of the batch so far whose target is the head's argmax (token accuracy)
         self.caps: list[list[torch.Tensor]] = []
         self.grad = None
         if self.done:
@@ -158,14 +166,19 @@ class CoTrainer:
         The gradients equal the chunked path's (tested)."""
         assert self.at_sequence_start(), "the sequence is under way"
         ex, dev = self.seq, next(self.model.parameters()).device
-        ids = torch.tensor([ex.input_ids], device=dev)
-        batch = Batch(ids, torch.tensor([ex.labels], device=dev), torch.arange(len(ex), device=dev)[None], None,
-                      ex.num_loss_tokens)
+        ids = torch.tensor([ex.input_ids], device=dev)  # (1, T)
         route = Routing(torch.tensor([self.slot], device=dev), [self.slot])
+        # lm_loss_sum's path, spelled out for its hidden states (the token accuracy); no MoE aux loss, as the
+        # chunked path (`_loss`) has none
+        tgt = shifted_targets(torch.tensor([ex.labels], device=dev))  # (1, T)
+        sel = tgt != -100
         with torch.enable_grad():
-            total, _ = lm_loss_sum(self.model, batch, adapter_ids=route)
-            loss = total / self.batch_tokens
+            hidden = self.model.hidden(ids, ForwardMeta(positions=torch.arange(len(ex), device=dev)[None],
+                                                        adapter_ids=route))  # (1, T, C)
+            h = hidden[sel]  # (n, C)
+            loss = chunked_ce_sum(h, self.model.head_module(), tgt[sel]) / self.batch_tokens
             loss.backward()
+        self.hits += token_hits(self.model.head_module(), h.detach(), tgt[sel])
         self.loss_sum += float(loss.detach())
         return self._sequence_done()
 
@@ -193,6 +206,7 @@ class CoTrainer:
             loss = chunked_ce_sum(h, m.head_module(), target) / self.batch_tokens
             loss.backward()
             self.loss_sum += float(loss.detach())
+            self.hits += token_hits(m.head_module(), h.detach(), target)
             self.grad[0, a:b] = x.grad
         self.loss_pos = b
         if b == T:
@@ -233,10 +247,25 @@ class CoTrainer:
         self.batch_i, self.pos, self.caps, self.grad, self.phase = self.batch_i + 1, 0, [], None, "fwd"
         return self.batch_i == len(self.batch)
 
-    def valid_loss(self, examples: list) -> float:
-        """The held-out loss of `examples` under the job's adapter."""
-        # one example per batch: no padding, and no more memory than a training sequence takes
-        return heldout_loss(self.model, examples, batch_size=1, adapter_slot=self.slot)
+    def valid_metrics(self, examples: list) -> dict:
+        """OpenAI's validation metrics of `examples` under the job's adapter: the token-mean loss (equal to
+        `train.loss.heldout_loss`, tested) and the token accuracy; no grad, one example at a time (no padding,
+        no more memory than a training sequence takes)."""
+        m, total, hits, n = self.model, 0.0, 0, 0
+        dev = next(m.parameters()).device
+        route = Routing(torch.tensor([self.slot], device=dev), [self.slot])
+        with torch.no_grad():
+            for ex in examples:
+                tgt = shifted_targets(torch.tensor([ex.labels], device=dev))  # (1, T)
+                sel = tgt != -100
+                if not sel.any():
+                    continue
+                hidden = m.hidden(torch.tensor([ex.input_ids], device=dev),
+                                  ForwardMeta(positions=torch.arange(len(ex), device=dev)[None], adapter_ids=route))
+                total += float(chunked_ce_sum(hidden[sel], m.head_module(), tgt[sel]))
+                hits += token_hits(m.head_module(), hidden[sel], tgt[sel])
+                n += int(sel.sum())
+        return {"valid_loss": total / max(n, 1), "valid_mean_token_accuracy": hits / max(n, 1)}
 
     def apply_step(self) -> dict:
         """Clip, step the optimizer with the scheduled lr, and move to the next batch; returns metrics."""
@@ -249,5 +278,7 @@ class CoTrainer:
         self.step += 1
         metrics = {"step": self.step, "train_loss": self.loss_sum, "lr": lr, "grad_norm": gnorm,
                    "epoch": self.epoch, "total_steps": self.total_steps}
+        if "train_mean_token_accuracy" in self.event_keys:
+            metrics["train_mean_token_accuracy"] = self.hits / max(self.batch_tokens, 1)
         self._start_batch()
         return metrics

@@ -28,7 +28,8 @@ class DPOCoTrainer(CoTrainer):
     """The co-trainer of a DPO job: same data order, schedule, optimizer and checkpoints as `CoTrainer`
     (examples are `data.PreferenceExample`s); only the unit of work and the loss differ."""
 
-    event_keys = CoTrainer.event_keys + DPO_METRICS
+    # no token accuracy: a pair's loss is over its two sequences' summed log-probs, not per token
+    event_keys = ("step", "train_loss", "lr", "total_steps") + DPO_METRICS
     forwards_in_backward = True
 
     def __init__(self, model, adapter: str, pairs: list, cfg: CoTrainConfig, step: int = 0):
@@ -71,9 +72,9 @@ class DPOCoTrainer(CoTrainer):
         means = {k: v / len(self.batch) for k, v in self.sums.items()}  # before the step starts the next batch
         return {**super().apply_step(), **means}
 
-    def valid_loss(self, pairs: list) -> float:
-        """The mean DPO loss of the held-out pairs, one pair per batch (no padding)."""
-        return self.objective.evaluate(self.model, pairs, _OneByOne(seed=self.cfg.seed), slot=self.slot)
+    def valid_metrics(self, pairs: list) -> dict:
+        """The mean DPO loss of the held-out pairs, one pair per batch (no padding); no token accuracy."""
+        return {"valid_loss": self.objective.evaluate(self.model, pairs, _OneByOne(seed=self.cfg.seed), slot=self.slot)}
 
 
 class _OneByOne:

@@ -206,6 +206,8 @@ class Engine:
         e = self.adapters.get(model)
         if e is None and self.resolvable(model):
             e = self._register(model, str(Path(self.cfg.lora_dir) / model), None, Tier.DISK)
+        elif e is None and model.startswith("ft:"):  # a job's checkpoint (`ft:...:ckpt-step-N`): loaded on first use
+            e = self.jobs.checkpoint_model(model, owner)
         if e is None or e.retired or (e.owner is not None and e.owner != owner):
             raise KeyError(model)
         return e

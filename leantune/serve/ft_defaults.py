@@ -1,5 +1,5 @@
 """The co-serving fine-tuning defaults, in one place: the LoRA rank and alpha of a job's adapter, the longest
-training example, the base learning rate, and what a job's OpenAI hyperparameters get where they say "auto"
+training example, the base learning rate, how often a job is validated, the per-key quotas, and what a job's OpenAI hyperparameters get where they say "auto"
 (`serve.jobs.hyperparameters`). `leantune serve --ft-rank --ft-alpha --ft-max-length --ft-lr --ft-beta` set them
 (`recipes.serve.ServeConfig`)."""
 from __future__ import annotations
@@ -18,6 +18,11 @@ class FineTuneDefaults:
     n_epochs: int = 3  # "auto"
     batch_size: int = 1  # "auto"
     beta: float = 0.1  # a DPO job's "auto" (TRL's and the DPO paper's default)
+    eval_every: int = 10  # steps between a job's validation metrics (with a validation_file; and at its end)
+    # per API key: most jobs not yet finished (queued, running, paused) and most bytes of stored files; None: no
+    # limit. Not training settings, but the fine-tuning API's: they live here so the API and the runner share them
+    max_jobs_per_key: int | None = None
+    max_storage_bytes_per_key: int | None = None
 
     def __post_init__(self):
         message = invalid(asdict(self))
@@ -25,7 +30,8 @@ class FineTuneDefaults:
             raise ValueError(message)
 
 
-_COUNTS = ("rank", "max_length", "n_epochs", "batch_size")
+_COUNTS = ("rank", "max_length", "n_epochs", "batch_size", "eval_every")
+_LIMITS = ("max_jobs_per_key", "max_storage_bytes_per_key")
 _REALS = ("alpha", "lr", "beta")
 
 
@@ -36,6 +42,10 @@ def invalid(values: dict, name: Callable[[str], str] = str) -> str | None:
         v = values.get(f, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             return f"{name(f)} must be an integer >= 1, got {v!r}"
+    for f in _LIMITS:
+        v = values.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            return f"{name(f)} must be an integer >= 1 (or unset: no limit), got {v!r}"
     for f in _REALS:
         v = values.get(f, 1.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):

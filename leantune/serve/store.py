@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Self
 
 SCHEMA_VERSION = 1
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+# the statuses of a job not finished yet (what a per-key job quota counts)
+ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 EVENT_LEVELS = ("info", "warn", "error")
 EVENT_TYPES = ("message", "metrics")
 # Fields of a job the engine may change after creation (`update_job`).
@@ -262,6 +264,19 @@ class Store:
                                (owner, purpose))
         return [self._file_obj(r) for r in rows]
 
+    def replace_file(self, owner: str, file_id: str, data: bytes) -> dict:
+        """New bytes for `owner`'s existing file (a job's result file, rewritten as the job runs): bytes first
+        (temp + fsync + rename), then the row's size. KeyError when there is no such file."""
+        if self.get_file(owner, file_id) is None:
+            raise KeyError(f"no file {file_id!r}")
+        write_atomic(self._file_path(file_id), bytes(data))
+        self._write("UPDATE files SET bytes = ? WHERE id = ? AND owner = ?", (len(data), file_id, owner))
+        return self.get_file(owner, file_id)
+
+    def stored_bytes(self, owner: str) -> int:
+        """The bytes of all of `owner`'s files (what a per-key storage quota counts)."""
+        return self._query("SELECT COALESCE(SUM(bytes), 0) AS n FROM files WHERE owner = ?", (owner,))[0]["n"]
+
     def delete_file(self, owner: str, file_id: str) -> bool:
         """Delete `owner`'s file (row first, then bytes, so a crash leaves no row without bytes); False when
         `owner` has no such file."""
@@ -316,6 +331,14 @@ class Store:
         """`owner`'s jobs, newest first, older than job `after`; returns (jobs, has_more)."""
         rows, more = self._page("jobs", "owner", owner, after, limit)
         return [self._job_obj(r) for r in rows], more
+
+    def count_jobs(self, owner: str, *statuses: str) -> int:
+        """How many of `owner`'s jobs have one of `statuses`."""
+        for st in statuses:
+            _check_choice(st, JOB_STATUSES, "job status")
+        marks = ", ".join("?" * len(statuses)) or "NULL"
+        return self._query(f"SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND status IN ({marks})",
+                           (owner, *statuses))[0]["n"]
 
     def update_job(self, job_id: str, **fields) -> dict:
         """Set fields of job `job_id` (any owner; names from JOB_MUTABLE) and return the updated object.
@@ -406,6 +429,14 @@ class Store:
         rows = self._query("SELECT obj, path FROM checkpoints WHERE job_id = ? ORDER BY step DESC, seq DESC "
                            "LIMIT 1", (job_id,))
         return {**json.loads(rows[0]["obj"]), "path": rows[0]["path"]} if rows else None
+
+    def checkpoint_by_model(self, name: str) -> dict | None:
+        """The checkpoint whose `fine_tuned_model_checkpoint` is `name`, with its `path` and its job's `owner`
+        added; None when none is."""
+        rows = self._query("SELECT c.obj, c.path, j.owner FROM checkpoints c JOIN jobs j ON j.id = c.job_id "
+                           "WHERE json_extract(c.obj, '$.fine_tuned_model_checkpoint') = ? ORDER BY c.seq DESC "
+                           "LIMIT 1", (name,))
+        return {**json.loads(rows[0]["obj"]), "path": rows[0]["path"], "owner": rows[0]["owner"]} if rows else None
 
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, owner: str, name: str, path: str | os.PathLike, base: str, source: str) -> dict:

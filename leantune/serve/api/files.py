@@ -1,5 +1,6 @@
 """`/v1/files`: upload (purpose "fine-tune", checked and normalized by `serve.uploads`), list, get, content,
-delete; each owner sees only its own files."""
+delete; each owner sees only its own files (a job's result CSV among them, purpose "fine-tune-results") and may
+store at most `--max-storage-mb-per-key` of them (a 413 past it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +34,13 @@ async def upload(request: Request):
         too_big = len(data) > limit
         raise APIError(413 if too_big else 400, str(e), param="file",
                        code="file_too_large" if too_big else "invalid_file") from None
+    quota = c.engine.cfg.finetune.max_storage_bytes_per_key
+    used = c.store.stored_bytes(who) if quota is not None else 0
+    if quota is not None and used + len(data) > quota:
+        raise APIError(413, f"this file ({len(data)} bytes) would bring this API key's stored files to "
+                            f"{used + len(data)} bytes, past its quota of {quota} bytes (--max-storage-mb-per-key); "
+                            "free space by deleting files no longer needed (DELETE /v1/files/{file_id}: training "
+                            "files of finished jobs, old result files)", param="file", code="storage_quota_exceeded")
     return c.store.add_file(who, name, purpose, data)
 
 

@@ -1,14 +1,19 @@
-"""`/v1/fine_tuning/jobs` (+ `/events`, `/checkpoints`, `/cancel`): OpenAI's fine-tuning jobs, trained inside
-the serving loop (`serve.jobs`); each owner sees only its own jobs."""
+"""`/v1/fine_tuning/jobs` (+ `/events`, `/checkpoints`, `/cancel`, `/pause`, `/resume`): OpenAI's fine-tuning
+jobs, trained inside the serving loop (`serve.jobs`); each owner sees only its own jobs, and may have at most
+`--max-jobs-per-key` of them unfinished (a 429 past it)."""
 from __future__ import annotations
 
 import re
 
 from fastapi import APIRouter, Request
+from torch import nn
 
 from ...data import DataError
+from ...methods.base import AdapterLayer
+from ...methods.targets import linear_sample, matches_list, module_index, output_layer_names
 from ...train.report import parse_report_to
-from ..jobs import METHODS, hyperparameters
+from ..jobs import METHODS, adapter_config, hyperparameters
+from ..store import ACTIVE_JOB_STATUSES
 from ..uploads import not_sft_reason, training_kind
 from .common import APIError, ctx, field, json_body, or_404, owner, paged, run
 
@@ -20,6 +25,13 @@ async def create_job(request: Request):
     who, body = owner(request), await json_body(request)
     c = ctx(request)
     job = _job_request(body, who, c.engine)
+    _, lora = adapter_config(job, c.engine.cfg.finetune)
+    await run(request, _check_targets, c.engine.model, lora.targets)  # engine thread: the model tree is its own
+    limit = c.engine.cfg.finetune.max_jobs_per_key
+    if limit is not None and c.store.count_jobs(who, *ACTIVE_JOB_STATUSES) >= limit:
+        raise APIError(429, f"this API key already has {limit} unfinished fine-tuning jobs, the limit of this server "
+                            "(--max-jobs-per-key); wait for one to finish or cancel one "
+                            "(POST /v1/fine_tuning/jobs/{id}/cancel)", code="rate_limit_exceeded", type="requests")
     created = c.store.add_job(who, **job)
     c.engine.call(lambda: None)  # wake the loop: it starts queued jobs
     return created
@@ -47,13 +59,36 @@ async def cancel_job(job_id: str, request: Request):
 
     def cancel():  # engine thread: the job cannot finish between the status check and the cancel
         j = _job(c.store, who, job_id)
-        if j["status"] not in ("validating_files", "queued", "running"):
+        if j["status"] not in ACTIVE_JOB_STATUSES:
             raise APIError(400, f"the job is already {j['status']} and cannot be cancelled",
                            param="fine_tuning_job_id")
         c.engine.jobs.cancel(job_id)
         return c.store.get_job(who, job_id)
 
     return await run(request, cancel)
+
+
+async def _pause_or_resume(request: Request, job_id: str, action: str):
+    who, c = owner(request), ctx(request)
+
+    def act():  # engine thread, as cancel
+        _job(c.store, who, job_id)
+        try:
+            return getattr(c.engine.jobs, action)(job_id)
+        except ValueError as e:
+            raise APIError(400, str(e), param="fine_tuning_job_id") from None
+
+    return await run(request, act)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, request: Request):
+    return await _pause_or_resume(request, job_id, "pause")
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, request: Request):
+    return await _pause_or_resume(request, job_id, "resume")
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -116,6 +151,21 @@ def _job_request(body: dict, who: str, engine) -> dict:
         raise APIError(400, str(e), param="hyperparameters") from None
     return {"model": model, **files, "hyperparameters": hp, "suffix": suffix, "seed": seed, "method": method,
             "integrations": integrations}
+
+
+def _check_targets(model, targets) -> None:
+    """A 400 when `hyperparameters.lora_targets` names a module the model has no linear layer of (the output
+    layer excluded, as "all-linear" excludes it)."""
+    if targets == "all-linear":
+        return
+    index = module_index(model)
+    output = output_layer_names(model, index)
+    linear = [n for n, m in index.items() if isinstance(m, (nn.Linear, AdapterLayer)) and n not in output]
+    for t in targets:
+        if not any(matches_list(n, [t]) for n in linear):
+            raise APIError(400, f"hyperparameters.lora_targets: {t!r} names no linear layer of this model; "
+                                f"{linear_sample(index, lambda m: isinstance(m, (nn.Linear, AdapterLayer)))}",
+                           param="hyperparameters")
 
 
 _DPO_ROWS = ('{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
