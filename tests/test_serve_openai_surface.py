@@ -57,8 +57,6 @@ def test_unknown_field_is_400_naming_it(server):
 
 
 UNSUPPORTED_CHAT = {
-    "response_format": {"response_format": {"type": "json_object"}},
-    "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
     "presence_penalty": {"presence_penalty": 0.5}, "frequency_penalty": {"frequency_penalty": -0.5},
     "logit_bias": {"logit_bias": {"5": 10}}, "n": {"n": 2}, "store": {"store": True},
     "min_p": {"extra_body": {"min_p": 0.1}}, "repetition_penalty": {"extra_body": {"repetition_penalty": 1.2}},

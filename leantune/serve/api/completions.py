@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from ..requests import GenRequest
 from . import logprobs as lp_shapes
+from . import tools
 from .common import APIError, ctx, json_body, model_not_found, owner, run
 from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
@@ -47,16 +48,24 @@ async def chat(request: Request):
     if req.add_special_tokens:  # the chat template writes the special tokens itself
         raise APIError(400, "'add_special_tokens' true is not supported for chat (the chat template adds the "
                             "special tokens)", param="add_special_tokens", code="unsupported_parameter")
+    spec = tools.tool_spec(req.tools, req.tool_choice, req.parallel_tool_calls)
+    grammar, grammar_param = tools.response_format_grammar(req.response_format), "response_format"
+    if grammar is not None and spec.active:
+        raise APIError(400, "response_format json_object/json_schema cannot be combined with tools unless "
+                            "tool_choice is 'none'", param="response_format", code="unsupported_parameter")
+    if spec.forced:
+        grammar, grammar_param = tools.forced_call_grammar(spec), "tool_choice"
     messages = chat_messages(req.messages)
     gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:
-        ids = engine.tk.encode_chat(messages, add_generation_prompt=gen_prompt)
+        ids = tools.encode_prompt(engine.tk, messages, spec, add_generation_prompt=gen_prompt)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
     greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req))
-    return await _generate(request, greq, "chat", bool(req.stream), _include_usage(req))
+    greq.processors += tools.processors(engine, grammar, grammar_param)
+    return tools.rewrite(await _generate(request, greq, "chat", bool(req.stream), _include_usage(req)), spec)
 
 
 def _chat_logprobs(req) -> int | None:
@@ -113,29 +122,27 @@ def _param_of(message: str) -> str | None:
 # message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
 # response's message back as history (`message.model_dump()`) carry them as null
 _MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
+_MESSAGE_READ = {"assistant": ("role", "content", "tool_calls"), "tool": ("role", "content", "tool_call_id")}
 
 
 def chat_messages(msgs: list) -> list[dict]:
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise APIError(400, f"messages[{i}] must be an object with role system, user, assistant or tool",
                            param=f"messages[{i}].role")
+        read = _MESSAGE_READ.get(m["role"], ("role", "content"))
         for k, v in m.items():
-            if k in ("role", "content") or (k in _MESSAGE_UNREAD and v in (None, [], "")):
+            if k in read or (k in _MESSAGE_UNREAD and v in (None, [], "")):
                 continue
             unread = k in _MESSAGE_UNREAD
             what = f"is not supported by leantune yet (got {v!r})" if unread else "is not a message field"
             raise APIError(400, f"messages[{i}].{k} {what}", param=f"messages[{i}].{k}",
                            code="unsupported_parameter" if unread else "unknown_parameter")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                               param=f"messages[{i}].content")
-            content = "".join(p.get("text", "") for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        if m["role"] == "tool" or m.get("tool_calls"):
+            out.append(tools.history_message(m, i))
+            continue
+        content = tools.message_text(m.get("content"), f"messages[{i}]")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     if not out:
         raise APIError(400, "messages must not be empty", param="messages")

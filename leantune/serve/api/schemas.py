@@ -96,17 +96,26 @@ class CompletionRequest(_Body):
 class ChatCompletionRequest(_Body):
     """POST /v1/chat/completions."""
 
-    messages: list[Any] = Field(description="system/developer, user and assistant messages with text content")
+    messages: list[Any] = Field(description="system/developer, user, assistant (with tool_calls) and tool messages "
+                                           "with text content")
     max_completion_tokens: int | None = Field(None, description="as max_tokens (wins if both are given)")
     add_generation_prompt: bool | None = Field(None, description="vLLM: end the prompt with the assistant "
                                                                  "turn's opening (default true)")
     logprobs: bool | None = Field(None, description="each output token's log-probability (the model's "
                                                     "log-softmax of its logits)")
     top_logprobs: int | None = Field(None, description="0..20 likeliest tokens per position, with logprobs")
-    response_format: dict[str, Any] | None = Field(None, description='not supported yet (only {"type": "text"})')
-    tools: list[Any] | None = Field(None, description="not supported yet (only [])")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='not supported yet (only "none")')
-    parallel_tool_calls: bool | None = Field(None, description="not supported yet (tools are not)")
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                                     '{"type": "json_schema", "json_schema": {"name", '
+                                                                     '"schema", "strict"}}: JSON by grammar-'
+                                                                     "constrained decoding (extra leantune[structured])")
+    tools: list[Any] | None = Field(None, description='functions the model may call: [{"type": "function", '
+                                                      '"function": {"name", "description", "parameters"}}]')
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"auto", "none", "required" or {"type": '
+                                                                       '"function", "function": {"name"}}; a forced '
+                                                                       "call is one call, held to its parameters "
+                                                                       "by grammar (extra leantune[structured])")
+    parallel_tool_calls: bool | None = Field(None, description='"auto" returns every call the model writes; a '
+                                                               "forced call is one call")
     functions: list[Any] | None = Field(None, description="deprecated by OpenAI; not supported (only [])")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported (only "none")')
     store: bool | None = Field(None, description="not supported (nothing is stored; only false)")
@@ -129,8 +138,6 @@ class ChatCompletionRequest(_Body):
 UNSUPPORTED: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
     "echo": (False,), "suffix": ("",),
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # only means something with tools, which are refused
     "functions": ([],), "function_call": ("none",), "store": (False,), "metadata": ({},),
     "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (),
