@@ -322,8 +322,10 @@ class Engine:
         return Work(s.tokens[c.start:c.start + c.length], c.start, self.blocks.slots(s.seq_id, 0, c.start + c.length),
                     adapter=s.adapter_slot, sample=c.sample)
 
-    def _after_inference(self, plan, logits: torch.Tensor) -> None:
-        logits = logits.cpu()  # per-request generators live on the CPU (seeded sampling is device-independent)
+    def _after_inference(self, plan, logits: torch.Tensor | None) -> None:
+        # None: no chunk samples this step (every one is a long prompt's non-final prefill chunk)
+        if logits is not None:
+            logits = logits.cpu()  # per-request generators live on the CPU (seeded sampling is device-independent)
         sampled, i = {}, 0
         for c in plan.chunks:
             if c.sample:
