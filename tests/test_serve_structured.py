@@ -152,7 +152,7 @@ def test_processor_masks_to_the_grammar_and_forces_eos_when_complete():
 
 @pytest.mark.slow
 def test_smollm2_json_schema_and_json_object(smollm2_path, tmp_path):
-    srv = Server(smollm2_path, tmp_path / "data").start(timeout=180)
+    srv = Server(smollm2_path, tmp_path / "data", "--served-model-name", "model").start(timeout=180)
     try:
         c = srv.client()
         person = {"type": "object", "additionalProperties": False,

@@ -54,7 +54,7 @@ async def chat(request: Request):
         raise APIError(400, "response_format json_object/json_schema cannot be combined with tools unless "
                             "tool_choice is 'none'", param="response_format", code="unsupported_parameter")
     if spec.forced:
-        grammar, grammar_param = tools.forced_call_grammar(spec), "tool_choice"
+        grammar, grammar_param = tools.forced_call_grammar(spec), "tools"  # a bad parameters schema
     messages = chat_messages(req.messages)
     gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
     try:

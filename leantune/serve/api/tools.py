@@ -137,7 +137,7 @@ def forced_call_grammar(spec: ToolSpec) -> str:
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     body = json.dumps({**schema, "x-guidance": G.JSON_STYLE})
     return _grammar(lambda: G.lark_grammar(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {body}\n'),
-                    "tool_choice" if spec.choice != "required" else "tools")
+                    "tools")
 
 
 # -- prompt --------------------------------------------------------------------------------------------------
