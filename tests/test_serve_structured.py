@@ -3,6 +3,7 @@ outputs of a tiny random model (greedy and sampled, base and adapter in one batc
 SmolLM2 parse as JSON and validate against the schema (jsonschema is the oracle); bad schemas and a missing
 extra are 400s naming response_format."""
 import json
+import re
 import sys
 import threading
 
@@ -119,6 +120,29 @@ def test_text_response_format_is_free_text(server):
     assert _ask(c, rf={"type": "text"}, temperature=0).choices[0].message.content == plain.choices[0].message.content
 
 
+def test_vllm_guided_fields_on_both_endpoints(server):
+    c = server.client()
+    comp = lambda **kw: c.completions.create(model="model", prompt="The answer:", max_tokens=100, temperature=0,
+                                             extra_body=kw).choices[0].text
+    chat = lambda **kw: c.chat.completions.create(model="model", messages=MSG, max_tokens=100, temperature=0,
+                                                  extra_body=kw).choices[0].message.content
+    choices = ["yes", "no", "it depends"]
+    for ask in (comp, chat):
+        assert ask(guided_choice=choices) in choices
+        assert ask(structured_outputs={"choice": choices}) in choices
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", ask(guided_regex=r"[0-9]{3}-[a-z]{2}"))
+        _valid(ask(guided_json=SCHEMA), SCHEMA)
+        _valid(ask(structured_outputs={"json": json.dumps(SCHEMA)}), SCHEMA)
+    for bad, param in (({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+                       ({"guided_json": {"type": "nonsense"}}, "guided_json"),
+                       ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+                       ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                       ({"guided_grammar": "start: x"}, "guided_grammar")):
+        with pytest.raises(openai.BadRequestError) as info:
+            comp(**bad)
+        assert info.value.response.json()["error"]["param"] == param, bad
+
+
 def test_without_llguidance_the_400_names_the_extra(monkeypatch):
     from leantune.serve.api import tools
     from leantune.serve.api.common import APIError
@@ -151,7 +175,7 @@ def test_processor_masks_to_the_grammar_and_forces_eos_when_complete():
 
 
 @pytest.mark.slow
-def test_smollm2_json_schema_and_json_object(smollm2_path, tmp_path):
+def test_smollm2_json_schema_json_object_and_a_forced_tool_call(smollm2_path, tmp_path):
     srv = Server(smollm2_path, tmp_path / "data", "--served-model-name", "model").start(timeout=180)
     try:
         c = srv.client()
@@ -167,7 +191,15 @@ def test_smollm2_json_schema_and_json_object(smollm2_path, tmp_path):
         _valid(r.choices[0].message.content, person)
         r = c.chat.completions.create(model="model", messages=msgs, temperature=0.7, seed=3, max_tokens=120,
                                       response_format={"type": "json_object"})
-        if r.choices[0].finish_reason == "stop":  # an object may be longer than the tokens asked for
-            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        assert r.choices[0].finish_reason == "stop"  # (greedy runs on listing fields past 120 tokens)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+        weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get a city's weather",
+                                                   "parameters": weather}}]
+        r = c.chat.completions.create(model="model", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                      tools=tools, tool_choice="required", temperature=0, max_tokens=60)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), weather)
     finally:
         srv.stop()

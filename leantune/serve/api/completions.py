@@ -37,6 +37,7 @@ async def completions(request: Request):
     if any(t < 0 or t >= engine.model.config.vocab_size for t in ids):
         raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt")
     greq = _sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs)
+    greq.processors += tools.processors(engine, *tools.guided_grammar(req))
     return await _generate(request, greq, "text", bool(req.stream), _include_usage(req))
 
 
@@ -49,10 +50,11 @@ async def chat(request: Request):
         raise APIError(400, "'add_special_tokens' true is not supported for chat (the chat template adds the "
                             "special tokens)", param="add_special_tokens", code="unsupported_parameter")
     spec = tools.tool_spec(req.tools, req.tool_choice, req.parallel_tool_calls)
-    grammar, grammar_param = tools.response_format_grammar(req.response_format), "response_format"
+    grammar, grammar_param = tools.guided_grammar(req)
+    grammar = grammar or tools.response_format_grammar(req.response_format)
     if grammar is not None and spec.active:
-        raise APIError(400, "response_format json_object/json_schema cannot be combined with tools unless "
-                            "tool_choice is 'none'", param="response_format", code="unsupported_parameter")
+        raise APIError(400, f"{grammar_param} (JSON or guided output) cannot be combined with tools unless "
+                            "tool_choice is 'none'", param=grammar_param, code="unsupported_parameter")
     if spec.forced:
         grammar, grammar_param = tools.forced_call_grammar(spec), "tools"  # a bad parameters schema
     messages = chat_messages(req.messages)

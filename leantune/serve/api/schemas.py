@@ -67,11 +67,13 @@ class _Body(BaseModel):
     prompt_logprobs: int | None = Field(None, description="vLLM; not supported yet")
     allowed_token_ids: list[int] | None = Field(None, description="vLLM; not supported yet")
     bad_words: list[str] | None = Field(None, description="vLLM; not supported yet")
-    guided_json: Any = Field(None, description="vLLM; not supported yet")
-    guided_regex: str | None = Field(None, description="vLLM; not supported yet")
-    guided_choice: list[str] | None = Field(None, description="vLLM; not supported yet")
+    guided_json: Any = Field(None, description="vLLM: output JSON valid against this schema (an object or its "
+                                               "JSON text), by grammar (extra leantune[structured])")
+    guided_regex: str | None = Field(None, description="vLLM: output matching this regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM: output exactly one of these strings")
     guided_grammar: str | None = Field(None, description="vLLM; not supported yet")
-    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM; not supported yet")
+    structured_outputs: dict[str, Any] | None = Field(None, description='vLLM: {"json": schema}, {"regex": ...}, '
+                                                                        '{"choice": [...]} or {"json_object": true}')
     priority: int | None = Field(None, description="vLLM; not supported yet (only 0)")
     request_id: str | None = Field(None, description="vLLM; not supported yet")
     return_tokens_as_token_ids: bool | None = Field(None, description="vLLM; not supported yet (only false)")
@@ -144,8 +146,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (), "prompt_logprobs": (),
-    "allowed_token_ids": (), "bad_words": ([],), "guided_json": (), "guided_regex": (), "guided_choice": (),
-    "guided_grammar": (), "structured_outputs": (), "priority": (0,), "request_id": (),
+    "allowed_token_ids": (), "bad_words": ([],), "guided_grammar": (), "priority": (0,), "request_id": (),
     "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
     "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],),
 }

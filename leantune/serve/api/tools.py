@@ -113,6 +113,43 @@ def response_format_grammar(rf: dict | None) -> str | None:
     return _grammar(lambda: G.json_schema_grammar(js["schema"]), "response_format")
 
 
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "structured_outputs")
+_OUTPUTS_KEYS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice"}
+
+
+def guided_grammar(req) -> tuple[str | None, str]:
+    """(grammar text or None, the parameter it came from) of vLLM's guided_json / guided_regex / guided_choice
+    or structured_outputs {"json" | "regex" | "choice" | "json_object"}, on either endpoint."""
+    given = [k for k in _GUIDED if getattr(req, k, None) is not None]
+    if len(given) > 1 or (given and getattr(req, "response_format", None) not in (None, {"type": "text"})):
+        raise APIError(400, f"give one of response_format, {', '.join(_GUIDED)}", param=given[-1])
+    if not given:
+        return None, "response_format"
+    param, value = given[0], getattr(req, given[0])
+    if param == "structured_outputs":
+        keys = [k for k, v in value.items() if v not in (None, False)]
+        if len(keys) != 1 or keys[0] not in (*_OUTPUTS_KEYS, "json_object"):
+            raise APIError(400, "structured_outputs must set exactly one of json, regex, choice, json_object",
+                           param=param)
+        param, value = (_OUTPUTS_KEYS.get(keys[0], "guided_json"),
+                        {"type": "object"} if keys[0] == "json_object" else value[keys[0]])
+    try:
+        if param == "guided_json":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, dict):
+                raise G.GrammarError("a JSON schema is an object")
+            return G.json_schema_grammar(schema), given[0]
+        if param == "guided_choice":
+            if not value or not all(isinstance(c, str) for c in value):
+                raise G.GrammarError("a non-empty list of strings is needed")
+            return G.regex_grammar("|".join(f"({re.escape(c)})" for c in value)), given[0]
+        if not isinstance(value, str):
+            raise G.GrammarError("a regular expression string is needed")
+        return G.regex_grammar(value), given[0]
+    except (G.GrammarError, json.JSONDecodeError) as e:
+        raise APIError(400, f"{given[0]}: {e}", param=given[0]) from None
+
+
 def _grammar(make, param: str) -> str:
     try:
         return make()
