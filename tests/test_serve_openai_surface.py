@@ -195,7 +195,7 @@ def test_tokenize_bad_requests(server):
     assert err("/tokenize", {"prompt": "hi", "messages": MSG})["param"] == "prompt"
     assert err("/tokenize", {})["param"] == "prompt"
     assert err("/tokenize", {"prompt": "hi", "lang": "en"})["code"] == "unknown_parameter"
-    assert err("/tokenize", {"messages": MSG, "tools": [{"type": "function"}]})["param"] == "tools"
+    assert err("/tokenize", {"messages": MSG, "tools": [{"type": "function"}]})["param"] == "tools[0]"
     assert err("/tokenize", {"model": "nope", "prompt": "hi"}, 404)["code"] == "model_not_found"
     assert err("/detokenize", {"tokens": [1, 10 ** 7]})["param"] == "tokens"
     assert err("/detokenize", {"tokens": "1 2"})["code"] == "invalid_type"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from serve_util import Server
+from serve_util import Server, http
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance")
@@ -82,6 +82,14 @@ def test_tool_choice_none_hides_the_tools(server):
     auto = c.chat.completions.create(model="model", messages=MSG, tools=TOOLS, max_tokens=4, temperature=0)
     assert none.usage.prompt_tokens == plain.usage.prompt_tokens < auto.usage.prompt_tokens
     assert none.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_tokenize_with_tools_counts_the_chat_prompt(server):
+    auto = server.client().chat.completions.create(model="model", messages=MSG, tools=TOOLS, max_tokens=1)
+    status, body = http("POST", server.base_url[:-3] + "/tokenize", {"messages": MSG, "tools": TOOLS})
+    assert status == 200 and json.loads(body)["count"] == auto.usage.prompt_tokens
+    status, body = http("POST", server.base_url[:-3] + "/tokenize", {"prompt": "hi", "tools": TOOLS})
+    assert status == 400 and json.loads(body)["error"]["param"] == "tools"
 
 
 def test_tool_history_is_accepted_and_rendered(server, folder):

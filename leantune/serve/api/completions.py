@@ -57,14 +57,7 @@ async def chat(request: Request):
                             "tool_choice is 'none'", param=grammar_param, code="unsupported_parameter")
     if spec.forced:
         grammar, grammar_param = tools.forced_call_grammar(spec), "tools"  # a bad parameters schema
-    messages = chat_messages(req.messages)
-    gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
-    try:
-        ids = tools.encode_prompt(engine.tk, messages, spec, add_generation_prompt=gen_prompt)
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
-        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    ids = chat_prompt(engine.tk, req.messages, spec, req.add_generation_prompt is not False)  # vLLM's default
     greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req))
     greq.processors += tools.processors(engine, grammar, grammar_param)
     return tools.rewrite(await _generate(request, greq, "chat", bool(req.stream), _include_usage(req)), spec)
@@ -149,6 +142,17 @@ def chat_messages(msgs: list) -> list[dict]:
     if not out:
         raise APIError(400, "messages must not be empty", param="messages")
     return out
+
+
+def chat_prompt(tk, msgs: list, spec: tools.ToolSpec, add_generation_prompt: bool) -> list[int]:
+    """The prompt's token ids: the messages (and the tools the model may call) through the chat template."""
+    messages = chat_messages(msgs)
+    try:
+        return tools.encode_prompt(tk, messages, spec, add_generation_prompt=add_generation_prompt)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
 
 async def _submit(request: Request, greq: GenRequest, sink):
