@@ -146,6 +146,10 @@ def test_auto_output_is_parsed_into_tool_calls():
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_time", {"zone": "UTC"})]
     assert content.startswith("Let me check.") and '"nope"' in content  # an unknown function stays text
+    two = text.replace('"nope"', '"get_weather"')
+    assert len(parse_calls(two, spec)[1]) == 2
+    content, calls = parse_calls(two, ToolSpec(spec.functions, "auto", parallel=False))
+    assert [c["function"]["name"] for c in calls] == ["get_time"] and '"get_weather"' in content
     resp = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
     assert rewrite(resp, spec)["choices"][0]["finish_reason"] == "tool_calls"
     plain = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}

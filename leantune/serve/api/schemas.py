@@ -116,8 +116,8 @@ class ChatCompletionRequest(_Body):
                                                                        '"function", "function": {"name"}}; a forced '
                                                                        "call is one call, held to its parameters "
                                                                        "by grammar (extra leantune[structured])")
-    parallel_tool_calls: bool | None = Field(None, description='"auto" returns every call the model writes; a '
-                                                               "forced call is one call")
+    parallel_tool_calls: bool | None = Field(None, description='false: at most one call (a forced call is one '
+                                                               "call either way)")
     functions: list[Any] | None = Field(None, description="deprecated by OpenAI; not supported (only [])")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported (only "none")')
     store: bool | None = Field(None, description="not supported (nothing is stored; only false)")

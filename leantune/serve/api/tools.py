@@ -37,6 +37,7 @@ class ToolSpec:
 
     functions: list[dict] = field(default_factory=list)  # OpenAI's {"name", "description", "parameters"}
     choice: str = "auto"  # "auto", "none", "required", or the name of the function to call
+    parallel: bool = True  # False: at most one call is returned (later <tool_call> blocks stay text)
 
     @property
     def active(self) -> bool:
@@ -70,8 +71,7 @@ def tool_spec(tools: list | None, tool_choice, parallel_tool_calls: bool | None)
         raise APIError(400, f"tool_choice names function {choice!r}, which is not in tools", param="tool_choice")
     if choice == "required" and not functions:
         raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
-    del parallel_tool_calls  # either value is honoured: a forced call is one call; "auto" parses every call
-    return ToolSpec(functions, choice)
+    return ToolSpec(functions, choice, parallel_tool_calls is not False)  # a forced call is one call anyway
 
 
 def _function(t, i: int) -> dict:
@@ -266,7 +266,7 @@ def parse_calls(text: str, spec: ToolSpec) -> tuple[str | None, list[dict]]:
             ok = isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict)
         except json.JSONDecodeError:
             ok = False
-        if not ok:
+        if not ok or (calls and not spec.parallel):
             continue
         kept.append(text[pos:m.start()])
         pos = m.end()
