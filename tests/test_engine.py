@@ -226,3 +226,13 @@ def test_dpo_job_cut_at_a_checkpoint_resumes_to_the_uninterrupted_losses(model_t
     assert any(ev["message"] == "Resumed from the checkpoint at step 2"
                for ev in resumed.store.list_events(job["id"], limit=100)[0])
     assert _dpo_losses(resumed.store, job["id"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_prompt_longer_than_a_step_is_prefilled_over_several_steps(model_tok, tmp_path, one_thread):
+    """A step whose only chunk is a long prompt's non-final prefill samples nothing (the runner returns no
+    logits): the request goes on and its tokens equal generate's."""
+    model, tok = model_tok
+    prompt = list(range(3, 60))  # 57 tokens, 4 steps of 16
+    ref = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
+    out = _run(_engine(model_tok, tmp_path, num_blocks=64, block_size=4, max_tokens_per_step=16), [prompt], 4)
+    assert "".join(ev["text"] for ev in out[0]) == tok.decode(ref)

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from .. import penalties
 from ..requests import GenRequest
 from . import logprobs as lp_shapes
+from . import tools
 from .common import APIError, ctx, json_body, model_not_found, owner, run
 from .schemas import ChatCompletionRequest, CompletionRequest, openapi, parse
 
@@ -39,6 +40,9 @@ async def completions(request: Request):
     greqs = [_sampling(req, ids, who, 16, engine.cfg.max_model_len, "prompt", req.logprobs, n=seqs,
                        prompt_logprobs=k_prompt, vocab=engine.model.config.vocab_size, eos=engine.tk.eos_ids)
              for ids, _ in prompts]
+    grammar = tools.processors(engine, *tools.guided_grammar(req))
+    for greq in greqs:
+        greq.processors += grammar
     view = _View("text", n, echo, [text for _, text in prompts], req.logprobs, req.prompt_logprobs)
     return await _generate(request, greqs, view, bool(req.stream), _include_usage(req))
 
@@ -51,19 +55,23 @@ async def chat(request: Request):
     if req.add_special_tokens:  # the chat template writes the special tokens itself
         raise APIError(400, "'add_special_tokens' true is not supported for chat (the chat template adds the "
                             "special tokens)", param="add_special_tokens", code="unsupported_parameter")
-    messages = chat_messages(req.messages)
-    gen_prompt = req.add_generation_prompt is not False  # vLLM's default: true
-    try:
-        ids = engine.chat_tokenizer(req.model).encode_chat(messages, add_generation_prompt=gen_prompt)
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
-        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    spec = tools.tool_spec(req.tools, req.tool_choice, req.parallel_tool_calls)
+    grammar, grammar_param = tools.guided_grammar(req)
+    grammar = grammar or tools.response_format_grammar(req.response_format)
+    if grammar is not None and spec.active:
+        raise APIError(400, f"{grammar_param} (JSON or guided output) cannot be combined with tools unless "
+                            "tool_choice is 'none'", param=grammar_param, code="unsupported_parameter")
+    if spec.forced:
+        grammar, grammar_param = tools.forced_call_grammar(spec), "tools"  # a bad parameters schema
+    # the adapter's own chat template when its folder has one (serve --max-loras' chat_tokenizer)
+    ids = chat_prompt(engine.chat_tokenizer(req.model), req.messages, spec,
+                      req.add_generation_prompt is not False)  # vLLM's default: true
     n, seqs = _choice_counts(req)
     greq = _sampling(req, ids, who, 256, engine.cfg.max_model_len, "messages", _chat_logprobs(req), n=seqs,
                      prompt_logprobs=req.prompt_logprobs, vocab=engine.model.config.vocab_size, eos=engine.tk.eos_ids)
+    greq.processors += tools.processors(engine, grammar, grammar_param)
     view = _View("chat", n, False, [None], greq.logprobs, req.prompt_logprobs)
-    return await _generate(request, [greq], view, bool(req.stream), _include_usage(req))
+    return tools.rewrite(await _generate(request, [greq], view, bool(req.stream), _include_usage(req)), spec)
 
 
 def _prompts(prompt, engine, add_special: bool) -> list[tuple[list[int], str | None]]:
@@ -202,33 +210,42 @@ def _param_of(message: str) -> str | None:
 # message fields OpenAI defines that leantune does not read: refused unless empty, since clients that send a
 # response's message back as history (`message.model_dump()`) carry them as null
 _MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
+_MESSAGE_READ = {"assistant": ("role", "content", "tool_calls"), "tool": ("role", "content", "tool_call_id")}
 
 
 def chat_messages(msgs: list) -> list[dict]:
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant",
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise APIError(400, f"messages[{i}] must be an object with role system, user, assistant or tool",
                            param=f"messages[{i}].role")
+        read = _MESSAGE_READ.get(m["role"], ("role", "content"))
         for k, v in m.items():
-            if k in ("role", "content") or (k in _MESSAGE_UNREAD and v in (None, [], "")):
+            if k in read or (k in _MESSAGE_UNREAD and v in (None, [], "")):
                 continue
             unread = k in _MESSAGE_UNREAD
             what = f"is not supported by leantune yet (got {v!r})" if unread else "is not a message field"
             raise APIError(400, f"messages[{i}].{k} {what}", param=f"messages[{i}].{k}",
                            code="unsupported_parameter" if unread else "unknown_parameter")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                               param=f"messages[{i}].content")
-            content = "".join(p.get("text", "") for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        if m["role"] == "tool" or m.get("tool_calls"):
+            out.append(tools.history_message(m, i))
+            continue
+        content = tools.message_text(m.get("content"), f"messages[{i}]")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     if not out:
         raise APIError(400, "messages must not be empty", param="messages")
     return out
+
+
+def chat_prompt(tk, msgs: list, spec: tools.ToolSpec, add_generation_prompt: bool) -> list[int]:
+    """The prompt's token ids: the messages (and the tools the model may call) through the chat template."""
+    messages = chat_messages(msgs)
+    try:
+        return tools.encode_prompt(tk, messages, spec, add_generation_prompt=add_generation_prompt)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
 
 
 @dataclass

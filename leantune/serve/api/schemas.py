@@ -76,11 +76,13 @@ class _Body(BaseModel):
                                                           "the k likeliest (the first token's is null)")
     allowed_token_ids: list[int] | None = Field(None, description="vLLM; not supported yet")
     bad_words: list[str] | None = Field(None, description="vLLM; not supported yet")
-    guided_json: Any = Field(None, description="vLLM; not supported yet")
-    guided_regex: str | None = Field(None, description="vLLM; not supported yet")
-    guided_choice: list[str] | None = Field(None, description="vLLM; not supported yet")
+    guided_json: Any = Field(None, description="vLLM: output JSON valid against this schema (an object or its "
+                                               "JSON text), by grammar (extra leantune[structured])")
+    guided_regex: str | None = Field(None, description="vLLM: output matching this regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM: output exactly one of these strings")
     guided_grammar: str | None = Field(None, description="vLLM; not supported yet")
-    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM; not supported yet")
+    structured_outputs: dict[str, Any] | None = Field(None, description='vLLM: {"json": schema}, {"regex": ...}, '
+                                                                        '{"choice": [...]} or {"json_object": true}')
     priority: int | None = Field(None, description="vLLM; not supported yet (only 0)")
     request_id: str | None = Field(None, description="vLLM; not supported yet")
     return_tokens_as_token_ids: bool | None = Field(None, description="vLLM; not supported yet (only false)")
@@ -110,17 +112,26 @@ class CompletionRequest(_Body):
 class ChatCompletionRequest(_Body):
     """POST /v1/chat/completions."""
 
-    messages: list[Any] = Field(description="system/developer, user and assistant messages with text content")
+    messages: list[Any] = Field(description="system/developer, user, assistant (with tool_calls) and tool messages "
+                                           "with text content")
     max_completion_tokens: int | None = Field(None, description="as max_tokens (wins if both are given)")
     add_generation_prompt: bool | None = Field(None, description="vLLM: end the prompt with the assistant "
                                                                  "turn's opening (default true)")
     logprobs: bool | None = Field(None, description="each output token's log-probability (the model's "
                                                     "log-softmax of its logits)")
     top_logprobs: int | None = Field(None, description="0..20 likeliest tokens per position, with logprobs")
-    response_format: dict[str, Any] | None = Field(None, description='not supported yet (only {"type": "text"})')
-    tools: list[Any] | None = Field(None, description="not supported yet (only [])")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='not supported yet (only "none")')
-    parallel_tool_calls: bool | None = Field(None, description="not supported yet (tools are not)")
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                                     '{"type": "json_schema", "json_schema": {"name", '
+                                                                     '"schema", "strict"}}: JSON by grammar-'
+                                                                     "constrained decoding (extra leantune[structured])")
+    tools: list[Any] | None = Field(None, description='functions the model may call: [{"type": "function", '
+                                                      '"function": {"name", "description", "parameters"}}]')
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"auto", "none", "required" or {"type": '
+                                                                       '"function", "function": {"name"}}; a forced '
+                                                                       "call is one call, held to its parameters "
+                                                                       "by grammar (extra leantune[structured])")
+    parallel_tool_calls: bool | None = Field(None, description='false: at most one call (a forced call is one '
+                                                               "call either way)")
     functions: list[Any] | None = Field(None, description="deprecated by OpenAI; not supported (only [])")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported (only "none")')
     store: bool | None = Field(None, description="not supported (nothing is stored; only false)")
@@ -143,15 +154,12 @@ class ChatCompletionRequest(_Body):
 UNSUPPORTED: dict[str, tuple] = {
     "echo": (False,),  # completions read it (CompletionRequest.SUPPORTS); vLLM's chat echo does not
     "suffix": ("",),
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # only means something with tools, which are refused
     "functions": ([],), "function_call": ("none",), "store": (False,), "metadata": ({},),
     "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "verbosity": (), "web_search_options": (),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
     "use_beam_search": (False,), "length_penalty": (1,), "truncate_prompt_tokens": (),
-    "allowed_token_ids": (), "bad_words": ([],), "guided_json": (), "guided_regex": (), "guided_choice": (),
-    "guided_grammar": (), "structured_outputs": (), "priority": (0,), "request_id": (),
+    "allowed_token_ids": (), "bad_words": ([],), "guided_grammar": (), "priority": (0,), "request_id": (),
     "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
     "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],),
 }

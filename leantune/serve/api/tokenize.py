@@ -14,7 +14,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .common import APIError, ctx, json_body, model_not_found, owner, run
-from .completions import chat_messages
+from . import tools
+from .completions import chat_prompt
 from .schemas import openapi, parse
 
 router = APIRouter()
@@ -34,7 +35,8 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool | None = Field(None, description="not supported yet (only false)")
     chat_template: str | None = Field(None, description="not supported yet")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="not supported yet")
-    tools: list[Any] | None = Field(None, description="not supported yet")
+    tools: list[Any] | None = Field(None, description="messages: the functions a chat request offers (rendered as "
+                                                      "the chat route renders them)")
 
 
 class DetokenizeRequest(BaseModel):
@@ -65,18 +67,16 @@ async def tokenize(request: Request):
         if req.add_generation_prompt is not None:
             raise APIError(400, "'add_generation_prompt' goes with 'messages', not 'prompt'",
                            param="add_generation_prompt")
+        if req.tools:
+            raise APIError(400, "'tools' goes with 'messages', not 'prompt'", param="tools")
         ids = engine.tk.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
         if req.add_special_tokens:  # the chat template writes the special tokens itself
             raise APIError(400, "'add_special_tokens' true is not supported with 'messages' (the chat template "
                                 "adds the special tokens)", param="add_special_tokens")
-        try:
-            ids = engine.tk.encode_chat(chat_messages(req.messages),
-                                        add_generation_prompt=req.add_generation_prompt is not False)
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a chat template that refuses these messages
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        # tools as a chat request with tool_choice "auto" renders them, so count == its prompt_tokens
+        ids = chat_prompt(engine.tk, req.messages, tools.tool_spec(req.tools, None, None),
+                          req.add_generation_prompt is not False)
     strs = [engine.tk.tk.id_to_token(i) for i in ids] if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": engine.cfg.max_model_len, "tokens": ids, "token_strs": strs}
 
