@@ -25,13 +25,14 @@ def _plan(res, x, y, eps):
 
 
 # ---- oracle (a): the solver matches POT's entropic OT (and the exact OT as eps -> 0) --------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sinkhorn_matches_pot(dtype):
+@pytest.mark.parametrize("dtype,threshold", [(torch.float64, 1e-7), (torch.float32, 1e-5)])
+def test_sinkhorn_matches_pot(dtype, threshold):
     rng = np.random.default_rng(0)
     x, y = rng.random((200, 2)), rng.random((200, 2)) + [0.3, 0.0]
     eps = 0.05
     # uneven blocks and a batch that straddles them: the streamed passes must not depend on either
-    res = sinkhorn([x[:70], x[70:]], y, eps=eps, threshold=1e-7, max_iter=5000, batch=48, dtype=dtype)
+    res = sinkhorn([x[:70], x[70:]], y, eps=eps, threshold=threshold, max_iter=5000, batch=48,
+                   dtype=dtype)
     p, c = _plan(res, x, y, eps)
     a = b = np.full(200, 1 / 200)
     ref = ot.solve(c, a, b, reg=eps, max_iter=100000, tol=1e-12)
@@ -44,10 +45,10 @@ def test_sinkhorn_matches_pot(dtype):
 
 def test_sinkhorn_approaches_exact_ot():
     rng = np.random.default_rng(1)
-    x, y = rng.random((200, 2)), rng.random((200, 2))
-    a = np.full(200, 1 / 200)
+    x, y = rng.random((100, 2)), rng.random((100, 2))
+    a = np.full(100, 1 / 100)
     exact = ot.emd2(a, a, ot.dist(x, y))
-    res = sinkhorn([x], y, eps=1e-3, threshold=1e-5, max_iter=20000, batch=200, dtype=torch.float64)
+    res = sinkhorn([x], y, eps=1e-3, threshold=1e-4, max_iter=20000, batch=100, dtype=torch.float64)
     p, c = _plan(res, x, y, 1e-3)
     assert abs((p * c).sum() - exact) < 1e-3
 
@@ -62,14 +63,14 @@ def test_calibrated_potential_matches_finite_differences():
     score = calibrate(res.f)
     c, b = ot.dist(x, y), np.full(100, 1 / 100)
     a = np.full(150, 1 / 150)
-    base = ot.solve(c, a, b, reg=eps, max_iter=100000, tol=1e-13).value
-    idx = rng.choice(150, 40, replace=False)
+    base = ot.solve(c, a, b, reg=eps, max_iter=100000, tol=1e-11).value
+    idx = rng.choice(150, 25, replace=False)
     diffs = []
     for i in idx:
         a2 = a.copy()
         a2[i] += delta
         a2 /= a2.sum()  # renormalised: OT compares probability measures
-        diffs.append((ot.solve(c, a2, b, reg=eps, max_iter=100000, tol=1e-13).value - base) / delta)
+        diffs.append((ot.solve(c, a2, b, reg=eps, max_iter=100000, tol=1e-11).value - base) / delta)
     assert np.corrcoef(diffs, score[idx])[0, 1] > 0.95
     # and the size: to first order dOT = delta (f_i - mean f) / (1 + delta); calibration adds f_i / N
     assert np.abs(np.array(diffs) - (res.f[idx] - res.f.mean())).max() < 0.05 * np.ptp(res.f)
