@@ -17,6 +17,8 @@ COMMANDS = {
               "serve the model and adapters over an OpenAI-compatible API; fine-tune inside the serving loop"),
     "export": ("leantune.recipes.export", "ExportConfig", "export",
                "write the merged model (or, with --lora-only, the adapter) as a GGUF file for llama.cpp / Ollama"),
+    "select": ("leantune.recipes.select", "SelectConfig", "select",
+               "select the k pool rows closest to a target task (GOT-D optimal transport, nearest, random)"),
     "estimate": ("leantune.recipes.estimate", "EstimateConfig", "estimate",
                  "predict the peak memory of a training step from the model's config (no weights read)"),
 }
