@@ -1,6 +1,7 @@
 """The serving engine in-process (unit tier, tiny model): outputs equal plain `generate`, preemption under
 a small KV pool changes nothing, and a failing job fails alone."""
 import json
+import time
 
 import pytest
 import torch
@@ -236,3 +237,25 @@ def test_prompt_longer_than_a_step_is_prefilled_over_several_steps(model_tok, tm
     ref = generate(model, [prompt], GenerationConfig(max_new_tokens=4))[0]
     out = _run(_engine(model_tok, tmp_path, num_blocks=64, block_size=4, max_tokens_per_step=16), [prompt], 4)
     assert "".join(ev["text"] for ev in out[0]) == tok.decode(ref)
+
+
+def test_a_failing_iteration_fails_its_requests_and_prints_why(model_tok, tmp_path, one_thread, capfd):
+    e = _engine(model_tok, tmp_path, num_blocks=64, block_size=4)
+
+    def broken(works):
+        raise RuntimeError("forward exploded")
+
+    e.runner.step = broken  # the engine loop's own error path, not a test double of it
+    events = []
+    e.start()
+    try:
+        e.call(e.add_request, GenRequest([5, 6, 7], "model", max_tokens=4, temperature=0), events.append).result(30)
+        deadline = time.monotonic() + 30  # a bound, not a timing assertion
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        e.stop()
+    assert events and events[-1]["finish_reason"] == "error" and "server log" in events[-1]["error"]
+    err = capfd.readouterr().err
+    assert "an iteration failed" in err and "RuntimeError: forward exploded" in err
+    assert not e.reqs and e.blocks.num_free == e.blocks.num_blocks

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -185,6 +186,9 @@ class Engine:
                 busy = self.iteration()
             except Exception:  # noqa: BLE001 - keep serving; the failing job or requests are told
                 self.error = traceback.format_exc()
+                # the clients are told only "see the server log": this is that log (uvicorn's stderr)
+                print(f"leantune engine: an iteration failed; its requests were failed:\n{self.error}",
+                      file=sys.stderr, flush=True)
                 self._fail_all(self.error)
                 busy = False
             if not busy:
