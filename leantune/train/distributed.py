@@ -260,10 +260,13 @@ class LossModule(nn.Module):
 
 
 def _state_dicts(model, opt):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    """(trainable parameters by name, optimizer state keyed by parameter names). The parameters themselves
+    (sharded DTensors under FSDP), so DCP loads into them in place; only trainable ones: the frozen base is the
+    --model the run loads again, and its 4-bit buffers (QLoRA) have state-dict keys that are not module paths."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    # trainable weights only: the frozen base is the --model the run loads again
-    return get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    msd = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return msd, get_optimizer_state_dict(model, opt)
 
 
 def save_sharded(folder: Path, model, opt) -> None:
@@ -277,13 +280,19 @@ def save_sharded(folder: Path, model, opt) -> None:
 def load_sharded(folder: Path, model, opt) -> None:
     """Restore what `save_sharded` wrote, resharded onto this run's ranks (or one process)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    path = Path(folder) / DCP_DIR
     msd, osd = _state_dicts(model, opt)
+    saved = {k.split(".", 1)[1] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    if saved != set(msd):
+        raise ValueError(f"checkpoint {folder} does not match this model/method (e.g. "
+                         f"{sorted(saved ^ set(msd))[:3]}); resume with the same --model and --method, or start a "
+                         "new --output")
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(Path(folder) / DCP_DIR))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load(state, checkpoint_id=str(path))  # the parameters in place
+    set_optimizer_state_dict(model, opt, optim_state_dict=state["optim"])
 
 
 def is_sharded(folder: Path) -> bool:
