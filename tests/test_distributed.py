@@ -64,9 +64,9 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def losses(out: Path) -> list[float]:
+def losses(out: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r[key] for r in rows if key in r]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -80,6 +80,8 @@ def assert_same_run(ref: Path, out: Path) -> None:
     assert a[-1] != a[0]  # it trained
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    ea, eb = losses(ref, "eval_loss"), losses(out, "eval_loss")
+    assert len(ea) == len(eb) == 2 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(ea, eb)), (ea, eb)
     wa, wb = weights(ref), weights(out)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -96,7 +98,10 @@ def setup(tmp_path_factory):
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
-    return root, ["--model", model, "--data", data, *COMMON]
+    # held-out loss every 2 steps (the whole model evaluated on every rank) and gradient checkpointing (blocks
+    # recomputed in backward, re-gathered by FSDP) ride along
+    return root, ["--model", model, "--data", data, "--eval-data", data, "--eval-every", "2",
+                  "--gradient-checkpointing", *COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +198,28 @@ def test_bad_input_stops_every_rank_with_the_same_message(setup):
     assert proc.returncode == 2 and "launch it with torchrun" in proc.stderr
     proc = run_torchrun([*base, "--method", "adalora", "--output", root / "bad"])
     assert proc.returncode != 0 and proc.stderr.count("--method adalora changes gradients or weights") == 2
+
+
+def test_estimate_per_rank_divides_what_fsdp_shards(setup):
+    """`estimate --nproc N`: FSDP divides adapter, gradients and optimizer state by N and the float weights but
+    for the gathered root and blocks; QLoRA's 4-bit base stays whole; DDP replicates everything."""
+    from leantune.recipes.estimate import EstimateConfig, estimate
+
+    model = str(setup[1][1])
+    kw = dict(model=model, device="cpu", dtype="fp32", batch=8, seq=64)
+    one = estimate(EstimateConfig(**kw))
+    half = estimate(EstimateConfig(**{**kw, "batch": 4}))  # 4 rows: more than one rank of 4 has
+    fsdp = estimate(EstimateConfig(**kw, nproc=4, parallel="fsdp"))
+    ddp = estimate(EstimateConfig(**kw, nproc=4, parallel="ddp"))
+    assert ddp["weights"] == one["weights"] and ddp["optimizer"] == one["optimizer"]
+    assert fsdp["adapter"] == one["adapter"] // 4 and fsdp["optimizer"] == one["optimizer"] // 4
+    assert fsdp["gradients"] < ddp["gradients"] and ddp["total"] < one["total"]
+    # a quarter of the weights, plus the gathered root (the rest of it) and two gathered blocks
+    split = one["weight_split"]
+    assert split["replicated"] == 0
+    assert fsdp["weights"] == one["weights"] // 4 + split["root"] * 3 // 4 + 2 * split["block"]
+    q1 = estimate(EstimateConfig(**kw, method="qlora"))
+    q4 = estimate(EstimateConfig(**kw, method="qlora", nproc=4))
+    assert q4["weights"] >= q1["weight_split"]["replicated"] > 0
+    with pytest.raises(ValueError, match="multiple of --nproc 3"):
+        EstimateConfig(**kw, nproc=3)
