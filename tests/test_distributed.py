@@ -124,7 +124,9 @@ def reference(setup):
 def test_two_ranks_equal_one_process(setup, reference, method, parallel):
     root, base = setup
     out = root / f"{method}-{parallel}"
-    proc = ok(run_torchrun([*base, "--method", method, "--parallel", parallel, "--output", out]))
+    args = [*base, "--method", method, "--parallel", parallel, "--output", out]
+    # full + ddp through `leantune finetune --nproc 2`, which relaunches itself under torchrun (--standalone)
+    proc = ok(run_single([*args, "--nproc", "2"]) if (method, parallel) == ("full", "ddp") else run_torchrun(args))
     assert f"--parallel {parallel} on 2 processes" in proc.stderr
     assert_same_run(reference(method), out)
     # one set of files, written by rank 0, in the one-process format: a PEFT adapter (or an HF model folder)

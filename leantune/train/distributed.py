@@ -321,8 +321,14 @@ def run_torchrun(nproc: int, output: str) -> dict:
     if sys.argv[1:2] != ["finetune"]:
         raise ValueError("--nproc relaunches the `leantune finetune` command line; from Python, start torchrun "
                          "yourself (torchrun --nproc_per_node N -m leantune finetune ...)")
+    args, rest = [], iter(sys.argv[1:])
+    for a in rest:  # without --nproc, which torchrun's own parser would take for --nproc-per-node
+        if a == "--nproc":
+            next(rest, None)
+        elif not a.startswith("--nproc="):
+            args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "leantune", *sys.argv[1:]]
+           "-m", "leantune", *args]
     rc = subprocess.run(cmd).returncode
     if rc != 0:
         raise SystemExit(rc)
