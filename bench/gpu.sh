@@ -19,8 +19,9 @@
 # BENCH_ARGS (env) is passed on to gpu_train.py (e.g. "--dry" to try this script on a CPU), COSERVE_ARGS to
 # bench/coserve.py after its own (later ones win: "--device cpu --model tiny --phase-s 2" on a CPU).
 # PY (default python3), SKIP_INSTALL=1 (no pip: for a dry run in a dev tree), TESTS_S=0 (skip the GPU tests),
-# COSERVE_S (the co-serving bench's share of TOTAL_S, taken from the training bench's; 0 skips it).
-# Writes OUTDIR/{env.txt,nvidia-smi.txt,install.log,tests.log,bench.log,bench.json,coserve.log,coserve.json,
+# COSERVE_S (the co-serving bench's share of TOTAL_S, taken from the training bench's; 0 skips it), FSDP_S (the
+# FSDP2 smoke's cap; 0 skips it) and FSDP_ARGS (its device, default "--device cuda"; "--device cpu" on a CPU).
+# Writes OUTDIR/{env.txt,nvidia-smi.txt,install.log,tests.log,fsdp.log,bench.log,bench.json,coserve.log,coserve.json,
 # summary.txt}.
 # Ends within ~7.5 minutes (TOTAL_S) and always exits 0 after writing summary.txt; each part's status is in it.
 set -o pipefail
@@ -31,6 +32,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 TOTAL_S=${TOTAL_S:-450}      # whole script, seconds
 TESTS_S=${TESTS_S:-150}      # pytest -m gpu cap
 COSERVE_S=${COSERVE_S:-120}  # co-serving bench (python start, model load and all phases), kept from the training bench
+FSDP_S=${FSDP_S:-90}         # 1-GPU FSDP2 smoke under torchrun (train + resume); 0 skips it
 START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 PY=${PY:-python3}
@@ -84,6 +86,27 @@ if [ "$t" -gt 0 ]; then
   summary "tests: rc=$? ($(( $(date +%s) - START )) s) $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 else
   summary "tests: skipped (cap $t s)"
+fi
+
+# 2b. FSDP2 smoke: `finetune` under torchrun with world size 1 (the sharded code path: process group, fully_shard,
+# DCP checkpoint, gathered final save, then --resume) on a tiny random Llama built here (no network)
+f=$(( $(left) < FSDP_S ? $(left) : FSDP_S ))
+if [ "$f" -ge 30 ]; then
+  FD=/tmp/leantune-fsdp; rm -rf "$FD"
+  {
+    $PY -c "import sys, json; sys.path.insert(0, 'tests'); from pathlib import Path; \
+from tiny_folder import make_tiny_model_folder; make_tiny_model_folder(Path('$FD/model')); \
+Path('$FD/chat.jsonl').write_text(''.join(json.dumps({'messages': [{'role': 'user', 'content': f'q{i}?'}, \
+{'role': 'assistant', 'content': f'answer {i}.'}]}) + '\n' for i in range(8)))"
+    FT="-m torch.distributed.run --standalone --nproc_per_node 1 -m leantune finetune --model $FD/model \
+      --data $FD/chat.jsonl --output $FD/out --parallel fsdp --batch-size 2 --max-steps 4 --save-every 2 \
+      --no-progress --eval-fraction 0 --report-to none ${FSDP_ARGS:---device cuda}"
+    timeout -k 10 $(( f / 2 )) $PY $FT && timeout -k 10 $(( f / 2 )) $PY $FT --max-steps 6 --resume \
+      && test -f "$FD/out/adapter_model.safetensors" && test -d "$FD/out/checkpoints/step-4/dcp"
+  } > "$OUT/fsdp.log" 2>&1
+  summary "fsdp: rc=$? ($(( $(date +%s) - START )) s) $(grep -E 'adapter saved' "$OUT/fsdp.log" | tail -n 1)"
+else
+  summary "fsdp: skipped (cap $f s)"
 fi
 
 # 3. training benchmark with what is left, less the co-serving bench's share (keep ~15 s for the end)

@@ -66,13 +66,15 @@ def test_gpu_sh_dry_runs_coserve(tmp_path):
     cs_args = ("--device cpu --model tiny --phase-s 1 --steps 2 --serve-iters 30 --output-len 8 --adapter-output 8 "
                "--adapter-reps 1 --n-adapters 4")
     env = {**os.environ, "PY": sys.executable, "SKIP_INSTALL": "1", "TESTS_S": "0",
-           "BENCH_ARGS": "--dry --budget-s 0", "COSERVE_ARGS": cs_args}
+           "BENCH_ARGS": "--dry --budget-s 0", "COSERVE_ARGS": cs_args,
+           "FSDP_S": "0"}  # the FSDP2 smoke is a torchrun launch of its own: tests/test_distributed.py covers it
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], capture_output=True, text=True,
                        timeout=180, env=env, cwd=ROOT, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     parts = {line.split(":")[0]: line for line in summary.splitlines()}
-    assert set(parts) == {"install", "tests", "bench", "coserve", "total"}, summary
+    assert set(parts) == {"install", "tests", "fsdp", "bench", "coserve", "total"}, summary
+    assert parts["fsdp"].startswith("fsdp: skipped"), summary
     assert parts["tests"].startswith("tests: skipped"), summary
     assert parts["bench"].startswith("bench: rc=0"), summary
     log = (out / "coserve.log").read_text()

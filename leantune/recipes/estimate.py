@@ -43,6 +43,7 @@ With gradient checkpointing each layer keeps only its input; backward recomputes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -90,6 +91,11 @@ class EstimateConfig:
     optimizer: str = opt("adamw", "adamw or paged_adamw (states of tensors >= 1e5 elements off the device)")
     loss_chunk: int = opt(1024, "rows of logits computed at once by the loss")
     json: bool = opt(False, "also print the estimate as one JSON line")
+    nproc: int = opt(1, "processes (GPUs) of a torchrun run: the memory of one rank; --batch is then the global "
+                        "micro-batch, batch/nproc rows per rank, as in finetune")
+    parallel: str = opt("fsdp", "with --nproc > 1: fsdp (FSDP2 shards float weights, adapter, gradients and "
+                                "optimizer state N ways; QLoRA's 4-bit base is replicated) or ddp (all replicated)",
+                        metavar="fsdp|ddp")
 
     def __post_init__(self):
         checks = [
@@ -107,6 +113,10 @@ class EstimateConfig:
             (self.optimizer in ("adamw", "paged_adamw"),
              f"--optimizer must be adamw or paged_adamw, got {self.optimizer!r}"),
             (self.loss_chunk >= 1, f"--loss-chunk must be >= 1, got {self.loss_chunk}"),
+            (self.nproc >= 1, f"--nproc must be >= 1, got {self.nproc}"),
+            (self.parallel in ("fsdp", "ddp"), f"--parallel must be fsdp or ddp, got {self.parallel!r}"),
+            (self.batch % self.nproc == 0, f"--batch {self.batch} is the global micro-batch: it must be a multiple "
+                                           f"of --nproc {self.nproc}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -511,9 +521,39 @@ def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, r
     notes = {"tokens": N, "adapter_params": sum(shapes), "params": total_params, "active_params": active_params, "bytes_per_token_layer": [b // N for b in acts["layers"]],
              "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)), "adapter_dtype_bytes": p.a, "dtype_bytes": p.s,
              "warnings": _warnings(p, device, batch, seq)}
+    notes["weight_split"] = _weight_split(p, cfg, weights)
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=states, gradients=grads, activations=act,
                           transient=transient, framework=RUNTIME[device] + FIRST_STEP[device],
                           first_step=FIRST_STEP[device], phase=phase, notes=notes)
+
+
+def _weight_split(p: _Plan, cfg, weights: int) -> dict:
+    """What FSDP does with each part of the weights: root (embeddings, head, final norm: one FSDP group, kept
+    gathered through the step), one block's float weights (gathered one block at a time), and replicated
+    bytes (QLoRA's 4-bit linears are uint8 buffers, which fully_shard does not shard)."""
+    root = p.V * p.C * p.s * (1 if cfg.tie_word_embeddings else 2) + p.C * p.s
+    if not p.quantized:
+        return {"root": root, "block": (weights - root) // p.L, "replicated": 0}
+    norms = (4 if p.sandwich else 2) * p.C * p.s + (2 * p.D * p.s if p.qk_norm else 0)
+    return {"root": root, "block": norms, "replicated": weights - root - p.L * norms}
+
+
+def per_rank(est: MemoryEstimate, nproc: int, parallel: str) -> MemoryEstimate:
+    """One rank's share of a run on `nproc` processes, from `est` computed for that rank's rows (batch/nproc).
+    DDP replicates weights, adapter and optimizer state, and its reducer keeps a bucketed copy of the gradients.
+    FSDP2 shards the float weights, the adapter, its gradients and optimizer state N ways, and holds gathered at
+    once the root group (embeddings, head, final norm) and two blocks (the one computing and the one prefetched);
+    buffers (QLoRA's 4-bit base) stay whole on every rank."""
+    if nproc == 1:
+        return est
+    if parallel == "ddp":
+        return dataclasses.replace(est, gradients=est.gradients + est.adapter)
+    w = est.notes["weight_split"]
+    shardable = est.weights - w["replicated"]
+    gathered = w["root"] * (nproc - 1) // nproc + 2 * w["block"]
+    return dataclasses.replace(est, weights=w["replicated"] + shardable // nproc + gathered,
+                               adapter=est.adapter // nproc, optimizer=est.optimizer // nproc,
+                               gradients=est.gradients // nproc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,11 +605,13 @@ def estimate(cfg: EstimateConfig) -> dict:
     """Print the table for `cfg`; returns the estimate as a dict of bytes."""
     model_cfg, path = read_model_config(cfg.model)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    est = estimate_memory(model_cfg, cfg.method, cfg.batch, cfg.seq, cfg.rank, cfg.targets, cfg.dropout, dtype,
-                          device, cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk)
+    est = estimate_memory(model_cfg, cfg.method, cfg.batch // cfg.nproc, cfg.seq, cfg.rank, cfg.targets, cfg.dropout,
+                          dtype, device, cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk)
+    est = per_rank(est, cfg.nproc, cfg.parallel)
     gc = ", gradient checkpointing" if cfg.gradient_checkpointing else ""
+    ranks = f", per rank of {cfg.nproc} ({cfg.parallel})" if cfg.nproc > 1 else ""
     title = (f"{path.name}: {cfg.method} r={cfg.rank} ({cfg.targets}), batch {cfg.batch} x seq {cfg.seq}, "
-             f"{dtype} on {device}, {cfg.optimizer}{gc}")
+             f"{dtype} on {device}, {cfg.optimizer}{gc}{ranks}")
     print(format_table(est, title))
     if model_cfg.num_experts:
         print(f"  parameters: {est.notes['params'] / 1e6:.1f}M, of which {est.notes['active_params'] / 1e6:.1f}M active per "
@@ -579,7 +621,7 @@ def estimate(cfg: EstimateConfig) -> dict:
     if device == "cpu":
         print("  (CPU: glibc's malloc keeps freed memory for reuse, so RSS can exceed this by up to the "
               "activations;\n   MALLOC_MMAP_THRESHOLD_=65536 makes RSS follow the live tensors)", file=sys.stderr)
-    out = {**{k: v for k, v in asdict(est).items() if k != "notes"}, "total": est.total, "step": est.step,
+    out = {**{k: v for k, v in asdict(est).items() if k != "notes"}, "nproc": cfg.nproc, "total": est.total, "step": est.step,
            "device": device, "dtype": dtype, **est.notes}
     if cfg.json:
         print(json.dumps(out))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -112,6 +113,17 @@ class FinetuneConfig(TrainConfig):
                                   "the teacher's)")
     meta_lr: float | None = opt(None, "with --objective self-train: the inner SGD step of the meta re-weighting "
                                       "(default: --lr, as LiST uses the teacher's rate, not the students')")
+    parallel: str = opt("auto", "under torchrun (torchrun --nproc_per_node N -m leantune finetune ...): ddp "
+                                "(every rank holds the model; small models) or fsdp (FSDP2: weights, gradients and "
+                                "optimizer state sharded over the ranks); auto: fsdp under torchrun, one process "
+                                "otherwise. --batch-size is the GLOBAL micro-batch: each of the N ranks takes "
+                                "batch_size/N of its rows (it must divide), so losses and the result match a "
+                                "one-process run with the same --batch-size and --grad-accum",
+                        metavar="auto|ddp|fsdp")
+    nproc: int = opt(1, "processes on this machine: > 1 launches this command under torchrun "
+                        "(python -m torch.distributed.run --nproc_per_node N)")
+    fsdp_cpu_offload: bool = opt(False, "--parallel fsdp: keep the sharded parameters, gradients and optimizer "
+                                        "state in CPU memory (FSDP2's CPUOffloadPolicy)")
     meta_warmup: float = opt(0.6, "with --objective self-train: fraction of each student session with uniform "
                                   "weights before meta re-weighting starts (LiST: 0.6)")
 
@@ -152,6 +164,22 @@ class FinetuneConfig(TrainConfig):
         if self.chat_template:
             read_chat_template(self.chat_template)
         self._check_objective()
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        from ..train.distributed import launched, parallel_checks
+
+        multi = launched() or self.nproc > 1
+        checks = parallel_checks(self) + [
+            (not (multi and self.spec.fit is not None), f"--method {self.method} trains in phases of its own, "
+                                                        "which does not run under torchrun (--parallel) yet; "
+                                                        "use one process"),
+            (not (multi and self.forget_data), "--forget-data is not measured under torchrun yet; drop it or "
+                                               "use one process"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
 
     def _check_objective(self) -> None:
         dpo = self.objective == "dpo"
@@ -253,8 +281,14 @@ def config_from_args(args) -> FinetuneConfig:
     return FinetuneConfig(**{**{k: v for k, v in preset.items() if k in own}, **values, "options": options})
 
 
+def _main_rank() -> bool:
+    """False on ranks other than 0 of a torchrun launch, which neither log nor write files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if _main_rank():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def forgetting_set(cfg: FinetuneConfig, tokenizer) -> list:
@@ -411,12 +445,28 @@ def check_shapes_before_loading(cfg: FinetuneConfig) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one finetuning job; returns a summary dict (also written to OUTPUT/summary.json)."""
-    import torch
-
     if cfg.objective == "self-train":  # an encoder classifier through transformers, a loop of its own
         from .self_train import self_train
 
         return self_train(cfg)
+
+    from .. import methods
+    from ..models.loader import load_model, meta_model
+    from ..train.distributed import Parallel, launched, run_torchrun
+
+    if cfg.nproc > 1 and not launched():  # this same command on N processes
+        return run_torchrun(cfg.nproc, cfg.output)
+    par = Parallel.from_env(cfg.parallel, cfg.device, cfg.fsdp_cpu_offload)
+    try:
+        return _finetune(cfg, par)
+    finally:
+        if par is not None:
+            par.close()
+
+
+def _finetune(cfg: FinetuneConfig, par) -> dict:
+    """`finetune` in this process: alone (par None) or as one rank of a torchrun launch."""
+    import torch
 
     from .. import methods
     from ..models.loader import load_model, meta_model
@@ -447,7 +497,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _log(f"data: {len(train)} training examples, {len(evals)} eval examples")
     sft = sft_examples(cfg, tok)  # read before training starts, so bad rows stop the run before any step
     is_facts = cfg.data == facts_mod.BUILTIN
-    before = facts_mod.evaluate_facts(model, tok) if is_facts else None
+    before = facts_mod.evaluate_facts(model, tok) if is_facts and _main_rank() else None
     forget = forgetting_set(cfg, tok)
     forget_before = heldout_loss(model, forget, cfg.batch_size, cfg.max_length) if forget else None
     options = cfg.options
@@ -461,6 +511,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"--method {cfg.method}{f' --targets {targets!r}' if targets else ''}: {e}") from None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(f"method {cfg.method}: {n_train:,} trainable parameters")
+    if par is not None:
+        par.check_trainable(model, cfg.method)
+        _log(f"--parallel {par.strategy} on {par.world} processes ({par.device.type}): {cfg.batch_size} rows per "
+             f"global micro-batch, {cfg.batch_size // par.world} per process")
 
     def save_artifacts(d: Path) -> None:
         # the method's format (PEFT's by default) and its extra files (QLoRA: the 4-bit base's settings)
@@ -482,12 +536,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         trainer = Trainer(model, train, evals, cfg.train_config(), out, save_artifacts,
-                          run_config=asdict(cfg))
+                          run_config=asdict(cfg), parallel=par)
         if cfg.resume and trainer.resume():
             _log(f"resumed at step {trainer.step}")
         result, report = trainer.fit(), trainer.options_report
-        # after --freeze-lower / FPF / --reinit-top chose what trains
-        n_train = sum(p.numel() for p in trainer.params)
+        # after --freeze-lower / FPF / --reinit-top chose what trains (sharded: the local shards' sizes)
+        n_train = sum(p.numel() for p in trainer.params) if par is None else n_train
+    if par is not None:  # the model whole on every rank from here: rank 0 alone writes and evaluates
+        par.gather_for_good()
+        if not par.main:
+            par.barrier()
+            return result
     save_artifacts(out)
     summary = {**result, "trainable_parameters": n_train, "seconds": round(time.perf_counter() - t0, 1),
                "adapter": str(out)}
@@ -508,4 +567,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         print(facts_mod.report(before, after))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nadapter saved to {out}  (train loss {result['first_loss']:.3f} -> {result['train_loss']:.3f})")
+    if par is not None:
+        par.barrier()  # the other ranks wait for rank 0's files
     return summary

@@ -3,6 +3,10 @@
 A checkpoint is written into a hidden temp folder and renamed into place as the last act, so a
 folder named `step-N` is always complete; a run killed mid-write leaves only a `.tmp-*` folder, which
 resume ignores and the next save removes. No pickle is written or read.
+
+A run on several processes (`train.distributed`) writes the trainable weights and optimizer state with
+torch.distributed.checkpoint into `step-N/dcp` instead (each rank its shards); the rest is the same, written by
+rank 0. `load_checkpoint` reads either kind, the sharded one on any number of ranks or in one process.
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, opt, progress: dict,
-                    save_artifacts: Callable[[Path], None] | None = None, keep: int = 2) -> Path:
+                    save_artifacts: Callable[[Path], None] | None = None, keep: int = 2, parallel=None) -> Path:
+    """Checkpoint `step`; `parallel` (a `train.distributed.Parallel`): every rank calls it, DCP shards."""
+    if parallel is not None:
+        return _save_sharded_checkpoint(out_dir, step, model, opt, progress, save_artifacts, keep, parallel)
     ckdir = Path(out_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     for stale in ckdir.glob(".tmp-*"):
@@ -53,13 +60,35 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, progress: dict,
     if save_artifacts is not None:
         save_artifacts(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps({**progress, "step": step, **meta}, indent=1))
-    final = ckdir / f"step-{step}"
+    return _publish(out_dir, tmp, step, keep)
+
+
+def _publish(out_dir: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename a complete temp folder to step-N (the last act of a save) and drop the oldest checkpoints."""
+    final = Path(out_dir) / "checkpoints" / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_sharded_checkpoint(out_dir, step, model, opt, progress, save_artifacts, keep, par) -> Path:
+    from .distributed import prepare_tmp, save_sharded
+
+    tmp = prepare_tmp(Path(out_dir) / "checkpoints", step, par)
+    save_sharded(tmp, model, opt)  # every rank its shards
+    with par.gathered():  # the adapter (or full model) in the checkpoint, as a one-process run writes it
+        if par.main and save_artifacts is not None:
+            save_artifacts(tmp)
+    if par.main:
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**progress, "step": step,
+                                                            "world_size": par.world}, indent=1))
+        _publish(out_dir, tmp, step, keep)
+    par.barrier()  # no rank goes on (or dies) before step-N is complete
+    return Path(out_dir) / "checkpoints" / f"step-{step}"
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -75,10 +104,19 @@ def checkpoint_phase(path: Path) -> str | None:
     return json.loads((Path(path) / "trainer_state.json").read_text()).get("phase")
 
 
-def load_checkpoint(path: Path, model, opt) -> dict:
+def load_checkpoint(path: Path, model, opt, parallel=None) -> dict:
     """Restore trainable weights, optimizer and RNG from `path`; returns the saved progress dict."""
+    from .distributed import is_sharded, load_sharded
+
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
+    if is_sharded(path):  # written by a run on several processes: DCP reshards it onto this one's
+        load_sharded(path, model, opt)
+        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+        return state
+    if parallel is not None:
+        raise ValueError(f"checkpoint {path} was written by a single-process run; resume it with one process "
+                         "(without torchrun), or start a new --output")
     trainable = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]

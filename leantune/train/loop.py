@@ -23,6 +23,7 @@ from ..fields import opt
 from ..optim import OPTIMIZERS, PROJECTED_OPTIMIZERS, attach_per_layer, build_optimizer
 from ..optim.schedules import SCHEDULES
 from .checkpoint import checkpoint_phase, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import maybe_exit_for_test
 from .dpo import DPO_LOSSES
 from .objectives import OBJECTIVES, SFT_TRAINED, SFTObjective
 from .trainable import (check_projection_ranks, default_proj_type, optimizer_params, option_checks, prepare_model,
@@ -173,8 +174,10 @@ class Trainer:
 
     def __init__(self, model, train_examples, eval_examples, cfg: TrainConfig, out_dir: str | Path,
                  save_artifacts: Callable[[Path], None] | None = None, run_config: dict | None = None,
-                 phase: str | None = None, objective=None):
+                 phase: str | None = None, objective=None, parallel=None):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        # one rank of a torch.distributed run (`train.distributed.Parallel`), None for one process
+        self.parallel = parallel
         # what the loss is (`train.objectives`); a DPO objective carries its reference, so it is built by the
         # caller for the model as it is at the start (`train.dpo.build_dpo`)
         if objective is None and cfg.objective not in SFT_TRAINED:
@@ -193,6 +196,11 @@ class Trainer:
         # --reinit-top, --freeze-lower, FPF: they decide which parameters train, so they come first
         self.options_report = prepare_model(model, train_examples, cfg)
         self.per_layer_hooks: list = []
+        # the callable that computes a batch's loss: through DDP / FSDP2 (built before the optimizer, which
+        # must see the sharded parameters) or the objective on the model itself
+        self._loss = lambda b: self.objective.loss_sum(self.model, b)
+        if parallel is not None:
+            self._loss = parallel.wrap(model, self.objective)
         self._build_optimizer()
         n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
@@ -220,7 +228,10 @@ class Trainer:
 
     def _batches(self, epoch: int) -> list:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, self.objective.batches(self.train_ex, epoch, self.cfg))
+            batches = self.objective.batches(self.train_ex, epoch, self.cfg)
+            if self.parallel is not None:  # every rank builds the global batches and keeps its rows
+                batches = [self.parallel.shard_batch(b) for b in batches]
+            self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -234,7 +245,7 @@ class Trainer:
                              "resume with the same --method and options, or start a new --output")
         if load_hook_state(self.model, train_hooks(self.model), cks[-1]):  # e.g. SaRA's masks decide the shapes
             self._build_optimizer()
-        st = load_checkpoint(cks[-1], self.model, self.opt)
+        st = load_checkpoint(cks[-1], self.model, self.opt, self.parallel)
         self.step, self.epoch, self.batch_idx, self.tokens = st["step"], st["epoch"], st["batch_idx"], st["tokens"]
         self.history = [tuple(x) for x in st["history"]]
         self.eval_history = [tuple(x) for x in st["eval_history"]]
@@ -256,6 +267,10 @@ class Trainer:
             self.batch_idx += 1
         return out or None
 
+    def _sync(self, last: bool):
+        """Under DDP / FSDP only the window's last micro-batch reduces gradients over the ranks."""
+        return self.parallel.no_sync(last) if self.parallel is not None else contextlib.nullcontext()
+
     def _saved_tensors_place(self, like: torch.Tensor):
         """Activation offload: with checkpointing only each layer's input is saved, so moving the saved
         tensors to host memory leaves the device holding one layer's recompute at a time."""
@@ -274,21 +289,30 @@ class Trainer:
         set_lr(self.opt, self.rule.lr_at(self.step))
         # the window's weight: loss tokens (SFT) or pairs (DPO), each of which weighs the same in the mean
         n_w = sum(self.objective.weight(b) for b in window)
+        # the mean is over the global window: each rank scales by the world size the averaging reduction divides by
+        scale = 1
+        if self.parallel is not None:
+            n_w, scale = int(self.parallel.all_sum([n_w])[0]), self.parallel.world
         total, reg_total, sums = 0.0, None, {}
-        for b in window:
-            with self._saved_tensors_place(b.input_ids):
-                loss_sum, n_b, metrics = self.objective.loss_sum(self.model, b)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            reg = regularizer(self.model, hooks)
-            if reg is not None:
-                # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each micro-batch
-                # carries its share of it (by weight), so the window's shares add up to one.
-                loss_sum = loss_sum + reg * n_b
-                reg_total = (reg_total or 0.0) + float(reg.detach()) * n_b
-            # Normalized by the window's weight: every loss token (SFT) or pair (DPO) of it weighs the same.
-            (loss_sum / max(n_w, 1)).backward()
+        for i, b in enumerate(window):
+            with self._sync(i == len(window) - 1):  # gradients reduced over ranks once per window
+                with self._saved_tensors_place(b.input_ids):
+                    loss_sum, n_b, metrics = self._loss(b)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                reg = regularizer(self.model, hooks)
+                if reg is not None:
+                    # A regularizer joins the mean loss once per step (as in PEFT's `loss + reg`): each
+                    # micro-batch carries its share of it (by weight), so the window's shares add up to one.
+                    loss_sum = loss_sum + reg * n_b
+                    reg_total = (reg_total or 0.0) + float(reg.detach()) * n_b
+                # Normalized by the window's weight: every loss token (SFT) or pair (DPO) of it weighs the same.
+                (loss_sum * scale / max(n_w, 1)).backward()
             total += float(loss_sum.detach())
+        tokens = sum(int(b.input_ids.numel()) for b in window)
+        if self.parallel is not None:  # the logged loss and counts are the global window's
+            total, tokens = self.parallel.all_sum([total, tokens])
+            tokens = int(tokens)
         loss = total / max(n_w, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower --lr or check the data")
@@ -303,7 +327,7 @@ class Trainer:
                 self.params = [p for p in self.model.parameters() if p.requires_grad]
             lr, gnorm = optimizer_step(self.opt, self.params, self.rule, self.step, self.model, hooks)
         self.step += 1
-        self.tokens += sum(int(b.input_ids.numel()) for b in window)
+        self.tokens += tokens
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
                self.objective.weight_name: n_w, "tokens": self.tokens,
                **{k: v / max(n_w, 1) for k, v in sums.items()}, **peak_memory_mb(window[0].input_ids.device)}
@@ -314,6 +338,9 @@ class Trainer:
     def evaluate(self) -> float | None:
         if not self.eval_ex:
             return None
+        if self.parallel is not None:  # every rank evaluates the whole set on the gathered model (lockstep)
+            with self.parallel.gathered():
+                return self.objective.evaluate(self.model, self.eval_ex, self.cfg)
         return self.objective.evaluate(self.model, self.eval_ex, self.cfg)
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -328,14 +355,16 @@ class Trainer:
         if self.phase is not None:
             progress["phase"] = self.phase
         return save_checkpoint(self.out, self.step, self.model, self.opt, progress, artifacts,
-                               self.cfg.keep_checkpoints)
+                               self.cfg.keep_checkpoints, parallel=self.parallel)
 
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "gradient_checkpointing"):
             self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
-        bar = Progress(self.total_steps, enabled=self.cfg.progress, start=self.step)
-        loggers = open_loggers(self.cfg.report_to, self.out, resume_step=self.resumed_at)
+        main = self.parallel is None or self.parallel.main  # logs, progress and plots: rank 0 only
+        bar = Progress(self.total_steps, enabled=self.cfg.progress and main, start=self.step)
+        loggers = open_loggers(self.cfg.report_to if main else "none", self.out, resume_step=self.resumed_at,
+                               jsonl=main)
         loggers.log_config(self.run_config)
         t0, tok0, ok = time.perf_counter(), self.tokens, False
         try:
@@ -354,6 +383,7 @@ class Trainer:
                 bar.update(self.step, rec["loss"], rec["tokens_per_s"])
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
+                maybe_exit_for_test(self.parallel, self.step)
             final_eval = self.evaluate()
             if final_eval is not None:
                 self.eval_history.append((self.step, final_eval))
@@ -363,7 +393,7 @@ class Trainer:
         finally:
             loggers.close(success=ok)
             bar.close()
-            if self.history:
+            if self.history and main:
                 plot_losses(self.history, self.eval_history, self.out / "loss.png")
         return {"steps": self.step, "train_loss": self.history[-1][1] if self.history else None,
                 "eval_loss": self.eval_history[-1][1] if self.eval_history else None,

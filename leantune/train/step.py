@@ -95,7 +95,9 @@ def optimizer_step(opt, params: list, rule: StepRule, step: int, model=None, hoo
             h.after_backward(model)
     gnorm = float("nan")
     if rule.max_grad_norm > 0:
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, rule.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, rule.max_grad_norm)
+        # sharded (FSDP) gradients give the global norm as a DTensor
+        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     lr = rule.lr_at(step)
     set_lr(opt, lr)
     opt.step()
