@@ -528,9 +528,12 @@ def test_k2_cannot_see_or_touch_k1s_file_job_or_adapter(srv, k1_file, k1_job):
 
 def test_k2_cannot_load_k1s_adapter_or_job_folder_by_path(srv, k1_job):
     before = srv.state()
-    ft_dir = next(p for p in (srv.data / "adapters").iterdir() if "sec" in p.name)
+    # the published adapter and each checkpoint's PEFT copy (`ft:...:ckpt-step-N`) beside it
+    k1_dirs = [p for p in (srv.data / "adapters").iterdir() if "sec" in p.name]
+    ft_dir = next(p for p in k1_dirs if "ckpt-step" not in p.name)
+    assert any("ckpt-step" in p.name for p in k1_dirs)
     job_dir = srv.data / "jobs" / k1_job.id
-    for path in (ft_dir, ft_dir / ".", job_dir, job_dir / "checkpoints"):
+    for path in (*k1_dirs, ft_dir / ".", job_dir, job_dir / "checkpoints"):
         r = srv.raw("POST", "/v1/load_lora_adapter", "k2", json={"lora_name": "stolen", "lora_path": str(path)})
         check_error(r, 403, "another key", param="lora_path", code="forbidden_path")
     srv.assert_intact(before)

@@ -438,6 +438,12 @@ class Store:
                            "LIMIT 1", (name,))
         return {**json.loads(rows[0]["obj"]), "path": rows[0]["path"], "owner": rows[0]["owner"]} if rows else None
 
+    def checkpoint_paths(self) -> list[dict]:
+        """Every checkpoint's adapter folder with its job's owner ({"path", "owner"}): folders a key may not
+        load by path unless they are its own (serve.api.admin)."""
+        rows = self._query("SELECT c.path, j.owner FROM checkpoints c JOIN jobs j ON j.id = c.job_id", ())
+        return [{"path": r["path"], "owner": r["owner"]} for r in rows]
+
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, owner: str, name: str, path: str | os.PathLike, base: str, source: str) -> dict:
         """Register adapter `name` (a model name requests can use) stored at `path` on base model `base`;

@@ -88,8 +88,9 @@ def _check_path(store, resolved: Path, who: str) -> None:
 
 
 def _foreign_path(store, path: Path, owner: str) -> bool:
-    """Whether `path` lies in the folder of another owner's published adapter or fine-tuning job."""
-    for rec in store.list_adapters():
+    """Whether `path` lies in the folder of another owner's published adapter, job checkpoint (its PEFT copy
+    beside the published adapters) or fine-tuning job."""
+    for rec in [*store.list_adapters(), *store.checkpoint_paths()]:
         if rec["owner"] != owner and path.is_relative_to(Path(rec["path"]).resolve()):
             return True
     jobs = store.data_dir / "jobs"
