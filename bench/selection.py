@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -31,19 +30,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from leantune.precision import cpu_info  # noqa: E402
+
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthetic_blocks(folder: Path, rows: int, dim: int, seed: int, centres: np.ndarray) -> list[np.ndarray]:
@@ -130,7 +121,7 @@ def main() -> None:
     p.add_argument("--skip-ot", action="store_true")
     p.add_argument("--skip-embed", action="store_true")
     args = p.parse_args()
-    result = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
+    result = {"cpu": cpu_info().describe(), "threads": torch.get_num_threads()}
     if not args.skip_ot:
         result["ot"] = bench_ot(args)
         o = result["ot"]

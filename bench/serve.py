@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -25,16 +23,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's leantune, run as a script
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def _adapters(model_path, n: int, out: Path, rank: int) -> list[str]:
     import leantune
@@ -126,6 +114,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--skip-structured", action="store_true", help="leave out the JSON-schema decoding rows")
     args = ap.parse_args(argv)
+    from leantune.precision import cpu_info
     from leantune.recipes.serve import ServeConfig
 
     quick = args.quick
@@ -156,7 +145,7 @@ def main(argv=None) -> None:
             server.should_exit = True
             thread.join(10)
             engine.stop()
-    print(f"\nCPU: {_cpu_name()}, torch threads {torch.get_num_threads()}, fp32, max_tokens {max_tokens}, "
+    print(f"\nCPU: {cpu_info().describe()}, fp32, max_tokens {max_tokens}, "
           f"rank-8 LoRA on all linears, streaming completions; model {args.model or 'SmolLM2-135M-Instruct'}")
     print("| scenario | clients | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
     print("|---|---|---|---|---|---|---|")
@@ -175,7 +164,7 @@ def main(argv=None) -> None:
         print("|---|---|---|---|")
         for r in structured["rows"]:
             print(f"| {r['concurrency']} | {r['free_tok_s']} | {r['json_tok_s']} | {r['ratio']} |")
-    print(json.dumps({"bench": "serve", "cpu": _cpu_name(), "quick": quick, "rows": rows,
+    print(json.dumps({"bench": "serve", "cpu": cpu_info().describe(), "quick": quick, "rows": rows,
                       "structured": structured}))
 
 
