@@ -188,7 +188,7 @@ def test_targets_that_match_nothing_are_an_error():
     with pytest.raises(ValueError, match="--targets"):
         make_plan(tiny_cfg(), "lora", 8, "nothing_here", 0.0, 4)
     with pytest.raises(ValueError, match="--method"):
-        EstimateConfig(method="full")
+        EstimateConfig(method="dora")  # not modelled: refused, never a LoRA estimate
 
 
 def test_cli_prints_a_table_and_json(folder, capsys):
@@ -395,3 +395,136 @@ def test_phi3_weight_and_adapter_counts_equal_the_loaded_model(one_thread, metho
     assert est.adapter < unfused.adapter  # one A per fused linear instead of three (two)
     with pytest.raises(ValueError, match="qkv_proj"):
         make_plan(cfg, "lora", 8, "q_proj", 0.0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# full finetuning, GaLore, SaRA, QST: the estimate's trained-state bytes against a real Trainer step
+
+
+def _trainer_step_bytes(model, optimizer: str, galore_rank: int = 8, galore_per_layer: bool = False,
+                        proj_type: str | None = None) -> dict:
+    """One real `Trainer.train_step`; bytes of the gradients the optimizer is handed (a step pre-hook counts them)
+    and of every tensor in optimizer.state after the step."""
+    import tempfile
+
+    from leantune.data.formats import Example
+    from leantune.train.loop import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, list(ids)) for ids in torch.randint(0, 256, (2, 12), generator=g).tolist()]
+    cfg = TrainConfig(batch_size=2, max_length=12, max_steps=1, progress=False, lr=1e-4, optimizer=optimizer,
+                      galore_rank=galore_rank, galore_per_layer=galore_per_layer, galore_proj_type=proj_type,
+                      max_grad_norm=0.0 if galore_per_layer else 1.0)
+    trainer = Trainer(model, examples, [], cfg, tempfile.mkdtemp())
+    seen = {}
+
+    def count_grads(opt, args, kwargs):  # noqa: ARG001
+        seen["grads"] = sum(p.grad.numel() * p.grad.element_size() for grp in opt.param_groups
+                            for p in grp["params"] if p.grad is not None)
+
+    trainer.opt.register_step_pre_hook(count_grads)
+    trainer.train_step(trainer._batches(0)[:1])
+    state = [t for st in trainer.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    proj = [t for st in trainer.opt.state.values() for k, t in st.items() if k in ("proj", "proj_right", "history")]
+    return {"grads": seen.get("grads", 0), "state": sum(t.numel() * t.element_size() for t in state),
+            "projectors": sum(t.numel() * t.element_size() for t in proj)}
+
+
+def _hf_leantune_model(family: str = "llama"):
+    """A tiny transformers model's config, and leantune's fp32 model of it."""
+    from hf_tiny import tiny_hf_model
+
+    from leantune.models.llama import LlamaForCausalLM
+
+    cfg = ModelConfig.from_hf(tiny_hf_model(family).config.to_dict())
+    torch.manual_seed(0)
+    return cfg, LlamaForCausalLM(cfg).float()
+
+
+@pytest.mark.parametrize("optimizer,proj_type", [("adamw", None), ("galore_adamw", None),
+                                                 ("galore_adamw", "reverse_std"), ("natural_galore", "tucker")])
+def test_full_and_galore_state_equal_a_trainer_step(one_thread, optimizer, proj_type):
+    import leantune
+    from leantune.recipes.estimate import trained_state
+
+    cfg, model = _hf_leantune_model()
+    model = leantune.apply(model, "full")
+    got = _trainer_step_bytes(model, optimizer, proj_type=proj_type)
+    st = trained_state(cfg, "full", optimizer, 4, "cpu", galore_rank=8, galore_proj_type=proj_type)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert st.gradients == got["grads"] == weights
+    # Natural GaLore's history holds one row after one step; the estimate counts the steady state (20 rows)
+    est_state = st.moments + st.projectors
+    if optimizer == "natural_galore":
+        from leantune.recipes.estimate import NATURAL_HISTORY
+
+        rows = (st.projectors - got["projectors"])  # what the 19 missing rows of history weigh
+        assert rows > 0 and rows % (NATURAL_HISTORY - 1) == 0
+        est_state -= rows
+    assert est_state == got["state"], (est_state, got)
+    if optimizer == "adamw":
+        assert st.moments == 2 * weights + 4 * len(list(model.parameters()))
+    else:
+        assert st.moments + st.projectors < 2 * weights
+
+
+def test_galore_per_layer_keeps_one_gradient_and_the_same_state(one_thread):
+    from leantune.recipes.estimate import trained_state
+
+    cfg, _ = _hf_leantune_model()
+    plain = trained_state(cfg, "full", "galore_adamw", 4, "cpu", galore_rank=8)
+    per = trained_state(cfg, "full", "galore_adamw", 4, "cpu", galore_rank=8, galore_per_layer=True)
+    assert per.moments == plain.moments and per.projectors == plain.projectors
+    assert per.peak_gradients < plain.peak_gradients == plain.gradients
+
+
+def test_sara_state_equals_a_trainer_step(one_thread):
+    import leantune
+    from leantune.recipes.estimate import trained_state
+
+    cfg, model = _hf_leantune_model()
+    total = sum(p.numel() for p in model.parameters())
+    model = leantune.apply(model, "sara", threshold=2e-3)
+    selected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    got = _trainer_step_bytes(model, "adamw")
+    st = trained_state(cfg, "sara", "adamw", 4, "cpu", sara_fraction=selected / total)
+    assert st.trainable == st.gradients == got["grads"] == selected * 4
+    assert st.moments == got["state"]
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                  if n.rpartition(".")[2] in ("mask", "origin_idx", "origin_val"))
+    assert st.buffers == buffers
+
+
+def test_qst_state_equals_a_trainer_step(one_thread):
+    import leantune
+    from leantune.recipes.estimate import trained_state
+
+    cfg, model = _hf_leantune_model()
+    model = leantune.apply(model, "qst", reduction=4, peft_hidden_size=8)
+    from leantune.methods.qst import QSTConfig
+
+    got = _trainer_step_bytes(model, "adamw")
+    st = trained_state(cfg, "qst", "adamw", 4, "cpu", qst=QSTConfig(reduction=4, peft_hidden_size=8))
+    side = [p for p in model.parameters() if p.requires_grad]
+    assert st.trainable == st.gradients == got["grads"] == sum(p.numel() * 4 for p in side)
+    assert st.moments == got["state"]
+
+
+def test_base_methods_in_the_cli_and_per_rank(folder, capsys):
+    from leantune import cli
+
+    base = ["estimate", "--model", str(folder), "--device", "cpu", "--seq", "32", "--batch", "8", "--json"]
+    assert cli.run(base + ["--method", "full", "--optimizer", "galore_adamw", "--galore-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "GaLore projectors" in out and "full, batch 8" in out
+    one = json.loads(out.strip().splitlines()[-1])
+    assert cli.run(base + ["--method", "full", "--optimizer", "galore_adamw", "--galore-rank", "8", "--nproc", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "not runnable yet under --parallel" in out
+    four = json.loads(out.strip().splitlines()[-1])
+    assert four["optimizer"] == one["optimizer"] // 4 and four["gradients"] < one["gradients"]
+    for bad in (["--method", "dora"], ["--method", "lora", "--optimizer", "galore_adamw"],
+                ["--method", "full", "--galore-per-layer"]):
+        with pytest.raises((ValueError, SystemExit)):
+            EstimateConfig(**{a.lstrip("-").replace("-", "_"): (True if b is None else b)
+                              for a, b in zip(bad[::2], bad[1::2] + [None])})

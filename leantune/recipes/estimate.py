@@ -57,6 +57,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PAGE_THRESHOLD = 100_000  # optim/paged_adamw.py
+OPTIMIZERS = ("adamw", "paged_adamw", "galore_adamw", "natural_galore")  # optim/__init__.py
 # Framework memory outside the tensors. RUNTIME: the process before the first step (torch, leantune,
 # tokenizer; measured with torch 2.13 CPU), or the CUDA context and libraries (typical; varies with driver
 # and GPU). FIRST_STEP: what the first step adds and keeps: on CPU (measured, torch 2.13, 2 threads, the
@@ -76,8 +77,8 @@ def lora_shaped_methods() -> list[str]:
 class EstimateConfig:
     model: str | None = opt(None, "HF model folder or .gguf file (only its config is read; default: the embedded "
                                   "SmolLM2-135M-Instruct)")
-    method: str = opt("lora", "lora, rslora, or qlora (4-bit NF4 base with double quantization): the methods "
-                              "registered as lora_shaped")
+    method: str = opt("lora", "lora, rslora, qlora (4-bit NF4 base with double quantization) and the other methods "
+                              "registered as lora_shaped; full, sara, lt-sft (its full phase, the peak), qst")
     seq: int = opt(512, "tokens per example (a micro-batch's padded length)")
     batch: int = opt(4, "examples per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step (gradients then live through the forward)")
@@ -88,7 +89,16 @@ class EstimateConfig:
                                 "else fp32), fp32, bf16 or fp16")
     device: str = opt("auto", "cpu or cuda (auto: cuda when available)")
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward (keeps only layer inputs)")
-    optimizer: str = opt("adamw", "adamw or paged_adamw (states of tensors >= 1e5 elements off the device)")
+    optimizer: str = opt("adamw", "adamw, paged_adamw (states of tensors >= 1e5 elements off the device), "
+                                  "galore_adamw or natural_galore (--method full / lt-sft)")
+    galore_rank: int = opt(128, "GaLore: rank of the gradient projection")
+    galore_proj_type: str | None = opt(None, "GaLore: std, reverse_std, right, left, full, tucker (default: std for "
+                                             "galore_adamw, tucker for natural_galore)")
+    galore_per_layer: bool = opt(False, "GaLore: each weight updated in backward, one gradient alive at a time")
+    sara_fraction: float = opt(0.0104, "SaRA: fraction of the weights' entries below --sara-threshold (it depends on "
+                                       "the weights, which estimate does not read; 0.0104 is SmolLM2-135M's at 2e-3)")
+    qst_reduction: int = opt(16, "QST: the side network's width divisor r")
+    qst_hidden_size: int = opt(16, "QST: inner width of each downsampler")
     loss_chunk: int = opt(1024, "rows of logits computed at once by the loss")
     json: bool = opt(False, "also print the estimate as one JSON line")
     nproc: int = opt(1, "processes (GPUs) of a torchrun run: the memory of one rank; --batch is then the global "
@@ -98,10 +108,12 @@ class EstimateConfig:
                         metavar="fsdp|ddp")
 
     def __post_init__(self):
+        modelled = lora_shaped_methods() + list(BASE_METHODS)
+        projected = self.optimizer in ("galore_adamw", "natural_galore")
         checks = [
-            (self.method in lora_shaped_methods(),
-             f"--method must be one of {lora_shaped_methods()} (methods whose adapters are LoRA's rank-r "
-             f"pairs, which this estimate models), got {self.method!r}"),
+            (self.method in modelled,
+             f"--method must be one of {modelled} (LoRA-shaped adapters, full finetuning, SaRA, LT-SFT and QST are "
+             f"modelled; {self.method!r} is not, so no estimate is made for it)"),
             (self.seq >= 2, f"--seq must be >= 2, got {self.seq}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
@@ -110,8 +122,14 @@ class EstimateConfig:
             (self.dtype == "auto" or self.dtype in DTYPE_BYTES,
              f"--dtype must be auto or one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}"),
             (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
-            (self.optimizer in ("adamw", "paged_adamw"),
-             f"--optimizer must be adamw or paged_adamw, got {self.optimizer!r}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (not projected or self.method in ("full", "lt-sft"),
+             f"--optimizer {self.optimizer} projects whole weight matrices: use it with --method full or lt-sft "
+             f"(finetune refuses it with --method {self.method})"),
+            (not self.galore_per_layer or (projected and self.grad_accum == 1),
+             "--galore-per-layer needs --optimizer galore_adamw or natural_galore and --grad-accum 1"),
+            (self.galore_rank >= 1, f"--galore-rank must be >= 1, got {self.galore_rank}"),
+            (0 < self.sara_fraction <= 1, f"--sara-fraction must be in (0, 1], got {self.sara_fraction}"),
             (self.loss_chunk >= 1, f"--loss-chunk must be >= 1, got {self.loss_chunk}"),
             (self.nproc >= 1, f"--nproc must be >= 1, got {self.nproc}"),
             (self.parallel in ("fsdp", "ddp"), f"--parallel must be fsdp or ddp, got {self.parallel!r}"),
@@ -137,11 +155,13 @@ class MemoryEstimate:
     first_step: int  # part of `framework` that the first step adds (in `step`)
     phase: str  # "forward (loss)", "backward", "recompute + backward" or "optimizer"
     notes: dict = field(default_factory=dict)
+    method_buffers: int = 0  # SaRA's masks, indices and original values; LT-SFT's copies of the weights
+    projectors: int = 0  # part of `optimizer`: GaLore's projections (+ Natural GaLore's history)
 
     @property
     def total(self) -> int:
         return (self.weights + self.adapter + self.optimizer + self.gradients + self.activations + self.transient
-                + self.framework)
+                + self.framework + self.method_buffers)
 
     @property
     def step(self) -> int:
@@ -149,10 +169,14 @@ class MemoryEstimate:
         return self.optimizer + self.gradients + self.activations + self.transient + self.first_step
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("adapter parameters", self.adapter),
-                ("optimizer states", self.optimizer), ("gradients", self.gradients),
-                ("activations saved for backward", self.activations), ("transient at the peak", self.transient),
-                ("framework (runtime, workspaces)", self.framework)]
+        trained = self.notes.get("trainable_row", "adapter parameters")
+        rows = [("weights", self.weights), (trained, self.adapter), ("optimizer states", self.optimizer - self.projectors)]
+        if self.projectors:
+            rows.append(("GaLore projectors (+ history)", self.projectors))
+        if self.method_buffers:
+            rows.append((self.notes.get("buffers_row", "method buffers"), self.method_buffers))
+        return rows + [("gradients", self.gradients), ("activations saved for backward", self.activations),
+                       ("transient at the peak", self.transient), ("framework (runtime, workspaces)", self.framework)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +222,7 @@ class _Plan:
     fused_qkv: bool = False  # Phi-3: one qkv_proj
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj
     R: int = 0  # dims RoPE turns per head (Phi-4-mini: 3/4 of D); 0 -> D
+    grad_from_input: bool = False  # the embeddings train (full finetuning): layer 0's input needs grad
 
     @property
     def shared_input(self) -> bool:
@@ -317,7 +342,7 @@ def _moe_constant(p: _Plan) -> int:
 
 def activation_bytes(p: _Plan, batch: int, seq: int, loss_chunk: int = 1024) -> dict:
     """Saved-for-backward bytes: per layer (list), the model-level rest, and the largest layer."""
-    N, per_layer, grad, ropes, shared_mask = batch * seq, [], False, set(), False
+    N, per_layer, grad, ropes, shared_mask = batch * seq, [], p.grad_from_input, set(), False
     windows, kinds = p.windows or [None] * p.L, p.rope_kinds or [False] * p.L
     for t, w, kind in zip(p.targets, windows, kinds):
         b, grad, attn, const = _layer_saved(p, t, grad, w, batch, seq)
@@ -325,6 +350,7 @@ def activation_bytes(p: _Plan, batch: int, seq: int, loss_chunk: int = 1024) -> 
         ropes |= {kind} if attn else set()
         shared_mask = shared_mask or (attn and p.softcap and w is not None)
     rest = (_norm(p) * N + _norm_const(p, p.C) if grad else 0) + N  # final norm input; the labelled-rows mask
+    rest += 8 * N if p.grad_from_input else 0  # a trained embedding keeps its int64 ids
     rest += len(ropes) * 2 * (p.R or p.D) * p.s * N  # RoPE cos/sin, one pair per table, shared by the layers using it
     rest += seq * seq if shared_mask else 0  # the windowed layers' one boolean mask (math path)
     n_sel = batch * (seq - 1)
@@ -522,6 +548,7 @@ def estimate_memory(cfg, method: str = "lora", batch: int = 4, seq: int = 512, r
              "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)), "adapter_dtype_bytes": p.a, "dtype_bytes": p.s,
              "warnings": _warnings(p, device, batch, seq)}
     notes["weight_split"] = _weight_split(p, cfg, weights)
+    notes["grad_bytes"] = adapter
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=states, gradients=grads, activations=act,
                           transient=transient, framework=RUNTIME[device] + FIRST_STEP[device],
                           first_step=FIRST_STEP[device], phase=phase, notes=notes)
@@ -547,13 +574,190 @@ def per_rank(est: MemoryEstimate, nproc: int, parallel: str) -> MemoryEstimate:
     if nproc == 1:
         return est
     if parallel == "ddp":
-        return dataclasses.replace(est, gradients=est.gradients + est.adapter)
+        return dataclasses.replace(est, gradients=est.gradients + est.notes.get("grad_bytes", est.adapter))
     w = est.notes["weight_split"]
     shardable = est.weights - w["replicated"]
     gathered = w["root"] * (nproc - 1) // nproc + 2 * w["block"]
+    # the method's copies (LT-SFT's prev, SaRA's masks) and GaLore's state follow the sharded parameters
     return dataclasses.replace(est, weights=w["replicated"] + shardable // nproc + gathered,
                                adapter=est.adapter // nproc, optimizer=est.optimizer // nproc,
-                               gradients=est.gradients // nproc)
+                               gradients=est.gradients // nproc, method_buffers=est.method_buffers // nproc,
+                               projectors=est.projectors // nproc)
+
+
+# ---------------------------------------------------------------------------------------------
+# methods that train the base's own weights (full, SaRA, LT-SFT), or a side network beside a 4-bit base (QST)
+
+BASE_METHODS = ("full", "sara", "lt-sft", "qst")  # modelled besides the lora_shaped ones
+NATURAL_HISTORY = 20  # optim/natural_galore.py: the history's rows at steady state (--natural-history default)
+
+
+@dataclass
+class TrainedState:
+    """Bytes of what trains, counted per tensor from a model built on the meta device (shapes only)."""
+
+    trainable: int  # parameters that are not the base's weights (SaRA's values, QST's side network); 0 for full
+    gradients: int  # every trainable element's gradient at once (after backward)
+    peak_gradients: int  # what backward holds at its peak: `gradients`, or per-layer GaLore's one-at-a-time share
+    moments: int  # the optimizer's moments (+ torch AdamW's scalar step tensors)
+    projectors: int  # GaLore's projections (+ Natural GaLore's gradient history)
+    buffers: int  # the method's own copies: SaRA's mask, indices, original values; LT-SFT's theta0 and prev
+    transient: int  # optimizer.step()'s temporaries at its peak
+    numels: list  # numel of each trainable tensor
+
+
+def meta_model(cfg):
+    """leantune's model of `cfg` on the meta device: its parameters' names and shapes, no memory."""
+    import torch
+
+    from ..models.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+def _galore_state(model, params, optimizer: str, rank: int, proj_type: str | None, s: int) -> tuple[int, int, int, list]:
+    """(moments, projectors, step transient, projected shapes) of GaLoreAdamW / NaturalGaLoreAdamW over `params`
+    with leantune's parameter groups (`galore_param_groups`, the trainer's `optimizer_params`): per projected
+    (m, n) matrix the moments of its projection and the factors, the other parameters' full moments."""
+    from ..optim import galore_param_groups
+    from ..optim.galore import _side
+    from ..train.trainable import default_proj_type
+
+    proj_type = proj_type or default_proj_type(optimizer)
+    groups = galore_param_groups(model, params, rank, 200, 1.0, proj_type)
+    moments = projectors = transient = 0
+    shapes = []
+    for g in groups:
+        for p in g["params"]:
+            if "rank" not in g:
+                moments += 2 * p.numel() * s
+                transient = max(transient, p.numel() * s)
+                continue
+            m, n = p.shape
+            if rank > min(m, n):
+                raise ValueError(f"--galore-rank {rank} is larger than the smaller side of a projected matrix "
+                                 f"{(m, n)}; use --galore-rank {min(m, n)} or less")
+            side = "full" if proj_type == "tucker" else _side(proj_type, p.shape)
+            low = {"right": m * rank, "left": rank * n, "full": rank * rank}[side]
+            proj = {"right": rank * n, "left": m * rank, "full": m * rank + rank * n}[side]
+            history = NATURAL_HISTORY * low if optimizer == "natural_galore" else 0
+            moments += 2 * low * s
+            projectors += (proj + history) * s
+            # the update projected back (m, n) and, at a refresh, the fp32 SVD's factors of the gradient
+            transient = max(transient, m * n * s + 4 * (m + n + 1) * min(m, n))
+            shapes.append((m, n))
+    return moments, projectors, transient, shapes
+
+
+def trained_state(cfg, method: str, optimizer: str, s: int, device: str, galore_rank: int = 128,
+                  galore_proj_type: str | None = None, galore_per_layer: bool = False, sara_fraction: float = 0.01,
+                  qst=None) -> TrainedState:
+    """What `method` trains and what its optimizer keeps, for a model of `cfg` in `s`-byte floats."""
+    model = meta_model(cfg)
+    named = list(model.named_parameters())  # tied weights once, as the trainer's parameter list
+    if method == "qst":
+        import torch
+
+        from ..methods.qst import QSTConfig, QSTSide
+
+        with torch.device("meta"):
+            side = QSTSide(cfg, qst or QSTConfig())
+        numels = [p.numel() for p in side.parameters()]
+        side_bytes = sum(numels) * 4  # the side network is made in fp32 (methods/qst.py add_side)
+        return TrainedState(side_bytes, side_bytes, side_bytes, 2 * side_bytes + 4 * len(numels), 0, 0,
+                            max(numels) * 4, numels)
+    if method == "sara":  # the entries |w| < threshold of the matrices (norms start near 1, outside any mask)
+        total = sum(p.numel() for _, p in named)
+        selected = round(sara_fraction * total)
+        tensors = sum(p.dim() == 2 for _, p in named)
+        numels = [selected]
+        # values (s) + grad (s) + two moments (s) + AdamW's step per tensor; mask (bool, dense), index (int64),
+        # original values (s)
+        buffers = sum(p.numel() for _, p in named if p.dim() == 2) + selected * (8 + s)
+        return TrainedState(selected * s, selected * s, selected * s, 2 * selected * s + 4 * tensors, 0, buffers,
+                            selected * s, numels)
+    params = [p for _, p in named]
+    numels = [p.numel() for p in params]
+    grads = sum(numels) * s
+    if optimizer in ("galore_adamw", "natural_galore"):
+        moments, projectors, transient, _ = _galore_state(model, params, optimizer, galore_rank, galore_proj_type, s)
+    elif optimizer == "paged_adamw":
+        small = [n for n in numels if n < PAGE_THRESHOLD]
+        moments, projectors = 2 * sum(small) * s + 4 * len(small), 0
+        transient = (2 if device == "cuda" else 1) * 2 * max(numels) * s + max(numels) * s
+    else:  # torch AdamW: two moments like each parameter, and a scalar fp32 step tensor per parameter
+        moments, projectors = 2 * grads + 4 * len(numels), 0
+        transient = (grads if device == "cuda" else max(numels) * s)  # foreach on CUDA, one tensor at a time on CPU
+    peak = grads
+    if galore_per_layer:
+        # each parameter is updated and its gradient freed in its post-accumulate hook (optim/per_layer.py): one
+        # gradient at a time, except that a head tied to the embeddings has its part held from the head's
+        # backward until the embedding's
+        emb = cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
+        peak = (emb + max(n for n, (name, _) in zip(numels, named) if not (emb and "embed_tokens" in name))) * s
+    # LT-SFT (methods/lt_sft.py): prev, a copy of the trained weights on the device; theta0 on the CPU (in the
+    # process's memory when the device is the CPU); its full phase is the peak (the sparse phase adds only a
+    # bool mask of the body while its dense states are the full phase's again)
+    buffers = (2 if device == "cpu" else 1) * grads if method == "lt-sft" else 0
+    return TrainedState(0, grads, peak, moments, projectors, buffers, transient, numels)
+
+
+def estimate_base_method(cfg, method: str, batch: int = 4, seq: int = 512, dtype: str = "fp32", device: str = "cpu",
+                         gradient_checkpointing: bool = False, optimizer: str = "adamw", grad_accum: int = 1,
+                         loss_chunk: int = 1024, galore_rank: int = 128, galore_proj_type: str | None = None,
+                         galore_per_layer: bool = False, sara_fraction: float = 0.01, qst=None) -> MemoryEstimate:
+    """The peak of one step of full finetuning (+ GaLore), SaRA, LT-SFT or QST. Weights, trainable parameters,
+    gradients and optimizer state are exact counts over the model's tensors (`trained_state`); activations reuse
+    the LoRA rules with every linear keeping its input (r = 0, gradients from the embeddings on; for QST the
+    side network's block at its width), an approximation not checked against autograd."""
+    s = DTYPE_BYTES[dtype]
+    st = trained_state(cfg, method, optimizer, s, device, galore_rank, galore_proj_type, galore_per_layer,
+                       sara_fraction, qst)
+    base_plan = make_plan(cfg, "qlora" if method == "qst" else "lora", 1, "all-linear", 0.0, s, device)
+    weights, largest_q = _weights(base_plan, cfg)
+    N = batch * seq
+    if method == "qst":
+        from ..methods.qst import QSTConfig, side_model_config
+
+        qcfg = qst or QSTConfig()
+        side = side_model_config(cfg, qcfg)
+        sp = dataclasses.replace(make_plan(side, "lora", 1, "all-linear", 0.0, 4, device), r=0, a=4,
+                                 grad_from_input=True)
+        acts = activation_bytes(sp, batch, seq, loss_chunk)
+        d_s, k = side.hidden_size, qcfg.peft_hidden_size
+        down = cfg.hidden_size * s * (3 if qcfg.dropout > 0 else 1) + 3 * k * 4 + 4 * d_s * 4  # D_i and the gate
+        acts["layers"] = [b + down * N for b in acts["layers"]]
+        base_acts = activation_bytes(dataclasses.replace(base_plan, targets=[set() for _ in base_plan.targets]),
+                                     batch, seq, loss_chunk)
+        acts["rest"] = base_acts["rest"] + 2 * cfg.hidden_size * 4 * N  # the loss, and the output gate's inputs
+        acts["total"] = sum(acts["layers"]) + acts["rest"]
+    else:
+        plan = dataclasses.replace(base_plan, r=0, a=s, grad_from_input=True)
+        acts = activation_bytes(plan, batch, seq, loss_chunk)
+    p = base_plan if method == "qst" else plan
+    phases = _phases(p, acts, batch, seq, st.gradients, st.transient, largest_q, gradient_checkpointing, grad_accum,
+                     loss_chunk)
+    if galore_per_layer:  # the updates happen inside backward, where one gradient lives at a time
+        g, a, t = phases.pop("optimizer")
+        back = "recompute + backward" if gradient_checkpointing else "backward"
+        g0, a0, t0 = phases[back]
+        phases[back] = (st.peak_gradients, a0, max(t0, t))
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    grads, act, transient = phases[phase]
+    total_params, active_params = param_counts(cfg)
+    notes = {"tokens": N, "adapter_params": sum(st.numels), "params": total_params, "active_params": active_params,
+             "bytes_per_token_layer": [b // N for b in acts["layers"]], "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)),
+             "adapter_dtype_bytes": 4 if method == "qst" else s, "dtype_bytes": s, "warnings": [],
+             "weight_split": _weight_split(base_plan, cfg, weights), "projectors": st.projectors,
+             "method_buffers": st.buffers, "activations_approximate": True, "grad_bytes": st.gradients,
+             "trainable_row": {"qst": "QST side network", "sara": "SaRA trained values"}.get(method, "adapter parameters"),
+             "buffers_row": {"sara": "SaRA masks, indices, original values",
+                             "lt-sft": "LT-SFT copies (prev; theta0 on CPU)"}.get(method, "method buffers")}
+    return MemoryEstimate(weights=weights, adapter=st.trainable, optimizer=st.moments + st.projectors,
+                          gradients=grads, activations=act, transient=transient,
+                          framework=RUNTIME[device] + FIRST_STEP[device], first_step=FIRST_STEP[device], phase=phase,
+                          notes=notes, method_buffers=st.buffers, projectors=st.projectors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,14 +808,42 @@ def format_table(est: MemoryEstimate, title: str) -> str:
 def estimate(cfg: EstimateConfig) -> dict:
     """Print the table for `cfg`; returns the estimate as a dict of bytes."""
     model_cfg, path = read_model_config(cfg.model)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    est = estimate_memory(model_cfg, cfg.method, cfg.batch // cfg.nproc, cfg.seq, cfg.rank, cfg.targets, cfg.dropout,
-                          dtype, device, cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk)
+    base = cfg.method in BASE_METHODS
+    trains_base = cfg.method in ("full", "sara", "lt-sft")
+    # finetune trains base weights in fp32 (precision.resolve_precision): auto picks it
+    device, dtype = resolve_device_dtype(cfg.device, "fp32" if trains_base and cfg.dtype == "auto" else cfg.dtype)
+    if base:
+        from ..methods.qst import QSTConfig
+
+        qst = QSTConfig(reduction=cfg.qst_reduction, peft_hidden_size=cfg.qst_hidden_size) if cfg.method == "qst" else None
+        est = estimate_base_method(model_cfg, cfg.method, cfg.batch // cfg.nproc, cfg.seq, dtype, device,
+                                   cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk,
+                                   cfg.galore_rank, cfg.galore_proj_type, cfg.galore_per_layer, cfg.sara_fraction, qst)
+    else:
+        est = estimate_memory(model_cfg, cfg.method, cfg.batch // cfg.nproc, cfg.seq, cfg.rank, cfg.targets,
+                              cfg.dropout, dtype, device, cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum,
+                              cfg.loss_chunk)
     est = per_rank(est, cfg.nproc, cfg.parallel)
+    warnings = est.notes["warnings"] = list(est.notes["warnings"])
+    if trains_base and dtype != "fp32":
+        warnings.append(f"finetune refuses --dtype {dtype} for --method {cfg.method} (base weights train in fp32); "
+                        f"this is a pure-{dtype} estimate")
+    if cfg.nproc > 1 and (cfg.optimizer != "adamw" or cfg.method == "lt-sft"):
+        what = f"--optimizer {cfg.optimizer}" if cfg.optimizer != "adamw" else "--method lt-sft (phases)"
+        warnings.append(f"not runnable yet under --parallel: finetune refuses {what} with --nproc > 1; this is "
+                        f"the memory per rank it would take with {cfg.parallel}'s sharding")
+    if base:
+        warnings.append("activations are approximate for this method (LoRA's rules with each linear keeping its "
+                        "input); weights, gradients and optimizer state are exact counts")
     gc = ", gradient checkpointing" if cfg.gradient_checkpointing else ""
     ranks = f", per rank of {cfg.nproc} ({cfg.parallel})" if cfg.nproc > 1 else ""
-    title = (f"{path.name}: {cfg.method} r={cfg.rank} ({cfg.targets}), batch {cfg.batch} x seq {cfg.seq}, "
-             f"{dtype} on {device}, {cfg.optimizer}{gc}{ranks}")
+    what = f"{cfg.method} r={cfg.rank} ({cfg.targets})" if not base else cfg.method
+    if cfg.optimizer in ("galore_adamw", "natural_galore"):
+        opt_name = f"{cfg.optimizer} rank {cfg.galore_rank}" + (" per layer" if cfg.galore_per_layer else "")
+    else:
+        opt_name = cfg.optimizer
+    title = (f"{path.name}: {what}, batch {cfg.batch} x seq {cfg.seq}, "
+             f"{dtype} on {device}, {opt_name}{gc}{ranks}")
     print(format_table(est, title))
     if model_cfg.num_experts:
         print(f"  parameters: {est.notes['params'] / 1e6:.1f}M, of which {est.notes['active_params'] / 1e6:.1f}M active per "
