@@ -28,6 +28,9 @@ EVAL_COMMANDS = {
                   "FineTuneBench against an OpenAI-compatible fine-tuning API: train on a memorization set, score "
                   "memorization and rephrased generalization"),
 }
+EVAL_MODEL = ("leantune.recipes.eval", "EvalConfig", "eval_model")
+EVAL_HELP = ("score a model (+ adapters) on a data file: exact match, ROUGE-L, classification accuracy or loss; "
+             "or run an evaluation through an OpenAI-compatible API (`leantune eval knowledge`)")
 
 
 def _load(module: str, name: str):
@@ -60,8 +63,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_dataclass_args(sp, _load(mod, cls))
         if name == "finetune":  # each method's own options, in groups of their own
             add_method_args(sp, {f.name for f in cli_fields(_load(mod, cls))} | {"config"}, only=_method_in(argv))
-    ev = sub.add_parser("eval", help="evaluate a model through an OpenAI-compatible API", description="evaluations")
-    evsub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    # `leantune eval --model M --data F --metric X` scores a model; `leantune eval knowledge ...` (a subcommand)
+    # runs FineTuneBench through an API. The subcommand is optional, so both spellings parse.
+    ev = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
+    ev.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
+    add_dataclass_args(ev, _load(*EVAL_MODEL[:2]))
+    evsub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=False)
     for name, (mod, cls, _fn, helptext) in EVAL_COMMANDS.items():
         sp = evsub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
@@ -78,9 +85,10 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "eval":
-        if not getattr(args, "eval_command", None):
-            parser.parse_args(["eval", "--help"])  # prints the evaluations and exits
-        mod, cls_name, fn_name, _ = EVAL_COMMANDS[args.eval_command]
+        if not getattr(args, "eval_command", None) and not hasattr(args, "data") and not getattr(args, "config", None):
+            parser.parse_args(["eval", "--help"])  # prints the options and the evaluations, and exits
+        mod, cls_name, fn_name = EVAL_MODEL if not getattr(args, "eval_command", None) else \
+            EVAL_COMMANDS[args.eval_command][:3]
         cfg, _ = build_config(_load(mod, cls_name), args)
         _load(mod, fn_name)(cfg)
         return 0
