@@ -19,6 +19,9 @@ COMMANDS = {
                "write the merged model (or, with --lora-only, the adapter) as a GGUF file for llama.cpp / Ollama"),
     "select": ("leantune.recipes.select", "SelectConfig", "select",
                "select the k pool rows closest to a target task (GOT-D optimal transport, nearest, random)"),
+    "sweep": ("leantune.recipes.sweep", "SweepConfig", "sweep",
+              "a grid of finetunes along one axis (data fraction, SFT/DPO share, oracle/weak label share), each "
+              "scored by `leantune eval`: table (CSV, Markdown) and plot; finetune options go after --"),
     "estimate": ("leantune.recipes.estimate", "EstimateConfig", "estimate",
                  "predict the peak memory of a training step from the model's config (no weights read)"),
 }
@@ -61,6 +64,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options; flags override it")
         add_dataclass_args(sp, _load(mod, cls))
+        if name == "sweep":  # two values: the axis and its list; the cells' finetune options follow `--`
+            sp.add_argument("--axis", nargs=2, metavar=("NAME", "V1,V2,..."), default=argparse.SUPPRESS,
+                            help="data-fraction (fractions in (0, 1]), sft-share or oracle-share (shares in [0, 1])")
         if name == "finetune":  # each method's own options, in groups of their own
             add_method_args(sp, {f.name for f in cli_fields(_load(mod, cls))} | {"config"}, only=_method_in(argv))
     # `leantune eval --model M --data F --metric X` scores a model; `leantune eval knowledge ...` (a subcommand)
@@ -79,6 +85,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     from .recipes.options import build_config
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if argv[:1] == ["sweep"] and "--" in argv:  # `leantune sweep ... -- <finetune args>`
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
@@ -95,6 +106,9 @@ def run(argv: list[str] | None = None) -> int:
     mod, cls_name, fn_name, _ = COMMANDS[args.command]
     if args.command == "finetune":  # the method's options become its config; the builtin data's preset
         cfg = _load(mod, "config_from_args")(args)
+    elif args.command == "sweep":
+        cfg, _ = build_config(_load(mod, cls_name), args,
+                              preset={"axis": getattr(args, "axis", []), "finetune_args": passed})
     else:
         cfg, _ = build_config(_load(mod, cls_name), args)
     _load(mod, fn_name)(cfg)
