@@ -1,6 +1,6 @@
-"""Text metrics of `leantune eval`, written once: normalized exact match (the demo facts' rule,
-`recipes.facts.normalize`) and ROUGE-L F1 (Lin 2004, "ROUGE: A Package for Automatic Evaluation of Summaries"),
-tokenized as Google's `rouge-score` package tokenizes without stemming (lower-case, every run of characters
+"""Text metrics of `leantune eval`, written once: normalized exact match (the demo facts' rule, which
+`recipes.facts` imports from here) and ROUGE-L F1 (Lin 2004, "ROUGE: A Package for Automatic Evaluation of
+Summaries"), tokenized as Google's `rouge-score` package tokenizes without stemming (lower-case, every run of characters
 other than a-z and 0-9 a separator), so its numbers are comparable with the quick-learners paper's
 (SuperNI's ROUGE-L). Pure Python: no torch here.
 """
@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import re
 
-from ..recipes.facts import normalize
-
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def normalize(s: str) -> str:
+    """Lower case, punctuation to spaces, a leading article dropped, whitespace collapsed (the demo facts' rule)."""
+    s = re.sub(r"[^\w\s]", " ", s.lower())
+    s = re.sub(r"^\s*(the|a|an)\s+", "", s)
+    return " ".join(s.split())
 
 
 def exact_match(prediction: str, gold: str) -> float:
