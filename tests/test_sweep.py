@@ -146,3 +146,12 @@ def test_sft_share_cell_is_one_finetune_run(files, tmp_path, monkeypatch, share,
         assert n == round((share if name == "data" else 1 - share) * 4)
         if n:
             assert len((d / f"{name}.jsonl").read_text().splitlines()) == n
+
+
+def test_a_failed_run_stops_the_sweep_naming_its_log(folder, files, tmp_path):
+    out = tmp_path / "sweep"
+    argv = sweep_argv(folder, files, out, "data-fraction", "1.0")
+    with pytest.raises(SystemExit, match=r"`leantune finetune` of data-fraction=1 failed \(exit 2\); see .*finetune.log"):
+        cli.run(argv[:argv.index("--") + 1] + ["--max-steps", "two"])
+    assert "invalid int value" in (out / "data-fraction=1" / "finetune.log").read_text()
+    assert not (out / "data-fraction=1" / "result.json").exists() and not (out / "sweep.csv").exists()

@@ -160,8 +160,9 @@ def leantune(args: list, log: Path) -> None:
         f.flush()
         rc = subprocess.run([sys.executable, "-m", "leantune", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
                             env={**os.environ, "TQDM_DISABLE": "1"}).returncode
-    if rc != 0:
-        raise RuntimeError(f"leantune {args[0]} failed (exit {rc}); see {log}")
+    if rc != 0:  # the run's own message is in the log; the sweep stops, and the same command resumes it
+        raise SystemExit(f"leantune sweep: `leantune {args[0]}` of {log.parent.name} failed (exit {rc}); see {log}, "
+                         "fix the cause and run the same sweep again: finished cells and runs are kept")
 
 
 def write_subset(rows: list[dict], path: Path) -> str:
@@ -172,11 +173,13 @@ def write_subset(rows: list[dict], path: Path) -> str:
 
 
 def finetune_stage(cfg: SweepConfig, d: Path, out: str, model, args: list, log: Path) -> Path:
-    """One `leantune finetune` run into d/out (skipped when its summary.json says it finished)."""
+    """One `leantune finetune` run into d/out: skipped when its summary.json says it finished, continued from its
+    last checkpoint (--resume) when an earlier sweep stopped inside it."""
     target = d / out
     if not (target / "summary.json").exists():
         base = [] if model is None else ["--model", model]
-        leantune(["finetune", *base, *args, "--output", target, *cfg.finetune_args], log)
+        resume = ["--resume"] if target.exists() else []
+        leantune(["finetune", *base, *args, "--output", target, *resume, *cfg.finetune_args], log)
     return target
 
 
