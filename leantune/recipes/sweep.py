@@ -256,9 +256,11 @@ def table(results: list[dict]) -> tuple[str, str]:
     w = csv.DictWriter(buf, keys, lineterminator="\n")
     w.writeheader()
     w.writerows(results)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    def fmt(k, v):
+        return f"{v:g}" if k == "value" else f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
     md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    md += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in results]
+    md += ["| " + " | ".join(fmt(k, r.get(k)) for k in keys) + " |" for r in results]
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
@@ -276,7 +278,7 @@ def plot(results: list[dict], path: Path, xlabel: str, ylabel: str) -> None:
         from ..train.plot import plot_losses
 
         pts = list(zip(xs, ys))
-        plot_losses(pts, pts, tmp, title=f"{ylabel} vs {xlabel}", xlabel=xlabel)  # the 3x5 font lacks some letters
+        plot_losses(pts, pts, tmp, title=f"{ylabel} vs {xlabel}", xlabel=xlabel)
     else:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         ax.plot(xs, ys, "o-")

@@ -1,7 +1,7 @@
 """A dependency-free loss plot: rasterize lines into an RGB buffer and write a PNG with zlib.
 
 matplotlib would be a heavy dependency for one picture; this draws axes, the train-loss curve (blue),
-eval-loss points (red) and min/max labels in a 3x5 pixel font, scaled 2x.
+eval-loss points (red) and min/max labels in a 3x5 pixel font (digits, a-z, a few signs), scaled 2x.
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ _FONT = {  # 3x5 glyphs, rows top->bottom, 3 bits per row
     "p": "000111101111100", "l": "100100100100111", "o": "000111101101111", "v": "000101101101010",
     "a": "000011101101011", "r": "000111100100100", "i": "010000010010010", "n": "000110101101101",
     ":": "000010000010000", "/": "001001010100100",
+    # the rest of the alphabet and a few signs, for `leantune sweep`'s axis names and metrics
+    "b": "100100111101111", "c": "000111100100111", "d": "001001111101111", "f": "011010111010010",
+    "g": "111100101101111", "h": "100100111101101", "j": "001000001001110", "k": "100101110101101",
+    "m": "000111111101101", "q": "000111101111001", "u": "000101101101111", "w": "000101101111111",
+    "x": "000101010101101", "y": "101101111001111", "z": "111001010100111", "=": "000111000111000",
+    ",": "000000000010100", "_": "000000000000111", "(": "010100100100010", ")": "010001001001010",
 }
 
 
