@@ -155,3 +155,28 @@ def test_a_failed_run_stops_the_sweep_naming_its_log(folder, files, tmp_path):
         cli.run(argv[:argv.index("--") + 1] + ["--max-steps", "two"])
     assert "invalid int value" in (out / "data-fraction=1" / "finetune.log").read_text()
     assert not (out / "data-fraction=1" / "result.json").exists() and not (out / "sweep.csv").exists()
+
+
+def test_few_shot_prefix_goes_in_front_of_every_prompt(files, tmp_path, monkeypatch):
+    """--few-shot 2: the first 2 weak rows as "prompt\\nanswer\\n\\n" in front of each training row's last user turn
+    (and of completion prompts and classification texts)."""
+    from leantune.recipes import sweep as sw
+
+    cfg = sw.SweepConfig(axis=["oracle-share", "0.5"], data=files["data"], weak_data=files["weak"], budget=2,
+                         weak_cost=0.5, eval_data=files["eval"], output=str(tmp_path / "o"), few_shot=2,
+                         few_shot_labels="weak")
+    prefix = sw.few_shot_prefix(cfg)
+    assert prefix == f"{TRAIN[0][0]}\nI do not know.\n\n{TRAIN[1][0]}\nI do not know.\n\n"
+    monkeypatch.setattr(sw, "leantune", lambda args, log: None)
+    d = tmp_path / "cell"
+    d.mkdir()
+    sw.train_cell(cfg, sw.plan(cfg)[0], d, prefix)
+    oracle = [json.loads(x) for x in (d / "data.jsonl").read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in oracle] == [prefix + TRAIN[0][0]]
+    assert oracle[0]["messages"][1]["content"] == TRAIN[0][1]  # the answer is untouched
+    assert sw.with_prefix({"prompt": "p", "completion": "c"}, "completion", "D\n", "") == {"prompt": "D\np",
+                                                                                          "completion": "c"}
+    assert sw.with_prefix({"text": "t", "label": 1}, "classification", "D\n", "")["text"] == "D\nt"
+    with pytest.raises(ValueError, match="--few-shot prefixes supervised rows: not with --axis sft-share"):
+        sw.SweepConfig(axis=["sft-share", "0.5"], data=files["data"], pref_data=files["data"], budget=2,
+                       eval_data=files["eval"], few_shot=2)

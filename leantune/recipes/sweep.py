@@ -11,7 +11,9 @@ Axes:
 - `oracle-share` with --budget B and --weak-cost c: label quantity vs quality (Mallen & Belrose,
   scalable-elicitation): round(s * B) oracle-labelled rows of --data and (B - n_oracle) / c weakly labelled rows
   of --weak-data (the user supplies the weak labels: leantune does not make them), trained in sequence: SFT on
-  the weak rows, then SFT on the oracle rows from that model (merged first when it is an adapter).
+  the weak rows, then SFT on the oracle rows from that model (merged first when it is an adapter). --few-shot K
+  puts K demonstrations (the first K oracle or weak rows, "prompt\nanswer\n\n" each) in front of the prompt of
+  every training and eval row, the paper's few-shot prompt + SFT (also usable with data-fraction).
 
 Each cell lives in DIR/<axis>=<value>/ (its data subsets, the runs, finetune.log with every command and its output, eval.json, result.json); a cell
 with a result.json is skipped, and a run with a summary.json is not trained again, so a sweep resumes where it
@@ -51,6 +53,10 @@ class SweepConfig:
     sft_cost: float = opt(1.0, "sft-share: cost of one SFT row")
     pref_cost: float = opt(1.0, "sft-share: cost of one preference pair")
     weak_cost: float = opt(0.1, "oracle-share: cost of one weak label (an oracle label costs 1; the paper's 0.1)")
+    few_shot: int = opt(0, "prepend this many demonstrations (prompt, answer) to the prompt of every training and "
+                           "eval row: the few-shot prompt + SFT of scalable-elicitation; not with sft-share")
+    few_shot_labels: str = opt("oracle", "the demonstrations: the first --few-shot rows of --data (oracle) or of "
+                                         "--weak-data (weak, oracle-share only)")
     model: str | None = opt(None, "base model of every cell (default: finetune's default)")
     metric: str = opt("exact", "what `leantune eval` scores each cell on: exact, rouge-l, accuracy or loss")
     eval_data: str | None = opt(None, "held-out rows `leantune eval` scores each cell on (required)")
@@ -89,6 +95,11 @@ class SweepConfig:
         for cost in ("budget", "sft_cost", "pref_cost", "weak_cost"):
             if getattr(self, cost) is not None and not getattr(self, cost) > 0:
                 raise ValueError(f"--{cost.replace('_', '-')} must be > 0, got {getattr(self, cost)}")
+        if self.few_shot < 0 or self.few_shot_labels not in ("oracle", "weak"):
+            raise ValueError("--few-shot must be >= 0 and --few-shot-labels oracle or weak")
+        if self.few_shot and (name == "sft-share" or (self.few_shot_labels == "weak" and self.weak_data is None)):
+            raise ValueError("--few-shot prefixes supervised rows: not with --axis sft-share, and "
+                             "--few-shot-labels weak needs --axis oracle-share with --weak-data")
         for a in self.finetune_args:
             if a.split("=", 1)[0] in OWNED or (name != "data-fraction" and a.split("=", 1)[0] == "--objective"):
                 raise ValueError(f"{a.split('=', 1)[0]} after -- is set by the sweep in every cell; give the "
@@ -122,6 +133,57 @@ def count_rows(path: str) -> list[dict]:
     from ..data.readers import read_rows
 
     return [r.data for r in read_rows(path)]
+
+
+def few_shot_prefix(cfg: SweepConfig) -> str:
+    """The demonstrations as text: "prompt\nanswer\n\n" each ("" without --few-shot)."""
+    if not cfg.few_shot:
+        return ""
+    from ..data.rows import read_canonical
+
+    path = cfg.data if cfg.few_shot_labels == "oracle" else cfg.weak_data
+    fmt, rows = read_canonical(path)
+    if len(rows) < cfg.few_shot:
+        raise ValueError(f"--few-shot {cfg.few_shot}: {path} has only {len(rows)} rows")
+    return "".join(f"{p}\n{a}\n\n" for p, a in (prompt_answer(d, fmt, r.where) for r, d in rows[:cfg.few_shot]))
+
+
+def prompt_answer(data: dict, fmt: str, where: str) -> tuple[str, str]:
+    from ..data.formats import _prompt_reply
+
+    if fmt == "classification":
+        return data["text"], str(data["label"])
+    if "messages" in data:
+        user = [i for i, m in enumerate(data["messages"]) if m["role"] == "user"]
+        last = data["messages"][-1]
+        if not user or last["role"] != "assistant":
+            raise ValueError(f"{where}: --few-shot needs a user turn and a final assistant answer in chat rows")
+        return data["messages"][user[-1]]["content"] or "", last.get("content") or ""
+    if fmt in ("alpaca", "completion"):
+        return _prompt_reply(data, fmt)
+    raise ValueError(f"{where}: --few-shot prefixes the prompt of supervised or classification rows, not {fmt} rows")
+
+
+def with_prefix(data: dict, fmt: str, prefix: str, where: str) -> dict:
+    """The row with `prefix` in front of its prompt (the last user turn, the instruction, the prompt, the text)."""
+    prompt_answer(data, fmt, where)  # the same shapes, the same errors
+    if "messages" in data:
+        msgs = [dict(m) for m in data["messages"]]
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last_user]["content"] = prefix + (msgs[last_user]["content"] or "")
+        return {**data, "messages": msgs}
+    key = {"classification": "text", "alpaca": "instruction", "completion": "prompt"}[fmt]
+    return {**data, key: prefix + data[key]}
+
+
+def rows_of(cfg: SweepConfig, path: str, prefix: str) -> list[dict]:
+    """The rows of `path` as a cell's data files hold them: as written, or canonical with the few-shot prefix."""
+    if not prefix:
+        return count_rows(path)
+    from ..data.rows import read_canonical
+
+    fmt, rows = read_canonical(path)
+    return [with_prefix(d, fmt, prefix, r.where) for r, d in rows]
 
 
 def plan(cfg: SweepConfig) -> list[dict]:
@@ -194,10 +256,11 @@ def as_base(cfg: SweepConfig, d: Path, model, run: Path, log: Path):
     return merged
 
 
-def train_cell(cfg: SweepConfig, cell: dict, d: Path) -> tuple[str | None, list[str]]:
+def train_cell(cfg: SweepConfig, cell: dict, d: Path, prefix: str = "") -> tuple[str | None, list[str]]:
     """Train one cell; returns (the model to evaluate, its adapters)."""
     log, parts = d / "finetune.log", cell["parts"]
-    files = {k: write_subset(count_rows(getattr(cfg, k))[:n], d / f"{k}.jsonl") for k, n in parts.items() if n}
+    files = {k: write_subset(rows_of(cfg, getattr(cfg, k), prefix)[:n], d / f"{k}.jsonl")
+             for k, n in parts.items() if n}
     model = cfg.model
     if cfg.name == "data-fraction":
         run = finetune_stage(cfg, d, "run", model, ["--data", files["data"]], log)
@@ -221,17 +284,17 @@ def train_cell(cfg: SweepConfig, cell: dict, d: Path) -> tuple[str | None, list[
     return model, [str(run)]
 
 
-def run_cell(cfg: SweepConfig, cell: dict) -> dict:
+def run_cell(cfg: SweepConfig, cell: dict, prefix: str = "", eval_data: str | None = None) -> dict:
     d = Path(cfg.output) / cell["label"]
     done = d / "result.json"
     if done.exists():
         return json.loads(done.read_text(encoding="utf-8"))
     d.mkdir(parents=True, exist_ok=True)
-    model, adapters = train_cell(cfg, cell, d)
+    model, adapters = train_cell(cfg, cell, d, prefix)
     from .eval import evaluate
 
     # in this process (a process per cell would spend its time importing torch); the model is freed after
-    report = evaluate(eval_config(cfg, model, adapters))
+    report = evaluate(eval_config(cfg, model, adapters, eval_data))
     write_json(d / "eval.json", report)
     result = {"axis": cfg.name, "value": cell["value"], **{f"n_{k}": n for k, n in cell["parts"].items()},
               "metric": cfg.metric, "score": report["score"], "n_eval": report["n"]}
@@ -291,10 +354,10 @@ def plot(results: list[dict], path: Path, xlabel: str, ylabel: str) -> None:
     tmp.replace(path)
 
 
-def eval_config(cfg: SweepConfig, model, adapters: list[str]):
+def eval_config(cfg: SweepConfig, model, adapters: list[str], eval_data: str | None = None):
     from .eval import EvalConfig
 
-    return EvalConfig(model=model, adapter=adapters, data=cfg.eval_data, metric=cfg.metric,
+    return EvalConfig(model=model, adapter=adapters, data=eval_data or cfg.eval_data, metric=cfg.metric,
                       max_new_tokens=cfg.max_new_tokens, dtype=cfg.eval_dtype)
 
 
@@ -303,10 +366,13 @@ def sweep(cfg: SweepConfig) -> list[dict]:
 
     cells = plan(cfg)  # every value checked against its files before the first run
     check_data(eval_config(cfg, cfg.model, []))  # and --eval-data against --metric
+    prefix = few_shot_prefix(cfg)
+    eval_rows = rows_of(cfg, cfg.eval_data, prefix) if prefix else None  # shapes checked before any work
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    eval_data = write_subset(eval_rows, out / "eval-few-shot.jsonl") if prefix else None
     with ThreadPoolExecutor(cfg.jobs) as pool:  # threads only wait: each cell's work is in its own processes
-        futures = [pool.submit(run_cell, cfg, c) for c in cells]
+        futures = [pool.submit(run_cell, cfg, c, prefix, eval_data) for c in cells]
         results = []
         for c, f in zip(cells, futures):
             results.append(f.result())
