@@ -67,8 +67,11 @@ class SweepConfig:
     finetune_args: list[str] = field(default_factory=list, metadata={"cli": False, "help": "after --"})
 
     def __post_init__(self):
-        from ..eval.metrics import METRICS
+        self._check_axis()
+        self._check_inputs()
+        self._check_finetune_args()
 
+    def _check_axis(self) -> None:
         if len(self.axis) != 2:
             raise ValueError("--axis takes a name and its values: --axis data-fraction 0.25,1.0")
         name, self.values = self.axis[0], parse_values(self.axis[1])
@@ -80,6 +83,11 @@ class SweepConfig:
             if not ((0 < v <= 1) if lo_open else (0 <= v <= 1)):
                 raise ValueError(f"--axis {name}: value {v:g} is out of range; "
                                  f"{'fractions lie in (0, 1]' if lo_open else 'shares lie in [0, 1]'}")
+
+    def _check_inputs(self) -> None:
+        from ..eval.metrics import METRICS
+
+        name = self.name
         if self.metric not in METRICS:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.jobs < 1 or self.max_new_tokens < 1:
@@ -100,6 +108,9 @@ class SweepConfig:
         if self.few_shot and (name == "sft-share" or (self.few_shot_labels == "weak" and self.weak_data is None)):
             raise ValueError("--few-shot prefixes supervised rows: not with --axis sft-share, and "
                              "--few-shot-labels weak needs --axis oracle-share with --weak-data")
+
+    def _check_finetune_args(self) -> None:
+        name = self.name
         for a in self.finetune_args:
             if a.split("=", 1)[0] in OWNED or (name != "data-fraction" and a.split("=", 1)[0] == "--objective"):
                 raise ValueError(f"{a.split('=', 1)[0]} after -- is set by the sweep in every cell; give the "
