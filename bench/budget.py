@@ -144,8 +144,10 @@ def budget_data(d: Path, budget: int, share: float, seed: int) -> tuple[str | No
     rng = random.Random(seed)
     items = [i % N_TRAIN_ITEMS for i in range(budget)]
     rng.shuffle(items)
-    n_sft = round(share * budget)
-    sft_items, pair_items = items[:n_sft], items[n_sft:]
+    from leantune.recipes.sweep import budget_split  # the split `leantune sweep --axis sft-share` makes
+
+    n_sft, n_pairs = budget_split(budget, share)
+    sft_items, pair_items = items[:n_sft], items[n_sft:n_sft + n_pairs]
     d.mkdir(parents=True, exist_ok=True)
     sft = write_jsonl(d / "sft.jsonl", [chat_row(question(i), in_format(i, color_of(i))) for i in sft_items]) \
         if sft_items else None

@@ -4,7 +4,7 @@ Every `import` in `leantune/` counts: at module level, inside functions (lazy im
 `if TYPE_CHECKING:` (a lazy or typing-only import hides a dependency, it does not remove it). The rules:
 
 1. **Layers point down.** DESIGN.md's order, top to bottom:
-   `cli > recipes > serve > train > data > methods > optim > quant > models > neutral`.
+   `cli > recipes > eval > serve > train > data > methods > optim > quant > models > neutral`.
    A module imports modules of its own layer or of layers below it. So, among others,
    models/ imports nothing of methods|train|serve|recipes, methods/ nothing of train|serve|recipes,
    train/ nothing of serve|recipes. The package root (`leantune/__init__.py`, the public API) sits with cli.
@@ -33,7 +33,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "leantune"
 
-ORDER = ["cli", "recipes", "serve", "train", "data", "methods", "optim", "quant", "models"]  # top to bottom
+ORDER = ["cli", "recipes", "eval", "serve", "train", "data", "methods", "optim", "quant", "models"]  # top to bottom
 NEUTRAL = {"ops", "kernels", "routing", "fields", "precision"}
 ALLOWED_UP = {("models", "quant")}
 FORBIDDEN = {("quant", "models")}

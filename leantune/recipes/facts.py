@@ -7,9 +7,10 @@ dropping punctuation and a leading article.
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
 from pathlib import Path
+
+from ..eval.metrics import normalize  # noqa: F401 - the one normalization, also `leantune eval --metric exact`'s
 
 BUILTIN = "builtin:facts"
 
@@ -31,12 +32,6 @@ def write_train_jsonl(path: Path) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def normalize(s: str) -> str:
-    s = re.sub(r"[^\w\s]", " ", s.lower())
-    s = re.sub(r"^\s*(the|a|an)\s+", "", s)
-    return " ".join(s.split())
 
 
 def exact_match(reply: str, answer: str) -> bool:

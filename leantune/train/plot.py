@@ -1,7 +1,7 @@
 """A dependency-free loss plot: rasterize lines into an RGB buffer and write a PNG with zlib.
 
 matplotlib would be a heavy dependency for one picture; this draws axes, the train-loss curve (blue),
-eval-loss points (red) and min/max labels in a 3x5 pixel font, scaled 2x.
+eval-loss points (red) and min/max labels in a 3x5 pixel font (digits, a-z, a few signs), scaled 2x.
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ _FONT = {  # 3x5 glyphs, rows top->bottom, 3 bits per row
     "p": "000111101111100", "l": "100100100100111", "o": "000111101101111", "v": "000101101101010",
     "a": "000011101101011", "r": "000111100100100", "i": "010000010010010", "n": "000110101101101",
     ":": "000010000010000", "/": "001001010100100",
+    # the rest of the alphabet and a few signs, for `leantune sweep`'s axis names and metrics
+    "b": "100100111101111", "c": "000111100100111", "d": "001001111101111", "f": "011010111010010",
+    "g": "111100101101111", "h": "100100111101101", "j": "001000001001110", "k": "100101110101101",
+    "m": "000111111101101", "q": "000111101111001", "u": "000101101101111", "w": "000101101111111",
+    "x": "000101010101101", "y": "101101111001111", "z": "111001010100111", "=": "000111000111000",
+    ",": "000000000010100", "_": "000000000000111", "(": "010100100100010", ")": "010001001001010",
 }
 
 
@@ -63,14 +69,16 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path,
-                w: int = 640, h: int = 400) -> None:
-    """Write `path` (PNG): loss against step. Written to a temp name, then renamed."""
+def plot_losses(train: list[tuple[float, float]], evals: list[tuple[float, float]], path: Path,
+                w: int = 640, h: int = 400, title: str = "loss: train - / eval o", xlabel: str = "step") -> None:
+    """Write `path` (PNG): loss against step (or any y against x: `leantune sweep` plots its metric against
+    the axis value with it). Written to a temp name, then renamed."""
     c = Canvas(w, h)
     left, right, top, bottom = 70, w - 20, 30, h - 40
     pts = train + evals
     if pts:
-        s0, s1 = min(p[0] for p in pts), max(max(p[0] for p in pts), min(p[0] for p in pts) + 1)
+        s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        s1 = s1 if s1 > s0 else s0 + 1
         lo, hi = min(p[1] for p in pts), max(p[1] for p in pts)
         hi = hi if hi > lo else lo + 1.0
 
@@ -84,12 +92,13 @@ def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], 
             c.dot(*xy(*p), (214, 39, 40), r=3)
         c.text(4, top - 4, _fmt(hi))
         c.text(4, bottom - 8, _fmt(lo))
-        c.text(left, bottom + 12, str(s0))
-        c.text(right - 8 * len(str(s1)), bottom + 12, str(s1))
+        x0, x1 = (str(v) if isinstance(v, int) else _fmt(v) for v in (s0, s1))  # steps stay whole numbers
+        c.text(left, bottom + 12, x0)
+        c.text(right - 8 * len(x1), bottom + 12, x1)
     c.line(left, top, left, bottom, (0, 0, 0))
     c.line(left, bottom, right, bottom, (0, 0, 0))
-    c.text(left + 10, 8, "loss: train - / eval o")
-    c.text((left + right) // 2 - 16, bottom + 12, "step")
+    c.text(left + 10, 8, title)
+    c.text((left + right) // 2 - 4 * len(xlabel), bottom + 12, xlabel)
     tmp = Path(str(path) + ".tmp")
     tmp.write_bytes(c.png())
     tmp.replace(path)
