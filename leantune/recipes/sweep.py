@@ -339,29 +339,13 @@ def table(results: list[dict]) -> tuple[str, str]:
 
 
 def plot(results: list[dict], path: Path, xlabel: str, ylabel: str) -> None:
-    """The metric against the axis value: matplotlib when it is installed (the `plot` extra), else leantune's
-    dependency-free PNG canvas (`train.plot`)."""
-    xs, ys = [r["value"] for r in results], [r["score"] for r in results]
+    """The metric against the axis value, on leantune's dependency-free PNG canvas (`train.plot`, as the loss
+    plot: one picture does not justify matplotlib as a dependency)."""
+    from ..train.plot import plot_losses
+
+    pts = [(r["value"], r["score"]) for r in results]
     tmp = path.with_name(path.name + ".tmp.png")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from ..train.plot import plot_losses
-
-        pts = list(zip(xs, ys))
-        plot_losses(pts, pts, tmp, title=f"{ylabel} vs {xlabel}", xlabel=xlabel)
-    else:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        ax.plot(xs, ys, "o-")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(tmp)
-        plt.close(fig)
+    plot_losses(pts, pts, tmp, title=f"{ylabel} vs {xlabel}", xlabel=xlabel)
     tmp.replace(path)
 
 
