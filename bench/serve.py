@@ -113,6 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--skip-structured", action="store_true", help="leave out the JSON-schema decoding rows")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (serve's --device)")
+    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto (serve's --dtype)")
     args = ap.parse_args(argv)
     from leantune.precision import cpu_info
     from leantune.recipes.serve import ServeConfig
@@ -125,7 +127,8 @@ def main(argv=None) -> None:
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="leantune-bench-serve-"))
     paths = _adapters(args.model, max(n for _, n, _ in scenarios), tmp / "adapters", 8)
     for label, n_adapters, max_loras in scenarios:
-        cfg = ServeConfig(model=args.model, adapter=paths[:n_adapters], port=_free_port(), dtype="fp32",
+        cfg = ServeConfig(model=args.model, adapter=paths[:n_adapters], port=_free_port(), dtype=args.dtype,
+                          device=args.device,
                           data_dir=str(tmp / f"data-{n_adapters}"), max_loras=max_loras, threads=args.threads,
                           max_model_len=256)
         server, thread, engine = _start(cfg)
@@ -145,7 +148,8 @@ def main(argv=None) -> None:
             server.should_exit = True
             thread.join(10)
             engine.stop()
-    print(f"\nCPU: {cpu_info().describe()}, fp32, max_tokens {max_tokens}, "
+    where = f"CPU: {cpu_info().describe()}" if args.device == "cpu" else f"--device {args.device}"
+    print(f"\n{where}, --dtype {args.dtype}, max_tokens {max_tokens}, "
           f"rank-8 LoRA on all linears, streaming completions; model {args.model or 'SmolLM2-135M-Instruct'}")
     print("| scenario | clients | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
     print("|---|---|---|---|---|---|---|")
@@ -157,7 +161,9 @@ def main(argv=None) -> None:
         from bench.structured import measure
 
         structured = measure(args.model, concurrency=(1,) if quick else (1, 8), tokens=8 if quick else 64,
-                             reps=1 if quick else 4, threads=args.threads or 1)
+                             reps=1 if quick else 4, threads=args.threads or 1,
+                             device="cuda" if args.device == "auto" and torch.cuda.is_available() else
+                             ("cpu" if args.device == "auto" else args.device))
         print("\nJSON-schema decoding (response_format json_schema, llguidance) vs free decoding, greedy, engine "
               "in-process:")
         print("| concurrency | free tok/s | json_schema tok/s | ratio |")

@@ -47,7 +47,8 @@ def _batch(engine, ids: list[int], n: int, tokens: int, grammar) -> tuple[int, f
     return sum(counts), time.perf_counter() - t0
 
 
-def measure(model_path=None, concurrency=(1, 8), tokens: int = 64, reps: int = 4, threads: int = 1) -> dict:
+def measure(model_path=None, concurrency=(1, 8), tokens: int = 64, reps: int = 4, threads: int = 1,
+            device: str = "cpu") -> dict:
     import leantune
     from leantune.serve import grammar as G
     from leantune.serve.engine import Engine, EngineConfig
@@ -55,6 +56,7 @@ def measure(model_path=None, concurrency=(1, 8), tokens: int = 64, reps: int = 4
 
     torch.set_num_threads(threads)
     model, tk = leantune.load(model_path)
+    model = model.to(device)  # the grammar's masks are built on the CPU either way; the logits come back there
     engine = Engine(model.eval(), tk, "model", Store(tempfile.mkdtemp()), EngineConfig())
     ids = tk.encode_chat(PROMPT, add_generation_prompt=True)
     grammar = G.json_schema_grammar(PEOPLE)
@@ -70,7 +72,7 @@ def measure(model_path=None, concurrency=(1, 8), tokens: int = 64, reps: int = 4
             free, js = statistics.median(rates["free"]), statistics.median(rates["json"])
             rows.append({"concurrency": n, "free_tok_s": round(free, 1), "json_tok_s": round(js, 1),
                          "ratio": round(js / free, 3)})
-    return {"bench": "structured", "model": str(model_path or "smollm2 (embedded)"), "tokens": tokens,
+    return {"bench": "structured", "model": str(model_path or "smollm2 (embedded)"), "device": device, "tokens": tokens,
             "threads": threads, "rows": rows}
 
 
@@ -81,8 +83,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     a = ap.parse_args()
-    res = measure(a.model, a.concurrency, a.tokens, a.reps, a.threads)
+    res = measure(a.model, a.concurrency, a.tokens, a.reps, a.threads, a.device)
     print(f"{'concurrency':>11} {'free tok/s':>10} {'json tok/s':>10} {'ratio':>6}")
     for r in res["rows"]:
         print(f"{r['concurrency']:>11} {r['free_tok_s']:>10} {r['json_tok_s']:>10} {r['ratio']:>6}")

@@ -67,13 +67,15 @@ def test_gpu_sh_dry_runs_coserve(tmp_path):
                "--adapter-reps 1 --n-adapters 4")
     env = {**os.environ, "PY": sys.executable, "SKIP_INSTALL": "1", "TESTS_S": "0",
            "BENCH_ARGS": "--dry --budget-s 0", "COSERVE_ARGS": cs_args,
-           "FSDP_S": "0"}  # the FSDP2 smoke is a torchrun launch of its own: tests/test_distributed.py covers it
+           "FSDP_S": "0",  # the FSDP2 smoke is a torchrun launch of its own: tests/test_distributed.py covers it
+           "SERVE_S": "0"}  # bench/serve.py --quick has its own test (tests/test_bench_cpu.py)
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out)], capture_output=True, text=True,
                        timeout=180, env=env, cwd=ROOT, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     parts = {line.split(":")[0]: line for line in summary.splitlines()}
-    assert set(parts) == {"install", "tests", "fsdp", "bench", "coserve", "total"}, summary
+    assert set(parts) == {"install", "tests", "fsdp", "bench", "coserve", "serve", "total"}, summary
+    assert parts["serve"].startswith("serve: skipped"), summary
     assert parts["fsdp"].startswith("fsdp: skipped"), summary
     assert parts["tests"].startswith("tests: skipped"), summary
     assert parts["bench"].startswith("bench: rc=0"), summary
