@@ -215,6 +215,33 @@ def evaluate(model_dir: Path, items: list[int]) -> dict:
             "examples": replies[:3]}
 
 
+def answer_logps(model_dir: Path, items: list[int]) -> dict:
+    """Mean over `items` of the model's sequence log-probability (sum over the answer's tokens, as DPO counts
+    it, leantune.train.dpo.sequence_logps) of the right answer in format F and of the base's own sentence, and
+    the largest probability any item's F answer gets: the measure of "the model never emits F" (pi_ref(F) ~ 0)."""
+    import math
+
+    import torch
+
+    from leantune.data import pad_batch
+    from leantune.data.formats import Example, prompt_reply_ids
+    from leantune.precision import resolve_precision
+    from leantune.recipes.generate import load_with_adapter
+    from leantune.train.dpo import sequence_logps
+
+    model, tok = load_with_adapter(str(model_dir), [], resolve_precision("fp32", "cpu"))
+    model.eval()
+
+    def logps(answer) -> list[float]:
+        exs = [Example(*prompt_reply_ids(question(i), answer(i), tok, "<toy>")) for i in items]
+        with torch.no_grad():
+            return sequence_logps(model, pad_batch(exs, tok.pad_id)).tolist()  # (len(items),)
+
+    f, own = logps(lambda i: in_format(i, color_of(i))), logps(base_style)
+    return {"logp_format": statistics.mean(f), "logp_own": statistics.mean(own),
+            "max_p_format": max(math.exp(v) for v in f)}
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 
