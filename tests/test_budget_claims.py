@@ -89,3 +89,17 @@ def test_cold_start_warmup_then_dpo_beats_dpo_only_but_not_sft_only(cold_start):
     assert warm > dpo and statistics.mean(fmt[0.05]) > statistics.mean(fmt[0.0])
     # measured, not the paper's large-budget claim: at 64 examples SFT only dominates (module docstring)
     assert sft > warm + 0.25 and min(fmt[1.0]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def label_rows():
+    import torch
+
+    labels = _bench("labels")
+    torch.set_num_threads(2)
+    # the bench's cells at two budgets (each cell draws its own seeded data: the same numbers as the bench's),
+    # scored on 5,000 test inputs instead of 20,000
+    return labels, labels.sweep([16, 256], 3, shares=LABEL_SHARES, n_test=5000)
+
+
+LABEL_SHARES = (0.0, 0.2, 0.4, 0.8, 1.0)
