@@ -18,7 +18,7 @@ x_0 from phi on unlabeled inputs: what the pretrained model already "knows" when
 like a prompt) instead of zero.
 Scored by accuracy against y on 20,000 fresh inputs. Prints the CPU and a Markdown table (budget x share ->
 accuracy, mean over seeds, with and without the prior), the best share per budget, whether §10's three regime
-claims held, and one JSON line. ~1 min on 2 busy cores.
+claims held, and one JSON line. 7 min wall on 1 thread of a heavily loaded 2-core machine (load ~8).
 
     nice -n 19 .venv/bin/python bench/labels.py [--budgets 16,64,256,1024] [--seeds 3]
 """

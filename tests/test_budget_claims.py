@@ -91,15 +91,24 @@ def test_cold_start_warmup_then_dpo_beats_dpo_only_but_not_sft_only(cold_start):
     assert sft > warm + 0.25 and min(fmt[1.0]) == 1.0
 
 
-@pytest.fixture(scope="module")
-def label_rows():
+
+@pytest.mark.slow  # ~110 s of CPU: 42 cells and the 20,000-input test set of the 2048-feature encoder
+def test_label_regimes_at_a_small_budget():
+    """§10 toy (bench/labels.py), its cells at budget 16 (same seeded data as the bench, 3 seeds). Held in the
+    bench's sweep (README "Evaluation and budget sweeps"), asserted here: at budget 16 the best split is oracle
+    share 0.8 (> 0.6: quality-dominant) and beats both pure splits on every seed; the prior-initialised head
+    (few-shot analogue) lifts the frontier (best share's mean accuracy). Did NOT hold in the bench: "at a large
+    budget the mixed split beats both pure splits": the mixed split wins at 16 and 256 (by 0.04 and 0.01) but
+    oracle-only wins at 64 and 1024 (by 0.006 and 0.012), so it is not asserted."""
     import torch
 
     labels = _bench("labels")
     torch.set_num_threads(2)
-    # the bench's cells at two budgets (each cell draws its own seeded data: the same numbers as the bench's),
-    # scored on 5,000 test inputs instead of 20,000
-    return labels, labels.sweep([16, 256], 3, shares=LABEL_SHARES, n_test=5000)
-
-
-LABEL_SHARES = (0.0, 0.2, 0.4, 0.8, 1.0)
+    shares = (0.0, 0.8, 1.0)
+    rows = labels.sweep([16], 3, shares=shares)
+    acc = {(s, p): [r["accuracy"] for r in rows if r["share"] == s and r["prior"] == p]
+           for s in shares for p in (False, True)}
+    assert labels.best_share(rows, 16, False, shares) == 0.8
+    assert all(m > max(w, o) for m, w, o in zip(acc[0.8, False], acc[0.0, False], acc[1.0, False]))
+    frontier = {p: max(statistics.mean(acc[s, p]) for s in shares) for p in (False, True)}
+    assert frontier[True] > frontier[False] + 0.02
