@@ -16,7 +16,7 @@ What holds on seeds 0-2 (checked before asserting; runs are deterministic):
     large-budget claim this 32-item toy cannot reach (a bigger budget only repeats the same 32 items). The
     3-row warm-up memorises its 3 items ("Answer: Item 22 is blue." for every question) and 48 DPO steps only
     partly undo that. The test asserts this ordering as measured.
-§10, the label-regimes toy (bench/labels.py, plain torch): asserted in test_label_regimes below, with what did
+§10, the label-regimes toy (bench/labels.py, plain torch): asserted in test_label_regimes_at_a_small_budget below, with what did
 and did not hold in its docstring.
 """
 import importlib.util
