@@ -25,10 +25,12 @@ number of examples: examples are the budget, each phase trains to the same step 
 same epochs instead, a 6-row warm-up gets 6 steps and learns nothing). A mixed cell therefore takes twice the
 steps of a pure one. DPO's lr defaults to 1/30 of SFT's (at 3e-4 and above, DPO collapses this tiny model into
 garbage within 48 steps).
-Prints the CPU, a Markdown table, writes budget.csv, budget.md and budget.png (leantune's dependency-free PNG
-canvas: no matplotlib here) to --out, and one JSON line. ~2-3 min on 2 busy cores for 5 seeds.
+Prints the CPU, the base's pi_ref(F) (answer_logps), a Markdown table, writes budget.csv, budget.md and
+budget.png (leantune's dependency-free PNG canvas: no matplotlib here) to --out, and one JSON line. ~2-3 min on
+2 busy cores for 5 seeds. `--shares 0,0.05,1` runs the cells of §9 oracle (c) (a 5% SFT warm-up; asserted at 3
+seeds in tests/test_budget_claims.py).
 
-    nice -n 19 .venv/bin/python bench/budget.py [--seeds 5] [--budget 64] [--phase-steps 48] [--sft-lr 3e-3]
+    nice -n 19 .venv/bin/python bench/budget.py [--seeds 5] [--shares 0,0.1,0.25,0.5,1] [--budget 64] [--phase-steps 48] [--sft-lr 3e-3]
         [--dpo-lr 1e-4] [--beta 0.1] [--work DIR] [--out bench/results]
 """
 from __future__ import annotations
@@ -215,11 +217,38 @@ def evaluate(model_dir: Path, items: list[int]) -> dict:
             "examples": replies[:3]}
 
 
+def answer_logps(model_dir: Path, items: list[int]) -> dict:
+    """Mean over `items` of the model's sequence log-probability (sum over the answer's tokens, as DPO counts
+    it, leantune.train.dpo.sequence_logps) of the right answer in format F and of the base's own sentence, and
+    the largest probability any item's F answer gets: the measure of "the model never emits F" (pi_ref(F) ~ 0)."""
+    import math
+
+    import torch
+
+    from leantune.data import pad_batch
+    from leantune.data.formats import Example, prompt_reply_ids
+    from leantune.precision import resolve_precision
+    from leantune.recipes.generate import load_with_adapter
+    from leantune.train.dpo import sequence_logps
+
+    model, tok = load_with_adapter(str(model_dir), [], resolve_precision("fp32", "cpu"))
+    model.eval()
+
+    def logps(answer) -> list[float]:
+        exs = [Example(*prompt_reply_ids(question(i), answer(i), tok, "<toy>")) for i in items]
+        with torch.no_grad():
+            return sequence_logps(model, pad_batch(exs, tok.pad_id)).tolist()  # (len(items),)
+
+    f, own = logps(lambda i: in_format(i, color_of(i))), logps(base_style)
+    return {"logp_format": statistics.mean(f), "logp_own": statistics.mean(own),
+            "max_p_format": max(math.exp(v) for v in f)}
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 
 
-def plot(rows: list[dict], base_acc: float, path: Path) -> None:
+def plot(rows: list[dict], base_acc: float, path: Path, shares=SHARES) -> None:
     """Accuracy (blue) and format rate (red) vs SFT share: per-seed dots and the mean line; the base's accuracy
     dashed. Pillow draws it where it is installed (no matplotlib here); else leantune's own PNG canvas, whose
     3x5 font has no title letters."""
@@ -255,7 +284,7 @@ def plot(rows: list[dict], base_acc: float, path: Path) -> None:
         _, y = xy(0, k / 5)
         line(left, y, w - right, y, grey)
         text(22, y - 8, f"{k / 5:.1f}")
-    for s in SHARES:
+    for s in shares:
         x, _ = xy(s, 0)
         line(x, top, x, h - bottom, grey)
         text(x - 10, h - bottom + 6, f"{s:g}")
@@ -267,8 +296,8 @@ def plot(rows: list[dict], base_acc: float, path: Path) -> None:
     for x in range(left, w - right, 10):
         line(x, yb, min(x + 4, w - right), yb, black)
     for key, rgb in (("format", red), ("accuracy", blue)):
-        means = [statistics.mean(r[key] for r in rows if r["share"] == s) for s in SHARES]
-        pts = [xy(s, m) for s, m in zip(SHARES, means)]
+        means = [statistics.mean(r[key] for r in rows if r["share"] == s) for s in shares]
+        pts = [xy(s, m) for s, m in zip(shares, means)]
         for (xa, ya), (xb, yb2) in zip(pts, pts[1:]):
             line(xa, ya, xb, yb2, rgb, width=3)
         for r in rows:
@@ -280,10 +309,10 @@ def plot(rows: list[dict], base_acc: float, path: Path) -> None:
         path.write_bytes(c.png())
 
 
-def table(rows: list[dict], seeds: list[int]) -> str:
+def table(rows: list[dict], seeds: list[int], shares=SHARES) -> str:
     lines = ["| SFT share | SFT rows | pairs | accuracy (mean) | per seed | format rate (mean) | train s (mean) |",
              "|---|---|---|---|---|---|---|"]
-    for s in SHARES:
+    for s in shares:
         rs = [r for r in rows if r["share"] == s]
         per_seed = " / ".join(f"{r['accuracy']:.3f}" for r in rs)
         lines.append(f"| {s:g} | {rs[0]['n_sft']} | {rs[0]['n_pairs']} | "
@@ -297,6 +326,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=int, default=64, help="examples per cell (SFT rows + preference pairs)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--shares", type=lambda v: [float(x) for x in v.split(",")], default=list(SHARES),
+                    help="SFT shares, comma-separated (0,0.05,1: the cells of §9 oracle (c), a 5%% warm-up)")
     ap.add_argument("--phase-steps", type=int, default=48,
                     help="optimizer steps of each phase (SFT, DPO), whatever its number of examples")
     ap.add_argument("--batch", type=int, default=8)
@@ -324,13 +355,14 @@ def main() -> None:
     base = build_base(work, args.pretrain_epochs)
     held = list(range(N_TRAIN_ITEMS, N_ITEMS))
     base_eval = evaluate(base, held)
+    base_eval.update(answer_logps(base, held))
     print(f"base on held-out items: accuracy {base_eval['accuracy']:.3f}, format {base_eval['format']:.3f}, "
           f"right color in its reply {base_eval['color_anywhere']:.3f}; e.g. {base_eval['examples']}",
           file=sys.stderr, flush=True)
     rows = []
     seeds = list(range(args.seeds))
     for seed in seeds:
-        for share in SHARES:
+        for share in args.shares:
             out, info = train_cell(base, work / f"s{share:g}_seed{seed}", args, share, seed)
             ev = evaluate(out, held)
             rows.append({"share": share, "seed": seed, **info, **ev})
@@ -345,18 +377,21 @@ def main() -> None:
         wr.writerow(keys)
         for r in rows:
             wr.writerow([f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in keys])
-    md = table(rows, seeds)
+    md = table(rows, seeds, args.shares)
     header = (f"budget {args.budget} examples over {N_TRAIN_ITEMS} training items, "
               f"{len(held)} held-out items, full finetuning, SFT lr {args.sft_lr}, DPO lr {args.dpo_lr} beta {args.beta}, batch {args.batch}, {args.phase_steps} steps per "
               f"phase, seeds {seeds}; base: accuracy {base_eval['accuracy']:.3f}, format {base_eval['format']:.3f}, "
-              f"right color in its own sentence {base_eval['color_anywhere']:.3f}")
+              f"right color in its own sentence {base_eval['color_anywhere']:.3f}; log pi_ref(F) "
+              f"{base_eval['logp_format']:.1f} (own sentence {base_eval['logp_own']:.2f}), max pi_ref(F) "
+              f"{base_eval['max_p_format']:.1e}")
     (outdir / "budget.md").write_text(f"cpu: {cpu.describe()}\n" + header + "\n\n" + md + "\n")
-    plot(rows, base_eval["accuracy"], outdir / "budget.png")
+    plot(rows, base_eval["accuracy"], outdir / "budget.png", args.shares)
     print(header)
     print(md)
     print(json.dumps({"bench": "budget", "cpu": cpu.as_dict(), "budget": args.budget, "phase_steps": args.phase_steps,
                       "sft_lr": args.sft_lr, "dpo_lr": args.dpo_lr, "beta": args.beta, "batch": args.batch, "seeds": seeds, "held_out": len(held),
-                      "base": {k: base_eval[k] for k in ("accuracy", "format", "color_anywhere")},
+                      "base": {k: base_eval[k] for k in ("accuracy", "format", "color_anywhere", "logp_format",
+                                                          "logp_own", "max_p_format")},
                       "cells": [{k: r[k] for k in keys} for r in rows],
                       "seconds": time.perf_counter() - t0}))
     if tmp is not None:
