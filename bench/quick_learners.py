@@ -29,7 +29,7 @@ full-data model"). Writes quick_learners.md and quick_learners.json to --out.
     nice -n 19 .venv/bin/python bench/quick_learners.py [--held-out 5] [--pretrain-steps 800] [--ks 8,32,all]
         [--n-train 128] [--work DIR] [--out bench/results]
 
-~12 min on 2 busy cores (of which ~8 min pretraining the two starts); the starts are reused from --work.
+~13 min on 2 busy cores (of which ~11 min pretraining the two starts); the starts are reused from --work.
 A 4-layer, hidden-128 model, 256 rows per task and k = 128 as well were planned, and cost too much CPU time here.
 """
 from __future__ import annotations
