@@ -23,6 +23,7 @@ from torch import nn
 
 from ..fields import opt
 from . import base
+from .memory import MemoryModel
 from .registry import register_method
 from .targets import parse_targets, resolve_targets
 
@@ -91,6 +92,6 @@ def save_full(model: nn.Module, out_dir, adapter_name: str = "default",  # noqa:
     return out
 
 
-register_method("full", FullConfig, apply_full, save=save_full, trains_base=True,
+register_method("full", FullConfig, apply_full, save=save_full, trains_base=True, memory=MemoryModel(projectable=True),
                 help="full finetuning: the model's own weights train (--targets all or a subset); saved as "
                      "a plain HF model folder")

@@ -54,6 +54,7 @@ from torch import nn
 from ..fields import opt
 from . import base
 from .full import ALL, FullConfig, trained_parameter_names
+from .memory import MemoryModel
 from .registry import register_method
 from .sparse_diff import apply_diff, diff_between, is_sparse_diff_folder, save_sparse_diff
 from .targets import parse_targets, resolve_targets
@@ -329,7 +330,16 @@ def load_lt_sft(model: nn.Module, path, adapter_name: str = "default",  # noqa: 
     return apply_diff(model, path)  # form and shapes checked before any weight is written
 
 
-register_method(METHOD, LtSftConfig, apply_lt_sft, trains_base=True, save=save_lt_sft, load=load_lt_sft,
+def memory_copies(grad_bytes: int, device: str) -> int:
+    """`leantune estimate`'s count of LT-SFT's copies: prev, a copy of the trained weights on the device; theta0 on
+    the CPU (in the process's memory when the device is the CPU). Its full phase is the peak (the sparse phase
+    adds only a bool mask of the body while its dense states are the full phase's again)."""
+    return (2 if device == "cpu" else 1) * grad_bytes
+
+
+MEMORY = MemoryModel(projectable=True, copies=memory_copies, buffers_row="LT-SFT copies (prev; theta0 on CPU)")
+
+register_method(METHOD, LtSftConfig, apply_lt_sft, trains_base=True, memory=MEMORY, save=save_lt_sft, load=load_lt_sft,
                 claims=lambda path: is_sparse_diff_folder(path, METHOD), preflight=preflight_lt_sft,
                 fit=fit_lt_sft,
                 help="LT-SFT: lottery-ticket sparse finetuning (a full phase picks the K most-changed body "

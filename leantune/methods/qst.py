@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..fields import opt
 from . import base as mbase
+from .memory import MemoryModel, SideNetwork, TrainedState
 from .registry import register_method
 
 CONFIG_NAME = "qst_config.json"
@@ -448,8 +449,32 @@ def _is_qst_folder(path: Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def memory_trained(cfg, named: list, s: int, qst: QSTConfig | None = None, **_) -> TrainedState:
+    """`leantune estimate`'s count of what QST trains: the side network, made in fp32 (`add_side`), under AdamW."""
+    import torch
+
+    with torch.device("meta"):
+        side = QSTSide(cfg, qst or QSTConfig())
+    numels = [p.numel() for p in side.parameters()]
+    side_bytes = sum(numels) * 4
+    return TrainedState(side_bytes, side_bytes, side_bytes, 2 * side_bytes + 4 * len(numels), 0, 0,
+                        max(numels) * 4, numels)
+
+
+def memory_side(cfg, s: int, qst: QSTConfig | None = None, **_) -> SideNetwork:
+    """`leantune estimate`'s side network: the side decoder's config; per token, each layer's downsampler input
+    (kept 3 times with dropout), D_i's inner activations and the gate's (fp32), and the output gate's inputs."""
+    qcfg = qst or QSTConfig()
+    side = side_model_config(cfg, qcfg)
+    d_s, k = side.hidden_size, qcfg.peft_hidden_size
+    down = cfg.hidden_size * s * (3 if qcfg.dropout > 0 else 1) + 3 * k * 4 + 4 * d_s * 4  # D_i and the gate
+    return SideNetwork(side, down, 2 * cfg.hidden_size * 4)
+
+
+MEMORY = MemoryModel(trained=memory_trained, side=memory_side, trainable_row="QST side network")
+
 register_method("qst", QSTConfig, apply_qst, quantize=load_quantization, check_model=check_model, save=save_qst,
-                load=load_qst, claims=_is_qst_folder, extra_files=write_sidecar, wrap=QSTForCausalLM,
+                memory=MEMORY, load=load_qst, claims=_is_qst_folder, extra_files=write_sidecar, wrap=QSTForCausalLM,
                 help="QST, quantized side tuning (Zhang et al. 2024): a side network at width d/r beside a frozen "
                      "4-bit base, fed its downsampled hidden states, no backprop through the base; own format "
                      "(qst_config.json)")

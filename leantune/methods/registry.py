@@ -20,6 +20,8 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
   network) wraps the base, so a server can hold the wrapper before it loads such adapters (its `load` hook
   then returns the wrapper it was given); `apply` and `load` return the wrapper, which callers use;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
+- `memory`: a `memory.MemoryModel`, how `leantune estimate` counts a method that is not LoRA-shaped (what it
+  trains, its copies, a side network); None: estimate does not model it (unless `lora_shaped`);
 - `train_defaults(config) -> dict`: values it proposes for training options the user leaves unset (`lr`,
   `weight_decay`: SaRA's lr formula), which `recipes.finetune.FinetuneConfig` uses in place of its defaults;
 - `trains_base`: it trains the model's own weights (full finetuning), which need fp32 weights; a folder its
@@ -47,6 +49,7 @@ from torch import nn
 
 from ..fields import base_type
 from .base import check_new_adapter_name
+from .memory import MemoryModel
 
 ENTRY_POINT_GROUP = "leantune.methods"
 HOOKS = ("quantize", "calibrate", "save", "load", "claims", "extra_files", "peft_state_dict", "peft_config",
@@ -74,6 +77,7 @@ class MethodSpec:
     wrap: Callable[[nn.Module], nn.Module] | None = None
     lora_shaped: bool = False
     trains_base: bool = False
+    memory: MemoryModel | None = None  # see memory.py
     source: str = "leantune"  # or the entry point that registered it
 
 
@@ -110,7 +114,8 @@ _plugins: dict[str, Any] = {"loaded": False, "error": None}
 
 
 def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: str = "",  # noqa: A002
-                    lora_shaped: bool = False, trains_base: bool = False, **hooks) -> MethodSpec:
+                    lora_shaped: bool = False, trains_base: bool = False, memory: MemoryModel | None = None,
+                    **hooks) -> MethodSpec:
     """Register (or replace) a method under `name`; `config_cls` must be a dataclass; hooks: see the module
     docstring. Returns the spec."""
     if not isinstance(name, str) or not name:
@@ -125,8 +130,10 @@ def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: st
     bad = [k for k in HOOKS if hooks.get(k) is not None and not callable(hooks[k])]
     if bad:
         raise TypeError(f"register_method({name!r}): hook(s) {bad} must be callable")
+    if memory is not None and not isinstance(memory, MemoryModel):
+        raise TypeError(f"register_method({name!r}): memory must be a MemoryModel, got {type(memory).__name__}")
     spec = MethodSpec(name.lower(), config_cls, apply_fn, help=help, lora_shaped=lora_shaped,
-                      trains_base=trains_base, **hooks)
+                      trains_base=trains_base, memory=memory, **hooks)
     method_options(spec)  # an option the command line cannot take is a registration error, not a late one
     _METHODS[spec.name] = spec
     return spec

@@ -54,6 +54,7 @@ from torch.nn.utils import parametrize
 
 from ..fields import opt
 from . import base
+from .memory import MemoryModel, TrainedState
 from .registry import register_method
 from .sparse_diff import SparseDiff, apply_diff, is_sparse_diff_folder, read_sparse_diff, save_sparse_diff
 
@@ -414,7 +415,22 @@ def load_sara(model: nn.Module, path, adapter_name: str = "default", trainable: 
     return apply_diff(model, diff)
 
 
-register_method(METHOD, SaraConfig, apply_sara, save=save_sara, claims=claims_sara, load=load_sara,
+def memory_trained(cfg, named: list, s: int, sara_fraction: float = 0.01, **_) -> TrainedState:
+    """`leantune estimate`'s count of what SaRA trains: `sara_fraction` of the entries (|w| < threshold) of the
+    matrices (norms start near 1, outside any mask): values (s) + grad (s) + two moments (s) + AdamW's step per
+    tensor; buffers: the mask (bool, dense), the indices (int64), the original values (s)."""
+    total = sum(p.numel() for _, p in named)
+    selected = round(sara_fraction * total)
+    tensors = sum(p.dim() == 2 for _, p in named)
+    buffers = sum(p.numel() for _, p in named if p.dim() == 2) + selected * (8 + s)
+    return TrainedState(selected * s, selected * s, selected * s, 2 * selected * s + 4 * tensors, 0, buffers,
+                        selected * s, [selected])
+
+
+MEMORY = MemoryModel(trained=memory_trained, trainable_row="SaRA trained values",
+                     buffers_row="SaRA masks, indices, original values")
+
+register_method(METHOD, SaraConfig, apply_sara, memory=MEMORY, save=save_sara, claims=claims_sara, load=load_sara,
                 train_defaults=train_defaults, trains_base=True,
                 help="SaRA: the small-|w| entries of every weight train (unstructured backprop: gradients and "
                      "Adam state the size of the mask); nuclear-norm term, progressive reselection; saved as a "

@@ -73,6 +73,20 @@ def lora_shaped_methods() -> list[str]:
     return [s.name for s in method_specs() if s.lora_shaped]
 
 
+def base_methods() -> list[str]:
+    """The methods modelled besides the lora_shaped ones: those registered with a `memory` model."""
+    from ..methods.registry import method_specs
+
+    return [s.name for s in method_specs() if not s.lora_shaped and s.memory is not None]
+
+
+def memory_model(method: str):
+    """The `MemoryModel` of `method`, or None (a LoRA-shaped method, one not modelled, or no such method)."""
+    from ..methods.registry import get_method, list_methods
+
+    return get_method(method).memory if str(method).lower() in list_methods() else None
+
+
 @dataclass
 class EstimateConfig:
     model: str | None = opt(None, "HF model folder or .gguf file (only its config is read; default: the embedded "
@@ -108,7 +122,8 @@ class EstimateConfig:
                         metavar="fsdp|ddp")
 
     def __post_init__(self):
-        modelled = lora_shaped_methods() + list(BASE_METHODS)
+        modelled = lora_shaped_methods() + base_methods()
+        memory = memory_model(self.method) if self.method in modelled else None
         projected = self.optimizer in ("galore_adamw", "natural_galore")
         checks = [
             (self.method in modelled,
@@ -123,8 +138,9 @@ class EstimateConfig:
              f"--dtype must be auto or one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}"),
             (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (not projected or self.method in ("full", "lt-sft"),
-             f"--optimizer {self.optimizer} projects whole weight matrices: use it with --method full or lt-sft "
+            (not projected or (memory is not None and memory.projectable),
+             f"--optimizer {self.optimizer} projects whole weight matrices: use it with --method "
+             f"{' or '.join(n for n in base_methods() if memory_model(n).projectable)} "
              f"(finetune refuses it with --method {self.method})"),
             (not self.galore_per_layer or (projected and self.grad_accum == 1),
              "--galore-per-layer needs --optimizer galore_adamw or natural_galore and --grad-accum 1"),
@@ -586,24 +602,10 @@ def per_rank(est: MemoryEstimate, nproc: int, parallel: str) -> MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------------------------
-# methods that train the base's own weights (full, SaRA, LT-SFT), or a side network beside a 4-bit base (QST)
+# methods that train the base's own weights (full, SaRA, LT-SFT), or a side network beside a 4-bit base (QST):
+# each registers a `memory` model (methods/memory.py) with what is its own
 
-BASE_METHODS = ("full", "sara", "lt-sft", "qst")  # modelled besides the lora_shaped ones
 NATURAL_HISTORY = 20  # optim/natural_galore.py: the history's rows at steady state (--natural-history default)
-
-
-@dataclass
-class TrainedState:
-    """Bytes of what trains, counted per tensor from a model built on the meta device (shapes only)."""
-
-    trainable: int  # parameters that are not the base's weights (SaRA's values, QST's side network); 0 for full
-    gradients: int  # every trainable element's gradient at once (after backward)
-    peak_gradients: int  # what backward holds at its peak: `gradients`, or per-layer GaLore's one-at-a-time share
-    moments: int  # the optimizer's moments (+ torch AdamW's scalar step tensors)
-    projectors: int  # GaLore's projections (+ Natural GaLore's gradient history)
-    buffers: int  # the method's own copies: SaRA's mask, indices, original values; LT-SFT's theta0 and prev
-    transient: int  # optimizer.step()'s temporaries at its peak
-    numels: list  # numel of each trainable tensor
 
 
 def meta_model(cfg):
@@ -638,9 +640,13 @@ def _galore_state(model, params, optimizer: str, rank: int, proj_type: str | Non
             if rank > min(m, n):
                 raise ValueError(f"--galore-rank {rank} is larger than the smaller side of a projected matrix "
                                  f"{(m, n)}; use --galore-rank {min(m, n)} or less")
-            side = "full" if proj_type == "tucker" else _side(proj_type, p.shape)
-            low = {"right": m * rank, "left": rank * n, "full": rank * rank}[side]
-            proj = {"right": rank * n, "left": m * rank, "full": m * rank + rank * n}[side]
+            side = "both" if proj_type == "tucker" else _side(proj_type, p.shape)
+            if side == "right":
+                low, proj = m * rank, rank * n
+            elif side == "left":
+                low, proj = rank * n, m * rank
+            else:  # both sides (Tucker)
+                low, proj = rank * rank, m * rank + rank * n
             history = NATURAL_HISTORY * low if optimizer == "natural_galore" else 0
             moments += 2 * low * s
             projectors += (proj + history) * s
@@ -654,29 +660,13 @@ def trained_state(cfg, method: str, optimizer: str, s: int, device: str, galore_
                   galore_proj_type: str | None = None, galore_per_layer: bool = False, sara_fraction: float = 0.01,
                   qst=None) -> TrainedState:
     """What `method` trains and what its optimizer keeps, for a model of `cfg` in `s`-byte floats."""
+    from ..methods.memory import TrainedState
+
+    memory = memory_model(method)
     model = meta_model(cfg)
     named = list(model.named_parameters())  # tied weights once, as the trainer's parameter list
-    if method == "qst":
-        import torch
-
-        from ..methods.qst import QSTConfig, QSTSide
-
-        with torch.device("meta"):
-            side = QSTSide(cfg, qst or QSTConfig())
-        numels = [p.numel() for p in side.parameters()]
-        side_bytes = sum(numels) * 4  # the side network is made in fp32 (methods/qst.py add_side)
-        return TrainedState(side_bytes, side_bytes, side_bytes, 2 * side_bytes + 4 * len(numels), 0, 0,
-                            max(numels) * 4, numels)
-    if method == "sara":  # the entries |w| < threshold of the matrices (norms start near 1, outside any mask)
-        total = sum(p.numel() for _, p in named)
-        selected = round(sara_fraction * total)
-        tensors = sum(p.dim() == 2 for _, p in named)
-        numels = [selected]
-        # values (s) + grad (s) + two moments (s) + AdamW's step per tensor; mask (bool, dense), index (int64),
-        # original values (s)
-        buffers = sum(p.numel() for _, p in named if p.dim() == 2) + selected * (8 + s)
-        return TrainedState(selected * s, selected * s, selected * s, 2 * selected * s + 4 * tensors, 0, buffers,
-                            selected * s, numels)
+    if memory.trained is not None:  # tensors of its own (SaRA's values, QST's side network) under AdamW
+        return memory.trained(cfg, named, s, sara_fraction=sara_fraction, qst=qst)
     params = [p for _, p in named]
     numels = [p.numel() for p in params]
     grads = sum(numels) * s
@@ -696,10 +686,7 @@ def trained_state(cfg, method: str, optimizer: str, s: int, device: str, galore_
         # backward until the embedding's
         emb = cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
         peak = (emb + max(n for n, (name, _) in zip(numels, named) if not (emb and "embed_tokens" in name))) * s
-    # LT-SFT (methods/lt_sft.py): prev, a copy of the trained weights on the device; theta0 on the CPU (in the
-    # process's memory when the device is the CPU); its full phase is the peak (the sparse phase adds only a
-    # bool mask of the body while its dense states are the full phase's again)
-    buffers = (2 if device == "cpu" else 1) * grads if method == "lt-sft" else 0
+    buffers = memory.copies(grads, device) if memory.copies is not None else 0  # LT-SFT's prev and theta0
     return TrainedState(0, grads, peak, moments, projectors, buffers, transient, numels)
 
 
@@ -714,28 +701,24 @@ def estimate_base_method(cfg, method: str, batch: int = 4, seq: int = 512, dtype
     s = DTYPE_BYTES[dtype]
     st = trained_state(cfg, method, optimizer, s, device, galore_rank, galore_proj_type, galore_per_layer,
                        sara_fraction, qst)
-    base_plan = make_plan(cfg, "qlora" if method == "qst" else "lora", 1, "all-linear", 0.0, s, device)
+    memory = memory_model(method)
+    side = memory.side(cfg, s, sara_fraction=sara_fraction, qst=qst) if memory.side is not None else None
+    base_plan = make_plan(cfg, "qlora" if side else "lora", 1, "all-linear", 0.0, s, device)  # a side's base: 4-bit
     weights, largest_q = _weights(base_plan, cfg)
     N = batch * seq
-    if method == "qst":
-        from ..methods.qst import QSTConfig, side_model_config
-
-        qcfg = qst or QSTConfig()
-        side = side_model_config(cfg, qcfg)
-        sp = dataclasses.replace(make_plan(side, "lora", 1, "all-linear", 0.0, 4, device), r=0, a=4,
+    if side:  # the side network's activations in fp32, the base's forward keeping nothing for backward
+        sp = dataclasses.replace(make_plan(side.config, "lora", 1, "all-linear", 0.0, 4, device), r=0, a=4,
                                  grad_from_input=True)
         acts = activation_bytes(sp, batch, seq, loss_chunk)
-        d_s, k = side.hidden_size, qcfg.peft_hidden_size
-        down = cfg.hidden_size * s * (3 if qcfg.dropout > 0 else 1) + 3 * k * 4 + 4 * d_s * 4  # D_i and the gate
-        acts["layers"] = [b + down * N for b in acts["layers"]]
+        acts["layers"] = [b + side.per_token_layer * N for b in acts["layers"]]
         base_acts = activation_bytes(dataclasses.replace(base_plan, targets=[set() for _ in base_plan.targets]),
                                      batch, seq, loss_chunk)
-        acts["rest"] = base_acts["rest"] + 2 * cfg.hidden_size * 4 * N  # the loss, and the output gate's inputs
+        acts["rest"] = base_acts["rest"] + side.per_token_rest * N  # the loss, and the side's own
         acts["total"] = sum(acts["layers"]) + acts["rest"]
     else:
         plan = dataclasses.replace(base_plan, r=0, a=s, grad_from_input=True)
         acts = activation_bytes(plan, batch, seq, loss_chunk)
-    p = base_plan if method == "qst" else plan
+    p = base_plan if side else plan
     phases = _phases(p, acts, batch, seq, st.gradients, st.transient, largest_q, gradient_checkpointing, grad_accum,
                      loss_chunk)
     if galore_per_layer:  # the updates happen inside backward, where one gradient lives at a time
@@ -748,12 +731,10 @@ def estimate_base_method(cfg, method: str, batch: int = 4, seq: int = 512, dtype
     total_params, active_params = param_counts(cfg)
     notes = {"tokens": N, "adapter_params": sum(st.numels), "params": total_params, "active_params": active_params,
              "bytes_per_token_layer": [b // N for b in acts["layers"]], "loss_chunk_rows": min(loss_chunk, batch * (seq - 1)),
-             "adapter_dtype_bytes": 4 if method == "qst" else s, "dtype_bytes": s, "warnings": [],
+             "adapter_dtype_bytes": 4 if side else s, "dtype_bytes": s, "warnings": [],
              "weight_split": _weight_split(base_plan, cfg, weights), "projectors": st.projectors,
              "method_buffers": st.buffers, "activations_approximate": True, "grad_bytes": st.gradients,
-             "trainable_row": {"qst": "QST side network", "sara": "SaRA trained values"}.get(method, "adapter parameters"),
-             "buffers_row": {"sara": "SaRA masks, indices, original values",
-                             "lt-sft": "LT-SFT copies (prev; theta0 on CPU)"}.get(method, "method buffers")}
+             "trainable_row": memory.trainable_row, "buffers_row": memory.buffers_row}
     return MemoryEstimate(weights=weights, adapter=st.trainable, optimizer=st.moments + st.projectors,
                           gradients=grads, activations=act, transient=transient,
                           framework=RUNTIME[device] + FIRST_STEP[device], first_step=FIRST_STEP[device], phase=phase,
@@ -808,14 +789,17 @@ def format_table(est: MemoryEstimate, title: str) -> str:
 def estimate(cfg: EstimateConfig) -> dict:
     """Print the table for `cfg`; returns the estimate as a dict of bytes."""
     model_cfg, path = read_model_config(cfg.model)
-    base = cfg.method in BASE_METHODS
-    trains_base = cfg.method in ("full", "sara", "lt-sft")
+    from ..methods.registry import get_method
+
+    spec = get_method(cfg.method)
+    base = spec.memory is not None and not spec.lora_shaped
+    trains_base = spec.trains_base
     # finetune trains base weights in fp32 (precision.resolve_precision): auto picks it
     device, dtype = resolve_device_dtype(cfg.device, "fp32" if trains_base and cfg.dtype == "auto" else cfg.dtype)
     if base:
         from ..methods.qst import QSTConfig
 
-        qst = QSTConfig(reduction=cfg.qst_reduction, peft_hidden_size=cfg.qst_hidden_size) if cfg.method == "qst" else None
+        qst = QSTConfig(reduction=cfg.qst_reduction, peft_hidden_size=cfg.qst_hidden_size)  # QST's memory knobs
         est = estimate_base_method(model_cfg, cfg.method, cfg.batch // cfg.nproc, cfg.seq, dtype, device,
                                    cfg.gradient_checkpointing, cfg.optimizer, cfg.grad_accum, cfg.loss_chunk,
                                    cfg.galore_rank, cfg.galore_proj_type, cfg.galore_per_layer, cfg.sara_fraction, qst)
@@ -828,8 +812,9 @@ def estimate(cfg: EstimateConfig) -> dict:
     if trains_base and dtype != "fp32":
         warnings.append(f"finetune refuses --dtype {dtype} for --method {cfg.method} (base weights train in fp32); "
                         f"this is a pure-{dtype} estimate")
-    if cfg.nproc > 1 and (cfg.optimizer != "adamw" or cfg.method == "lt-sft"):
-        what = f"--optimizer {cfg.optimizer}" if cfg.optimizer != "adamw" else "--method lt-sft (phases)"
+    phased = spec.fit is not None  # a method training in phases of its own (LT-SFT): finetune refuses torchrun
+    if cfg.nproc > 1 and (cfg.optimizer != "adamw" or phased):
+        what = f"--optimizer {cfg.optimizer}" if cfg.optimizer != "adamw" else f"--method {cfg.method} (phases)"
         warnings.append(f"not runnable yet under --parallel: finetune refuses {what} with --nproc > 1; this is "
                         f"the memory per rank it would take with {cfg.parallel}'s sharding")
     if base:
