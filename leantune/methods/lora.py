@@ -515,9 +515,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     return model
 
 
-register_method("lora", LoraConfig, apply_lora, lora_shaped=True,
+register_method("lora", LoraConfig, apply_lora, lora_shaped=True, cotrained=True,
                 help="LoRA (Hu et al. 2021): y = W x + (alpha / r) B A x, B zero at init")
-register_method("rslora", RsLoraConfig, apply_lora, lora_shaped=True,
+register_method("rslora", RsLoraConfig, apply_lora, lora_shaped=True, cotrained=True,
                 help="LoRA with rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)")
 register_method("dora", DoraConfig, apply_lora,
                 help="DoRA (Liu et al. 2024): LoRA's direction with a trained magnitude vector; PEFT format")

@@ -20,6 +20,9 @@ dataclass whose fields are its options (help text and CLI flag in the field's me
   network) wraps the base, so a server can hold the wrapper before it loads such adapters (its `load` hook
   then returns the wrapper it was given); `apply` and `load` return the wrapper, which callers use;
 - `lora_shaped`: its adapters are LoRA's rank-r pairs, which `leantune estimate` models;
+- `cotrained`: a fine-tuning job of `leantune serve` may train it inside the serving loop (its config takes
+  `r`, `alpha`, `targets`, `dropout`, and the packed forward's per-slot fused LoRA ops and the layer-sliced
+  backward of `serve.cotrain` run it as they are);
 - `memory`: a `memory.MemoryModel`, how `leantune estimate` counts a method that is not LoRA-shaped (what it
   trains, its copies, a side network); None: estimate does not model it (unless `lora_shaped`);
 - `train_defaults(config) -> dict`: values it proposes for training options the user leaves unset (`lr`,
@@ -76,6 +79,7 @@ class MethodSpec:
     check_model: Callable[[object, object], None] | None = None
     wrap: Callable[[nn.Module], nn.Module] | None = None
     lora_shaped: bool = False
+    cotrained: bool = False
     trains_base: bool = False
     memory: MemoryModel | None = None  # see memory.py
     source: str = "leantune"  # or the entry point that registered it
@@ -114,8 +118,8 @@ _plugins: dict[str, Any] = {"loaded": False, "error": None}
 
 
 def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: str = "",  # noqa: A002
-                    lora_shaped: bool = False, trains_base: bool = False, memory: MemoryModel | None = None,
-                    **hooks) -> MethodSpec:
+                    lora_shaped: bool = False, cotrained: bool = False, trains_base: bool = False,
+                    memory: MemoryModel | None = None, **hooks) -> MethodSpec:
     """Register (or replace) a method under `name`; `config_cls` must be a dataclass; hooks: see the module
     docstring. Returns the spec."""
     if not isinstance(name, str) or not name:
@@ -132,7 +136,7 @@ def register_method(name: str, config_cls: type, apply_fn: Callable, *, help: st
         raise TypeError(f"register_method({name!r}): hook(s) {bad} must be callable")
     if memory is not None and not isinstance(memory, MemoryModel):
         raise TypeError(f"register_method({name!r}): memory must be a MemoryModel, got {type(memory).__name__}")
-    spec = MethodSpec(name.lower(), config_cls, apply_fn, help=help, lora_shaped=lora_shaped,
+    spec = MethodSpec(name.lower(), config_cls, apply_fn, help=help, lora_shaped=lora_shaped, cotrained=cotrained,
                       trains_base=trains_base, memory=memory, **hooks)
     method_options(spec)  # an option the command line cannot take is a registration error, not a late one
     _METHODS[spec.name] = spec

@@ -27,7 +27,7 @@ import torch
 from ..data import DataError, load_dataset, load_preference_dataset
 from ..methods.adapter_io import save_adapter
 from ..methods.base import delete_adapter, list_adapters
-from ..methods.lora import LoraConfig, RsLoraConfig
+from ..methods.lora import LoraConfig
 from ..methods.registry import apply
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..train.report import Logger, open_loggers
@@ -46,9 +46,15 @@ COMMON_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 LEANTUNE_HYPERPARAMETERS = ("adapter_method", "lora_rank", "lora_alpha", "lora_targets", "eval_every")
 METHODS = {"supervised": COMMON_HYPERPARAMETERS + LEANTUNE_HYPERPARAMETERS,
            "dpo": COMMON_HYPERPARAMETERS + ("beta",) + LEANTUNE_HYPERPARAMETERS}
-# the adapter methods a job can train in the serving loop: LoRA-shaped ones, whose per-slot fused ops the packed
-# forward and the layer-sliced backward run (`serve.cotrain`); the others need their own training loop
-COTRAINED = {"lora": LoraConfig, "rslora": RsLoraConfig}
+
+
+def cotrained_methods() -> dict[str, type]:
+    """The adapter methods a job can train in the serving loop (the registry's `cotrained` ones: LoRA-shaped
+    adapters whose per-slot fused ops the packed forward and the layer-sliced backward run, `serve.cotrain`),
+    by name -> config class; the others need their own training loop."""
+    from ..methods.registry import method_specs
+
+    return {s.name: s.config_cls for s in method_specs() if s.cotrained}
 
 
 def method_type(job: dict) -> str:
@@ -98,13 +104,14 @@ def adapter_config(job: dict, defaults: FineTuneDefaults) -> tuple[str, LoraConf
     """(method name, its config) of the job's adapter; ValueError naming the bad hyperparameter."""
     hp = _given(job)
     name = hp.get("adapter_method", "lora")
-    if name not in COTRAINED:
+    cotrained = cotrained_methods()
+    if name not in cotrained:
         from ..methods.registry import list_methods
 
         why = ("it is not a leantune method" if name not in list_methods() else
                "its adapters cannot be co-trained in the serving loop, which trains LoRA-shaped adapters only; "
                "train it with `leantune finetune --method` and serve the result with --adapter")
-        raise ValueError(f"hyperparameters.adapter_method {name!r}: {why}; use one of {', '.join(COTRAINED)}")
+        raise ValueError(f"hyperparameters.adapter_method {name!r}: {why}; use one of {', '.join(cotrained)}")
     r = _count(hp, "lora_rank", defaults.rank, 1024)
     alpha = _real(hp, "lora_alpha", defaults.alpha, 1e4)
     targets = hp.get("lora_targets", "all-linear")
@@ -112,7 +119,7 @@ def adapter_config(job: dict, defaults: FineTuneDefaults) -> tuple[str, LoraConf
                                         and all(isinstance(t, str) and t for t in targets))):
         raise ValueError(f"hyperparameters.lora_targets must be \"all-linear\" or a non-empty list of module names "
                          f"(e.g. [\"q_proj\", \"v_proj\"]), got {targets!r}")
-    return name, COTRAINED[name](r=r, alpha=alpha, targets=targets, dropout=0.0)
+    return name, cotrained[name](r=r, alpha=alpha, targets=targets, dropout=0.0)
 
 
 def eval_every(job: dict, defaults: FineTuneDefaults) -> int:
