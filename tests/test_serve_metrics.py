@@ -110,5 +110,9 @@ def test_chat_uses_the_adapter_folders_template(folder, adapter, tmp_path, one_t
         templated = e.tk.encode("<<TEMPLATED>> hello there <<END>>", add_special_tokens=False)
         assert usage["ad"] == len(templated) != usage["model"]
         assert usage["model"] == len(e.tk.encode_chat(msgs, add_generation_prompt=True))
+        for model in ("model", "ad"):  # /tokenize counts the messages as that model's chat request does
+            r = client.post("/tokenize", json={"model": model, "messages": msgs})
+            assert r.status_code == 200, r.text
+            assert r.json()["count"] == usage[model]
     finally:
         e.stop()

@@ -4,7 +4,8 @@ counts prompt tokens exactly as a completion's `usage.prompt_tokens` will.
 Shapes as vLLM's (vllm/entrypoints/serve/tokenize/protocol.py): tokenize takes a `prompt` (with
 `add_special_tokens`, default true) or chat `messages` (with `add_generation_prompt`, default true) and answers
 `{"count", "max_model_len", "tokens", "token_strs"}`; detokenize takes `tokens` and answers `{"prompt"}`.
-`model`, when given, must be one the caller may use (adapters share the base model's tokenizer).
+`model`, when given, must be one the caller may use (adapters share the base model's tokenizer; `messages` render
+with the adapter folder's own chat template where it has one, as chat requests do).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ router = APIRouter()
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer)")
+    model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer; messages "
+                                                "render with the adapter's own chat template if it has one)")
     prompt: str | None = Field(None, description="text to tokenize (give this or messages)")
     messages: list[Any] | None = Field(None, description="chat messages, rendered by the chat template")
     add_special_tokens: bool | None = Field(None, description="prompt: add BOS etc. (default true); messages: "
@@ -75,7 +77,9 @@ async def tokenize(request: Request):
             raise APIError(400, "'add_special_tokens' true is not supported with 'messages' (the chat template "
                                 "adds the special tokens)", param="add_special_tokens")
         # tools as a chat request with tool_choice "auto" renders them, so count == its prompt_tokens
-        ids = chat_prompt(engine.tk, req.messages, tools.tool_spec(req.tools, None, None),
+        # the adapter's own chat template when its folder has one, as the chat route renders it
+        ids = chat_prompt(engine.chat_tokenizer(req.model or engine.base_name), req.messages,
+                          tools.tool_spec(req.tools, None, None),
                           req.add_generation_prompt is not False)
     strs = [engine.tk.tk.id_to_token(i) for i in ids] if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": engine.cfg.max_model_len, "tokens": ids, "token_strs": strs}
