@@ -138,11 +138,10 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        from ..models.pooling import mean_pool
+
         with torch.inference_mode():
-            hidden, mask = self._hidden(texts)  # (n, T, C), (n, T)
-            mask = mask.to(hidden.dtype)[..., None]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (n, C) mean over real tokens
-            return torch.nn.functional.normalize(pooled.float(), dim=-1).numpy()
+            return mean_pool(*self._hidden(texts)).numpy()  # (n, T, C), (n, T) -> (n, C)
 
 
 class EncoderEmbedder(Embedder):

@@ -17,17 +17,8 @@ import torch
 
 from ..methods.base import adapter_slots
 from ..models.llama import ForwardMeta
+from ..models.pooling import mean_pool
 from ..routing import Routing
-
-
-def mean_pool(hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) hidden states of right-padded rows with `lens` (B,) valid tokens -> (B, C) fp32 L2-normalized
-    mean of each row's valid tokens."""
-    T = hidden.shape[1]
-    mask = (torch.arange(T, device=hidden.device)[None] < lens[:, None]).to(torch.float32)  # (B, T)
-    summed = torch.einsum("btc,bt->bc", hidden.float(), mask)  # (B, C)
-    mean = summed / lens[:, None].to(torch.float32)
-    return torch.nn.functional.normalize(mean, dim=-1)
 
 
 def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -83,7 +74,8 @@ def decoder_forward(engine, rows: list[list[int]], slot: int) -> torch.Tensor:
     route = Routing(torch.full((len(rows),), slot, device=device), [slot] * len(rows))  # (B,): one adapter
     # causal attention: a row's valid tokens never see its padding, so seq_lens only keeps the pad rows finite
     with torch.no_grad():
-        return mean_pool(engine.model.hidden(ids, ForwardMeta(seq_lens=lens, adapter_ids=route)), lens).cpu()
+        hidden = engine.model.hidden(ids, ForwardMeta(seq_lens=lens, adapter_ids=route))  # (B, T, C)
+        return mean_pool(hidden, torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).cpu()
 
 
 # -- an encoder beside it ----------------------------------------------------------------------------------------
@@ -131,7 +123,7 @@ class Encoder:
         ids, lens = _padded(rows, "cpu")  # (B, T), (B,)
         mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()  # (B, T) bidirectional: pads masked
         with self.lock, torch.no_grad():
-            return mean_pool(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, lens)
+            return mean_pool(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
 
 def _check_sentence_transformers_config(folder: Path) -> None:
