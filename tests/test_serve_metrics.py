@@ -24,13 +24,14 @@ def adapter(folder, tmp_path_factory):
     return out
 
 
-def _server(folder, tmp, *adapters, **kw):
+def _server(folder, tmp, *adapters, start=True, **kw):
     from leantune.recipes.serve import ServeConfig, build_server
 
     cfg = ServeConfig(model=str(folder), adapter=list(adapters), data_dir=str(tmp / "data"), dtype="fp32",
                       device="cpu", num_blocks=64, block_size=4, **kw)
     app, engine = build_server(cfg)
-    engine.start()
+    if start:
+        engine.start()
     return testclient.TestClient(app), engine
 
 
@@ -87,7 +88,8 @@ def test_metrics_after_requests_two_servers_apart(folder, adapter, tmp_path, one
 def test_lora_gauge_names_running_and_waiting_adapters(folder, adapter, tmp_path, one_thread):
     from leantune.serve.requests import GenRequest
 
-    _, e = _server(folder, tmp_path, f"ad={adapter}", max_tokens_per_step=4, max_seqs=1)  # not started: stepped here
+    # not started: the test steps the engine itself (a running engine thread would race it)
+    _, e = _server(folder, tmp_path, f"ad={adapter}", start=False, max_tokens_per_step=4, max_seqs=1)
     for model in ("ad", "model", "ad"):
         e.add_request(GenRequest([5, 6, 7], model, max_tokens=3, temperature=0, ignore_eos=True), lambda ev: None)
     e.iteration()  # max_seqs 1: the first runs, the others wait
