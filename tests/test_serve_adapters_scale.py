@@ -188,3 +188,41 @@ def test_qlora_adapter_on_the_nf4_base_equals_generate(folder, tmp_path, one_thr
     assert "".join(e["text"] for e in events) == engine.tk.decode(ref)
     with pytest.raises(ValueError, match="nf4 or fp4"):
         ServeConfig(quantize="int8")
+
+
+def test_embeddings_make_their_adapter_resident_and_pin_it(model_tok, adapters, tmp_path, one_thread):
+    """An embedding request for an adapter spilled by --max-loras loads it back (it used to look up a slot the
+    adapter no longer had), and its reference pins it between micro-batches as a generation's does."""
+    from leantune.serve import embed
+
+    rows = [[5, 6, 7, 8], [9, 10]]
+    free = _engine(model_tok, tmp_path / "free")
+    for name in ("ad0", "ad1"):
+        free.load_adapter(name, str(adapters[name]), None)
+    ref = {}
+    for name in ("ad0", "ad1"):
+        held = embed.hold(free, name, None)
+        ref[name] = embed.decoder_forward(free, rows, held)
+        free._release(held.entry)
+    for name in ("ad0", "ad1"):
+        free.unload_adapter(name, None)
+    assert not torch.allclose(ref["ad0"], ref["ad1"])  # the adapters really differ
+
+    e = _engine(model_tok, tmp_path / "lru", max_loras=1)
+    for name in ("ad0", "ad1"):
+        e.load_adapter(name, str(adapters[name]), None)
+    assert e.adapter_cache.tier(e.adapters["ad0"].internal) is not Tier.DEVICE  # spilled by ad1's load
+    held = embed.hold(e, "ad0", None)
+    torch.testing.assert_close(embed.decoder_forward(e, rows, held), ref["ad0"])
+    assert e.adapter_cache.tier(held.entry.internal) is Tier.DEVICE
+    # held: a request for the other adapter cannot evict it, so it waits
+    out = []
+    e.add_request(GenRequest([5, 6, 7], "ad1", max_tokens=2, temperature=0, ignore_eos=True), out.append)
+    e.iteration()
+    assert not out and e._adapter_wait
+    torch.testing.assert_close(embed.decoder_forward(e, rows, held), ref["ad0"])
+    e._release(held.entry)  # the embedding is done: ad1's request runs
+    for _ in range(100):
+        if not e.iteration():
+            break
+    assert out and out[-1]["finish_reason"] == "length" and not e._adapter_wait

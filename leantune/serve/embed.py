@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from ..methods.base import adapter_slots
 from ..models.llama import ForwardMeta
 from ..models.pooling import mean_pool
 from ..routing import Routing
@@ -44,24 +43,24 @@ def _padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
 # -- the served decoder ------------------------------------------------------------------------------------------
 @dataclass
 class Held:
-    """The adapter an embedding request holds while its micro-batches run (entry None: the base model)."""
+    """The adapter an embedding request holds a reference on while its micro-batches run (None: the base)."""
 
     entry: object | None
-    slot: int  # adapter slot, -1 = base
 
 
 def hold(engine, model: str, who: str) -> Held:
-    """Engine thread. Resolve `model` and take a reference, so an unload or in-place reload between two
-    micro-batches retires the adapter only after the request is done (as a generation's reference does)."""
+    """Engine thread. Resolve `model` and take a reference, as a generation's sequences do: an unload or in-place
+    reload between two micro-batches retires the adapter only after the request is done, and --max-loras does
+    not evict it from the tree while it is held."""
     entry = engine.resolve(model, who)  # KeyError: unknown to this caller
-    if entry is None:
-        return Held(None, -1)
-    entry.refs += 1
-    return Held(entry, adapter_slots(engine.model)[entry.internal])
+    if entry is not None:
+        entry.refs += 1
+    return Held(entry)
 
 
-def decoder_forward(engine, rows: list[list[int]], slot: int) -> torch.Tensor:
-    """Engine thread. The embeddings (B, C) of one micro-batch of token-id rows, through adapter `slot`.
+def decoder_forward(engine, rows: list[list[int]], held: Held) -> torch.Tensor | None:
+    """Engine thread. The embeddings (B, C) of one micro-batch of token-id rows through the held adapter, made
+    resident first (--max-loras); None while every resident adapter is in use (call again later).
 
     Why `engine.call` and not engine work (a scheduled sequence): an embedding needs one forward and no KV cache,
     so it runs as a plain batched forward without a cache (`cache=None`) between two iterations: the paged KV
@@ -69,6 +68,9 @@ def decoder_forward(engine, rows: list[list[int]], slot: int) -> torch.Tensor:
     `adapter_ids` (no adapter can be loaded or unloaded mid-forward, since commands run in this thread too), and
     there is nothing to abort. The caller bounds each micro-batch to about one iteration's token budget and
     submits the next only when this one is done, so running requests keep decoding in between."""
+    slot = engine.adapter_slot(held.entry)  # ValueError: its folder cannot be loaded
+    if slot is None:
+        return None
     device = engine.runner.device
     ids, lens = _padded(rows, device)  # (B, T), (B,)
     route = Routing(torch.full((len(rows),), slot, device=device), [slot] * len(rows))  # (B,): one adapter

@@ -291,10 +291,10 @@ class Engine:
             raise ValueError(f"{entry.path}: this adapter runs beside the model (it wraps it), which this server was "
                              "not started for; start the server with it: leantune serve --adapter NAME=DIR")
 
-    def _slot(self, entry: AdapterEntry | None) -> int | None:
-        """The routing slot of a request's adapter (-1: the base), made resident first (--max-loras); None
-        while every resident adapter is in use by queued or running requests (the request waits).
-        ValueError when its folder cannot be loaded."""
+    def adapter_slot(self, entry: AdapterEntry | None) -> int | None:
+        """Engine thread. The routing slot of a request's adapter (-1: the base), made resident first
+        (--max-loras); None while every resident adapter is in use (the request waits). ValueError when its
+        folder cannot be loaded. A caller holding a reference on `entry` (refs) keeps the slot valid."""
         if entry is None:
             return -1
         moves = self.adapter_cache.make_resident(entry.internal, self._pinned())
@@ -311,9 +311,9 @@ class Engine:
         return adapter_slots(self.model)[entry.internal]
 
     def _pinned(self) -> set[str]:
-        """Internal names of the adapters live requests use: never evicted from the tree under them, as their
-        sequences route by the adapter's slot."""
-        return {st.adapter.internal for st in self.reqs.values() if st.adapter is not None}
+        """Internal names of the adapters something holds a reference on (a generation's sequences, an embedding
+        request between its micro-batches): never evicted from the tree under them, as they route by its slot."""
+        return {e.internal for e in self._by_internal.values() if e.refs > 0}
 
     def _apply_moves(self, moves: list[Move]) -> None:
         for m in moves:
@@ -332,7 +332,7 @@ class Engine:
         for sid, seq in list(self._adapter_wait.items()):
             st = self.reqs[sid]
             try:
-                slot = self._slot(st.adapter)
+                slot = self.adapter_slot(st.adapter)
             except ValueError as e:
                 st.fail(str(e))
                 self._drop(sid, "abort")
@@ -389,7 +389,7 @@ class Engine:
         from it once it has (`Scheduler.fork`: they share its full KV blocks)."""
         entry = self.resolve(req.model, req.owner)
         rid = f"req-{next(self._ids)}"
-        slot = self._slot(entry)  # None: every resident adapter is in use (--max-loras); it waits for one
+        slot = self.adapter_slot(entry)  # None: every resident adapter is in use (--max-loras); it waits for one
         shared: list = []  # the prompt's logprob records, one list for all choices
         states = [RequestState(req, entry, sink, self.tk, i, shared) for i in range(req.n)]  # may raise: before
         sids = [rid] + [f"{rid}.{i}" for i in range(1, req.n)]  # anything is registered

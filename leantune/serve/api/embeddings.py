@@ -30,6 +30,7 @@ router = APIRouter()
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 ENCODER_BATCH_TOKENS = 8192  # padded tokens per encoder forward: bounds its activation memory
+_ADAPTER_WAIT_S = 0.05  # how often a request whose adapter waits for a resident place (--max-loras) asks again
 
 
 class EmbeddingRequest(BaseModel):
@@ -90,10 +91,20 @@ async def _decoder(request: Request, engine, model: str, who: str, rows: list[li
         held = await run(request, embed.hold, engine, model, who)
     except KeyError:
         raise model_not_found(model) from None
+
+    async def forward(batch):
+        # None: every resident adapter is in use (--max-loras); wait for one, as a generation request waits
+        while (vecs := await run(request, embed.decoder_forward, engine, batch, held)) is None:
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the request")
+            await asyncio.sleep(_ADAPTER_WAIT_S)
+        return vecs
+
     try:
         # about one iteration's token budget per engine call, so running requests keep their pace
-        return await _batched(request, rows, engine.cfg.max_tokens_per_step,
-                              lambda batch: run(request, embed.decoder_forward, engine, batch, held.slot))
+        return await _batched(request, rows, engine.cfg.max_tokens_per_step, forward)
+    except ValueError as e:  # the held adapter's folder could not be loaded back
+        raise APIError(400, str(e), param="model") from None
     finally:
         engine.call(engine._release, held.entry)  # noqa: SLF001 - the engine's own reference count
 
